@@ -1,0 +1,411 @@
+"""One tree of frozen dataclasses: the single source of defaults.
+
+Every default below is the paper's CIFAR-100 protocol (METHOD.md, numbers in brackets there) unless a
+comment says otherwise. Profiles (``PROFILES``) are dotted-key overrides on top of these defaults, so a
+profile can never introduce a knob that the tree does not have.
+
+Validation happens at construction: a bad value raises ``ValueError`` with one sentence that names the
+dotted field, quotes the value and says what would be valid. Unknown keys (in YAML or overrides) are
+errors too, with the closest valid key suggested.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Mapping
+
+import yaml
+
+METHODS = ("hamjepa", "sigreg", "mlp")
+DATASETS = ("fashion_mnist", "cifar10", "cifar100", "imagefolder", "synthetic")
+# Channel count and native image size of the datasets whose format we know.
+DATASET_CHANNELS = {"fashion_mnist": 1, "cifar10": 3, "cifar100": 3}
+
+
+def _fail(path: str, value: Any, valid: str) -> None:
+    raise ValueError(f"config field '{path}' = {value!r} is invalid: {valid}.")
+
+
+def _check(ok: bool, path: str, value: Any, valid: str) -> None:
+    if not ok:
+        _fail(path, value, valid)
+
+
+class _Section:
+    """Mixin: a config section knows its dotted name, so errors can name the full field path."""
+
+    section: ClassVar[str] = ""
+
+    def _path(self, name: str) -> str:
+        return f"{self.section}.{name}" if self.section else name
+
+    def _require(self, name: str, ok: bool, valid: str) -> None:
+        _check(ok, self._path(name), getattr(self, name), valid)
+
+    def _non_negative(self, *names: str) -> None:
+        for name in names:
+            self._require(name, getattr(self, name) >= 0, "must be >= 0")
+
+    def _positive(self, *names: str) -> None:
+        for name in names:
+            self._require(name, getattr(self, name) > 0, "must be > 0")
+
+    def _one_of(self, name: str, choices: tuple[str, ...]) -> None:
+        self._require(name, getattr(self, name) in choices, f"must be one of {', '.join(choices)}")
+
+
+@dataclass(frozen=True)
+class EncoderConfig(_Section):
+    """ResNet-18 token encoder (METHOD.md 1)."""
+
+    section: ClassVar[str] = "encoder"
+    stem: str = "cifar"  # "cifar": 3x3 conv stride 1, no max-pool (32 px); "imagenet": 7x7/2 + max-pool
+    readout: str = "layer3"  # which stage's feature map becomes the token grid
+    width: float = 1.0  # channel multiplier on (64, 128, 256, 512); 0.25 makes CPU runs ~13x faster
+    in_channels: int = 3  # 1 for Fashion-MNIST
+    token_hw: int = 0  # average-pool the read-out to token_hw x token_hw; 0 keeps its native size
+    token_dim: int = 32  # channels per token after the 1x1 conv; q and p get half each
+    split: bool = True  # phase-space split (q, p); SIGReg ignores it for training
+
+    def __post_init__(self) -> None:
+        self._one_of("stem", ("cifar", "imagenet"))
+        self._one_of("readout", ("layer2", "layer3", "layer4"))
+        self._positive("width", "in_channels", "token_dim")
+        self._non_negative("token_hw")
+        if self.split:
+            self._require("token_dim", self.token_dim % 2 == 0,
+                          "must be even when encoder.split is true (q and p take half the channels each)")
+
+
+@dataclass(frozen=True)
+class PredictorConfig(_Section):
+    """Learned separable Hamiltonian integrated by leapfrog (METHOD.md 2)."""
+
+    section: ClassVar[str] = "predictor"
+    hidden_dim: int = 256  # width of the potential MLP phi
+    depth: int = 2  # hidden layers of phi
+    base_coeff: float = 0.1  # alpha in V(q) = alpha/2 |q|^2 + s phi(q)
+    residual_scale: float = 0.02  # s, reached after the warm-up
+    residual_scale_warmup_epochs: int = 10  # s(epoch) = s * min(1, epoch / warmup), epochs from 1
+    steps: int = 2  # leapfrog steps K
+    dt: float = 0.05  # leapfrog step size
+    curriculum_epochs: int = 0  # horizon curriculum: K rises linearly 1 -> steps over these epochs; 0 = off
+    gradient: str = "closed_form"  # grad V: "closed_form" (one backward) or "autograd" (double backward)
+
+    def __post_init__(self) -> None:
+        self._require("hidden_dim", self.hidden_dim >= 1, "must be an integer >= 1")
+        self._require("depth", self.depth >= 1, "must be an integer >= 1")
+        self._require("steps", self.steps >= 1, "must be an integer >= 1")
+        self._require("dt", self.dt > 0, "must be > 0 (direction is chosen per call, not by the sign of dt)")
+        self._non_negative("base_coeff", "residual_scale", "residual_scale_warmup_epochs", "curriculum_epochs")
+        self._one_of("gradient", ("closed_form", "autograd"))
+
+
+@dataclass(frozen=True)
+class HamJEPALossConfig(_Section):
+    """HamJEPA objective (METHOD.md 3)."""
+
+    section: ClassVar[str] = "hamjepa"
+    match: str = "q"  # "q": MSE on q + p_weight * MSE on p;  "qp": MSE on the whole state
+    p_weight: float = 0.2
+    q_target: float = 1.0  # energy budget: target of E|q|^2/d
+    p_target: float = 1.0  # energy budget: target of E|p|^2/d
+    std_floor: float = 0.2  # gamma of the variance floor
+    logdet_floor: float = -1.5  # tau
+    pr_floor_q: float = 0.12  # r0 for q
+    pr_floor_p: float = 0.16  # r0 for p
+    eigmax_ceiling_q: float = 0.35  # e_max for q
+    eigmax_ceiling_p: float = 0.30  # e_max for p
+    spectral_dim: int = 128  # k = min(spectral_dim, d, B - 1)
+    spectral_redraw_every: int = 16  # steps between fresh random projections
+    spectral_eps: float = 1e-4
+    w_pred: float = 1.0
+    w_budget: float = 0.2
+    w_var: float = 0.5
+    w_spectral: float = 0.5
+    w_mean: float = 0.05
+
+    def __post_init__(self) -> None:
+        self._one_of("match", ("q", "qp"))
+        self._non_negative("p_weight", "q_target", "p_target", "std_floor", "pr_floor_q", "pr_floor_p",
+                           "spectral_eps", "w_pred", "w_budget", "w_var", "w_spectral", "w_mean")
+        self._positive("eigmax_ceiling_q", "eigmax_ceiling_p")
+        self._require("spectral_dim", self.spectral_dim >= 1, "must be an integer >= 1")
+        self._require("spectral_redraw_every", self.spectral_redraw_every >= 1, "must be an integer >= 1")
+
+
+@dataclass(frozen=True)
+class SIGRegConfig(_Section):
+    """LeJEPA's SIGReg baseline (METHOD.md 4)."""
+
+    section: ClassVar[str] = "sigreg"
+    num_directions: int = 64
+    t_max: float = 3.0
+    n_points: int = 9
+    weight: float = 0.02  # lambda
+
+    def __post_init__(self) -> None:
+        self._require("num_directions", self.num_directions >= 1, "must be an integer >= 1")
+        self._positive("t_max")
+        self._require("n_points", self.n_points >= 2, "must be an integer >= 2")
+        self._non_negative("weight")
+
+
+@dataclass(frozen=True)
+class DataConfig(_Section):
+    """Dataset, subsets and splits (METHOD.md 6; DESIGN.md data defaults)."""
+
+    section: ClassVar[str] = "data"
+    dataset: str = "cifar100"
+    root: str = ""  # "" = search --data-root, $HAMJEPA_DATA, Debian's dataset packages, then download
+    download: bool = True  # let torchvision download when the files are missing and the network allows
+    image_size: int = 32
+    subset: int = 0  # number of training images (stratified, seeded); 0 = all
+    val_fraction: float = 0.1  # held out from the training set, stratified, for tuning
+    num_workers: int = 2  # DataLoader worker processes per training worker
+    seed: int = 0  # subset and split seed (independent of the training seed, so splits stay fixed)
+
+    def __post_init__(self) -> None:
+        self._one_of("dataset", DATASETS)
+        self._require("image_size", self.image_size >= 8, "must be an integer >= 8 (pixels)")
+        self._non_negative("subset", "num_workers")
+        self._require("val_fraction", 0 <= self.val_fraction < 1, "must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class AugmentConfig(_Section):
+    """Two-view augmentation (METHOD.md 6)."""
+
+    section: ClassVar[str] = "augment"
+    crop_scale_min: float = 0.3
+    crop_scale_max: float = 1.0
+    flip_p: float = 0.5
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2  # ignored for one-channel images (no colour to saturate)
+    hue: float = 0.1  # ignored for one-channel images
+    jitter_p: float = 0.8
+    grayscale_p: float = 0.2  # a no-op on one-channel images
+    blur_kernel: int = 3  # 23 at 224 px
+    blur_sigma_min: float = 0.1
+    blur_sigma_max: float = 2.0
+    blur_p: float = 0.5
+    solarize_threshold: float = 128.0  # on the 0-255 scale
+    solarize_p: float = 0.2
+
+    def __post_init__(self) -> None:
+        self._require("crop_scale_min", 0 < self.crop_scale_min <= self.crop_scale_max,
+                      "must be in (0, augment.crop_scale_max]")
+        self._require("crop_scale_max", self.crop_scale_max <= 1, "must be <= 1")
+        for name in ("flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p"):
+            self._require(name, 0 <= getattr(self, name) <= 1, "must be a probability in [0, 1]")
+        self._non_negative("brightness", "contrast", "saturation")
+        self._require("hue", 0 <= self.hue <= 0.5, "must be in [0, 0.5]")
+        self._require("blur_kernel", self.blur_kernel >= 1 and self.blur_kernel % 2 == 1,
+                      "must be an odd integer >= 1")
+        self._require("blur_sigma_min", 0 < self.blur_sigma_min <= self.blur_sigma_max,
+                      "must be in (0, augment.blur_sigma_max]")
+        self._require("solarize_threshold", 0 <= self.solarize_threshold <= 255, "must be in [0, 255]")
+
+
+@dataclass(frozen=True)
+class EvalConfig(_Section):
+    """Frozen-encoder evaluation (METHOD.md 7)."""
+
+    section: ClassVar[str] = "eval"
+    knn_k: int = 20
+    knn_train_limit: int = 5000  # per-epoch validation kNN uses at most this many training images
+    probe_epochs: int = 50
+    probe_lr: float = 1e-3
+    probe_weight_decay: float = 1e-6
+    probe_batch_size: int = 256
+    spectrum_samples: int = 5000
+    spectrum_top: int = 256
+    batch_size: int = 512  # feature extraction batch
+
+    def __post_init__(self) -> None:
+        for name in ("knn_k", "knn_train_limit", "probe_epochs", "probe_batch_size", "spectrum_samples",
+                     "spectrum_top", "batch_size"):
+            self._require(name, getattr(self, name) >= 1, "must be an integer >= 1")
+        self._positive("probe_lr")
+        self._non_negative("probe_weight_decay")
+
+
+@dataclass(frozen=True)
+class OptimConfig(_Section):
+    """AdamW with linear warm-up and cosine decay, per iteration (METHOD.md 5)."""
+
+    section: ClassVar[str] = "optim"
+    lr: float = 5e-4
+    weight_decay: float = 5e-4
+    batch_size: int = 512  # global batch (all workers together), drop last
+    epochs: int = 30
+    warmup_epochs: int = 10
+    warmup_start_ratio: float = 0.01  # warm-up starts at 0.01 * lr
+    final_lr_ratio: float = 1e-3  # cosine ends at 1e-3 * lr
+    grad_clip: float = 1.0  # max grad norm; 0 = off
+
+    def __post_init__(self) -> None:
+        self._positive("lr")
+        self._non_negative("weight_decay", "warmup_epochs", "warmup_start_ratio", "final_lr_ratio", "grad_clip")
+        self._require("batch_size", self.batch_size >= 2, "must be an integer >= 2 (batch statistics)")
+        self._require("epochs", self.epochs >= 1, "must be an integer >= 1")
+
+
+@dataclass(frozen=True)
+class Config(_Section):
+    """The whole resolved configuration of one training run."""
+
+    method: str = "hamjepa"
+    seed: int = 0
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    predictor: PredictorConfig = field(default_factory=PredictorConfig)
+    hamjepa: HamJEPALossConfig = field(default_factory=HamJEPALossConfig)
+    sigreg: SIGRegConfig = field(default_factory=SIGRegConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def __post_init__(self) -> None:
+        self._one_of("method", METHODS)
+        if self.method in ("hamjepa", "mlp"):
+            self._require("method", self.encoder.split,
+                          "needs encoder.split = true (the predictor acts on the (q, p) split)")
+        expected = DATASET_CHANNELS.get(self.data.dataset)
+        if expected is not None and self.encoder.in_channels != expected:
+            _fail("encoder.in_channels", self.encoder.in_channels,
+                  f"data.dataset '{self.data.dataset}' has {expected} channel(s)")
+
+    # -- conversions ---------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flatten(self) -> dict[str, Any]:
+        """Dotted keys -> values, e.g. {'predictor.steps': 2, ...}; the MLflow params of a run."""
+        return flatten_dict(self.to_dict())
+
+    def override(self, overrides: Mapping[str, Any]) -> "Config":
+        """A new Config with dotted-key overrides applied; string values are parsed as YAML scalars."""
+        tree = self.to_dict()
+        for key, value in overrides.items():
+            _set_dotted(tree, key, value)
+        return from_dict(tree)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_yaml())
+
+
+# -- generic dataclass <-> dict machinery ----------------------------------------------------------
+
+def flatten_dict(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten_dict(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _unknown_key(path: str, key: str, valid: list[str]) -> ValueError:
+    full = f"{path}.{key}" if path else key
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
+    return ValueError(f"unknown config key '{full}'{hint}")
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    node = tree
+    parts = key.split(".")
+    for depth, part in enumerate(parts):
+        if not isinstance(node, dict) or part not in node:
+            valid = sorted(node) if isinstance(node, dict) else []
+            raise _unknown_key(".".join(parts[:depth]), part, valid)
+        if depth == len(parts) - 1:
+            if isinstance(node[part], dict):
+                raise ValueError(f"config key '{key}' is a section; set one of its fields, e.g. '{key}."
+                                 f"{next(iter(node[part]))}'")
+            node[part] = yaml.safe_load(value) if isinstance(value, str) else value
+        else:
+            node = node[part]
+
+
+def _coerce(value: Any, hint: Any, path: str) -> Any:
+    """Convert a YAML/CLI value to the field's declared type, or fail naming the field."""
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
+        return value
+    _fail(path, value, f"must be of type {hint.__name__}")
+
+
+def from_dict(tree: Mapping[str, Any], cls: type = None, path: str = "") -> Any:
+    """Build a (sub)config from a nested mapping; unknown keys and wrong types are errors."""
+    cls = cls or Config
+    if not isinstance(tree, Mapping):
+        _fail(path or "<root>", tree, "must be a mapping of config keys")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in tree.items():
+        if key not in fields:
+            raise _unknown_key(path, str(key), sorted(fields))
+        hint = hints[key]
+        sub = f"{path}.{key}" if path else key
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = from_dict(value, hint, sub)
+        else:
+            kwargs[key] = _coerce(value, hint, sub)
+    return cls(**kwargs)
+
+
+def load_yaml(path: str | Path) -> Config:
+    """Read a (partial) config from YAML; missing keys keep their defaults."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file '{path}' does not exist; pass the path of a YAML config file.")
+    tree = yaml.safe_load(path.read_text()) or {}
+    return from_dict(tree)
+
+
+# -- profiles ----------------------------------------------------------------------------------------
+# A profile is a named set of dotted overrides on the defaults above. "quick" fits 2 CPU cores: a
+# Fashion-MNIST subset, a quarter-width ResNet and few epochs; "cifar100" is the paper's protocol.
+PROFILES: dict[str, dict[str, Any]] = {
+    "quick": {
+        "data.dataset": "fashion_mnist", "data.image_size": 28, "data.subset": 10000, "data.num_workers": 1,
+        "encoder.in_channels": 1, "encoder.width": 0.25, "encoder.token_dim": 16,
+        "optim.batch_size": 256, "optim.epochs": 3, "optim.warmup_epochs": 1,
+        "predictor.residual_scale_warmup_epochs": 1,
+        "eval.probe_epochs": 10, "eval.knn_train_limit": 2000, "eval.spectrum_samples": 2000,
+    },
+    "cifar100": {"data.dataset": "cifar100", "data.image_size": 32, "encoder.in_channels": 3},
+    "imagenet100": {
+        "data.dataset": "imagefolder", "data.image_size": 224, "encoder.in_channels": 3,
+        "encoder.stem": "imagenet", "encoder.token_hw": 8, "optim.epochs": 45,
+        "augment.crop_scale_min": 0.4, "augment.blur_kernel": 23,
+    },
+}
+
+
+def profile(name: str, overrides: Mapping[str, Any] | None = None) -> Config:
+    """The defaults with a profile's overrides, then the caller's."""
+    if name not in PROFILES:
+        _fail("profile", name, f"must be one of {', '.join(PROFILES)}")
+    tree = Config().to_dict()
+    for key, value in {**PROFILES[name], **(overrides or {})}.items():
+        _set_dotted(tree, key, value)
+    return from_dict(tree)
