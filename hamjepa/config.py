@@ -14,9 +14,10 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar
 
 import yaml
 
@@ -289,7 +290,7 @@ class Config(_Section):
         """Dotted keys -> values, e.g. {'predictor.steps': 2, ...}; the MLflow params of a run."""
         return flatten_dict(self.to_dict())
 
-    def override(self, overrides: Mapping[str, Any]) -> "Config":
+    def override(self, overrides: Mapping[str, Any]) -> Config:
         """A new Config with dotted-key overrides applied; string values are parsed as YAML scalars."""
         tree = self.to_dict()
         for key, value in overrides.items():

@@ -1,0 +1,59 @@
+"""A method = encoder + predictor + objective: two augmented views in, (loss, stats) out.
+
+- hamjepa: leapfrog predictor, HamJEPA objective.
+- mlp: the MLP-HJEPA ablation, residual MLP predictor, same objective.
+- sigreg: LeJEPA, no predictor (views predict their mean), SIGReg.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import Config
+from .distributed import global_count
+from .encoder import TokenEncoder
+from .objectives import ProjectionSchedule, Stats, hamjepa_objective, sigreg_directions, sigreg_objective
+from .predictors import apply_schedules, build_predictor
+
+
+class JEPAModel(nn.Module):
+    """Encoder and predictor of one method, with the per-step state of its objective."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = TokenEncoder(cfg.encoder)
+        self.state_dim = self.encoder.state_dim(cfg.data.image_size)
+        self.q_dim = self.state_dim // 2
+        self.predictor = build_predictor(cfg.predictor, self.q_dim, cfg.method)
+        # Draw k = min(128, d) columns; forward() keeps the first B - 1 for a global batch of B.
+        k = min(cfg.hamjepa.spectral_dim, self.q_dim)
+        every = cfg.hamjepa.spectral_redraw_every
+        self.projection_q = ProjectionSchedule(self.q_dim, k, every, seed=2 * cfg.seed)
+        self.projection_p = ProjectionSchedule(self.q_dim, k, every, seed=2 * cfg.seed + 1)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Per-epoch schedules of the predictor (residual-scale warm-up, horizon curriculum)."""
+        apply_schedules(self.predictor, self.cfg.predictor, epoch)
+
+    def forward(self, view_a: torch.Tensor, view_b: torch.Tensor, step: int) -> tuple[torch.Tensor, Stats]:
+        """(loss, stats) for two views (N, C, H, W) of the same N images at global training step `step`."""
+        n = view_a.shape[0]
+        z = self.encoder(torch.cat([view_a, view_b]))  # (2N, 2d), one pass: one set of BN statistics
+        if z.dtype in (torch.float16, torch.bfloat16):
+            z = z.float()  # objectives and the integrator run in float32 under autocast
+        if self.cfg.method == "sigreg":
+            directions = sigreg_directions(self.state_dim, self.cfg.sigreg.num_directions, self.cfg.seed, step,
+                                           z.device)
+            with torch.autocast(z.device.type, enabled=False):
+                return sigreg_objective(z.view(2, n, -1), directions, self.cfg.sigreg)  # (V, N, D)
+        # One batched rollout: view a flows forward in time (+dt), view b backwards (-dt).
+        direction = torch.cat([z.new_ones(n, 1), -z.new_ones(n, 1)])  # (2N, 1)
+        pred = self.predictor(z, direction)
+        # Any subset of orthonormal columns is orthonormal: k = min(128, d, B - 1) for the global batch B.
+        k = min(self.projection_q.k, global_count(n, z.device) - 1)
+        projection_q = self.projection_q(step, z.device)[:, :k]
+        projection_p = self.projection_p(step, z.device)[:, :k]
+        with torch.autocast(z.device.type, enabled=False):
+            return hamjepa_objective(z[:n], z[n:], pred[:n], pred[n:], self.cfg.hamjepa, projection_q, projection_p)

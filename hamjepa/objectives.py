@@ -1,0 +1,255 @@
+"""Objectives as pure functions returning (loss, stats) (METHOD.md 3-4).
+
+Every batch statistic is computed over the *global* batch: each function reduces sufficient statistics
+(sums, centred second moments, cos/sin sums, counts) with `all_reduce_sum`, so under data parallelism a
+loss on W workers x B/W samples equals the loss on B samples in one process (see distributed.py).
+
+Stats are detached scalar tensors (no host sync here; the caller decides when to read them).
+Conventions decided where METHOD.md is silent:
+- the variance floor, spectral floor and mean penalty are computed per view and averaged over views,
+  and summed over q and p ("for q and p separately");
+- the LeJEPA prediction loss averages over views, samples and dimensions (an MSE, as HamJEPA's), so
+  the SIGReg weight lambda balances the same kind of quantity in both methods.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .config import HamJEPALossConfig, SIGRegConfig
+from .distributed import all_reduce_sum, global_count, global_mean
+
+Stats = dict[str, torch.Tensor]
+
+
+def global_mse(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over the global batch and all features; x, y (N, D)."""
+    total = all_reduce_sum(((x - y) ** 2).sum())
+    return total / (global_count(x.shape[0], x.device) * x.shape[1])
+
+
+# -- HamJEPA --------------------------------------------------------------------------------------
+
+def hamjepa_prediction_loss(pred_a: torch.Tensor, z_b: torch.Tensor, pred_b: torch.Tensor, z_a: torch.Tensor,
+                            q_dim: int, match: str = "q", p_weight: float = 0.2) -> tuple[torch.Tensor, Stats]:
+    """L_pred = 1/2 [m(Phi_+dt(z_a), sg z_b) + m(Phi_-dt(z_b), sg z_a)]; all inputs (N, 2 q_dim).
+
+    match = "q": m = MSE(q) + p_weight * MSE(p);  match = "qp": m = MSE over the whole state.
+    """
+    def match_loss(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        target = target.detach()
+        mse_q = global_mse(pred[:, :q_dim], target[:, :q_dim])
+        mse_p = global_mse(pred[:, q_dim:], target[:, q_dim:])
+        # The two halves have equal size, so the MSE of the whole state is their average.
+        loss = mse_q + p_weight * mse_p if match == "q" else 0.5 * (mse_q + mse_p)
+        return loss, mse_q, mse_p
+
+    loss_ab, q_ab, p_ab = match_loss(pred_a, z_b)
+    loss_ba, q_ba, p_ba = match_loss(pred_b, z_a)
+    loss = 0.5 * (loss_ab + loss_ba)
+    return loss, {"pred_mse_q": (0.5 * (q_ab + q_ba)).detach(), "pred_mse_p": (0.5 * (p_ab + p_ba)).detach()}
+
+
+def energy_budget(q: torch.Tensor, p: torch.Tensor, q_target: float = 1.0,
+                  p_target: float = 1.0) -> tuple[torch.Tensor, Stats]:
+    """(E|q|^2/d - q_target)^2 + (E|p|^2/d - p_target)^2; q, p (N, d) hold all views of the global batch."""
+    q_energy = global_mean((q * q).mean(-1))
+    p_energy = global_mean((p * p).mean(-1))
+    loss = (q_energy - q_target) ** 2 + (p_energy - p_target) ** 2
+    return loss, {"q_energy": q_energy.detach(), "p_energy": p_energy.detach()}
+
+
+def per_dimension_std(x: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """sqrt(unbiased variance + eps) of each column over the global batch; x (N, d) -> (d,)."""
+    centred = x - global_mean(x)
+    var = all_reduce_sum((centred * centred).sum(0)) / (global_count(x.shape[0], x.device) - 1)
+    return torch.sqrt(var + eps)
+
+
+def variance_floor(x: torch.Tensor, std_floor: float = 0.2) -> tuple[torch.Tensor, Stats]:
+    """mean_i relu(gamma - std_i)^2 with std_i = sqrt(var_i + 1e-4); x (N, d)."""
+    std = per_dimension_std(x)
+    return F.relu(std_floor - std).pow(2).mean(), {"min_std": std.min().detach()}
+
+
+def spectral_floor(x: torch.Tensor, projection: torch.Tensor, logdet_floor: float,
+                   pr_floor: float | None = None, eigmax_ceiling: float | None = None,
+                   eps: float = 1e-4) -> tuple[torch.Tensor, Stats]:
+    """Penalise a collapsing spectrum of a random k-dim projection of the centred global batch.
+
+    x (N, d), projection R (d, k) with orthonormal columns. C = Y^T Y / (N - 1) + eps I for the centred
+    projection Y (N, k); penalty = relu(tau - logdet C / k)^2 + relu(r0 - PR(C) / k)^2
+    + relu(lambda_max / tr C - e_max)^2, PR = tr(C)^2 / tr(C^2). One eigendecomposition gives all three.
+    """
+    k = projection.shape[1]
+    y = x @ projection.to(x.dtype)  # (N, k); centring commutes with the projection
+    y = y - global_mean(y)
+    n = global_count(x.shape[0], x.device)
+    cov = all_reduce_sum(y.T @ y) / (n - 1) + eps * torch.eye(k, dtype=x.dtype, device=x.device)  # (k, k)
+    eig = torch.linalg.eigvalsh(cov)  # ascending, all > 0 thanks to eps
+    trace = eig.sum()
+    logdet_per_dim = torch.log(eig).sum() / k
+    pr_per_dim = trace ** 2 / (eig * eig).sum() / k
+    eigmax_fraction = eig[-1] / trace
+    penalty = F.relu(logdet_floor - logdet_per_dim) ** 2
+    if pr_floor is not None:
+        penalty = penalty + F.relu(pr_floor - pr_per_dim) ** 2
+    if eigmax_ceiling is not None:
+        penalty = penalty + F.relu(eigmax_fraction - eigmax_ceiling) ** 2
+    stats = {"logdet_per_dim": logdet_per_dim, "pr_per_dim": pr_per_dim, "eigmax_fraction": eigmax_fraction}
+    return penalty, {key: value.detach() for key, value in stats.items()}
+
+
+def mean_penalty(x: torch.Tensor) -> tuple[torch.Tensor, Stats]:
+    """Mean over dimensions of the squared global-batch mean; x (N, D)."""
+    mean = global_mean(x)
+    loss = (mean * mean).mean()
+    return loss, {"mean_sq": loss.detach()}
+
+
+def hamjepa_objective(z_a: torch.Tensor, z_b: torch.Tensor, pred_a: torch.Tensor, pred_b: torch.Tensor,
+                      cfg: HamJEPALossConfig, projection_q: torch.Tensor,
+                      projection_p: torch.Tensor) -> tuple[torch.Tensor, Stats]:
+    """L = w_pred L_pred + w_budget L_budget + w_var L_var + w_spectral L_spectral + w_mean L_mean.
+
+    z_a, z_b: the two views' states (N, 2d); pred_a = Phi_+dt(z_a), pred_b = Phi_-dt(z_b);
+    projection_q / projection_p: (d, k) orthonormal projections for the spectral floors.
+    """
+    q_dim = z_a.shape[1] // 2
+    l_pred, stats = hamjepa_prediction_loss(pred_a, z_b, pred_b, z_a, q_dim, cfg.match, cfg.p_weight)
+    views = (z_a, z_b)
+    l_budget, budget_stats = energy_budget(torch.cat([z[:, :q_dim] for z in views]),
+                                           torch.cat([z[:, q_dim:] for z in views]), cfg.q_target, cfg.p_target)
+    stats.update(budget_stats)
+
+    floors = {"q": (projection_q, cfg.pr_floor_q, cfg.eigmax_ceiling_q),
+              "p": (projection_p, cfg.pr_floor_p, cfg.eigmax_ceiling_p)}
+    l_var = l_spectral = l_mean = 0.0
+    for half, (projection, pr_floor, eigmax_ceiling) in floors.items():
+        part = slice(0, q_dim) if half == "q" else slice(q_dim, 2 * q_dim)
+        for z in views:
+            x = z[:, part]
+            loss, s_var = variance_floor(x, cfg.std_floor)
+            l_var = l_var + loss / len(views)
+            loss, s_spec = spectral_floor(x, projection, cfg.logdet_floor, pr_floor, eigmax_ceiling,
+                                          cfg.spectral_eps)
+            l_spectral = l_spectral + loss / len(views)
+            _accumulate(stats, {f"{half}_{key}": v for key, v in {**s_var, **s_spec}.items()}, len(views))
+    for z in views:
+        loss, _ = mean_penalty(z)
+        l_mean = l_mean + loss / len(views)
+
+    total = (cfg.w_pred * l_pred + cfg.w_budget * l_budget + cfg.w_var * l_var
+             + cfg.w_spectral * l_spectral + cfg.w_mean * l_mean)
+    stats.update(loss_pred=l_pred.detach(), loss_budget=l_budget.detach(), loss_var=l_var.detach(),
+                 loss_spectral=l_spectral.detach(), loss_mean=l_mean.detach(), loss=total.detach())
+    return total, stats
+
+
+def _accumulate(stats: Stats, new: Stats, n_views: int) -> None:
+    """Average per-view stats over views (min_std takes the minimum, the worst view)."""
+    for key, value in new.items():
+        if key not in stats:
+            stats[key] = value if key.endswith("min_std") else value / n_views
+        elif key.endswith("min_std"):
+            stats[key] = torch.minimum(stats[key], value)
+        else:
+            stats[key] = stats[key] + value / n_views
+
+
+def random_orthonormal(dim: int, k: int, seed: int, device: torch.device | str = "cpu",
+                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A (dim, k) matrix with orthonormal columns, drawn on the CPU from `seed` so every worker agrees."""
+    generator = torch.Generator().manual_seed(seed)
+    gaussian = torch.randn(dim, k, generator=generator, dtype=torch.float64)
+    q, r = torch.linalg.qr(gaussian)
+    q = q * torch.sign(torch.diagonal(r))  # Haar-uniform: fix QR's sign ambiguity
+    return q.to(device=device, dtype=dtype)
+
+
+class ProjectionSchedule:
+    """The spectral floor's random projection, redrawn every `every` steps from (seed, step // every).
+
+    Deterministic in the step, so all data-parallel workers and a resumed run draw the same matrices.
+    """
+
+    def __init__(self, dim: int, k: int, every: int = 16, seed: int = 0):
+        self.dim, self.k, self.every, self.seed = dim, k, every, seed
+        self._key: tuple | None = None
+        self._matrix: torch.Tensor | None = None
+
+    def __call__(self, step: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        key = (step // self.every, str(device))
+        if key != self._key:
+            self._matrix = random_orthonormal(self.dim, self.k, _mix(self.seed, step // self.every), device)
+            self._key = key
+        return self._matrix
+
+
+def _mix(seed: int, counter: int) -> int:
+    """A distinct 63-bit seed per (seed, counter) pair."""
+    return (seed * 1_000_003 + counter * 7_919 + 12_345) % (2 ** 63 - 1)
+
+
+# -- SIGReg (LeJEPA) ------------------------------------------------------------------------------
+
+def epps_pulley_knots(t_max: float, n_points: int, device=None,
+                      dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Knots t_j on [0, t_max], weights w_j (trapezoid, doubled for the symmetric half, times exp(-t^2/2))
+    and the standard normal characteristic function exp(-t^2/2) at the knots."""
+    t = torch.linspace(0.0, t_max, n_points, device=device, dtype=dtype)
+    trapezoid = torch.full_like(t, t_max / (n_points - 1))
+    trapezoid[0] = trapezoid[-1] = 0.5 * t_max / (n_points - 1)
+    gaussian_cf = torch.exp(-0.5 * t * t)
+    return t, 2.0 * trapezoid * gaussian_cf, gaussian_cf
+
+
+def epps_pulley(x: torch.Tensor, t_max: float = 3.0, n_points: int = 17) -> torch.Tensor:
+    """Epps-Pulley normality statistic per direction; x (..., N, K) already projected -> (..., K).
+
+    N * sum_j w_j [(mean cos(t_j x) - exp(-t_j^2/2))^2 + (mean sin(t_j x))^2], N and the means taken
+    over the global batch (cos and sin sums all-reduced).
+    """
+    t, weights, gaussian_cf = epps_pulley_knots(t_max, n_points, x.device, x.dtype)
+    tx = x.unsqueeze(-1) * t  # (..., N, K, J)
+    n = global_count(x.shape[-2], x.device)
+    cos_mean = all_reduce_sum(torch.cos(tx).sum(-3)) / n  # (..., K, J)
+    sin_mean = all_reduce_sum(torch.sin(tx).sum(-3)) / n
+    return n * (((cos_mean - gaussian_cf) ** 2 + sin_mean ** 2) * weights).sum(-1)
+
+
+def random_directions(dim: int, k: int, seed: int, device: torch.device | str = "cpu",
+                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(dim, k) Gaussian directions normalised to unit length, drawn on the CPU from `seed`."""
+    generator = torch.Generator().manual_seed(seed)
+    directions = torch.randn(dim, k, generator=generator)
+    return (directions / directions.norm(dim=0, keepdim=True)).to(device=device, dtype=dtype)
+
+
+def sigreg_directions(dim: int, k: int, seed: int, step: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """SIGReg's directions for a training step: fresh every step, identical on every worker."""
+    return random_directions(dim, k, _mix(seed, step), device)
+
+
+def sigreg(views: torch.Tensor, directions: torch.Tensor, t_max: float = 3.0, n_points: int = 9) -> torch.Tensor:
+    """Mean Epps-Pulley statistic over directions and views; views (V, N, D), directions (D, K)."""
+    projected = views @ directions.to(views.dtype)  # (V, N, K)
+    return epps_pulley(projected, t_max, n_points).mean()
+
+
+def lejepa_prediction_loss(views: torch.Tensor) -> torch.Tensor:
+    """1/2 * mean over views, samples and dimensions of (z_v - mean of the image's views)^2; views (V, N, D)."""
+    centre = views.mean(0, keepdim=True)  # (1, N, D)
+    sq = ((views - centre) ** 2).mean(dim=(0, 2))  # (N,)
+    return 0.5 * global_mean(sq)
+
+
+def sigreg_objective(views: torch.Tensor, directions: torch.Tensor,
+                     cfg: SIGRegConfig) -> tuple[torch.Tensor, Stats]:
+    """LeJEPA: L = L_pred + lambda * SIGReg; views (V, N, D), directions (D, K)."""
+    l_pred = lejepa_prediction_loss(views)
+    l_sigreg = sigreg(views, directions, cfg.t_max, cfg.n_points)
+    total = l_pred + cfg.weight * l_sigreg
+    return total, {"loss_pred": l_pred.detach(), "loss_sigreg": l_sigreg.detach(), "loss": total.detach()}
+
