@@ -29,11 +29,42 @@ _INV_SQRT_2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
+def _normal_cdf_pdf(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return 0.5 * (1.0 + torch.erf(x * _INV_SQRT_2)), torch.exp(-0.5 * x * x) * _INV_SQRT_2PI
+
+
 def gelu_derivative(x: torch.Tensor) -> torch.Tensor:
     """d/dx GELU(x) for the exact (erf) GELU: Phi(x) + x * pdf(x)."""
-    cdf = 0.5 * (1.0 + torch.erf(x * _INV_SQRT_2))
-    pdf = torch.exp(-0.5 * x * x) * _INV_SQRT_2PI
+    cdf, pdf = _normal_cdf_pdf(x)
     return cdf + x * pdf
+
+
+class _GeluAndDerivative(torch.autograd.Function):
+    """(GELU(a), GELU'(a)) in one pass, with a fused first-order backward.
+
+    Written as one autograd node because the closed-form grad V needs both at every hidden layer;
+    composing them from erf/exp primitives costs ~20 small elementwise kernels and their backward.
+    GELU'' (a) = pdf(a) (2 - a^2).
+    """
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cdf, pdf = _normal_cdf_pdf(a)
+        ctx.save_for_backward(a, cdf, pdf)
+        return a * cdf, cdf + a * pdf
+
+    @staticmethod
+    def backward(ctx, grad_value: torch.Tensor, grad_slope: torch.Tensor) -> torch.Tensor:
+        a, cdf, pdf = ctx.saved_tensors
+        grad = grad_value * (cdf + a * pdf) if grad_value is not None else 0.0
+        if grad_slope is not None:
+            grad = grad + grad_slope * pdf * (2.0 - a * a)
+        return grad
+
+
+def gelu_and_derivative(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(GELU(a), GELU'(a)); differentiable once (enough for training through grad V)."""
+    return _GeluAndDerivative.apply(a)
 
 
 def gelu_mlp(depth: int, in_dim: int, hidden_dim: int) -> nn.Sequential:
@@ -73,31 +104,30 @@ def gelu_mlp_input_grad(mlp: nn.Sequential, q: torch.Tensor) -> torch.Tensor:
     sweep of matrix products, no graph of a graph.
     """
     linears = _linears(mlp)
-    pre_activations = []
+    slopes = []
     h = q
     for layer in linears[:-1]:
-        a = F.linear(h, *_weight(layer, q.dtype))  # (..., hidden)
-        pre_activations.append(a)
-        h = F.gelu(a)
-    w_out = linears[-1].weight.to(q.dtype)  # (1, hidden)
-    g = None
-    for layer, a in zip(reversed(linears[:-1]), reversed(pre_activations), strict=True):
-        gate = gelu_derivative(a)  # (..., width of layer)
-        g = gate * w_out.squeeze(0) if g is None else gate * g
-        g = g @ layer.weight.to(q.dtype)  # (..., width of the layer's input)
+        h, slope = gelu_and_derivative(F.linear(h, *_weight(layer, q.dtype)))  # (..., hidden) each
+        slopes.append(slope)
+    g = linears[-1].weight.to(q.dtype).squeeze(0)  # (hidden,)
+    for layer, slope in zip(reversed(linears[:-1]), reversed(slopes), strict=True):
+        g = (g * slope) @ layer.weight.to(q.dtype)  # (..., width of the layer's input)
     return g
 
 
-def leapfrog(q: torch.Tensor, p: torch.Tensor, grad_v: GradFn, dt: float | torch.Tensor,
-             steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+def leapfrog(q: torch.Tensor, p: torch.Tensor, grad_v: GradFn, dt: float | torch.Tensor, steps: int,
+             share_gradients: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """`steps` leapfrog steps of size dt (a float, or a tensor broadcastable to q for per-sample signs).
 
-    Evaluates grad V steps + 1 times: the closing half-kick of one step and the opening half-kick of the
-    next use the same gradient.
+    With share_gradients (the default) grad V is evaluated steps + 1 times: the closing half-kick of one
+    step and the opening half-kick of the next use the same gradient. Without it, every step evaluates
+    grad V twice (2 * steps), as the textbook form reads; the result is identical.
     """
     half = 0.5 * dt
     force = grad_v(q)
-    for _ in range(steps):
+    for step in range(steps):
+        if step > 0 and not share_gradients:
+            force = grad_v(q)
         p = p - half * force
         q = q + dt * p
         force = grad_v(q)

@@ -82,13 +82,23 @@ class HamiltonianPredictor(nn.Module):
 
     def forward(self, z: torch.Tensor, direction: Direction = 1) -> torch.Tensor:
         """Phi_{direction * dt}^steps(z); z (..., 2 * q_dim) -> (..., 2 * q_dim) in the integration dtype."""
+        return self._rollout(z, direction, self.grad_potential, share_gradients=True)
+
+    def reference_forward(self, z: torch.Tensor, direction: Direction = 1) -> torch.Tensor:
+        """The textbook rollout: autograd grad V (a double backward in training) evaluated 2 * steps times.
+
+        Mathematically identical to forward(); kept as the reference that tests and benchmarks compare with.
+        """
+        return self._rollout(z, direction, self.autograd_grad_potential, share_gradients=False)
+
+    def _rollout(self, z: torch.Tensor, direction: Direction, grad_v, share_gradients: bool) -> torch.Tensor:
         _check_direction(direction)
         dtype = _integration_dtype(z)
         # Autocast off: under bf16 the MLP's matmuls would otherwise drop back to bf16 inside the flow.
         with torch.autocast(z.device.type, enabled=False):
             z = z.to(dtype)
             dt = self.dt * (direction.to(dtype) if isinstance(direction, torch.Tensor) else direction)
-            q, p = leapfrog(z[..., : self.q_dim], z[..., self.q_dim :], self.grad_potential, dt, self.steps)
+            q, p = leapfrog(z[..., : self.q_dim], z[..., self.q_dim :], grad_v, dt, self.steps, share_gradients)
         return torch.cat([q, p], dim=-1)
 
 

@@ -1,0 +1,92 @@
+"""The config tree: defaults, YAML round trip, overrides, one-sentence errors."""
+
+import pytest
+
+from hamjepa.config import PROFILES, Config, load_yaml, profile
+
+
+def test_defaults_are_the_papers():
+    cfg = Config()
+    assert (cfg.predictor.steps, cfg.predictor.dt, cfg.predictor.hidden_dim, cfg.predictor.depth) == (2, 0.05, 256, 2)
+    assert (cfg.predictor.residual_scale, cfg.predictor.base_coeff) == (0.02, 0.1)
+    assert (cfg.hamjepa.p_weight, cfg.hamjepa.std_floor, cfg.hamjepa.logdet_floor) == (0.2, 0.2, -1.5)
+    assert (cfg.hamjepa.pr_floor_q, cfg.hamjepa.pr_floor_p) == (0.12, 0.16)
+    assert (cfg.hamjepa.eigmax_ceiling_q, cfg.hamjepa.eigmax_ceiling_p) == (0.35, 0.30)
+    weights = (cfg.hamjepa.w_pred, cfg.hamjepa.w_budget, cfg.hamjepa.w_var, cfg.hamjepa.w_spectral, cfg.hamjepa.w_mean)
+    assert weights == (1.0, 0.2, 0.5, 0.5, 0.05)
+    assert (cfg.sigreg.num_directions, cfg.sigreg.t_max, cfg.sigreg.n_points, cfg.sigreg.weight) == (64, 3.0, 9, 0.02)
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.batch_size, cfg.optim.epochs) == (5e-4, 5e-4, 512, 30)
+    assert cfg.encoder.token_dim == 32 and cfg.encoder.readout == "layer3"
+
+
+def test_yaml_round_trip_and_flatten(tmp_path):
+    cfg = profile("quick", {"predictor.steps": 3})
+    path = tmp_path / "cfg.yaml"
+    cfg.save(path)
+    assert load_yaml(path) == cfg
+    flat = cfg.flatten()
+    assert flat["predictor.steps"] == 3 and flat["data.dataset"] == "fashion_mnist"
+    assert all("." in key for key in flat if key not in ("method", "seed"))
+
+
+def test_partial_yaml_keeps_defaults(tmp_path):
+    path = tmp_path / "partial.yaml"
+    path.write_text("predictor:\n  dt: 0.1\nmethod: sigreg\n")
+    cfg = load_yaml(path)
+    assert cfg.predictor.dt == 0.1 and cfg.method == "sigreg" and cfg.predictor.steps == 2
+
+
+def test_string_overrides_are_parsed_and_typed():
+    cfg = Config().override({"predictor.steps": "3", "predictor.dt": "0.1", "encoder.split": "true", "optim.lr": 1})
+    assert cfg.predictor.steps == 3 and cfg.predictor.dt == 0.1 and cfg.optim.lr == 1.0
+    assert isinstance(cfg.optim.lr, float)
+
+
+@pytest.mark.parametrize("overrides,field", [
+    ({"encoder.token_dim": 31}, "encoder.token_dim"),
+    ({"predictor.dt": 0}, "predictor.dt"),
+    ({"predictor.dt": -0.1}, "predictor.dt"),
+    ({"predictor.steps": 0}, "predictor.steps"),
+    ({"hamjepa.std_floor": -1}, "hamjepa.std_floor"),
+    ({"hamjepa.w_budget": -0.2}, "hamjepa.w_budget"),
+    ({"sigreg.weight": -1}, "sigreg.weight"),
+    ({"method": "byol"}, "method"),
+    ({"data.dataset": "mnist"}, "data.dataset"),
+    ({"predictor.steps": "two"}, "predictor.steps"),
+    ({"predictor.stepz": 3}, "predictor.stepz"),
+    ({"predictorr.steps": 3}, "predictorr"),
+    ({"encoder.in_channels": 1}, "encoder.in_channels"),  # CIFAR-100 has 3 channels
+])
+def test_bad_values_name_the_field_and_what_is_valid(overrides, field):
+    with pytest.raises(ValueError) as error:
+        Config().override(overrides)
+    message = str(error.value)
+    assert f"'{field}" in message
+    assert message.count("\n") == 0  # one sentence, one line
+
+
+def test_unknown_key_suggests_the_closest():
+    with pytest.raises(ValueError, match="did you mean 'steps'"):
+        Config().override({"predictor.stepz": 3})
+
+
+def test_unknown_yaml_key_is_an_error(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("predictor:\n  leapfrog_steps: 3\n")
+    with pytest.raises(ValueError, match="predictor.leapfrog_steps"):
+        load_yaml(path)
+
+
+def test_missing_config_file_is_one_sentence(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        load_yaml(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("name", sorted(PROFILES))
+def test_every_profile_is_valid(name):
+    assert isinstance(profile(name), Config)
+
+
+def test_unknown_profile():
+    with pytest.raises(ValueError, match="profile"):
+        profile("laptop")
