@@ -68,13 +68,17 @@ def gelu_and_derivative(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def gelu_mlp(depth: int, in_dim: int, hidden_dim: int) -> nn.Sequential:
-    """phi: Linear/GELU pairs, `depth` hidden layers of width `hidden_dim`, then Linear(hidden, 1)."""
+    """phi: Linear/GELU pairs, `depth` hidden layers of width `hidden_dim`, then Linear(hidden, 1).
+
+    The output layer has no bias: a constant added to V changes no force, so its bias would be a dead
+    parameter (and one that DistributedDataParallel reports as unused, since grad V never touches it).
+    """
     layers: list[nn.Module] = []
     width = in_dim
     for _ in range(depth):
         layers += [nn.Linear(width, hidden_dim), nn.GELU()]
         width = hidden_dim
-    layers.append(nn.Linear(width, 1))
+    layers.append(nn.Linear(width, 1, bias=False))
     return nn.Sequential(*layers)
 
 
@@ -82,9 +86,9 @@ def _linears(mlp: nn.Sequential) -> list[nn.Linear]:
     return [m for m in mlp if isinstance(m, nn.Linear)]
 
 
-def _weight(layer: nn.Linear, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def _weight(layer: nn.Linear, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
     # Parameters follow the computation's dtype (float32 under bf16 autocast; float64 in exact tests).
-    return layer.weight.to(dtype), layer.bias.to(dtype)
+    return layer.weight.to(dtype), None if layer.bias is None else layer.bias.to(dtype)
 
 
 def gelu_mlp_value(mlp: nn.Sequential, q: torch.Tensor) -> torch.Tensor:

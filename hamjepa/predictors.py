@@ -136,8 +136,8 @@ def parameter_count(module: nn.Module) -> int:
 
 
 def hamiltonian_parameter_count(q_dim: int, hidden_dim: int, depth: int) -> int:
-    """Parameters of phi: d -> h (-> h)^(depth-1) -> 1, weights and biases."""
-    return (q_dim + 1) * hidden_dim + (depth - 1) * (hidden_dim + 1) * hidden_dim + hidden_dim + 1
+    """Parameters of phi: d -> h (-> h)^(depth-1) -> 1, weights and biases (none on the output)."""
+    return (q_dim + 1) * hidden_dim + (depth - 1) * (hidden_dim + 1) * hidden_dim + hidden_dim
 
 
 def matched_mlp_hidden_dim(q_dim: int, hidden_dim: int, depth: int) -> int:

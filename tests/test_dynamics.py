@@ -84,11 +84,10 @@ def test_closed_form_grad_v_matches_autograd_values_and_gradients():
     reference = predictor.autograd_grad_potential(q)
     assert _relative_error(closed, reference) < 1e-8
 
-    # Every parameter but the output bias (a constant in V, so absent from grad V).
-    params = [q, *(p for name, p in predictor.named_parameters() if name != "potential_mlp.4.bias")]
+    params = [q, *predictor.parameters()]
     grads_closed = torch.autograd.grad((closed * weights).sum(), params)
     grads_reference = torch.autograd.grad((reference * weights).sum(), params)
-    assert len(grads_closed) == 1 + 5
+    assert len(grads_closed) == 1 + 5  # q, 3 weights, 2 hidden biases
     for g_closed, g_reference in zip(grads_closed, grads_reference, strict=True):
         assert g_reference.abs().max() > 0
         assert _relative_error(g_closed, g_reference) < 1e-8
@@ -101,7 +100,7 @@ def test_closed_form_rollout_matches_the_textbook_reference(direction):
     z = torch.randn(8, 2 * D, dtype=torch.float64, requires_grad=True)
     fast, reference = predictor(z, direction), predictor.reference_forward(z, direction)
     assert _relative_error(fast, reference) < 1e-12
-    used = [z, *list(predictor.parameters())[:-1]]  # all but the output bias, a constant in V
+    used = [z, *predictor.parameters()]
     g_fast = torch.autograd.grad(fast.pow(2).sum(), used)
     g_reference = torch.autograd.grad(reference.pow(2).sum(), used)
     for a, b in zip(g_fast, g_reference, strict=True):
