@@ -4,7 +4,7 @@ Every default below is the paper's CIFAR-100 protocol (METHOD.md, numbers in bra
 comment says otherwise. Profiles (``PROFILES``) are dotted-key overrides on top of these defaults, so a
 profile can never introduce a knob that the tree does not have.
 
-Validation happens at construction: a bad value raises ``ValueError`` with one sentence that names the
+Validation happens at construction: a bad value raises ``ConfigError`` (a ValueError) with one sentence that names the
 dotted field, quotes the value and says what would be valid. Unknown keys (in YAML or overrides) are
 errors too, with the closest valid key suggested.
 """
@@ -27,8 +27,12 @@ DATASETS = ("fashion_mnist", "cifar10", "cifar100", "imagefolder", "synthetic")
 DATASET_CHANNELS = {"fashion_mnist": 1, "cifar10": 3, "cifar100": 3}
 
 
+class ConfigError(ValueError):
+    """A bad input, explained in one sentence that names the field and what would be valid."""
+
+
 def _fail(path: str, value: Any, valid: str) -> None:
-    raise ValueError(f"config field '{path}' = {value!r} is invalid: {valid}.")
+    raise ConfigError(f"config field '{path}' = {value!r} is invalid: {valid}.")
 
 
 def _check(ok: bool, path: str, value: Any, valid: str) -> None:
@@ -317,11 +321,11 @@ def flatten_dict(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _unknown_key(path: str, key: str, valid: list[str]) -> ValueError:
+def _unknown_key(path: str, key: str, valid: list[str]) -> ConfigError:
     full = f"{path}.{key}" if path else key
     close = difflib.get_close_matches(key, valid, n=1)
     hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
-    return ValueError(f"unknown config key '{full}'{hint}")
+    return ConfigError(f"unknown config key '{full}'{hint}")
 
 
 def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
@@ -333,7 +337,7 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
             raise _unknown_key(".".join(parts[:depth]), part, valid)
         if depth == len(parts) - 1:
             if isinstance(node[part], dict):
-                raise ValueError(f"config key '{key}' is a section; set one of its fields, e.g. '{key}."
+                raise ConfigError(f"config key '{key}' is a section; set one of its fields, e.g. '{key}."
                                  f"{next(iter(node[part]))}'")
             node[part] = yaml.safe_load(value) if isinstance(value, str) else value
         else:
@@ -375,12 +379,7 @@ def from_dict(tree: Mapping[str, Any], cls: type = None, path: str = "") -> Any:
 
 def load_yaml(path: str | Path) -> Config:
     """Read a (partial) config from YAML; missing keys keep their defaults."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"config file '{path}' does not exist; pass the path of a YAML config file.")
-    tree = yaml.safe_load(path.read_text()) or {}
-    return from_dict(tree)
-
+    return build_config(config_file=path)
 
 # -- profiles ----------------------------------------------------------------------------------------
 # A profile is a named set of dotted overrides on the defaults above. "quick" fits 2 CPU cores: a
@@ -404,9 +403,50 @@ PROFILES: dict[str, dict[str, Any]] = {
 
 def profile(name: str, overrides: Mapping[str, Any] | None = None) -> Config:
     """The defaults with a profile's overrides, then the caller's."""
-    if name not in PROFILES:
-        _fail("profile", name, f"must be one of {', '.join(PROFILES)}")
+    return build_config(name, overrides=overrides)
+
+def _merge(tree: dict[str, Any], update: Mapping[str, Any], path: str = "") -> None:
+    """Deep-merge a (partial) YAML tree into a full config tree; unknown keys are errors."""
+    if not isinstance(update, Mapping):
+        _fail(path or "<root>", update, "must be a mapping of config keys")
+    for key, value in update.items():
+        if key not in tree:
+            raise _unknown_key(path, str(key), sorted(tree))
+        sub = f"{path}.{key}" if path else str(key)
+        if isinstance(tree[key], dict):
+            _merge(tree[key], value, sub)
+        else:
+            tree[key] = value
+
+
+def build_config(profile_name: str | None = None, config_file: str | Path | None = None,
+                 overrides: Mapping[str, Any] | None = None) -> Config:
+    """Defaults, then a profile, then a YAML file, then dotted overrides: later layers win."""
     tree = Config().to_dict()
-    for key, value in {**PROFILES[name], **(overrides or {})}.items():
+    if profile_name is not None:
+        if profile_name not in PROFILES:
+            _fail("profile", profile_name, f"must be one of {', '.join(PROFILES)}")
+        for key, value in PROFILES[profile_name].items():
+            _set_dotted(tree, key, value)
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' does not exist; pass the path of a YAML config file.")
+        try:
+            _merge(tree, yaml.safe_load(path.read_text()) or {})
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config file '{path}' is not valid YAML: {str(error).splitlines()[0]}.") from None
+    for key, value in (overrides or {}).items():
         _set_dotted(tree, key, value)
     return from_dict(tree)
+
+
+def parse_overrides(items: list[str]) -> dict[str, str]:
+    """['predictor.steps=3', ...] -> {'predictor.steps': '3'}; values are parsed later as YAML scalars."""
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set '{item}' is invalid: write it as dotted.key=value, e.g. predictor.steps=3.")
+        overrides[key.strip()] = value.strip()
+    return overrides

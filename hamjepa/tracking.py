@@ -1,0 +1,181 @@
+"""MLflow: experiments, idempotent runs, params, per-epoch metrics, artifacts (DESIGN.md "MLflow layout").
+
+Everything goes through `MlflowClient` with explicit run ids (no fluent "active run" state), so the same
+code logs from the CLI, from a Ray Train controller callback and from a Tune callback. Runs are found
+again by a `hamjepa.key` tag (a training run's name, a Tune trial id), so a resumed or retried run reuses
+its MLflow run instead of creating a duplicate, and metrics already logged for an epoch are not logged
+twice (Ray reports at least once).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import urllib.request
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.tracking import MlflowClient
+
+from .config import ConfigError
+
+KEY_TAG = "hamjepa.key"
+ROLE_TAG = "hamjepa.role"
+METHOD_TAG = "hamjepa.method"
+PARENT_TAG = "mlflow.parentRunId"
+_BATCH = 100  # MLflow's limit on params per log_batch call
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """--tracking-uri, else $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db; sqlite paths made absolute.
+
+    Absolute, because Ray actors run in other working directories and must reach the same file.
+    """
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+    return uri
+
+
+def check_tracking_uri(uri: str) -> None:
+    """Fail with one sentence, before any work, when the tracking store cannot be written or reached."""
+    if uri.startswith("sqlite:///"):
+        folder = Path(uri[len("sqlite:///"):]).parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise ConfigError(f"tracking URI '{uri}' is not writable: folder '{folder}' does not exist or is "
+                             "read-only; pass --tracking-uri sqlite:///<writable path>/mlflow.db.")
+    elif uri.startswith(("http://", "https://")):
+        try:
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5).close()
+        except OSError as error:
+            raise ConfigError(f"tracking URI '{uri}' cannot be reached ({error}); start the MLflow server or "
+                             "pass --tracking-uri.") from None
+    elif not uri.startswith(("databricks", "postgresql", "mysql", "mssql", "file:")):
+        raise ConfigError(f"tracking URI '{uri}' is not supported: use sqlite:///path, http(s)://host:port "
+                         "or a database URI.")
+
+
+def experiment_id(client: MlflowClient, name: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        return client.create_experiment(name)
+    if experiment.lifecycle_stage == "deleted":
+        client.restore_experiment(experiment.experiment_id)
+    return experiment.experiment_id
+
+
+def find_run(client: MlflowClient, exp_id: str, key: str):
+    """The run tagged hamjepa.key = key in the experiment, or None."""
+    runs = client.search_runs([exp_id], filter_string=f"tags.`{KEY_TAG}` = '{key}'", max_results=1,
+                              order_by=["attributes.start_time DESC"])
+    return runs[0] if runs else None
+
+
+class RunLogger:
+    """One MLflow run, found again by its key; logs params, per-epoch metrics and artifacts idempotently.
+
+    Picklable (the client is made on first use), so it can travel to a Ray Train controller.
+    """
+
+    def __init__(self, tracking_uri: str, experiment: str, key: str, run_name: str | None = None,
+                 tags: Mapping[str, str] | None = None, parent_run_id: str | None = None):
+        self.tracking_uri = tracking_uri
+        self.experiment = experiment
+        self.key = key
+        self.run_name = run_name or key
+        self.tags = dict(tags or {})
+        self.parent_run_id = parent_run_id
+        self.run_id: str | None = None
+        self._last_epoch: int | None = None
+        self._client: MlflowClient | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_client": None}
+
+    @property
+    def client(self) -> MlflowClient:
+        if self._client is None:
+            self._client = MlflowClient(tracking_uri=self.tracking_uri)
+        return self._client
+
+    def start(self) -> str:
+        """Create the run, or reopen the one with this key; returns its id."""
+        exp_id = experiment_id(self.client, self.experiment)
+        existing = find_run(self.client, exp_id, self.key)
+        if existing is not None:
+            self.run_id = existing.info.run_id
+            if existing.info.status != "RUNNING":
+                self.client.update_run(self.run_id, status="RUNNING")
+        else:
+            tags = {KEY_TAG: self.key, **self.tags}
+            if self.parent_run_id:
+                tags[PARENT_TAG] = self.parent_run_id
+            self.run_id = self.client.create_run(exp_id, run_name=self.run_name, tags=tags).info.run_id
+        return self.run_id
+
+    def _ensure_started(self) -> str:
+        return self.run_id or self.start()
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        run_id = self._ensure_started()
+        logged = self.client.get_run(run_id).data.params
+        items = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in logged]
+        for start in range(0, len(items), _BATCH):
+            self.client.log_batch(run_id, params=items[start:start + _BATCH])
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        run_id = self._ensure_started()
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
+
+    def last_logged_epoch(self) -> int:
+        if self._last_epoch is None:
+            history = self.client.get_metric_history(self._ensure_started(), "epoch")
+            self._last_epoch = max((int(m.value) for m in history), default=0)
+        return self._last_epoch
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
+        """Numeric, finite metrics at `step`; strings become tags, the rest is skipped."""
+        run_id = self._ensure_started()
+        timestamp = _now_ms()
+        numeric = [Metric(k, float(v), timestamp, step) for k, v in metrics.items()
+                   if _is_number(v) and math.isfinite(float(v))]
+        for start in range(0, len(numeric), 1000):
+            self.client.log_batch(run_id, metrics=numeric[start:start + 1000])
+        strings = {f"hamjepa.{k}": v for k, v in metrics.items() if isinstance(v, str)}
+        if strings:
+            self.set_tags(strings)
+
+    def log_epoch(self, metrics: Mapping[str, Any]) -> bool:
+        """Log one epoch's report (step = its `epoch`) unless that epoch is already logged."""
+        epoch = int(metrics["epoch"])
+        if epoch <= self.last_logged_epoch():
+            return False
+        self.log_metrics(metrics, step=epoch)
+        self._last_epoch = epoch
+        return True
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self._ensure_started(), text, artifact_file)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self._ensure_started(), str(path), artifact_path)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """Close the run as FINISHED, FAILED or KILLED (never left RUNNING)."""
+        RunStatus.from_string(status)  # validates the name
+        self.client.set_terminated(self._ensure_started(), status=status)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) or _is_numpy_number(value)
+
+
+def _is_numpy_number(value: Any) -> bool:
+    return type(value).__module__ == "numpy" and hasattr(value, "dtype") and value.dtype.kind in "iuf"
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)

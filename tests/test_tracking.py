@@ -1,0 +1,67 @@
+"""MLflow logging: runs found again by key, epochs logged once, never left RUNNING."""
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from hamjepa.config import ConfigError
+from hamjepa.tracking import RunLogger, check_tracking_uri, resolve_tracking_uri
+
+
+@pytest.fixture()
+def uri(tmp_path):
+    return f"sqlite:///{tmp_path}/mlflow.db"
+
+
+def test_run_is_reused_by_key_and_epochs_are_logged_once(uri):
+    first = RunLogger(uri, "exp", key="trial-1", tags={"hamjepa.role": "trial"})
+    run_id = first.start()
+    first.log_params({"predictor.steps": 2, "predictor.dt": 0.05})
+    assert first.log_epoch({"epoch": 1, "train/loss": 3.0, "val_knn20_top1": 12.5})
+    assert not first.log_epoch({"epoch": 1, "train/loss": 3.0})  # a repeated report (at-least-once)
+
+    # a resumed driver: a new logger with the same key finds the same run and its logged epochs
+    again = RunLogger(uri, "exp", key="trial-1")
+    assert again.start() == run_id
+    assert not again.log_epoch({"epoch": 1, "train/loss": 99.0})
+    assert again.log_epoch({"epoch": 2, "train/loss": 2.0, "diverged_reason": "none", "bad": float("nan")})
+    again.log_params({"predictor.steps": 2})  # re-logging the same params is harmless
+    again.finish("FINISHED")
+
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("exp").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    history = client.get_metric_history(run_id, "train/loss")
+    assert [(m.step, m.value) for m in history] == [(1, 3.0), (2, 2.0)]
+    assert "bad" not in runs[0].data.metrics  # NaN is never logged
+    assert runs[0].data.tags["hamjepa.diverged_reason"] == "none"
+    assert runs[0].data.params["predictor.dt"] == "0.05"
+
+
+def test_child_run_links_to_parent(uri):
+    parent = RunLogger(uri, "exp", key="study")
+    parent_id = parent.start()
+    child = RunLogger(uri, "exp", key="trial-a", parent_run_id=parent_id)
+    child_id = child.start()
+    assert MlflowClient(uri).get_run(child_id).data.tags["mlflow.parentRunId"] == parent_id
+
+
+def test_many_params_are_batched(uri):
+    logger = RunLogger(uri, "exp", key="big")
+    logger.log_params({f"p{i}": i for i in range(250)})
+    assert len(MlflowClient(uri).get_run(logger.run_id).data.params) == 250
+
+
+def test_relative_sqlite_uri_is_made_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert resolve_tracking_uri() == f"sqlite:///{tmp_path}/mlflow.db"
+    assert resolve_tracking_uri("sqlite:///sub/x.db") == f"sqlite:///{tmp_path}/sub/x.db"
+
+
+def test_unwritable_or_unreachable_tracking_uri_is_one_sentence(tmp_path):
+    with pytest.raises(ConfigError, match="not writable"):
+        check_tracking_uri(f"sqlite:///{tmp_path}/missing/folder/mlflow.db")
+    with pytest.raises(ConfigError, match="cannot be reached"):
+        check_tracking_uri("http://127.0.0.1:9/")  # the discard port: nothing listens
+    with pytest.raises(ConfigError, match="not supported"):
+        check_tracking_uri("ftp://example/mlflow")
