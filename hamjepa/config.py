@@ -23,8 +23,13 @@ import yaml
 
 METHODS = ("hamjepa", "sigreg", "mlp")
 DATASETS = ("fashion_mnist", "cifar10", "cifar100", "imagefolder", "synthetic")
-# Channel count and native image size of the datasets whose format we know.
+# Channel count of the datasets whose format we know, and what choosing one (--dataset) implies.
 DATASET_CHANNELS = {"fashion_mnist": 1, "cifar10": 3, "cifar100": 3}
+DATASET_OVERRIDES = {
+    "fashion_mnist": {"data.image_size": 28, "encoder.in_channels": 1},
+    "cifar10": {"data.image_size": 32, "encoder.in_channels": 3},
+    "cifar100": {"data.image_size": 32, "encoder.in_channels": 3},
+}
 
 
 class ConfigError(ValueError):
@@ -398,6 +403,14 @@ PROFILES: dict[str, dict[str, Any]] = {
         "encoder.stem": "imagenet", "encoder.token_hw": 8, "optim.epochs": 45,
         "augment.crop_scale_min": 0.4, "augment.blur_kernel": 23,
     },
+}
+
+
+# --smoke-test: on top of any profile, the smallest run that still exercises every code path (CI).
+SMOKE_OVERRIDES: dict[str, Any] = {
+    "data.subset": 800, "data.num_workers": 0, "encoder.width": 0.125, "optim.batch_size": 64,
+    "optim.epochs": 2, "optim.warmup_epochs": 1, "predictor.residual_scale_warmup_epochs": 1,
+    "eval.probe_epochs": 3, "eval.knn_train_limit": 400, "eval.spectrum_samples": 400,
 }
 
 

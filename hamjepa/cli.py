@@ -1,0 +1,160 @@
+"""The `hamjepa` command: `hamjepa train` runs one logged training; `hamjepa config` prints a resolved config."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import DATASET_OVERRIDES, DATASETS, PROFILES, SMOKE_OVERRIDES, ConfigError, build_config, parse_overrides
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, default_profile: str | None = None) -> None:
+    parser.add_argument("--profile", choices=sorted(PROFILES), default=default_profile,
+                        help="a named set of overrides on the paper's defaults (quick: 2 CPU cores, minutes)")
+    parser.add_argument("--config", help="YAML file with (part of) the config tree; applied after --profile")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="dotted override, e.g. --set predictor.steps=3 (repeatable; applied last)")
+    parser.add_argument("--data-root", help="folder that holds the dataset (else $HAMJEPA_DATA, Debian's "
+                                            "dataset packages, then a download)")
+
+
+def config_from_args(args: argparse.Namespace):
+    overrides = parse_overrides(args.overrides)
+    if args.data_root:
+        overrides["data.root"] = args.data_root
+    return build_config(args.profile, args.config, overrides)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .run import connect_ray, preflight, summary, train_and_log
+    from .tracking import check_tracking_uri, resolve_tracking_uri
+    from .training import Resources
+
+    cfg = config_from_args(args)
+    resources = Resources(args.workers, args.cpus_per_worker, args.gpus_per_worker)
+    resources.validate(cfg)
+    tracking_uri = resolve_tracking_uri(args.tracking_uri)
+    check_tracking_uri(tracking_uri)
+    preflight(cfg)
+    connect_ray(args.address)
+    outcome = train_and_log(cfg, resources, experiment=args.experiment, run_name=args.name,
+                            tracking_uri=tracking_uri, storage_path=args.storage_path, max_failures=args.max_failures)
+    print(summary(cfg, outcome, tracking_uri))
+    return 0 if outcome.status == "finished" else 1
+
+
+def study_main(name: str, space: dict, argv: list[str] | None = None) -> int:
+    """Command line of a study script (studies/<name>.py): parse, validate, run, print the summary."""
+    parser = argparse.ArgumentParser(prog=f"python studies/{name}.py",
+                                     description=f"HamJEPA study '{name}': Ray Tune + Optuna, SIGReg baselines, MLflow.")
+    add_config_arguments(parser, default_profile="quick")
+    parser.add_argument("--num-samples", type=int, help="HamJEPA trials Optuna proposes (default 8; smoke 2)")
+    parser.add_argument("--epochs", type=int, help="epochs per run (overrides the profile)")
+    parser.add_argument("--dataset", choices=DATASETS, help="dataset (sets channels and image size to match)")
+    parser.add_argument("--subset", type=int, help="training images (stratified subset; 0 = all)")
+    parser.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers per trial")
+    parser.add_argument("--cpus-per-worker", type=float, default=1.0)
+    parser.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (default 0; 1 with --profile "
+                                                              "cifar100/imagenet100)")
+    parser.add_argument("--max-concurrent", type=int, default=0, help="trials at once (0 = as many as fit)")
+    parser.add_argument("--baseline-seeds", type=int, help="SIGReg seeds; the best HamJEPA config is retrained "
+                                                             "to match (default 2; smoke 1)")
+    parser.add_argument("--ablation", choices=["mlp"], default="", help="also train MLP-HJEPA (best config)")
+    parser.add_argument("--no-early-stopping", action="store_true", help="switch ASHA off")
+    parser.add_argument("--tracking-uri", help="MLflow URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    parser.add_argument("--experiment", help=f"MLflow experiment (default hamjepa-{name})")
+    parser.add_argument("--storage-path", default="ray_results", help="Tune/Train state (s3://... on a cluster)")
+    parser.add_argument("--address", help="Ray cluster address (e.g. auto); default: a local Ray")
+    parser.add_argument("--seed", type=int, default=0, help="Optuna sampler seed")
+    parser.add_argument("--resume", action="store_true", help="continue the latest run of this study")
+    parser.add_argument("--smoke-test", action="store_true", help="tiny everything (CI)")
+    args = parser.parse_args(argv)
+    try:
+        return _run_study(name, space, args)
+    except ConfigError as error:
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        return 2
+
+
+def _run_study(name: str, space: dict, args: argparse.Namespace) -> int:
+    from .run import connect_ray, preflight
+    from .study import StudySettings, run_study
+    from .tracking import check_tracking_uri, resolve_tracking_uri
+    from .training import Resources
+
+    overrides = dict(SMOKE_OVERRIDES) if args.smoke_test else {}
+    if args.dataset:
+        overrides.update({"data.dataset": args.dataset, **DATASET_OVERRIDES.get(args.dataset, {})})
+    if args.epochs is not None:
+        overrides["optim.epochs"] = args.epochs
+    if args.subset is not None:
+        overrides["data.subset"] = args.subset
+    if args.data_root:
+        overrides["data.root"] = args.data_root
+    overrides.update(parse_overrides(args.overrides))
+    base = build_config(args.profile, args.config, overrides)
+    gpus = args.gpus_per_worker if args.gpus_per_worker is not None else (
+        1.0 if args.profile in ("cifar100", "imagenet100") else 0.0)
+    settings = StudySettings(
+        name=name, base=base,
+        num_samples=args.num_samples or (2 if args.smoke_test else 8),
+        seeds=args.baseline_seeds if args.baseline_seeds is not None else (1 if args.smoke_test else 2),
+        ablation=args.ablation, early_stopping=not args.no_early_stopping,
+        resources=Resources(args.workers_per_trial, args.cpus_per_worker, gpus),
+        max_concurrent=args.max_concurrent, tracking_uri=resolve_tracking_uri(args.tracking_uri),
+        experiment=args.experiment or "", storage_path=args.storage_path, seed=args.seed, resume=args.resume)
+    check_tracking_uri(settings.tracking_uri)
+    preflight(base)
+    connect_ray(args.address)
+    result = run_study(settings, space)
+    print()
+    print(result.text, end="")
+    print(f"Browse it: mlflow ui --backend-store-uri {settings.tracking_uri}  (experiment "
+          f"'{settings.experiment_name}', parent run {result.parent_run_id})")
+    return 130 if result.interrupted else 0
+
+
+def _print_config(args: argparse.Namespace) -> int:
+    print(config_from_args(args).to_yaml(), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hamjepa", description="HamJEPA vs SIGReg studies on Ray + MLflow.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train one HamJEPA / SIGReg / MLP-HJEPA run under Ray Train")
+    add_config_arguments(train)
+    train.add_argument("--workers", type=int, default=1, help="Ray Train workers (data-parallel)")
+    train.add_argument("--cpus-per-worker", type=float, default=1.0)
+    train.add_argument("--gpus-per-worker", type=float, default=0.0, help="> 0 trains on GPUs with NCCL")
+    train.add_argument("--address", help="Ray cluster address (e.g. auto); default: start a local Ray")
+    train.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or "
+                                              "sqlite:///mlflow.db)")
+    train.add_argument("--experiment", default="hamjepa-train", help="MLflow experiment name")
+    train.add_argument("--name", help="run name; rerunning a name resumes it from its last checkpoint")
+    train.add_argument("--storage-path", help="where Ray Train keeps checkpoints (default ./ray_results; "
+                                              "s3://... on a cluster)")
+    train.add_argument("--max-failures", type=int, default=2, help="worker crashes survived per run")
+    train.set_defaults(run=_train)
+
+    show = commands.add_parser("config", help="print the resolved config as YAML")
+    add_config_arguments(show)
+    show.set_defaults(run=_print_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except ConfigError as error:  # our one-sentence errors: no traceback for a bad input
+        print(f"hamjepa: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("hamjepa: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

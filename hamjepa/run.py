@@ -1,0 +1,116 @@
+"""One logged training run: Ray up, a TorchTrainer, an MLflow run with per-epoch metrics, a summary.
+
+This is what `hamjepa train` does; it checks every input (config, data, tracking store, Ray address)
+before any work starts, so a mistake costs one sentence, not a traceback minutes later.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .config import Config, ConfigError
+from .tracking import METHOD_TAG, ROLE_TAG, RunLogger, resolve_tracking_uri
+from .training import FailureInjection, Resources, make_trainer
+
+DRIVER_RESOURCE = "trial_driver"  # custom resource held by a study's trial drivers (see connect_ray)
+
+
+def mlflow_epoch_callback(logger: RunLogger):
+    """A Ray Train UserCallback (runs in the controller) that logs rank 0's report of every epoch."""
+    from ray.train import UserCallback
+
+    class MLflowEpochCallback(UserCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            if metrics and "epoch" in metrics[0]:
+                logger.log_epoch(metrics[0])
+
+    return MLflowEpochCallback()
+
+
+@dataclass
+class RunOutcome:
+    status: str  # "finished" | "diverged" | "failed"
+    metrics: dict[str, Any]
+    run_id: str
+    reason: str = ""
+
+
+def preflight(cfg: Config) -> None:
+    """Fail fast, before Ray starts: the data must be there and large enough for one batch."""
+    from .data import load_splits
+
+    splits = load_splits(cfg.data, channels=cfg.encoder.in_channels)
+    if len(splits.train) < cfg.optim.batch_size:
+        raise ConfigError(f"config field 'optim.batch_size' = {cfg.optim.batch_size} is invalid: the training "
+                         f"split has only {len(splits.train)} images; lower it or raise data.subset.")
+
+
+def connect_ray(address: str | None) -> None:
+    """Join a running cluster (`auto`, `ray://...`, `host:port`) or start a local Ray sized to this machine."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    try:
+        if address:
+            ray.init(address=address)
+        else:
+            # The dashboard stays on: Ray's State API lives there, and without it stopped trials leak their
+            # placement groups (FIELD-NOTES.md). Trial drivers hold a custom resource, not a CPU, so a
+            # study's trainers get every core (study.DRIVER_RESOURCE).
+            ray.init(resources={DRIVER_RESOURCE: 10_000})
+    except (ConnectionError, RuntimeError, ValueError) as error:
+        where = f"address '{address}'" if address else "a local Ray instance"
+        raise ConfigError(f"cannot connect to {where} ({str(error).splitlines()[0]}); check --address, or "
+                         "omit it to start a local Ray.") from None
+
+
+def train_and_log(cfg: Config, resources: Resources, *, experiment: str, run_name: str | None = None,
+                  tracking_uri: str | None = None, storage_path: str | None = None, max_failures: int = 2,
+                  tags: Mapping[str, str] | None = None, failure: FailureInjection | None = None) -> RunOutcome:
+    """Train once under Ray Train and log it as one MLflow run (found again by its name on a rerun)."""
+    from ray.train import TrainingFailedError
+
+    uri = resolve_tracking_uri(tracking_uri)
+    run_name = run_name or f"{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+    logger = RunLogger(uri, experiment, key=run_name, tags={ROLE_TAG: "run", METHOD_TAG: cfg.method, **(tags or {})})
+    logger.start()
+    logger.log_params(cfg.flatten())
+    logger.log_text(cfg.to_yaml(), "config.yaml")
+    trainer = make_trainer(cfg, resources, name=run_name, storage_path=storage_path, max_failures=max_failures,
+                           callbacks=[mlflow_epoch_callback(logger)], failure=failure)
+    try:
+        result = trainer.fit()
+    except TrainingFailedError as error:
+        reason = str(error).strip().splitlines()[-1][:500]
+        logger.set_tags({"hamjepa.status": "failed", "hamjepa.reason": reason})
+        logger.finish("FAILED")
+        return RunOutcome("failed", {}, logger.run_id, reason)
+    metrics = dict(result.metrics or {})
+    if metrics.get("diverged"):
+        reason = metrics.get("diverged_reason", "diverged")
+        logger.set_tags({"hamjepa.status": "diverged", "hamjepa.reason": reason})
+        logger.finish("FAILED")
+        return RunOutcome("diverged", metrics, logger.run_id, reason)
+    logger.set_tags({"hamjepa.status": "finished"})
+    logger.finish("FINISHED")
+    return RunOutcome("finished", metrics, logger.run_id)
+
+
+def summary(cfg: Config, outcome: RunOutcome, tracking_uri: str) -> str:
+    """A one-screen summary of a finished run."""
+    metrics = outcome.metrics
+    lines = [f"{cfg.method} on {cfg.data.dataset}: {outcome.status}"
+             + (f" ({outcome.reason})" if outcome.reason else "")]
+    if "epoch" in metrics:
+        lines.append(f"  epochs {metrics['epoch']}/{cfg.optim.epochs}, last loss {metrics.get('train/loss', float('nan')):.4f}, "
+                     f"{metrics.get('train/images_per_s', 0):.0f} images/s")
+    rows = [(key, value) for key, value in sorted(metrics.items())
+            if key.startswith(("val_", "test_", "effective_rank", "participation_ratio")) and isinstance(value, float)]
+    for key, value in rows:
+        lines.append(f"  {key:28s} {value:8.2f}")
+    lines.append(f"  MLflow run {outcome.run_id}: mlflow ui --backend-store-uri {tracking_uri}")
+    return "\n".join(lines)

@@ -1,0 +1,277 @@
+"""One training run: the per-worker loop (Ray Train) and the TorchTrainer wrapper around it.
+
+Per worker: build the method, shard the data with a DistributedSampler, train with AdamW + warm-up/cosine,
+report once per epoch (rank 0's metrics reach Ray), checkpoint every epoch, resume from the latest
+checkpoint. Batch statistics are global because the objectives all-reduce their sufficient statistics.
+
+Reported metrics (DESIGN.md names): `epoch`, `train/<loss term or diagnostic>`, `train/images_per_s`,
+`train/lr`, `val_knn20_top1` (percent), `diverged` (0/1), `resumed_from_epoch`; after the last epoch also
+the final test metrics of `readouts.final_metrics`. A diverged run reports `diverged = 1`, its
+`diverged_reason`, and finite worst-case accuracies, and returns normally.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+
+from . import readouts
+from .config import Config, ConfigError, from_dict
+from .data import load_splits, two_view_dataset
+from .divergence import divergence_reason, worst_case
+from .encoder import split_state
+from .methods import JEPAModel
+from .objectives import spectral_floor
+from .optim import build_optimizer, build_scheduler
+
+CHECKPOINT_FILE = "state.pt"
+
+
+@dataclass(frozen=True)
+class FailureInjection:
+    """Testing aid: raise once, at the start of `epoch`, unless `marker` exists (then create it first)."""
+
+    epoch: int
+    marker: str
+
+    def maybe_fail(self, epoch: int) -> None:
+        if epoch == self.epoch and not os.path.exists(self.marker):
+            Path(self.marker).touch()
+            raise RuntimeError(f"injected failure at epoch {epoch}")
+
+
+# -- helpers of the loop ------------------------------------------------------------------------------
+
+def _mix_seed(*parts: int) -> int:
+    seed = 0
+    for part in parts:
+        seed = (seed * 1_000_003 + part + 1) % (2 ** 31 - 1)
+    return seed
+
+
+def _unwrap(model: nn.Module) -> JEPAModel:
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+@torch.no_grad()
+def diagnostics(model: JEPAModel, z: torch.Tensor) -> dict[str, float]:
+    """Per-epoch state diagnostics from one batch of embeddings z (N, 2d), for every method.
+
+    Mean |q|^2/d and |p|^2/d, minimum per-dimension std, logdet/k, PR/k and eigmax fraction of q and p,
+    and for HamJEPA the batch variance of the potential V(q).
+    """
+    z = z.float()
+    q, p = split_state(z)
+    out: dict[str, float] = {}
+    k = min(model.projection_q.k, z.shape[0] - 1)
+    for name, x in (("q", q), ("p", p)):
+        out[f"{name}_energy"] = (x * x).mean().item()
+        out[f"{name}_min_std"] = x.std(0).min().item()
+        projection = torch.eye(x.shape[1], k, device=x.device)  # fixed coordinates: comparable across epochs
+        _, stats = spectral_floor(x, projection, logdet_floor=0.0)
+        out.update({f"{name}_{key}": value.item() for key, value in stats.items()})
+    potential = getattr(model.predictor, "potential", None)
+    if potential is not None:
+        out["potential_var"] = potential(q).var().item()
+    return out
+
+
+def _training_state(model: JEPAModel, optimizer, scheduler, epoch: int, cfg: Config) -> dict[str, Any]:
+    state = {
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "epoch": epoch, "config": cfg.to_dict(), "torch_rng": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _report(rank: int, metrics: dict[str, Any], state: dict[str, Any]) -> None:
+    """Every worker reports (Ray Train requires it); rank 0 attaches the checkpoint of `state`.
+
+    Ray's Result carries the metrics of the latest *checkpoint*, so even a diverged run's last report
+    comes with a (model-less) checkpoint: the outcome survives, and a rerun of the run sees it.
+    """
+    import ray.train
+
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as directory:
+        torch.save(state, os.path.join(directory, CHECKPOINT_FILE))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+
+def _read_checkpoint(checkpoint, device) -> dict[str, Any]:
+    with checkpoint.as_directory() as directory:
+        return torch.load(os.path.join(directory, CHECKPOINT_FILE), map_location=device, weights_only=True)
+
+
+def _restore(state: dict[str, Any], model: JEPAModel, optimizer, scheduler) -> int:
+    """Restore a training state; returns the last completed epoch."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"].cpu())
+    if "cuda_rng" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
+    return int(state["epoch"])
+
+
+# -- the per-worker loop ------------------------------------------------------------------------------
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train entry point; loop_config = {"cfg": Config.to_dict(), optional "failure": FailureInjection}."""
+    import ray.train
+    import ray.train.torch
+
+    cfg: Config = from_dict(loop_config["cfg"])
+    failure: FailureInjection | None = loop_config.get("failure")
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    use_cuda = device.type == "cuda"
+    torch.manual_seed(cfg.seed)  # identical initial weights on every worker
+
+    splits = load_splits(cfg.data, channels=cfg.encoder.in_channels)
+    dataset = two_view_dataset(splits, cfg.augment)
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed,
+                                 drop_last=True)
+    local_batch = cfg.optim.batch_size // world
+    loader_generator = torch.Generator()
+    loader = DataLoader(dataset, batch_size=local_batch, sampler=sampler, drop_last=True,
+                        num_workers=cfg.data.num_workers, pin_memory=use_cuda, generator=loader_generator,
+                        persistent_workers=False)
+    iters_per_epoch = len(loader)
+
+    model = JEPAModel(cfg).to(device)
+    if world > 1 and use_cuda:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # encoder BN over the global batch too
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, iters_per_epoch, cfg.optim)
+    last_epoch = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        state = _read_checkpoint(checkpoint, device)
+        if "diverged" in state:  # a diverged run stays diverged when it is run again
+            _report(rank, state["diverged"], state)
+            return
+        last_epoch = _restore(state, model, optimizer, scheduler)
+    resumed_from = last_epoch
+    net = DistributedDataParallel(model, device_ids=[device] if use_cuda else None) if world > 1 else model
+
+    for epoch in range(last_epoch + 1, cfg.optim.epochs + 1):
+        if failure is not None:
+            failure.maybe_fail(epoch)
+        # Augmentation randomness is a function of (seed, epoch, rank): a resumed epoch replays exactly.
+        torch.manual_seed(_mix_seed(cfg.seed, epoch, rank))
+        loader_generator.manual_seed(_mix_seed(cfg.seed, epoch, rank, 1))
+        sampler.set_epoch(epoch)
+        model.set_epoch(epoch)
+        net.train()
+        sums: dict[str, torch.Tensor] = {}
+        reason = None
+        started = time.perf_counter()
+        for iteration, (view_a, view_b) in enumerate(loader):
+            view_a = view_a.to(device, non_blocking=True)
+            view_b = view_b.to(device, non_blocking=True)
+            step = (epoch - 1) * iters_per_epoch + iteration
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_cuda):
+                loss, stats = net(view_a, view_b, step)
+            reason = divergence_reason(loss.item(), {k: stats[k].item() for k in ("q_energy", "p_energy")
+                                                     if k in stats})
+            if reason is not None:  # every worker sees the same global loss, so all stop together
+                break
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.optim.grad_clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            for key, value in stats.items():
+                sums[key] = sums.get(key, 0.0) + value
+        elapsed = time.perf_counter() - started
+
+        if reason is not None:
+            metrics = {"epoch": epoch, "diverged": 1, "diverged_reason": f"epoch {epoch}: {reason}",
+                       "resumed_from_epoch": resumed_from,
+                       **worst_case(readouts.accuracy_metric_names(cfg.method))}
+            _report(rank, metrics, {"diverged": metrics})
+            return
+
+        metrics: dict[str, Any] = {"epoch": epoch, "diverged": 0, "resumed_from_epoch": resumed_from,
+                                   "train/lr": scheduler.get_last_lr()[0],
+                                   "train/images_per_s": iters_per_epoch * cfg.optim.batch_size / elapsed}
+        metrics.update({f"train/{k}": (v / iters_per_epoch).item() for k, v in sums.items()})
+        if rank == 0:
+            model.eval()
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_cuda):
+                z = model.encoder(view_a)
+            metrics.update({f"train/{k}": v for k, v in diagnostics(model, z).items()})
+            metrics["val_knn20_top1"] = readouts.validation_knn(model, splits, cfg, device)
+            if epoch == cfg.optim.epochs:
+                metrics.update(readouts.final_metrics(model, splits, cfg, device))
+        _report(rank, metrics, _training_state(model, optimizer, scheduler, epoch, cfg) if rank == 0 else {})
+
+
+# -- the TorchTrainer wrapper -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Resources:
+    """How one training run is spread: workers, and what each worker reserves."""
+
+    workers: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+
+    def validate(self, cfg: Config) -> None:
+        if self.workers < 1:
+            raise ConfigError(f"--workers = {self.workers} is invalid: must be an integer >= 1.")
+        if self.cpus_per_worker <= 0 or self.gpus_per_worker < 0:
+            raise ConfigError(f"--cpus-per-worker = {self.cpus_per_worker} and --gpus-per-worker = "
+                             f"{self.gpus_per_worker} are invalid: CPUs must be > 0 and GPUs >= 0.")
+        if cfg.optim.batch_size % self.workers:
+            raise ConfigError(f"config field 'optim.batch_size' = {cfg.optim.batch_size} is invalid: it is the "
+                             f"global batch and must divide evenly among {self.workers} workers.")
+        if cfg.optim.batch_size // self.workers < 2:
+            raise ConfigError(f"config field 'optim.batch_size' = {cfg.optim.batch_size} is invalid: each of "
+                             f"{self.workers} workers needs at least 2 samples.")
+
+
+def make_trainer(cfg: Config, resources: Resources, name: str, storage_path: str | None = None,
+                 max_failures: int = 2, callbacks: Sequence[Any] = (), failure: FailureInjection | None = None):
+    """A TorchTrainer for one run of `cfg`: gloo on CPU, nccl on GPU, restarts from the last checkpoint."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    resources.validate(cfg)
+    use_gpu = resources.gpus_per_worker > 0
+    per_worker = {"CPU": resources.cpus_per_worker}
+    if use_gpu:
+        per_worker["GPU"] = resources.gpus_per_worker
+    loop_config: dict[str, Any] = {"cfg": cfg.to_dict()}
+    if failure is not None:
+        loop_config["failure"] = failure
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=resources.workers, use_gpu=use_gpu, resources_per_worker=per_worker),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage_path or str(Path("ray_results").resolve()),
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=list(callbacks),
+        ),
+    )
