@@ -1,0 +1,81 @@
+"""Which readouts a run is judged on, and the names of the metrics it reports (DESIGN.md, percent).
+
+HamJEPA and MLP-HJEPA: q (the default: HamJEPA-q), p and qp. SIGReg: its full vector (qp, the default)
+and, for comparison, its halves q and p. The unsuffixed metric is the default readout's.
+Per epoch: `val_knn20_top1` against a bounded, seeded subset of the training split (cheap enough for
+every epoch, and a fixed yardstick for ASHA). At the end: kNN and linear probe on validation and test
+against the whole training split, per readout, and spectra.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import Config
+from .data import Splits
+from .evaluation import extract_features, knn_top1, linear_probe, readout, spectrum
+
+READOUTS = {"hamjepa": ("q", "p", "qp"), "mlp": ("q", "p", "qp"), "sigreg": ("qp", "q", "p")}
+
+
+def default_readout(method: str) -> str:
+    return READOUTS[method][0]
+
+
+def accuracy_metric_names(method: str, k: int = 20) -> list[str]:
+    """Every accuracy a finished run reports; a diverged run reports them all as 0."""
+    names = [f"val_knn{k}_top1"]
+    for split in ("val", "test"):
+        for kind in (f"knn{k}_top1", "linprobe_top1", "linprobe_top5"):
+            if kind != f"knn{k}_top1" or split == "test":
+                names.append(f"{split}_{kind}")
+            names += [f"{split}_{kind}_{r}" for r in READOUTS[method]]
+    return names
+
+
+def _features(model, images, splits: Splits, cfg: Config, device) -> torch.Tensor:
+    return extract_features(model.encoder, images, splits.mean, splits.std, splits.image_size, cfg.eval.batch_size,
+                            device)
+
+
+def validation_knn(model, splits: Splits, cfg: Config, device) -> float:
+    """Per-epoch kNN top-1 (percent) of the default readout: validation split vs a bounded training subset."""
+    if len(splits.val) == 0:
+        return 0.0
+    generator = torch.Generator().manual_seed(cfg.data.seed)
+    limit = min(cfg.eval.knn_train_limit, len(splits.train))
+    reference = splits.train.subset(torch.randperm(len(splits.train), generator=generator)[:limit])
+    name = default_readout(cfg.method)
+    train_z = readout(_features(model, reference, splits, cfg, device), name)
+    val_z = readout(_features(model, splits.val, splits, cfg, device), name)
+    return 100.0 * knn_top1(train_z, reference.labels, val_z, splits.val.labels, k=min(cfg.eval.knn_k, limit))
+
+
+def final_metrics(model, splits: Splits, cfg: Config, device) -> dict[str, float]:
+    """kNN and linear probe (percent) on validation and test for every readout, plus spectra."""
+    k = cfg.eval.knn_k
+    z = {name: _features(model, getattr(splits, name), splits, cfg, device) for name in ("train", "val", "test")}
+    labels = {name: getattr(splits, name).labels for name in ("train", "val", "test")}
+    metrics: dict[str, float] = {}
+    for r in READOUTS[cfg.method]:
+        x = {name: readout(features, r) for name, features in z.items()}
+        for split in ("val", "test"):
+            if len(x[split]):
+                metrics[f"{split}_knn{k}_top1_{r}"] = 100.0 * knn_top1(x["train"], labels["train"], x[split],
+                                                                       labels[split], k=min(k, len(x["train"])))
+        probe = linear_probe(x["train"], labels["train"], {s: (x[s], labels[s]) for s in ("val", "test")},
+                             splits.num_classes, cfg.eval, seed=cfg.seed, device=device)
+        for split, (top1, top5) in probe.items():
+            metrics[f"{split}_linprobe_top1_{r}"] = 100.0 * top1
+            metrics[f"{split}_linprobe_top5_{r}"] = 100.0 * top5
+        effective_rank, participation = spectrum(x["train"], cfg.eval.spectrum_top, cfg.eval.spectrum_samples,
+                                                 seed=cfg.seed)
+        metrics[f"effective_rank_{r}"] = effective_rank
+        metrics[f"participation_ratio_{r}"] = participation
+    # Unsuffixed names = the default readout. Not val kNN: the objective `val_knn20_top1` keeps its per-epoch
+    # definition (bounded reference set) to the end, so every epoch of every trial is measured alike.
+    default = default_readout(cfg.method)
+    for key in [key for key in metrics if key.endswith(f"_{default}") and key.startswith(("val_", "test_"))]:
+        if not key.startswith(f"val_knn{k}_"):
+            metrics[key[: -len(default) - 1]] = metrics[key]
+    return metrics
