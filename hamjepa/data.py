@@ -1,13 +1,33 @@
-"""Datasets, seeded stratified subsets and the train / validation / test splits (METHOD.md 6, DESIGN.md).
+"""Datasets, seeded stratified subsets, the train / validation / test splits, and torch Datasets over them.
 
-Images are kept as uint8 tensors (N, C, H, W) for the small datasets (Fashion-MNIST, CIFAR, synthetic)
-and read lazily from files for class-per-folder datasets (ImageNet-100). Splits:
-- `subset` images are drawn first, stratified and seeded, from the full training set;
-- then `val_fraction` of them (stratified, seeded) is held out as the validation split, used for tuning;
-- the test split is the dataset's own, used only for final reporting.
+Datasets (DataConfig.dataset):
+- fashion_mnist: 28 px grey, 10 classes; the four idx.gz files, read here with gzip + numpy.
+- cifar10, cifar100: 32 px RGB, 10 / 100 classes (fine labels); torchvision's on-disk pickle batches
+  (`cifar-10-batches-py/`, `cifar-100-python/`), read here with pickle.
+- imagefolder: `train/` and `val/` with one folder per class (ImageNet-100); decoded lazily per image.
+- synthetic: seeded low-frequency class templates plus noise; offline, tiny, learnable (tests, dry runs).
 
-Where data lives: `data.root` / --data-root, then $HAMJEPA_DATA, then Debian's dataset packages
-(/usr/share/datasets/fashion-mnist), then a torchvision download into the first writable candidate.
+Where files are looked for, in order: the `root` argument / `data.root` (--data-root), $HAMJEPA_DATA,
+Debian's dataset package folder (`apt-get install dataset-fashion-mnist` -> /usr/share/datasets/fashion-mnist),
+then the download folder ($XDG_CACHE_HOME or ~/.cache, /hamjepa). Missing Fashion-MNIST or CIFAR is
+downloaded by torchvision when `data.download` allows, into the first of: root, $HAMJEPA_DATA, the download
+folder. When nothing works, DatasetNotFoundError says in one sentence where we looked and what fixes it.
+
+Images are uint8 (N, C, S, S) tensors stored at the run's size S = data.image_size: in-memory datasets of
+another native size are resized once on load (shorter side to S, antialiased, centred square crop), and
+folder images are decoded and resized the same way on access. The augmentation can then resample without
+antialiasing (augment.py), and the evaluation transform only normalises.
+
+Splits, all seeded by data.seed (independent of the training seed, so the splits of a study stay fixed):
+1. `subset` training images are drawn first, stratified, from the dataset's full training set;
+2. then `val_fraction` of those (stratified) are held out as the validation split, used for tuning;
+3. the dataset's own test split is used only for final reporting.
+Subset first, so `subset` bounds everything a run touches (a 10,000-image subset with val_fraction 0.1
+trains on 9,000 and validates on 1,000), and the validation split has the subset's class balance.
+
+Normalisation (mean, std per channel, 0-1 scale): the published training-set constants for Fashion-MNIST
+and CIFAR; computed from the training images for synthetic, and from a seeded sample of STATS_SAMPLE
+training images for imagefolder (any channel count; for ImageNet-100 it lands near ImageNet's constants).
 """
 
 from __future__ import annotations
@@ -15,32 +35,40 @@ from __future__ import annotations
 import gzip
 import os
 import pickle
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
 
+from .augment import Augmentation, Normalise, resize_square
 from .config import AugmentConfig, ConfigError, DataConfig
 
 DEBIAN_DIRS = {"fashion_mnist": Path("/usr/share/datasets/fashion-mnist")}
 FASHION_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
                  "t10k-labels-idx1-ubyte.gz")
 CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
-# Per-channel mean and std on the 0-1 scale, from each dataset's training split.
-NORMALISATION = {
+CIFAR_FILES = {"cifar10": ([f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], b"labels"),
+               "cifar100": (["train"], ["test"], b"fine_labels")}
+NUM_CLASSES = {"fashion_mnist": 10, "cifar10": 10, "cifar100": 100}
+# Per-channel mean and std on the 0-1 scale, of each dataset's full training split.
+KNOWN_STATS = {
     "fashion_mnist": ((0.2860,), (0.3530,)),
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-    "imagefolder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # ImageNet's
 }
+STATS_SAMPLE = 256  # imagefolder: training images decoded to estimate the mean and std
 FIXES = {
-    "fashion_mnist": "run `apt-get install dataset-fashion-mnist` or pass --data-root DIR with its idx.gz files",
-    "cifar10": "pass --data-root DIR containing cifar-10-batches-py/ (torchvision's format), or allow the download",
-    "cifar100": "pass --data-root DIR containing cifar-100-python/ (torchvision's format), or allow the download",
-    "imagefolder": "pass --data-root DIR containing train/ and val/ folders with one folder per class",
+    "fashion_mnist": "run `apt-get install dataset-fashion-mnist`, or pass --data-root DIR holding its four "
+                     "idx.gz files, or allow the download (data.download = true) on a machine with network",
+    "cifar10": "pass --data-root DIR holding cifar-10-batches-py/ (torchvision's format), or allow the download "
+               "(data.download = true) on a machine with network",
+    "cifar100": "pass --data-root DIR holding cifar-100-python/ (torchvision's format), or allow the download "
+                "(data.download = true) on a machine with network",
+    "imagefolder": "pass --data-root DIR holding train/ and val/ with one folder of images per class",
 }
 
 
@@ -48,49 +76,70 @@ class DatasetNotFoundError(ConfigError):
     """The dataset is not on disk and could not be downloaded; the message says where we looked and the fix."""
 
 
-def _not_found(dataset: str, searched: list[Path], detail: str = "") -> DatasetNotFoundError:
-    places = ", ".join(str(p) for p in searched) or "nowhere (no candidate folder)"
-    detail = f" ({detail})" if detail else ""
-    return DatasetNotFoundError(f"dataset '{dataset}' was not found in {places} and could not be downloaded"
-                                f"{detail}; {FIXES[dataset]}.")
+def _not_found(dataset: str, searched: Sequence[Path], why: str) -> DatasetNotFoundError:
+    places = ", ".join(str(p) for p in searched)
+    return DatasetNotFoundError(f"dataset '{dataset}' was not found in {places} and {why}; to fix it, "
+                                f"{FIXES[dataset]}.")
 
 
 # -- image sets -------------------------------------------------------------------------------------
 
 class ImageSet:
-    """Labelled images: uint8 tensors (N, C, H, W) in memory, or files read and resized on access."""
+    """Labelled images at one size S: uint8 (N, C, S, S) in memory, or image files decoded on access.
 
-    def __init__(self, labels: torch.Tensor, images: torch.Tensor | None = None, paths: list[str] | None = None,
-                 image_size: int = 0, channels: int = 3):
-        self.labels = labels.long()
+    labels: int64 (N,). Exactly one of `images` (in memory) and `paths` (files) is given.
+    """
+
+    def __init__(self, labels: torch.Tensor, images: torch.Tensor | None = None,
+                 paths: Sequence[str] | None = None, image_size: int = 0, channels: int = 0):
+        if (images is None) == (paths is None):
+            raise ValueError("an ImageSet holds either images or paths.")
+        self.labels = torch.as_tensor(labels, dtype=torch.long)
         self.images = images
-        self.paths = paths
-        self.image_size = image_size
+        self.paths = list(paths) if paths is not None else None
+        self.image_size = images.shape[-1] if images is not None else image_size
         self.channels = images.shape[1] if images is not None else channels
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def image(self, index: int) -> torch.Tensor:
-        """uint8 (C, H, W)."""
+    def load(self, indices: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """uint8 (B, C, S, S) for the given indices."""
         if self.images is not None:
-            return self.images[index]
-        from PIL import Image
-        from torchvision.transforms.v2.functional import pil_to_tensor, resize
+            return self.images[torch.as_tensor(indices, dtype=torch.long)]
+        return torch.stack([decode_image(self.paths[int(i)], self.image_size, self.channels) for i in indices])
 
-        with Image.open(self.paths[index]) as img:
-            tensor = pil_to_tensor(img.convert("RGB" if self.channels == 3 else "L"))
-        return resize(tensor, [self.image_size, self.image_size], antialias=True)
-
-    def subset(self, indices: torch.Tensor) -> "ImageSet":
+    def subset(self, indices: Sequence[int] | torch.Tensor) -> ImageSet:
         indices = torch.as_tensor(indices, dtype=torch.long)
-        return ImageSet(self.labels[indices], None if self.images is None else self.images[indices],
-                        None if self.paths is None else [self.paths[i] for i in indices.tolist()],
-                        self.image_size, self.channels)
+        if self.images is not None:
+            return ImageSet(self.labels[indices], images=self.images[indices])
+        return ImageSet(self.labels[indices], paths=[self.paths[i] for i in indices.tolist()],
+                        image_size=self.image_size, channels=self.channels)
+
+
+def decode_image(path: str, size: int, channels: int) -> torch.Tensor:
+    """One image file -> uint8 (C, size, size): shorter side to size (antialiased), centred square crop."""
+    from PIL import Image, ImageOps
+
+    mode = "RGB" if channels == 3 else "L"
+    with Image.open(path) as img:
+        img.draft(mode, (size, size))  # JPEG: decode at the smallest 1/2^k scale still >= size (much faster)
+        fitted = ImageOps.fit(img.convert(mode), (size, size), method=Image.Resampling.BILINEAR)
+    array = np.asarray(fitted, dtype=np.uint8).reshape(size, size, channels)  # (S, S, C)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()  # (C, S, S)
+
+
+def _at_size(images: torch.Tensor, size: int, chunk: int = 4096) -> torch.Tensor:
+    """uint8 (N, C, H, W) -> uint8 (N, C, size, size) (unchanged when already that size); chunked."""
+    if tuple(images.shape[-2:]) == (size, size):
+        return images
+    return torch.cat([resize_square(images[i:i + chunk], size) for i in range(0, len(images), chunk)])
 
 
 @dataclass
 class Splits:
+    """The splits of one run and what describes them. Images are at `image_size`; mean/std on the 0-1 scale."""
+
     name: str
     train: ImageSet
     val: ImageSet
@@ -104,23 +153,39 @@ class Splits:
     def channels(self) -> int:
         return self.train.channels
 
+    def normalise(self) -> Normalise:
+        """The evaluation transform of these splits: uint8 (B, C, S, S) -> normalised float32."""
+        return Normalise(self.mean, self.std, self.image_size)
+
 
 # -- readers ------------------------------------------------------------------------------------------
 
 def read_idx(path: Path) -> np.ndarray:
-    """An idx file (gzip or plain): big-endian dims after a magic number whose last byte is the rank."""
+    """An idx file (gzip or plain) of unsigned bytes: magic 0x0000 08 <rank>, rank big-endian sizes, data."""
     opener = gzip.open if str(path).endswith(".gz") else open
     with opener(path, "rb") as handle:
         data = handle.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise ValueError(f"file '{path}' is not an idx file of unsigned bytes (bad magic number).")
     rank = data[3]
-    dims = np.frombuffer(data, dtype=">u4", count=rank, offset=4).astype(int)
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * rank).reshape(dims)
+    dims = [int(d) for d in np.frombuffer(data, dtype=">u4", count=rank, offset=4)]
+    count = int(np.prod(dims))
+    if len(data) != 4 + 4 * rank + count:
+        raise ValueError(f"file '{path}' is truncated or corrupt: expected {count} values of shape {dims}.")
+    return np.frombuffer(data, dtype=np.uint8, count=count, offset=4 + 4 * rank).reshape(dims)
 
 
 def read_fashion_mnist(folder: Path) -> tuple[ImageSet, ImageSet]:
-    arrays = [read_idx(folder / name) for name in FASHION_FILES]
-    train_x, train_y, test_x, test_y = (torch.from_numpy(a.copy()) for a in arrays)
-    return (ImageSet(train_y, train_x.unsqueeze(1)), ImageSet(test_y, test_x.unsqueeze(1)))  # (N, 1, 28, 28)
+    """(train, test) from the four idx files in folder (gzipped or not); images (N, 1, 28, 28)."""
+    train_x, train_y, test_x, test_y = (torch.from_numpy(read_idx(_idx_file(folder, name)).copy())
+                                        for name in FASHION_FILES)
+    return ImageSet(train_y, images=train_x.unsqueeze(1)), ImageSet(test_y, images=test_x.unsqueeze(1))
+
+
+def _idx_file(folder: Path, name: str) -> Path:
+    """name.gz, or the un-gzipped copy torchvision's download also leaves."""
+    path = folder / name
+    return path if path.exists() else folder / name.removesuffix(".gz")
 
 
 def _unpickle(path: Path) -> dict:
@@ -129,174 +194,227 @@ def _unpickle(path: Path) -> dict:
 
 
 def read_cifar(folder: Path, dataset: str) -> tuple[ImageSet, ImageSet]:
-    """torchvision's on-disk CIFAR: pickled dicts with b'data' (N, 3072) uint8 RGB planes and labels."""
-    if dataset == "cifar10":
-        train_files = [folder / f"data_batch_{i}" for i in range(1, 6)]
-        test_files, label_key = [folder / "test_batch"], b"labels"
-    else:
-        train_files, test_files, label_key = [folder / "train"], [folder / "test"], b"fine_labels"
+    """(train, test) from torchvision's on-disk CIFAR folder; images (N, 3, 32, 32).
 
-    def read(files):
-        batches = [_unpickle(f) for f in files]
-        images = np.concatenate([np.asarray(b[b"data"], dtype=np.uint8) for b in batches])
+    Each file is a pickled dict with b'data', uint8 (N, 3072) rows of three 32x32 row-major planes
+    (R, G, B), and the labels under b'labels' (CIFAR-10) or b'fine_labels' (CIFAR-100).
+    """
+    train_files, test_files, label_key = CIFAR_FILES[dataset]
+
+    def read(names: list[str]) -> ImageSet:
+        batches = [_unpickle(folder / name) for name in names]
+        pixels = np.concatenate([np.asarray(b[b"data"], dtype=np.uint8) for b in batches])  # (N, 3072)
         labels = np.concatenate([np.asarray(b[label_key], dtype=np.int64) for b in batches])
-        return ImageSet(torch.from_numpy(labels), torch.from_numpy(images.reshape(-1, 3, 32, 32).copy()))
+        images = torch.from_numpy(pixels.reshape(-1, 3, 32, 32).copy())  # (N, 3, 32, 32)
+        return ImageSet(torch.from_numpy(labels), images=images)
 
     return read(train_files), read(test_files)
 
 
-def read_imagefolder(folder: Path, image_size: int) -> tuple[ImageSet, ImageSet]:
-    """train/ and val/ of class folders (ImageNet-100 layout); images are read lazily and resized."""
+def read_imagefolder(folder: Path, image_size: int, channels: int) -> tuple[ImageSet, ImageSet, int]:
+    """(train, test, num_classes) from train/ and val/ class folders; val uses train's class indices."""
     from torchvision.datasets import ImageFolder
+    from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
-    def read(split: str) -> ImageSet:
-        dataset = ImageFolder(str(folder / split))
-        paths = [path for path, _ in dataset.samples]
-        return ImageSet(torch.tensor(dataset.targets), paths=paths, image_size=image_size, channels=3)
+    train = ImageFolder(str(folder / "train"))
+    val = make_dataset(str(folder / "val"), train.class_to_idx, IMG_EXTENSIONS, allow_empty=True)
 
-    return read("train"), read("val")
+    def image_set(samples: list[tuple[str, int]]) -> ImageSet:
+        labels = torch.tensor([label for _, label in samples], dtype=torch.long)
+        return ImageSet(labels, paths=[path for path, _ in samples], image_size=image_size, channels=channels)
+
+    return image_set(train.samples), image_set(val), len(train.classes)
 
 
 def synthetic(image_size: int, channels: int, seed: int = 0, n_train: int = 2000, n_test: int = 500,
               num_classes: int = 10) -> tuple[ImageSet, ImageSet]:
-    """Class templates plus noise: learnable, tiny, offline; for tests and dry runs."""
+    """Class templates (random 4x4 patterns upsampled: they survive crops and blur) plus pixel noise."""
     generator = torch.Generator().manual_seed(seed)
-    templates = torch.rand(num_classes, channels, image_size, image_size, generator=generator) * 255
+    coarse = torch.rand(num_classes, channels, 4, 4, generator=generator)  # (K, C, 4, 4)
+    templates = F.interpolate(coarse, size=(image_size, image_size), mode="bilinear", align_corners=False) * 255
 
     def draw(n: int) -> ImageSet:
         labels = torch.arange(n) % num_classes
-        noise = torch.randn(n, channels, image_size, image_size, generator=generator) * 40
-        return ImageSet(labels, (templates[labels] + noise).clamp(0, 255).to(torch.uint8))
+        noise = torch.randn(n, channels, image_size, image_size, generator=generator) * 30
+        return ImageSet(labels, images=(templates[labels] + noise).round().clamp(0, 255).to(torch.uint8))
 
     return draw(n_train), draw(n_test)
 
 
-# -- finding data -------------------------------------------------------------------------------------
+# -- finding and downloading data ------------------------------------------------------------------------
+
+def download_dir() -> Path:
+    """Where downloads go when neither a root nor $HAMJEPA_DATA is given (searched too)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hamjepa"
+
 
 def candidate_folders(dataset: str, root: str = "") -> list[Path]:
-    """Where we look, in order: --data-root, $HAMJEPA_DATA, Debian's package folder."""
+    """Where we look, in order: root (--data-root), $HAMJEPA_DATA, Debian's package folder, download_dir()."""
     folders = [Path(p).expanduser() for p in (root, os.environ.get("HAMJEPA_DATA", "")) if p]
     if dataset in DEBIAN_DIRS:
         folders.append(DEBIAN_DIRS[dataset])
-    return folders
+    folders.append(download_dir())
+    return list(dict.fromkeys(folders))
 
 
-def _locate(folders: list[Path], relative_paths: list[str]) -> Path | None:
-    """The first folder (or its named sub-folder) that holds every relative path."""
+def _layouts(dataset: str) -> tuple[list[str], list[str]]:
+    """(sub-folders to try under a candidate, files that must all be there) for a dataset."""
+    if dataset == "fashion_mnist":
+        return ["", "fashion-mnist", "FashionMNIST/raw"], list(FASHION_FILES)
+    if dataset in CIFAR_FOLDERS:
+        train, test, _ = CIFAR_FILES[dataset]
+        return [CIFAR_FOLDERS[dataset], ""], train + test
+    return [""], ["train", "val"]
+
+
+def find_dataset(dataset: str, folders: Sequence[Path]) -> Path | None:
+    """The first candidate folder (or its known sub-folder) that holds every file of the dataset."""
+    subs, files = _layouts(dataset)
     for folder in folders:
-        for sub in ("", "fashion-mnist", "FashionMNIST/raw"):
+        for sub in subs:
             base = folder / sub if sub else folder
-            if all((base / rel).exists() for rel in relative_paths):
+            if all((base / f).exists() or (base / f.removesuffix(".gz")).exists() for f in files):
                 return base
     return None
 
 
-def _download(dataset: str, folders: list[Path]) -> Path:
-    """Let torchvision download into the first candidate (else ./data); any failure is one sentence."""
+def _download(dataset: str, target: Path) -> None:
+    """torchvision downloads into target (it skips files already there and checks their MD5)."""
     import torchvision.datasets as tvd
 
-    target = folders[0] if folders and folders[0] != DEBIAN_DIRS.get(dataset) else Path("data").resolve()
+    target.mkdir(parents=True, exist_ok=True)
+    cls = {"fashion_mnist": tvd.FashionMNIST, "cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100}[dataset]
+    for train in (True, False):
+        cls(str(target), train=train, download=True)
+
+
+def locate(dataset: str, root: str = "", download: bool = True) -> Path:
+    """The folder holding the dataset's files; downloads when allowed; else DatasetNotFoundError."""
+    folders = candidate_folders(dataset, root)
+    found = find_dataset(dataset, folders)
+    if found is not None:
+        return found
+    if dataset not in NUM_CLASSES:  # imagefolder: nothing to download
+        raise _not_found(dataset, folders, "cannot be downloaded")
+    if not download:
+        raise _not_found(dataset, folders, "downloads are off (data.download = false)")
+    target = Path(root).expanduser() if root else Path(os.environ.get("HAMJEPA_DATA") or download_dir())
     try:
-        target.mkdir(parents=True, exist_ok=True)
-        if dataset == "fashion_mnist":
-            tvd.FashionMNIST(str(target), train=True, download=True)
-            tvd.FashionMNIST(str(target), train=False, download=True)
-            return target / "FashionMNIST" / "raw"
-        cls = tvd.CIFAR10 if dataset == "cifar10" else tvd.CIFAR100
-        cls(str(target), train=True, download=True)
-        return target / CIFAR_FOLDERS[dataset]
-    except Exception as error:  # noqa: BLE001 - any download failure (no network, disk) becomes the sentence
-        raise _not_found(dataset, folders + [target], f"download failed: {type(error).__name__}") from None
-
-
-def load_full(cfg: DataConfig, channels: int) -> tuple[ImageSet, ImageSet]:
-    """The dataset's full training and test sets."""
-    dataset = cfg.dataset
-    if dataset == "synthetic":
-        return synthetic(cfg.image_size, channels, seed=cfg.seed)
-    folders = candidate_folders(dataset, cfg.root)
-    if dataset == "fashion_mnist":
-        found = _locate(folders, list(FASHION_FILES))
-        if found is None:
-            found = _download(dataset, folders) if cfg.download else None
-        if found is None:
-            raise _not_found(dataset, folders)
-        return read_fashion_mnist(found)
-    if dataset in CIFAR_FOLDERS:
-        marker = "test_batch" if dataset == "cifar10" else "test"
-        found = _locate(folders, [f"{CIFAR_FOLDERS[dataset]}/{marker}"])
-        folder = found / CIFAR_FOLDERS[dataset] if found else (_download(dataset, folders) if cfg.download else None)
-        if folder is None:
-            raise _not_found(dataset, folders)
-        return read_cifar(folder, dataset)
-    found = _locate(folders, ["train", "val"])
+        _download(dataset, target)
+    except Exception as error:  # noqa: BLE001 - any failure (no network, disk, bad MD5) becomes the one sentence
+        raise _not_found(dataset, folders, f"the download into {target} failed ({type(error).__name__})") from None
+    found = find_dataset(dataset, [target])
     if found is None:
-        raise _not_found(dataset, folders)
-    return read_imagefolder(found, cfg.image_size)
+        raise _not_found(dataset, folders, f"the download into {target} left no readable copy")
+    return found
+
+
+def load_full(cfg: DataConfig, channels: int, root: str | None = None) -> tuple[ImageSet, ImageSet, int]:
+    """(train, test, num_classes): the dataset's full training and test sets at cfg.image_size."""
+    if cfg.dataset == "synthetic":
+        train, test = synthetic(cfg.image_size, channels, seed=cfg.seed)
+        return train, test, 10
+    folder = locate(cfg.dataset, cfg.root if root is None else root, cfg.download)
+    if cfg.dataset == "imagefolder":
+        return read_imagefolder(folder, cfg.image_size, channels)
+    train, test = read_fashion_mnist(folder) if cfg.dataset == "fashion_mnist" else read_cifar(folder, cfg.dataset)
+    if train.channels != channels:
+        raise ConfigError(f"config field 'encoder.in_channels' = {channels} is invalid: dataset '{cfg.dataset}' "
+                          f"has {train.channels} channel(s).")
+    resized = [ImageSet(s.labels, images=_at_size(s.images, cfg.image_size)) for s in (train, test)]
+    return resized[0], resized[1], NUM_CLASSES[cfg.dataset]
 
 
 # -- subsets and splits -----------------------------------------------------------------------------
 
-def stratified_indices(labels: torch.Tensor, count: int, seed: int) -> torch.Tensor:
-    """`count` indices whose class proportions match `labels` (largest remainders), seeded; sorted."""
-    generator = torch.Generator().manual_seed(seed)
+def stratified_indices(labels: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
+    """`count` indices, sorted, whose class counts are proportional to those of `labels`.
+
+    Each class gets floor(count * share); the leftover places go to the largest remainders (ties: lower
+    class first). Members are drawn uniformly without replacement with `generator`.
+    """
+    if not 0 <= count <= len(labels):
+        raise ValueError(f"cannot draw {count} of {len(labels)} images.")
     classes, class_counts = torch.unique(labels, return_counts=True)
     exact = class_counts.double() * count / len(labels)
     quota = exact.floor().long()
-    remainder_order = torch.argsort(exact - quota, descending=True, stable=True)
-    quota[remainder_order[: count - int(quota.sum())]] += 1
+    by_remainder = torch.argsort(exact - quota, descending=True, stable=True)
+    quota[by_remainder[: count - int(quota.sum())]] += 1
     chosen = []
-    for cls, take in zip(classes.tolist(), quota.tolist(), strict=True):
+    for cls, take in zip(classes.tolist(), quota.tolist()):
         members = torch.nonzero(labels == cls).squeeze(1)
         chosen.append(members[torch.randperm(len(members), generator=generator)[:take]])
     return torch.sort(torch.cat(chosen)).values
 
 
-def load_splits(cfg: DataConfig, channels: int) -> Splits:
-    """Train / validation / test splits for a run (see the module docstring for the order)."""
-    train, test = load_full(cfg, channels)
-    if train.channels != channels:
-        raise ConfigError(f"config field 'encoder.in_channels' = {channels} is invalid: dataset "
-                          f"'{cfg.dataset}' has {train.channels} channel(s).")
-    if cfg.subset:
-        if cfg.subset > len(train):
-            raise ConfigError(f"config field 'data.subset' = {cfg.subset} is invalid: dataset '{cfg.dataset}' has "
-                              f"{len(train)} training images.")
-        train = train.subset(stratified_indices(train.labels, cfg.subset, cfg.seed))
-    n_val = round(len(train) * cfg.val_fraction)
-    val_idx = stratified_indices(train.labels, n_val, cfg.seed + 1) if n_val else torch.empty(0, dtype=torch.long)
-    keep = torch.ones(len(train), dtype=torch.bool)
-    keep[val_idx] = False
-    val, train = train.subset(val_idx), train.subset(torch.nonzero(keep).squeeze(1))
-    num_classes = int(torch.cat([train.labels, test.labels]).max()) + 1
-    if cfg.dataset in NORMALISATION:
-        mean, std = NORMALISATION[cfg.dataset]
-    else:  # synthetic: from the training images
-        pixels = train.images.double() / 255
-        mean = tuple(pixels.mean(dim=(0, 2, 3)).tolist())
-        std = tuple(pixels.std(dim=(0, 2, 3)).tolist())
-    image_size = cfg.image_size if train.images is None else train.images.shape[-1]
-    return Splits(cfg.dataset, train, val, test, num_classes, mean, std, image_size)
+def split_indices(labels: torch.Tensor, subset: int, val_fraction: float,
+                  seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, val) indices into a full training set: the subset first, then val held out from it."""
+    generator = torch.Generator().manual_seed(seed)
+    pool = torch.arange(len(labels))
+    if subset:
+        pool = stratified_indices(labels, subset, generator)
+    n_val = round(len(pool) * val_fraction)
+    held_out = torch.zeros(len(pool), dtype=torch.bool)
+    held_out[stratified_indices(labels[pool], n_val, generator)] = True
+    return pool[~held_out], pool[held_out]
+
+
+def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel (mean, std) on the 0-1 scale of uint8 (N, C, H, W) images."""
+    pixels = images.double().div(255).transpose(0, 1).reshape(images.shape[1], -1)  # (C, N*H*W)
+    return tuple(pixels.mean(1).tolist()), tuple(pixels.std(1).tolist())
+
+
+def load_splits(cfg: DataConfig, channels: int, root: str | None = None) -> Splits:
+    """Train / validation / test splits of a run (module docstring: order, sizes, normalisation).
+
+    channels: the encoder's input channels (1 or 3); root overrides cfg.root.
+    """
+    train, test, num_classes = load_full(cfg, channels, root)
+    if cfg.subset > len(train):
+        raise ConfigError(f"config field 'data.subset' = {cfg.subset} is invalid: dataset '{cfg.dataset}' has "
+                          f"{len(train)} training images.")
+    train_idx, val_idx = split_indices(train.labels, cfg.subset, cfg.val_fraction, cfg.seed)
+    val, train = train.subset(val_idx), train.subset(train_idx)
+    if cfg.dataset in KNOWN_STATS:
+        mean, std = KNOWN_STATS[cfg.dataset]
+    elif train.images is not None:
+        mean, std = channel_stats(train.images)
+    else:
+        generator = torch.Generator().manual_seed(cfg.seed)
+        sample = torch.randperm(len(train), generator=generator)[:STATS_SAMPLE]
+        mean, std = channel_stats(train.load(sample))
+    return Splits(cfg.dataset, train, val, test, num_classes, mean, std, cfg.image_size)
 
 
 # -- torch datasets -----------------------------------------------------------------------------------
 
 class TwoViewDataset(Dataset):
-    """(view_a, view_b): two independent augmentations of each image, float (C, H, W) each."""
+    """(view_a, view_b), two independent augmentations of each image: float32 (C, S, S) each.
 
-    def __init__(self, images: ImageSet, transform: Callable[[torch.Tensor], torch.Tensor]):
-        self.images, self.transform = images, transform
+    `__getitems__` augments a whole batch of indices at once (per-sample randomness, see augment.py); the
+    DataLoader calls it with each batch from its sampler (e.g. a DistributedSampler) and its default collate
+    stacks the pairs into (B, C, S, S) x 2.
+    """
+
+    def __init__(self, images: ImageSet, augmentation: Callable[[torch.Tensor], torch.Tensor]):
+        self.images, self.augmentation = images, augmentation
 
     def __len__(self) -> int:
         return len(self.images)
 
+    def __getitems__(self, indices: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        batch = self.images.load(indices)  # uint8 (B, C, S, S)
+        view_a, view_b = self.augmentation(batch), self.augmentation(batch)
+        return list(zip(view_a.unbind(0), view_b.unbind(0)))
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image = self.images.image(index)
-        return self.transform(image), self.transform(image)
+        return self.__getitems__([index])[0]
 
 
 class LabelledDataset(Dataset):
-    """(image, label) through a deterministic transform, for feature extraction."""
+    """(image, label) through a deterministic batch transform (e.g. Normalise), for feature extraction."""
 
     def __init__(self, images: ImageSet, transform: Callable[[torch.Tensor], torch.Tensor]):
         self.images, self.transform = images, transform
@@ -304,12 +422,21 @@ class LabelledDataset(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.transform(self.images.image(index)), int(self.images.labels[index])
+    def __getitems__(self, indices: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        x = self.transform(self.images.load(indices))  # (B, C, S, S)
+        return list(zip(x.unbind(0), self.images.labels[torch.as_tensor(indices, dtype=torch.long)].unbind(0)))
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.__getitems__([index])[0]
 
 
 def two_view_dataset(splits: Splits, augment: AugmentConfig) -> TwoViewDataset:
-    from .augment import two_view_transform
+    """The training Dataset of a run: two augmented views of every training image."""
+    augmentation = Augmentation(augment, splits.image_size, splits.channels, splits.mean, splits.std)
+    return TwoViewDataset(splits.train, augmentation)
 
-    transform = two_view_transform(augment, splits.image_size, splits.channels, splits.mean, splits.std)
-    return TwoViewDataset(splits.train, transform)
+
+def eval_loader(images: ImageSet, splits: Splits, batch_size: int, num_workers: int = 0) -> DataLoader:
+    """Un-augmented, normalised (image, label) batches in dataset order."""
+    return DataLoader(LabelledDataset(images, splits.normalise()), batch_size=batch_size, shuffle=False,
+                      num_workers=num_workers)

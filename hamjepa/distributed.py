@@ -11,12 +11,32 @@ parameter gradients over W workers, which gives exactly dL/dtheta of the global-
 
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import torch
 import torch.distributed as dist
 
 
+_local_only = threading.local()
+
+
 def is_distributed() -> bool:
+    if getattr(_local_only, "active", False):
+        return False
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+@contextlib.contextmanager
+def local_statistics():
+    """Within this block statistics use this worker's samples only (for rank-0-only diagnostics, which
+    would otherwise wait forever in a collective the other workers never enter)."""
+    previous = getattr(_local_only, "active", False)
+    _local_only.active = True
+    try:
+        yield
+    finally:
+        _local_only.active = previous
 
 
 class _AllReduceSum(torch.autograd.Function):

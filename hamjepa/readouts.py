@@ -13,7 +13,7 @@ import torch
 
 from .config import Config
 from .data import Splits
-from .evaluation import extract_features, knn_top1, linear_probe, readout, spectrum
+from .evaluation import extract_features, knn_top1, linear_probe, spectrum
 
 READOUTS = {"hamjepa": ("q", "p", "qp"), "mlp": ("q", "p", "qp"), "sigreg": ("qp", "q", "p")}
 
@@ -33,9 +33,8 @@ def accuracy_metric_names(method: str, k: int = 20) -> list[str]:
     return names
 
 
-def _features(model, images, splits: Splits, cfg: Config, device) -> torch.Tensor:
-    return extract_features(model.encoder, images, splits.mean, splits.std, splits.image_size, cfg.eval.batch_size,
-                            device)
+def _features(model, images, splits: Splits, cfg: Config, device) -> dict[str, torch.Tensor]:
+    return extract_features(model.encoder, images, splits.normalise(), cfg.eval.batch_size, device)
 
 
 def validation_knn(model, splits: Splits, cfg: Config, device) -> float:
@@ -46,8 +45,8 @@ def validation_knn(model, splits: Splits, cfg: Config, device) -> float:
     limit = min(cfg.eval.knn_train_limit, len(splits.train))
     reference = splits.train.subset(torch.randperm(len(splits.train), generator=generator)[:limit])
     name = default_readout(cfg.method)
-    train_z = readout(_features(model, reference, splits, cfg, device), name)
-    val_z = readout(_features(model, splits.val, splits, cfg, device), name)
+    train_z = _features(model, reference, splits, cfg, device)[name]
+    val_z = _features(model, splits.val, splits, cfg, device)[name]
     return 100.0 * knn_top1(train_z, reference.labels, val_z, splits.val.labels, k=min(cfg.eval.knn_k, limit))
 
 
@@ -58,7 +57,7 @@ def final_metrics(model, splits: Splits, cfg: Config, device) -> dict[str, float
     labels = {name: getattr(splits, name).labels for name in ("train", "val", "test")}
     metrics: dict[str, float] = {}
     for r in READOUTS[cfg.method]:
-        x = {name: readout(features, r) for name, features in z.items()}
+        x = {name: features[r] for name, features in z.items()}
         for split in ("val", "test"):
             if len(x[split]):
                 metrics[f"{split}_knn{k}_top1_{r}"] = 100.0 * knn_top1(x["train"], labels["train"], x[split],
@@ -68,10 +67,9 @@ def final_metrics(model, splits: Splits, cfg: Config, device) -> dict[str, float
         for split, (top1, top5) in probe.items():
             metrics[f"{split}_linprobe_top1_{r}"] = 100.0 * top1
             metrics[f"{split}_linprobe_top5_{r}"] = 100.0 * top5
-        effective_rank, participation = spectrum(x["train"], cfg.eval.spectrum_top, cfg.eval.spectrum_samples,
-                                                 seed=cfg.seed)
-        metrics[f"effective_rank_{r}"] = effective_rank
-        metrics[f"participation_ratio_{r}"] = participation
+        spectra = spectrum(x["train"], cfg.eval.spectrum_top, cfg.eval.spectrum_samples, seed=cfg.seed)
+        metrics[f"effective_rank_{r}"] = spectra["effective_rank"]
+        metrics[f"participation_ratio_{r}"] = spectra["participation_ratio"]
     # Unsuffixed names = the default readout. Not val kNN: the objective `val_knn20_top1` keeps its per-epoch
     # definition (bounded reference set) to the end, so every epoch of every trial is measured alike.
     default = default_readout(cfg.method)

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from . import readouts
 from .config import Config, ConfigError, from_dict
 from .data import load_splits, two_view_dataset
+from .distributed import local_statistics
 from .divergence import divergence_reason, worst_case
 from .encoder import split_state
 from .methods import JEPAModel
@@ -217,7 +218,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             model.eval()
             with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_cuda):
                 z = model.encoder(view_a)
-            metrics.update({f"train/{k}": v for k, v in diagnostics(model, z).items()})
+            with local_statistics():
+                metrics.update({f"train/{k}": v for k, v in diagnostics(model, z).items()})
             metrics["val_knn20_top1"] = readouts.validation_knn(model, splits, cfg, device)
             if epoch == cfg.optim.epochs:
                 metrics.update(readouts.final_metrics(model, splits, cfg, device))

@@ -1,0 +1,58 @@
+"""Two-view augmentation throughput through the training DataLoader, in images/s (two views per image).
+
+Random uint8 images in memory, the training Dataset (data.TwoViewDataset with augment.Augmentation at the
+paper's settings), shuffled batches, the worker count training uses (DataConfig.num_workers). Timing starts
+when the first batch arrives, so worker start-up is left out. For reference, the same in the main process
+(0 workers, one thread): the cost per core that training's DataLoader workers take from the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch.utils.data import DataLoader
+
+from ..augment import Augmentation
+from ..config import AugmentConfig, DataConfig
+from ..data import ImageSet, TwoViewDataset
+
+SETTINGS = (("32 px RGB (CIFAR)", 3, 32), ("28 px grey (Fashion-MNIST)", 1, 28))
+
+
+def throughput(channels: int, size: int, images: int, batch_size: int, workers: int) -> float:
+    """Two-view images per second, steady state."""
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (images, channels, size, size), dtype=torch.uint8, generator=generator)
+    dataset = TwoViewDataset(ImageSet(torch.zeros(images, dtype=torch.long), images=pixels),
+                             Augmentation(AugmentConfig(), size, channels, (0.5,) * channels, (0.25,) * channels))
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True, num_workers=workers)
+    batches = iter(loader)
+    next(batches)
+    started, count = time.perf_counter(), 0
+    for view_a, _ in batches:
+        count += len(view_a)
+    return count / (time.perf_counter() - started)
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m hamjepa.bench augment", description=__doc__)
+    parser.add_argument("--workers", type=int, default=DataConfig().num_workers, help="DataLoader worker processes")
+    parser.add_argument("--images", type=int, default=20480, help="images per measurement")
+    parser.add_argument("--batch", type=int, default=256, help="images per batch")
+    args = parser.parse_args(argv)
+    if args.images < 2 * args.batch:
+        parser.error("--images must be at least twice --batch (the first batch is not timed)")
+
+    threads = torch.get_num_threads()
+    print(f"two-view augmentation: {args.images} images, batch {args.batch}, torch {torch.__version__}")
+    for name, channels, size in SETTINGS:
+        with_workers = throughput(channels, size, args.images, args.batch, args.workers)
+        torch.set_num_threads(1)
+        try:
+            in_process = throughput(channels, size, args.images, args.batch, 0)
+        finally:
+            torch.set_num_threads(threads)
+        print(f"  {name:28s} {with_workers:8,.0f} images/s with {args.workers} worker(s); "
+              f"{in_process:8,.0f} images/s in the main process on 1 thread")

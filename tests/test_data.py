@@ -1,0 +1,263 @@
+"""Datasets: the readers on files in the exact on-disk formats, the not-found sentence, subsets and splits."""
+
+import gzip
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from hamjepa import data
+from hamjepa.augment import Normalise
+from hamjepa.config import AugmentConfig, ConfigError, DataConfig
+from hamjepa.data import (DatasetNotFoundError, ImageSet, load_splits, read_cifar, read_fashion_mnist,
+                          split_indices, stratified_indices)
+
+DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.fixture(autouse=True)
+def _no_ambient_data(tmp_path, monkeypatch):
+    """No test sees the machine's $HAMJEPA_DATA, download cache or Debian packages unless it asks."""
+    monkeypatch.delenv("HAMJEPA_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(data, "DEBIAN_DIRS", {"fashion_mnist": tmp_path / "no-debian-package"})
+
+
+# -- writers of the on-disk formats ----------------------------------------------------------------------
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as handle:
+        handle.write(header + array.astype(np.uint8).tobytes())
+
+
+def write_fashion(folder: Path, n_train: int = 30, n_test: int = 20, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    arrays = {"train-images-idx3-ubyte.gz": rng.integers(0, 256, (n_train, 28, 28)),
+              "train-labels-idx1-ubyte.gz": np.arange(n_train) % 10,
+              "t10k-images-idx3-ubyte.gz": rng.integers(0, 256, (n_test, 28, 28)),
+              "t10k-labels-idx1-ubyte.gz": (np.arange(n_test) * 7) % 10}
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, array in arrays.items():
+        write_idx(folder / name, array)
+    return arrays
+
+
+def write_cifar_file(path: Path, pixels: np.ndarray, labels: list[int], label_key: bytes) -> None:
+    record = {b"batch_label": b"test batch", label_key: labels, b"data": pixels, b"filenames": [b"x.png"] * len(labels)}
+    if label_key == b"fine_labels":
+        record[b"coarse_labels"] = [label // 5 for label in labels]
+    with open(path, "wb") as handle:
+        pickle.dump(record, handle, protocol=2)
+
+
+def write_cifar(root: Path, dataset: str, per_file: int = 12, seed: int = 0) -> dict[str, tuple[np.ndarray, list]]:
+    """Files in torchvision's layout; returns {file name: (pixels (N, 3072), labels)}."""
+    rng = np.random.default_rng(seed)
+    folder = root / data.CIFAR_FOLDERS[dataset]
+    folder.mkdir(parents=True)
+    train, test, key = data.CIFAR_FILES[dataset]
+    classes = data.NUM_CLASSES[dataset]
+    written = {}
+    for name in train + test:
+        pixels = rng.integers(0, 256, (per_file, 3072), dtype=np.uint8)
+        labels = [int(v) for v in rng.integers(0, classes, per_file)]
+        write_cifar_file(folder / name, pixels, labels, key)
+        written[name] = (pixels, labels)
+    return written
+
+
+# -- readers ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dataset", ["cifar10", "cifar100"])
+def test_cifar_reader_round_trips_pixels_and_labels(tmp_path, dataset):
+    written = write_cifar(tmp_path, dataset)
+    train, test = read_cifar(tmp_path / data.CIFAR_FOLDERS[dataset], dataset)
+    train_names, test_names, _ = data.CIFAR_FILES[dataset]
+    pixels = np.concatenate([written[n][0] for n in train_names])
+    labels = sum((written[n][1] for n in train_names), [])
+    assert train.images.shape == (12 * len(train_names), 3, 32, 32) and train.images.dtype == torch.uint8
+    assert train.labels.dtype == torch.int64 and train.labels.tolist() == labels
+    # b'data' rows are three row-major 32x32 planes: R, G, B
+    i, c, y, x = 5, 2, 7, 30
+    assert train.images[i, c, y, x].item() == pixels[i, c * 1024 + y * 32 + x]
+    assert np.array_equal(train.images.reshape(len(train), -1).numpy(), pixels)
+    assert np.array_equal(test.images.reshape(len(test), -1).numpy(), written[test_names[0]][0])
+    assert test.labels.tolist() == written[test_names[0]][1]
+
+
+def test_cifar100_through_load_splits(tmp_path):
+    write_cifar(tmp_path, "cifar100", per_file=200)
+    splits = load_splits(DataConfig(dataset="cifar100", root=str(tmp_path), download=False, val_fraction=0.1),
+                         channels=3)
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (180, 20, 200)
+    assert splits.num_classes == 100 and splits.channels == 3 and splits.image_size == 32
+    assert splits.mean == data.KNOWN_STATS["cifar100"][0]
+
+
+def test_fashion_mnist_reader_on_written_idx_files(tmp_path):
+    arrays = write_fashion(tmp_path / "fm")
+    train, test = read_fashion_mnist(tmp_path / "fm")
+    assert train.images.shape == (30, 1, 28, 28) and test.images.shape == (20, 1, 28, 28)
+    assert np.array_equal(train.images[:, 0].numpy(), arrays["train-images-idx3-ubyte.gz"])
+    assert train.labels.tolist() == arrays["train-labels-idx1-ubyte.gz"].tolist()
+    assert test.labels.tolist() == arrays["t10k-labels-idx1-ubyte.gz"].tolist()
+
+
+def test_fashion_mnist_found_through_hamjepa_data_and_resized_on_load(tmp_path, monkeypatch):
+    arrays = write_fashion(tmp_path / "env" / "fashion-mnist", n_train=100)
+    monkeypatch.setenv("HAMJEPA_DATA", str(tmp_path / "env"))
+    splits = load_splits(DataConfig(dataset="fashion_mnist", image_size=28, download=False), channels=1)
+    assert (len(splits.train), len(splits.val), splits.num_classes) == (90, 10, 10)
+    assert splits.mean == (0.2860,) and splits.std == (0.3530,)
+    full = torch.cat([splits.train.images, splits.val.images])
+    assert sorted(full.flatten().tolist()) == sorted(arrays["train-images-idx3-ubyte.gz"].flatten().tolist())
+    bigger = load_splits(DataConfig(dataset="fashion_mnist", image_size=32, download=False), channels=1)
+    assert bigger.train.images.shape[1:] == (1, 32, 32) and bigger.test.images.shape == (20, 1, 32, 32)
+
+
+def test_truncated_idx_file_is_refused(tmp_path):
+    path = tmp_path / "bad.gz"
+    with gzip.open(path, "wb") as handle:
+        handle.write(bytes([0, 0, 8, 1]) + struct.pack(">I", 10) + bytes(5))
+    with pytest.raises(ValueError, match="truncated"):
+        data.read_idx(path)
+
+
+@pytest.mark.skipif(not all((DEBIAN_FASHION / f).exists() for f in data.FASHION_FILES),
+                    reason="Debian's dataset-fashion-mnist is not installed (apt-get install dataset-fashion-mnist)")
+def test_debian_fashion_mnist():
+    train, test = read_fashion_mnist(DEBIAN_FASHION)
+    assert train.images.shape == (60000, 1, 28, 28) and test.images.shape == (10000, 1, 28, 28)
+    assert torch.bincount(train.labels).tolist() == [6000] * 10
+    assert torch.bincount(test.labels).tolist() == [1000] * 10
+    mean = train.images.double().mean().item() / 255
+    assert mean == pytest.approx(data.KNOWN_STATS["fashion_mnist"][0][0], abs=1e-3)
+
+
+# -- not found ---------------------------------------------------------------------------------------------
+
+def _assert_one_sentence(message: str) -> None:
+    assert message.endswith(".") and message.count(". ") == 0 and "\n" not in message
+
+
+def test_missing_dataset_without_download_names_the_fix(tmp_path):
+    with pytest.raises(DatasetNotFoundError) as caught:
+        load_splits(DataConfig(dataset="fashion_mnist", root=str(tmp_path / "empty"), download=False), channels=1)
+    message = str(caught.value)
+    _assert_one_sentence(message)
+    assert "'fashion_mnist'" in message and str(tmp_path / "empty") in message
+    assert "apt-get install dataset-fashion-mnist" in message and "--data-root DIR" in message
+    assert isinstance(caught.value, ConfigError)  # the CLI prints ConfigErrors without a traceback
+
+
+@pytest.mark.parametrize("dataset", ["fashion_mnist", "cifar100"])
+def test_failed_download_becomes_the_sentence(tmp_path, monkeypatch, dataset):
+    import torchvision.datasets
+
+    def offline(*args, **kwargs):
+        raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+
+    for name in ("FashionMNIST", "CIFAR10", "CIFAR100"):
+        monkeypatch.setattr(torchvision.datasets, name, offline)
+    with pytest.raises(DatasetNotFoundError) as caught:
+        load_splits(DataConfig(dataset=dataset, root=str(tmp_path / "root"), download=True), channels=1 + 2 * (
+            dataset != "fashion_mnist"))
+    message = str(caught.value)
+    _assert_one_sentence(message)
+    assert "download" in message and "failed (OSError)" in message and "--data-root DIR" in message
+    assert caught.value.__cause__ is None and caught.value.__suppress_context__
+
+
+def test_missing_image_folder_names_the_layout(tmp_path):
+    with pytest.raises(DatasetNotFoundError, match="train/ and val/ with one folder of images per class"):
+        load_splits(DataConfig(dataset="imagefolder", root=str(tmp_path), image_size=16), channels=3)
+
+
+# -- subsets and splits ------------------------------------------------------------------------------------
+
+def test_stratified_subset_keeps_class_proportions_and_is_seeded():
+    labels = torch.cat([torch.full((500,), 0), torch.full((300,), 1), torch.full((200,), 2)])[torch.randperm(1000)]
+    chosen = stratified_indices(labels, 100, torch.Generator().manual_seed(1))
+    assert torch.bincount(labels[chosen]).tolist() == [50, 30, 20]
+    assert len(set(chosen.tolist())) == 100
+    again = stratified_indices(labels, 100, torch.Generator().manual_seed(1))
+    other = stratified_indices(labels, 100, torch.Generator().manual_seed(2))
+    assert torch.equal(chosen, again) and not torch.equal(chosen, other)
+    # largest remainders: 7 of (500, 300, 200) -> exact (3.5, 2.1, 1.4) -> (4, 2, 1)
+    assert torch.bincount(labels[stratified_indices(labels, 7, torch.Generator())]).tolist() == [4, 2, 1]
+
+
+def test_subset_then_validation_split():
+    labels = torch.arange(10).repeat_interleave(100)  # 10 classes x 100
+    train, val = split_indices(labels, subset=400, val_fraction=0.25, seed=3)
+    assert (len(train), len(val)) == (300, 100)
+    assert not set(train.tolist()) & set(val.tolist())
+    assert torch.bincount(labels[train]).tolist() == [30] * 10 and torch.bincount(labels[val]).tolist() == [10] * 10
+    same = split_indices(labels, subset=400, val_fraction=0.25, seed=3)
+    other = split_indices(labels, subset=400, val_fraction=0.25, seed=4)
+    assert torch.equal(train, same[0]) and torch.equal(val, same[1]) and not torch.equal(val, other[1])
+    everything, none = split_indices(labels, subset=0, val_fraction=0.0, seed=0)
+    assert len(everything) == 1000 and len(none) == 0
+
+
+def test_synthetic_splits():
+    splits = load_splits(DataConfig(dataset="synthetic", image_size=16, subset=1000, val_fraction=0.2), channels=3)
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (800, 200, 500)
+    assert splits.train.images.shape == (800, 3, 16, 16) and splits.train.images.dtype == torch.uint8
+    assert torch.bincount(splits.val.labels).tolist() == [20] * 10
+    pixels = splits.train.images.double() / 255
+    assert splits.mean == pytest.approx(pixels.mean(dim=(0, 2, 3)).tolist())
+    assert splits.std == pytest.approx(pixels.std(dim=(0, 2, 3)).tolist(), rel=1e-3)
+    with pytest.raises(ConfigError, match="data.subset"):
+        load_splits(DataConfig(dataset="synthetic", subset=5000), channels=3)
+
+
+def test_image_folder(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, classes in (("train", ("ant", "bee", "cat")), ("val", ("ant", "cat"))):
+        for cls in classes:
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(4):
+                array = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)  # 30 high, 40 wide
+                Image.fromarray(array).save(tmp_path / split / cls / f"{i}.png")
+    splits = load_splits(DataConfig(dataset="imagefolder", root=str(tmp_path), image_size=16, val_fraction=0.25),
+                         channels=3)
+    assert splits.num_classes == 3 and (len(splits.train), len(splits.val), len(splits.test)) == (9, 3, 8)
+    assert splits.test.labels.tolist() == [0] * 4 + [2] * 4  # val/ keeps train/'s class indices
+    batch = splits.train.load([0, 1])
+    assert batch.shape == (2, 3, 16, 16) and batch.dtype == torch.uint8
+    assert len(splits.mean) == 3 and all(0 < s < 1 for s in splits.std)
+
+
+# -- torch datasets ----------------------------------------------------------------------------------------
+
+def test_two_view_batches_through_a_distributed_sampler():
+    splits = load_splits(DataConfig(dataset="synthetic", image_size=16, subset=200), channels=1)
+    dataset = data.two_view_dataset(splits, AugmentConfig())
+    sampler = DistributedSampler(dataset, num_replicas=2, rank=1, shuffle=True, seed=0, drop_last=True)
+    batches = list(DataLoader(dataset, batch_size=32, sampler=sampler, drop_last=True))
+    assert len(batches) == 90 // 32
+    view_a, view_b = batches[0]
+    assert view_a.shape == view_b.shape == (32, 1, 16, 16) and view_a.dtype == torch.float32
+    assert not torch.allclose(view_a, view_b)
+    single_a, _ = dataset[3]
+    assert single_a.shape == (1, 16, 16)
+
+
+def test_eval_loader_is_the_normalised_images_in_order():
+    splits = load_splits(DataConfig(dataset="synthetic", image_size=16, subset=100), channels=3)
+    x, y = next(iter(data.eval_loader(splits.val, splits, batch_size=8)))
+    expected = Normalise(splits.mean, splits.std)(splits.val.images[:8])
+    assert torch.equal(x, expected) and torch.equal(y, splits.val.labels[:8])
+
+
+def test_image_set_needs_one_source():
+    with pytest.raises(ValueError):
+        ImageSet(torch.zeros(2))
