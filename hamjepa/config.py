@@ -351,6 +351,11 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
 
 def _coerce(value: Any, hint: Any, path: str) -> Any:
     """Convert a YAML/CLI value to the field's declared type, or fail naming the field."""
+    if hint in (int, float) and isinstance(value, str):  # YAML 1.1 reads "2e-3" as a string
+        try:
+            value = float(value) if hint is float else int(value)
+        except ValueError:
+            _fail(path, value, f"must be of type {hint.__name__}")
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if hint is int and isinstance(value, float) and value.is_integer():

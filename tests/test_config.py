@@ -37,8 +37,10 @@ def test_partial_yaml_keeps_defaults(tmp_path):
 
 
 def test_string_overrides_are_parsed_and_typed():
-    cfg = Config().override({"predictor.steps": "3", "predictor.dt": "0.1", "encoder.split": "true", "optim.lr": 1})
+    cfg = Config().override({"predictor.steps": "3", "predictor.dt": "0.1", "encoder.split": "true", "optim.lr": 1,
+                             "optim.weight_decay": "2e-3"})
     assert cfg.predictor.steps == 3 and cfg.predictor.dt == 0.1 and cfg.optim.lr == 1.0
+    assert cfg.optim.weight_decay == 0.002  # YAML 1.1 reads 2e-3 as a string; the float field accepts it
     assert isinstance(cfg.optim.lr, float)
 
 
