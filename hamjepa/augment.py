@@ -23,7 +23,7 @@ grayscale is a no-op and is skipped. Normalisation uses the dataset's own mean a
 
 Resampling: the crop-flip-resize is one bilinear `grid_sample` without antialiasing. That is exact for the
 up-sampling that happens here, because data.py stores every image at the output size (`image_size`), so a
-crop is never larger than the output; a crop of the whole image reproduces the image exactly.
+crop is never larger than the output; a crop of the whole image reproduces the image (up to float rounding).
 """
 
 from __future__ import annotations
@@ -230,7 +230,8 @@ class Augmentation:
         if self.channels == 3:
             x = _where(x, torch.rand(n, generator=generator) < cfg.grayscale_p, lambda v: grey(v).expand_as(v))
         sigma = _uniform(n, cfg.blur_sigma_min, cfg.blur_sigma_max, generator)
-        x = _where(x, torch.rand(n, generator=generator) < cfg.blur_p, gaussian_blur_k(cfg.blur_kernel), sigma)
+        blur = lambda v, s: gaussian_blur(v, s, cfg.blur_kernel)
+        x = _where(x, torch.rand(n, generator=generator) < cfg.blur_p, blur, sigma)
         threshold = cfg.solarize_threshold / 255
         x = _where(x, torch.rand(n, generator=generator) < cfg.solarize_p, lambda v: solarize(v, threshold))
         return self.normalise.floats(x)
@@ -246,11 +247,6 @@ class Augmentation:
             for op, (_, fn, _) in enumerate(self.jitters):
                 x = _where(x, active & (order[:, slot] == op), fn, factors[op])
         return x
-
-
-def gaussian_blur_k(kernel: int):
-    """gaussian_blur with a fixed kernel size, as a function of (images, sigma)."""
-    return lambda x, sigma: gaussian_blur(x, sigma, kernel)
 
 
 class Normalise:

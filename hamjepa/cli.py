@@ -43,7 +43,7 @@ def _train(args: argparse.Namespace) -> int:
     return 0 if outcome.status == "finished" else 1
 
 
-def study_main(name: str, space: dict, argv: list[str] | None = None) -> int:
+def study_main(name: str, space: dict, argv: list[str] | None = None, initial_points: list[dict] | None = None) -> int:
     """Command line of a study script (studies/<name>.py): parse, validate, run, print the summary."""
     parser = argparse.ArgumentParser(prog=f"python studies/{name}.py",
                                      description=f"HamJEPA study '{name}': Ray Tune + Optuna, SIGReg baselines, MLflow.")
@@ -70,13 +70,13 @@ def study_main(name: str, space: dict, argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke-test", action="store_true", help="tiny everything (CI)")
     args = parser.parse_args(argv)
     try:
-        return _run_study(name, space, args)
+        return _run_study(name, space, args, initial_points)
     except ConfigError as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 2
 
 
-def _run_study(name: str, space: dict, args: argparse.Namespace) -> int:
+def _run_study(name: str, space: dict, args: argparse.Namespace, initial_points: list[dict] | None) -> int:
     from .run import connect_ray, preflight
     from .study import StudySettings, run_study
     from .tracking import check_tracking_uri, resolve_tracking_uri
@@ -106,7 +106,7 @@ def _run_study(name: str, space: dict, args: argparse.Namespace) -> int:
     check_tracking_uri(settings.tracking_uri)
     preflight(base)
     connect_ray(args.address)
-    result = run_study(settings, space)
+    result = run_study(settings, space, initial_points)
     print()
     print(result.text, end="")
     print(f"Browse it: mlflow ui --backend-store-uri {settings.tracking_uri}  (experiment "

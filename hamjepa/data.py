@@ -16,7 +16,9 @@ folder. When nothing works, DatasetNotFoundError says in one sentence where we l
 Images are uint8 (N, C, S, S) tensors stored at the run's size S = data.image_size: in-memory datasets of
 another native size are resized once on load (shorter side to S, antialiased, centred square crop), and
 folder images are decoded and resized the same way on access. The augmentation can then resample without
-antialiasing (augment.py), and the evaluation transform only normalises.
+antialiasing (augment.py), and the evaluation transform only normalises. The price, for ImageNet-100: training
+crops come from the centred square at image_size (a 40% crop is up-sampled), not from the full-resolution
+photo as torchvision's RandomResizedCrop would take them; decoding is cheaper, views slightly softer.
 
 Splits, all seeded by data.seed (independent of the training seed, so the splits of a study stay fixed):
 1. `subset` training images are drawn first, stratified, from the dataset's full training set;

@@ -116,7 +116,7 @@ def knn_sweep(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor
     ks = sorted({k for k in ks if 1 <= k <= len(train_x)})
     if not ks:
         return {}
-    num_classes = int(max(train_y.max(), test_y.max())) + 1
+    num_classes = max(int(train_y.max()), int(test_y.max())) + 1
     neighbours = nearest_labels(train_x, train_y, test_x, ks[-1], chunk_size)
     test_y = test_y.long().cpu()
     return {k: (majority_vote(neighbours[:, :k], num_classes) == test_y).double().mean().item() for k in ks}
@@ -145,9 +145,10 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor,
     """
     generator = torch.Generator().manual_seed(seed)
     dim = train_x.shape[1]
-    probe = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, num_classes)).to(device)
-    nn.init.zeros_(probe[1].weight)
-    nn.init.zeros_(probe[1].bias)
+    linear = nn.utils.skip_init(nn.Linear, dim, num_classes, device=device)  # no draw from the global RNG
+    nn.init.zeros_(linear.weight)
+    nn.init.zeros_(linear.bias)
+    probe = nn.Sequential(nn.LayerNorm(dim, device=device), linear)
     optimizer = torch.optim.AdamW(probe.parameters(), lr=cfg.probe_lr, weight_decay=cfg.probe_weight_decay)
     total = cfg.probe_epochs * math.ceil(len(train_x) / cfg.probe_batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total)))

@@ -6,6 +6,7 @@ before any work starts, so a mistake costs one sentence, not a traceback minutes
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -101,16 +102,23 @@ def train_and_log(cfg: Config, resources: Resources, *, experiment: str, run_nam
 
 
 def summary(cfg: Config, outcome: RunOutcome, tracking_uri: str) -> str:
-    """A one-screen summary of a finished run."""
+    """A one-screen summary: status, throughput, and accuracies (percent) per readout."""
+    from .readouts import READOUTS
+
     metrics = outcome.metrics
-    lines = [f"{cfg.method} on {cfg.data.dataset}: {outcome.status}"
-             + (f" ({outcome.reason})" if outcome.reason else "")]
+    reason = f" ({outcome.reason})" if outcome.reason else ""
+    lines = [f"{cfg.method} on {cfg.data.dataset}: {outcome.status}{reason}"]
     if "epoch" in metrics:
-        lines.append(f"  epochs {metrics['epoch']}/{cfg.optim.epochs}, last loss {metrics.get('train/loss', float('nan')):.4f}, "
-                     f"{metrics.get('train/images_per_s', 0):.0f} images/s")
-    rows = [(key, value) for key, value in sorted(metrics.items())
-            if key.startswith(("val_", "test_", "effective_rank", "participation_ratio")) and isinstance(value, float)]
-    for key, value in rows:
-        lines.append(f"  {key:28s} {value:8.2f}")
+        lines.append(f"  epochs {metrics['epoch']}/{cfg.optim.epochs}, final loss "
+                     f"{metrics.get('train/loss', math.nan):.4f}, {metrics.get('train/images_per_s', 0):.0f} images/s, "
+                     f"val kNN@{cfg.eval.knn_k} (objective) "
+                     f"{metrics.get(f'val_knn{cfg.eval.knn_k}_top1', math.nan):.2f}")
+    columns = [f"val_knn{cfg.eval.knn_k}_top1", "val_linprobe_top1", f"test_knn{cfg.eval.knn_k}_top1",
+               "test_linprobe_top1", "test_linprobe_top5", "effective_rank"]
+    if any(f"{columns[2]}_{r}" in metrics for r in READOUTS[cfg.method]):
+        lines.append("  readout " + "".join(f"{c.replace('_top1', '').replace('_top5', '@5'):>16s}" for c in columns))
+        for r in READOUTS[cfg.method]:
+            cells = "".join(f"{metrics.get(f'{c}_{r}', math.nan):16.2f}" for c in columns)
+            lines.append(f"  {r:7s} {cells}")
     lines.append(f"  MLflow run {outcome.run_id}: mlflow ui --backend-store-uri {tracking_uri}")
     return "\n".join(lines)

@@ -265,11 +265,13 @@ def _study_identity(settings: StudySettings) -> tuple[str, Path]:
     return study_id, root / study_id
 
 
-def _search_algorithm(settings: StudySettings, space: Mapping[str, Any], study_id: str):
+def _search_algorithm(settings: StudySettings, space: Mapping[str, Any], study_id: str,
+                      initial_points: list[dict[str, Any]]):
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
-    return OptunaSearch(metric=OBJECTIVE, mode="max", points_to_evaluate=[defaults_point(space, settings.base)],
+    points = [defaults_point(space, settings.base), *initial_points]
+    return OptunaSearch(metric=OBJECTIVE, mode="max", points_to_evaluate=points,
                         sampler=optuna.samplers.TPESampler(seed=settings.seed), study_name=study_id)
 
 
@@ -310,13 +312,24 @@ def _phase_interrupted(results) -> bool:
     return results.num_terminated + results.num_errors < len(results)
 
 
-def run_study(settings: StudySettings, space: Mapping[str, Any]) -> StudyResult:
-    """Search, confirm, baseline and (optionally) ablate; log everything; return the summary."""
+def run_study(settings: StudySettings, space: Mapping[str, Any],
+              initial_points: list[dict[str, Any]] | None = None) -> StudyResult:
+    """Search, confirm, baseline and (optionally) ablate; log everything; return the summary.
+
+    Optuna evaluates the base config's values first, then `initial_points` (each must set every searched
+    key), then its own proposals.
+    """
     from ray import tune
 
     from .report import collect_runs, describe, objective_plots, summarize, to_csv, to_markdown
 
     validate_search_space(space, settings.base)
+    initial_points = list(initial_points or [])
+    for point in initial_points:
+        if set(point) != set(space):
+            raise ConfigError(f"initial point {point} is invalid: it must set exactly the searched keys "
+                              f"{', '.join(space)}.")
+        settings.base.override(point)
     study_id, study_dir = _study_identity(settings)
     parent = RunLogger(settings.tracking_uri, settings.experiment_name, key=f"study/{study_id}", run_name=study_id,
                        tags={ROLE_TAG: "study", "hamjepa.study": settings.name})
@@ -331,7 +344,7 @@ def run_study(settings: StudySettings, space: Mapping[str, Any]) -> StudyResult:
     interrupted = False
     try:
         results = phase("search", dict(space), num_samples=settings.num_samples,
-                        search_alg=_search_algorithm(settings, space, study_id), scheduler=_scheduler(settings))
+                        search_alg=_search_algorithm(settings, space, study_id, initial_points), scheduler=_scheduler(settings))
         interrupted = _phase_interrupted(results)
         records = collect_runs(parent.client, experiment_id(parent.client, settings.experiment_name), parent_id)
         best = summarize(records, list(space)).best

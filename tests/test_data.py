@@ -13,8 +13,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from hamjepa import data
 from hamjepa.augment import Normalise
 from hamjepa.config import AugmentConfig, ConfigError, DataConfig
-from hamjepa.data import (DatasetNotFoundError, ImageSet, load_splits, read_cifar, read_fashion_mnist,
-                          split_indices, stratified_indices)
+from hamjepa.data import DatasetNotFoundError, ImageSet, load_splits
 
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
 
@@ -76,7 +75,7 @@ def write_cifar(root: Path, dataset: str, per_file: int = 12, seed: int = 0) -> 
 @pytest.mark.parametrize("dataset", ["cifar10", "cifar100"])
 def test_cifar_reader_round_trips_pixels_and_labels(tmp_path, dataset):
     written = write_cifar(tmp_path, dataset)
-    train, test = read_cifar(tmp_path / data.CIFAR_FOLDERS[dataset], dataset)
+    train, test = data.read_cifar(tmp_path / data.CIFAR_FOLDERS[dataset], dataset)
     train_names, test_names, _ = data.CIFAR_FILES[dataset]
     pixels = np.concatenate([written[n][0] for n in train_names])
     labels = sum((written[n][1] for n in train_names), [])
@@ -101,7 +100,7 @@ def test_cifar100_through_load_splits(tmp_path):
 
 def test_fashion_mnist_reader_on_written_idx_files(tmp_path):
     arrays = write_fashion(tmp_path / "fm")
-    train, test = read_fashion_mnist(tmp_path / "fm")
+    train, test = data.read_fashion_mnist(tmp_path / "fm")
     assert train.images.shape == (30, 1, 28, 28) and test.images.shape == (20, 1, 28, 28)
     assert np.array_equal(train.images[:, 0].numpy(), arrays["train-images-idx3-ubyte.gz"])
     assert train.labels.tolist() == arrays["train-labels-idx1-ubyte.gz"].tolist()
@@ -131,7 +130,7 @@ def test_truncated_idx_file_is_refused(tmp_path):
 @pytest.mark.skipif(not all((DEBIAN_FASHION / f).exists() for f in data.FASHION_FILES),
                     reason="Debian's dataset-fashion-mnist is not installed (apt-get install dataset-fashion-mnist)")
 def test_debian_fashion_mnist():
-    train, test = read_fashion_mnist(DEBIAN_FASHION)
+    train, test = data.read_fashion_mnist(DEBIAN_FASHION)
     assert train.images.shape == (60000, 1, 28, 28) and test.images.shape == (10000, 1, 28, 28)
     assert torch.bincount(train.labels).tolist() == [6000] * 10
     assert torch.bincount(test.labels).tolist() == [1000] * 10
@@ -182,26 +181,26 @@ def test_missing_image_folder_names_the_layout(tmp_path):
 
 def test_stratified_subset_keeps_class_proportions_and_is_seeded():
     labels = torch.cat([torch.full((500,), 0), torch.full((300,), 1), torch.full((200,), 2)])[torch.randperm(1000)]
-    chosen = stratified_indices(labels, 100, torch.Generator().manual_seed(1))
+    chosen = data.stratified_indices(labels, 100, torch.Generator().manual_seed(1))
     assert torch.bincount(labels[chosen]).tolist() == [50, 30, 20]
     assert len(set(chosen.tolist())) == 100
-    again = stratified_indices(labels, 100, torch.Generator().manual_seed(1))
-    other = stratified_indices(labels, 100, torch.Generator().manual_seed(2))
+    again = data.stratified_indices(labels, 100, torch.Generator().manual_seed(1))
+    other = data.stratified_indices(labels, 100, torch.Generator().manual_seed(2))
     assert torch.equal(chosen, again) and not torch.equal(chosen, other)
     # largest remainders: 7 of (500, 300, 200) -> exact (3.5, 2.1, 1.4) -> (4, 2, 1)
-    assert torch.bincount(labels[stratified_indices(labels, 7, torch.Generator())]).tolist() == [4, 2, 1]
+    assert torch.bincount(labels[data.stratified_indices(labels, 7, torch.Generator())]).tolist() == [4, 2, 1]
 
 
 def test_subset_then_validation_split():
     labels = torch.arange(10).repeat_interleave(100)  # 10 classes x 100
-    train, val = split_indices(labels, subset=400, val_fraction=0.25, seed=3)
+    train, val = data.split_indices(labels, subset=400, val_fraction=0.25, seed=3)
     assert (len(train), len(val)) == (300, 100)
     assert not set(train.tolist()) & set(val.tolist())
     assert torch.bincount(labels[train]).tolist() == [30] * 10 and torch.bincount(labels[val]).tolist() == [10] * 10
-    same = split_indices(labels, subset=400, val_fraction=0.25, seed=3)
-    other = split_indices(labels, subset=400, val_fraction=0.25, seed=4)
+    same = data.split_indices(labels, subset=400, val_fraction=0.25, seed=3)
+    other = data.split_indices(labels, subset=400, val_fraction=0.25, seed=4)
     assert torch.equal(train, same[0]) and torch.equal(val, same[1]) and not torch.equal(val, other[1])
-    everything, none = split_indices(labels, subset=0, val_fraction=0.0, seed=0)
+    everything, none = data.split_indices(labels, subset=0, val_fraction=0.0, seed=0)
     assert len(everything) == 1000 and len(none) == 0
 
 
