@@ -46,7 +46,8 @@ def _train(args: argparse.Namespace) -> int:
 def study_main(name: str, space: dict, argv: list[str] | None = None, initial_points: list[dict] | None = None) -> int:
     """Command line of a study script (studies/<name>.py): parse, validate, run, print the summary."""
     parser = argparse.ArgumentParser(prog=f"python studies/{name}.py",
-                                     description=f"HamJEPA study '{name}': Ray Tune + Optuna, SIGReg baselines, MLflow.")
+                                     description=f"HamJEPA study '{name}': Ray Tune + Optuna, SIGReg baselines, "
+                                                 "MLflow.")
     add_config_arguments(parser, default_profile="quick")
     parser.add_argument("--num-samples", type=int, help="HamJEPA trials Optuna proposes (default 8; smoke 2)")
     parser.add_argument("--epochs", type=int, help="epochs per run (overrides the profile)")

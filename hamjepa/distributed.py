@@ -17,7 +17,6 @@ import threading
 import torch
 import torch.distributed as dist
 
-
 _local_only = threading.local()
 
 

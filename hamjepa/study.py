@@ -344,7 +344,8 @@ def run_study(settings: StudySettings, space: Mapping[str, Any],
     interrupted = False
     try:
         results = phase("search", dict(space), num_samples=settings.num_samples,
-                        search_alg=_search_algorithm(settings, space, study_id, initial_points), scheduler=_scheduler(settings))
+                        search_alg=_search_algorithm(settings, space, study_id, initial_points),
+                        scheduler=_scheduler(settings))
         interrupted = _phase_interrupted(results)
         records = collect_runs(parent.client, experiment_id(parent.client, settings.experiment_name), parent_id)
         best = summarize(records, list(space)).best
@@ -377,7 +378,7 @@ def run_study(settings: StudySettings, space: Mapping[str, Any],
     parent.log_text(to_csv(summary), "summary.csv")
     for path in objective_plots(records, list(space), study_dir / "plots"):
         parent.log_artifact(path, "plots")
-    for label, cells, delta in summary.rows:
+    for label, _, delta in summary.rows:
         if math.isfinite(delta):
             parent.log_metrics({f"delta/{label.replace(' ', '_').replace('@', '')}": delta}, step=0)
     if summary.best:

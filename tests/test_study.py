@@ -54,7 +54,8 @@ def test_smoke_study_logs_parent_children_metrics_and_summary(ray_cluster, tmp_p
             assert key in child.data.params, key
         assert [m.step for m in client.get_metric_history(child.info.run_id, "val_knn20_top1")][0] == 1
     # the paper's defaults were the first point
-    defaults = [c for c in trials if c.data.params["predictor.dt"] == "0.05" and c.data.params["predictor.steps"] == "2"]
+    defaults = [c for c in trials
+                if c.data.params["predictor.dt"] == "0.05" and c.data.params["predictor.steps"] == "2"]
     assert len(defaults) == 1
 
     baseline = next(c for c in children if c.data.tags["hamjepa.method"] == "sigreg")
