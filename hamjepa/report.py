@@ -143,8 +143,10 @@ def _fmt(value: float) -> str:
     return f"{value:.4f}" if math.isfinite(value) else ""
 
 
-def objective_plots(records: Sequence[RunRecord], search_keys: Sequence[str], folder: Path) -> list[Path]:
-    """One PNG per searched hyperparameter: the objective of every search trial against its value."""
+def objective_plots(records: Sequence[RunRecord], search_keys: Sequence[str], folder: Path,
+                    baseline: float | None = None) -> list[Path]:
+    """One PNG per searched hyperparameter: the objective of every search trial against its value, with the
+    SIGReg baseline's mean as a dashed line when there is one."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -165,6 +167,8 @@ def objective_plots(records: Sequence[RunRecord], search_keys: Sequence[str], fo
             ys = [y for _, y, s in points if s == status]
             if xs:
                 ax.scatter(xs, ys, c=colour, marker=marker, label=f"{status} ({len(xs)})")
+        if baseline is not None and math.isfinite(baseline):
+            ax.axhline(baseline, color="tab:orange", linestyle="--", label="SIGReg (mean)")
         values = [x for x, _, _ in points]
         if min(values) > 0 and max(values) / min(values) >= 10:
             ax.set_xscale("log")

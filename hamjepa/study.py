@@ -308,8 +308,17 @@ class StudyResult:
     interrupted: bool = False
 
 
-def _phase_interrupted(results) -> bool:
-    return results.num_terminated + results.num_errors < len(results)
+def _phase_incomplete(client, settings: StudySettings, parent_run_id: str, phase: str, expected: int) -> bool:
+    """True when a phase ended without every one of its trials reaching a terminal status in MLflow.
+
+    That is how an interruption shows: Tune's first Ctrl-C ends fit() normally, with the running trials
+    stopped but not completed (our callback never closed their runs) and pending ones never started.
+    """
+    from .report import collect_runs
+
+    runs = [r for r in collect_runs(client, experiment_id(client, settings.experiment_name), parent_run_id)
+            if r.phase == phase]
+    return len(runs) < expected or any(r.status == "running" for r in runs)
 
 
 def run_study(settings: StudySettings, space: Mapping[str, Any],
@@ -343,10 +352,9 @@ def run_study(settings: StudySettings, space: Mapping[str, Any],
                                                        parent_id, **kw)
     interrupted = False
     try:
-        results = phase("search", dict(space), num_samples=settings.num_samples,
-                        search_alg=_search_algorithm(settings, space, study_id, initial_points),
-                        scheduler=_scheduler(settings))
-        interrupted = _phase_interrupted(results)
+        phase("search", dict(space), num_samples=settings.num_samples,
+              search_alg=_search_algorithm(settings, space, study_id, initial_points), scheduler=_scheduler(settings))
+        interrupted = _phase_incomplete(parent.client, settings, parent_id, "search", settings.num_samples)
         records = collect_runs(parent.client, experiment_id(parent.client, settings.experiment_name), parent_id)
         best = summarize(records, list(space)).best
         best_overrides = {k: _typed(settings.base, k, best.params[k]) for k in space} if best else {}
@@ -361,7 +369,9 @@ def run_study(settings: StudySettings, space: Mapping[str, Any],
         for name, param_space in plan:
             if interrupted:
                 break
-            interrupted = _phase_interrupted(phase(name, param_space))
+            phase(name, param_space)
+            expected = len(param_space["seed"]["grid_search"])
+            interrupted = _phase_incomplete(parent.client, settings, parent_id, name, expected)
     except KeyboardInterrupt:
         interrupted = True
 
@@ -376,7 +386,8 @@ def run_study(settings: StudySettings, space: Mapping[str, Any],
     _close_stale_children(parent.client, settings.experiment_name, parent_id)
     parent.log_text(to_markdown(summary), "summary.md")
     parent.log_text(to_csv(summary), "summary.csv")
-    for path in objective_plots(records, list(space), study_dir / "plots"):
+    sigreg_objective = next(cells["SIGReg"].mean for label, cells, _ in summary.rows if label == "val kNN@20")
+    for path in objective_plots(records, list(space), study_dir / "plots", baseline=sigreg_objective):
         parent.log_artifact(path, "plots")
     for label, _, delta in summary.rows:
         if math.isfinite(delta):
