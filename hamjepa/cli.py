@@ -49,7 +49,7 @@ def study_main(name: str, space: dict, argv: list[str] | None = None, initial_po
                                      description=f"HamJEPA study '{name}': Ray Tune + Optuna, SIGReg baselines, "
                                                  "MLflow.")
     add_config_arguments(parser, default_profile="quick")
-    parser.add_argument("--num-samples", type=int, help="HamJEPA trials Optuna proposes (default 8; smoke 2)")
+    parser.add_argument("--num-samples", type=int, help="HamJEPA trials Optuna proposes (default 6; smoke 2)")
     parser.add_argument("--epochs", type=int, help="epochs per run (overrides the profile)")
     parser.add_argument("--dataset", choices=DATASETS, help="dataset (sets channels and image size to match)")
     parser.add_argument("--subset", type=int, help="training images (stratified subset; 0 = all)")
@@ -98,7 +98,7 @@ def _run_study(name: str, space: dict, args: argparse.Namespace, initial_points:
         1.0 if args.profile in ("cifar100", "imagenet100") else 0.0)
     settings = StudySettings(
         name=name, base=base,
-        num_samples=args.num_samples or (2 if args.smoke_test else 8),
+        num_samples=args.num_samples or (2 if args.smoke_test else 6),
         seeds=args.baseline_seeds if args.baseline_seeds is not None else (1 if args.smoke_test else 2),
         ablation=args.ablation, early_stopping=not args.no_early_stopping,
         resources=Resources(args.workers_per_trial, args.cpus_per_worker, gpus),

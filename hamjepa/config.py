@@ -393,10 +393,12 @@ def load_yaml(path: str | Path) -> Config:
 
 # -- profiles ----------------------------------------------------------------------------------------
 # A profile is a named set of dotted overrides on the defaults above. "quick" fits 2 CPU cores: a
-# Fashion-MNIST subset, a quarter-width ResNet and few epochs; "cifar100" is the paper's protocol.
+# Fashion-MNIST subset, a quarter-width ResNet and few epochs; measured here, one quick run trains at
+# ~105 images/s on one core, so 4,500 training images x 3 epochs plus evaluation is ~3 minutes a run and a
+# default study (6 trials + 1 confirmation + 2 SIGReg) ~15 minutes. "cifar100" is the paper's protocol.
 PROFILES: dict[str, dict[str, Any]] = {
     "quick": {
-        "data.dataset": "fashion_mnist", "data.image_size": 28, "data.subset": 10000, "data.num_workers": 1,
+        "data.dataset": "fashion_mnist", "data.image_size": 28, "data.subset": 5000, "data.num_workers": 1,
         "encoder.in_channels": 1, "encoder.width": 0.25, "encoder.token_dim": 16,
         "optim.batch_size": 256, "optim.epochs": 3, "optim.warmup_epochs": 1,
         "predictor.residual_scale_warmup_epochs": 1,

@@ -47,7 +47,7 @@ class StudySettings:
 
     name: str
     base: Config
-    num_samples: int = 8
+    num_samples: int = 6
     seeds: int = 2  # SIGReg baseline seeds; the best HamJEPA configuration is retrained to match
     ablation: str = ""  # "" or "mlp"
     early_stopping: bool = True

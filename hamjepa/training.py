@@ -206,7 +206,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if reason is not None:
             metrics = {"epoch": epoch, "diverged": 1, "diverged_reason": f"epoch {epoch}: {reason}",
                        "resumed_from_epoch": resumed_from,
-                       **worst_case(readouts.accuracy_metric_names(cfg.method))}
+                       **worst_case(readouts.accuracy_metric_names(cfg.method, cfg.eval.knn_k))}
             _report(rank, metrics, {"diverged": metrics})
             return
 
