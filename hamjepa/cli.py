@@ -98,7 +98,7 @@ def _run_study(name: str, space: dict, args: argparse.Namespace, initial_points:
         1.0 if args.profile in ("cifar100", "imagenet100") else 0.0)
     settings = StudySettings(
         name=name, base=base,
-        num_samples=args.num_samples or (2 if args.smoke_test else 6),
+        num_samples=args.num_samples if args.num_samples is not None else (2 if args.smoke_test else 6),
         seeds=args.baseline_seeds if args.baseline_seeds is not None else (1 if args.smoke_test else 2),
         ablation=args.ablation, early_stopping=not args.no_early_stopping,
         resources=Resources(args.workers_per_trial, args.cpus_per_worker, gpus),

@@ -1,0 +1,48 @@
+"""Command lines: bad input is one sentence on stderr before any work (no Ray, no traceback)."""
+
+import pytest
+import yaml
+
+from hamjepa.cli import main, study_main
+
+SPACE = {"predictor.dt": 0.05}
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["train", "--set", "predictor.dt=-1"], "'predictor.dt'"),
+    (["train", "--profile", "quick", "--workers", "3"], "divide evenly among 3 workers"),
+    (["train", "--set", "predictor.steps"], "dotted.key=value"),
+    (["train", "--config", "/nonexistent.yaml"], "does not exist"),
+    (["train", "--profile", "quick", "--tracking-uri", "sqlite:////nonexistent/dir/mlflow.db"], "not writable"),
+])
+def test_train_refuses_bad_input_in_one_sentence(argv, words, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert words in err and err.count("\n") == 0 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--num-samples", "0"], "--num-samples = 0"),
+    (["--baseline-seeds", "-1"], "--baseline-seeds"),
+    (["--set", "data.val_fraction=0"], "data.val_fraction"),
+    (["--workers-per-trial", "0"], "--workers"),
+    (["--dataset", "cifar100", "--set", "data.download=false", "--data-root", "/nonexistent"], "cifar100"),
+])
+def test_study_refuses_bad_input_in_one_sentence(argv, words, capsys, tmp_path):
+    argv = [*argv, "--storage-path", str(tmp_path), "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]
+    assert study_main("energy_budget", SPACE, argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert words in err and err.count("\n") == 0
+
+
+def test_resume_without_an_earlier_study_is_one_sentence(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr("hamjepa.run.connect_ray", lambda address: None)  # fails before Ray matters
+    argv = ["--resume", "--smoke-test", "--storage-path", str(tmp_path), "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]
+    assert study_main("energy_budget", SPACE, argv) == 2
+    assert "--resume found no earlier run" in capsys.readouterr().err
+
+
+def test_config_command_prints_the_resolved_yaml(capsys):
+    assert main(["config", "--profile", "quick", "--set", "predictor.steps=3"]) == 0
+    tree = yaml.safe_load(capsys.readouterr().out)
+    assert tree["predictor"]["steps"] == 3 and tree["data"]["dataset"] == "fashion_mnist"
