@@ -60,10 +60,6 @@ def _mix_seed(*parts: int) -> int:
     return seed
 
 
-def _unwrap(model: nn.Module) -> JEPAModel:
-    return model.module if isinstance(model, DistributedDataParallel) else model
-
-
 @torch.no_grad()
 def diagnostics(model: JEPAModel, z: torch.Tensor) -> dict[str, float]:
     """Per-epoch state diagnostics from one batch of embeddings z (N, 2d), for every method.
