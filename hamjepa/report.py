@@ -14,7 +14,6 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from mlflow.tracking import MlflowClient
 
@@ -182,11 +181,3 @@ def objective_plots(records: Sequence[RunRecord], search_keys: Sequence[str], fo
         plt.close(fig)
         paths.append(path)
     return paths
-
-
-def describe(summary: StudySummary, extra: dict[str, Any] | None = None) -> str:
-    """The summary printed at the end of a study."""
-    text = to_markdown(summary)
-    for key, value in (extra or {}).items():
-        text += f"{key}: {value}\n"
-    return text

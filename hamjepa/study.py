@@ -175,12 +175,8 @@ class MLflowTrialCallback(Callback):
 
 def _error_reason(trial) -> str:
     """The last line of a trial's error, read from its error file when Tune kept one."""
-    text = ""
-    for attribute in ("error_file", "pickled_error_file"):
-        path = getattr(trial, attribute, None)
-        if attribute == "error_file" and path and Path(path).is_file():
-            text = Path(path).read_text(errors="replace")
-            break
+    path = getattr(trial, "error_file", None)
+    text = Path(path).read_text(errors="replace") if path and Path(path).is_file() else ""
     lines = [line for line in text.strip().splitlines() if line.strip()]
     return lines[-1][:500] if lines else "the trial raised an error"
 
@@ -330,7 +326,7 @@ def run_study(settings: StudySettings, space: Mapping[str, Any],
     """
     from ray import tune
 
-    from .report import collect_runs, describe, objective_plots, summarize, to_csv, to_markdown
+    from .report import collect_runs, objective_plots, summarize, to_csv, to_markdown
 
     validate_search_space(space, settings.base)
     initial_points = list(initial_points or [])
@@ -380,7 +376,7 @@ def run_study(settings: StudySettings, space: Mapping[str, Any],
     if interrupted:
         parent.set_tags({STATUS_TAG: "interrupted"})
         parent.finish("KILLED")
-        text = describe(summary) + f"Interrupted: continue with the same command and --resume (study {study_id}).\n"
+        text = to_markdown(summary) + f"Interrupted: continue with the same command and --resume (study {study_id}).\n"
         return StudyResult(study_id, parent_id, summary, text, interrupted=True)
 
     _close_stale_children(parent.client, settings.experiment_name, parent_id)
@@ -396,7 +392,7 @@ def run_study(settings: StudySettings, space: Mapping[str, Any],
         parent.log_metrics({f"best/{OBJECTIVE}": summary.best.metrics[OBJECTIVE]}, step=0)
     parent.set_tags({STATUS_TAG: "finished"})
     parent.finish("FINISHED")
-    return StudyResult(study_id, parent_id, summary, describe(summary))
+    return StudyResult(study_id, parent_id, summary, to_markdown(summary))
 
 
 def _typed(base: Config, key: str, text: str) -> Any:

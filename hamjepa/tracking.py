@@ -170,7 +170,7 @@ class RunLogger:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) or _is_numpy_number(value)
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)) or _is_numpy_number(value)
 
 
 def _is_numpy_number(value: Any) -> bool:
