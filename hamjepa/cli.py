@@ -64,7 +64,8 @@ def study_main(name: str, space: dict, argv: list[str] | None = None, initial_po
     parser.add_argument("--no-early-stopping", action="store_true", help="switch ASHA off")
     parser.add_argument("--tracking-uri", help="MLflow URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     parser.add_argument("--experiment", help=f"MLflow experiment (default hamjepa-{name})")
-    parser.add_argument("--storage-path", default="ray_results", help="Tune/Train state (s3://... on a cluster)")
+    parser.add_argument("--storage-path", help="Tune/Train state: a folder, or s3://... on a cluster (default "
+                                               "$HAMJEPA_STORAGE_PATH, else ./ray_results)")
     parser.add_argument("--address", help="Ray cluster address (e.g. auto); default: a local Ray")
     parser.add_argument("--seed", type=int, default=0, help="Optuna sampler seed")
     parser.add_argument("--resume", action="store_true", help="continue the latest run of this study")
@@ -103,7 +104,7 @@ def _run_study(name: str, space: dict, args: argparse.Namespace, initial_points:
         ablation=args.ablation, early_stopping=not args.no_early_stopping,
         resources=Resources(args.workers_per_trial, args.cpus_per_worker, gpus),
         max_concurrent=args.max_concurrent, tracking_uri=resolve_tracking_uri(args.tracking_uri),
-        experiment=args.experiment or "", storage_path=args.storage_path, seed=args.seed, resume=args.resume)
+        experiment=args.experiment or "", storage_path=args.storage_path or "", seed=args.seed, resume=args.resume)
     check_tracking_uri(settings.tracking_uri)
     preflight(base)
     connect_ray(args.address)
@@ -134,8 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
                                               "sqlite:///mlflow.db)")
     train.add_argument("--experiment", default="hamjepa-train", help="MLflow experiment name")
     train.add_argument("--name", help="run name; rerunning a name resumes it from its last checkpoint")
-    train.add_argument("--storage-path", help="where Ray Train keeps checkpoints (default ./ray_results; "
-                                              "s3://... on a cluster)")
+    train.add_argument("--storage-path", help="where Ray Train keeps checkpoints (default "
+                                              "$HAMJEPA_STORAGE_PATH, else ./ray_results; s3://... on a cluster)")
     train.add_argument("--max-failures", type=int, default=2, help="worker crashes survived per run")
     train.set_defaults(run=_train)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from typing import Any
 
 from ray.tune import Callback
 
+from . import storage
 from .config import Config, ConfigError, from_dict
 from .run import DRIVER_RESOURCE
 from .tracking import METHOD_TAG, ROLE_TAG, RunLogger, experiment_id
@@ -34,7 +36,7 @@ OBJECTIVE = "val_knn20_top1"
 PHASES = ("search", "confirm", "baseline", "ablation")
 # Metrics of ours in a Tune result (Tune adds its own bookkeeping keys, which MLflow does not need).
 _OUR_PREFIXES = ("epoch", "train/", "val_", "test_", "effective_rank", "participation_ratio", "diverged",
-                 "failed", "resumed_from_epoch")
+                 "failed", "resumed_from_epoch", "nodes", "device")
 PHASE_TAG = "hamjepa.phase"
 TRIAL_TAG = "hamjepa.trial_id"
 STATUS_TAG = "hamjepa.status"
@@ -55,7 +57,7 @@ class StudySettings:
     max_concurrent: int = 0  # 0 = as many trials as the cluster's resources allow
     tracking_uri: str = ""
     experiment: str = ""
-    storage_path: str = "ray_results"
+    storage_path: str = ""  # "" = $HAMJEPA_STORAGE_PATH or ./ray_results
     seed: int = 0  # Optuna's sampler seed
     resume: bool = False
 
@@ -213,7 +215,7 @@ def _cluster_concurrency(settings: StudySettings) -> int:
     return min(fits, settings.max_concurrent) if settings.max_concurrent else fits
 
 
-def run_phase(settings: StudySettings, phase: str, param_space: dict[str, Any], study_dir: Path, study_id: str,
+def run_phase(settings: StudySettings, phase: str, param_space: dict[str, Any], study_dir: str, study_id: str,
               parent_run_id: str, num_samples: int = 1, search_alg=None, scheduler=None,
               base_overrides: Mapping[str, Any] | None = None):
     """Run (or, when resuming, restore and finish) one Tune experiment; returns its ResultGrid."""
@@ -222,13 +224,13 @@ def run_phase(settings: StudySettings, phase: str, param_space: dict[str, Any], 
     base = settings.base.override(dict(base_overrides or {}))
     driver = tune.with_resources(
         tune.with_parameters(trial_driver, base=base.to_dict(), resources=settings.resources,
-                             storage_path=str(study_dir / "train"), study_id=study_id),
+                             storage_path=storage.join(study_dir, "train"), study_id=study_id),
         {DRIVER_RESOURCE: 1},
     )
     callback = MLflowTrialCallback(settings, parent_run_id, study_id, phase, base_overrides)
-    path = study_dir / phase
-    if settings.resume and tune.Tuner.can_restore(str(path)):
-        tuner = tune.Tuner.restore(str(path), trainable=driver, param_space=param_space, resume_unfinished=True,
+    path = storage.join(study_dir, phase)
+    if settings.resume and tune.Tuner.can_restore(path):
+        tuner = tune.Tuner.restore(path, trainable=driver, param_space=param_space, resume_unfinished=True,
                                    resume_errored=True)
     else:
         tuner = tune.Tuner(
@@ -237,29 +239,108 @@ def run_phase(settings: StudySettings, phase: str, param_space: dict[str, Any], 
             tune_config=tune.TuneConfig(metric=OBJECTIVE, mode="max", num_samples=num_samples,
                                         search_alg=search_alg, scheduler=scheduler,
                                         max_concurrent_trials=_cluster_concurrency(settings)),
-            run_config=tune.RunConfig(name=phase, storage_path=str(study_dir), callbacks=[callback],
+            run_config=tune.RunConfig(name=phase, storage_path=study_dir, callbacks=[callback],
                                       failure_config=tune.FailureConfig(max_failures=0)),
         )
     return tuner.fit()
 
 
-# -- the whole study ----------------------------------------------------------------------------------
+def grid_size(param_space: Mapping[str, Any]) -> int:
+    """How many trials a param space of grid searches expands to."""
+    return math.prod(len(v["grid_search"]) for v in param_space.values() if isinstance(v, dict) and "grid_search" in v)
 
-def _study_identity(settings: StudySettings) -> tuple[str, Path]:
+
+# -- one invocation of a study script --------------------------------------------------------------
+
+def _study_identity(settings: StudySettings) -> tuple[str, str]:
     """A new invocation id, or with --resume the latest invocation of this study under the storage path."""
-    root = Path(settings.storage_path).resolve() / settings.name
-    pointer = root / "latest.json"
+    root = storage.join(storage.resolve(settings.storage_path), settings.name)
+    pointer = storage.join(root, "latest.json")
     if settings.resume:
-        if not pointer.is_file():
+        text = storage.read_text(pointer)
+        if text is None:
             raise ConfigError(f"--resume found no earlier run of study '{settings.name}' under '{root}'; "
                               "run it once without --resume, or pass the --storage-path it used.")
-        study_id = json.loads(pointer.read_text())["id"]
+        study_id = json.loads(text)["id"]
     else:
         study_id = f"{settings.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        root.mkdir(parents=True, exist_ok=True)
-        pointer.write_text(json.dumps({"id": study_id}))
-    return study_id, root / study_id
+        storage.write_text(pointer, json.dumps({"id": study_id}))
+    return study_id, storage.join(root, study_id)
 
+
+@dataclass
+class StudyResult:
+    study_id: str
+    parent_run_id: str
+    summary: Any  # what the study's report was built from
+    text: str
+    interrupted: bool = False
+
+
+class Invocation:
+    """One run of a study script: its id and storage folder, its MLflow parent run, and its phases.
+
+    An interruption shows in two ways: Ctrl-C raising out of Tune, or Tune's first Ctrl-C ending fit()
+    normally with the running trials stopped but not completed (our callback never closed their MLflow
+    runs) and pending ones never started. Either way the remaining phases are skipped and the parent run is
+    closed as KILLED, so `--resume` can pick everything up again.
+    """
+
+    def __init__(self, settings: StudySettings, params: Mapping[str, Any]):
+        self.settings = settings
+        self.study_id, self.folder = _study_identity(settings)
+        self.parent = RunLogger(settings.tracking_uri, settings.experiment_name, key=f"study/{self.study_id}",
+                                run_name=self.study_id, tags={ROLE_TAG: "study", "hamjepa.study": settings.name})
+        self.parent_id = self.parent.start()
+        self.parent.log_params({**params, "study.workers_per_trial": settings.resources.workers,
+                                **settings.base.flatten()})
+        self.parent.log_text(settings.base.to_yaml(), "base_config.yaml")
+        self.interrupted = False
+
+    def run_phase(self, name: str, param_space: dict[str, Any], expected: int, **kwargs) -> None:
+        """Run one phase unless the invocation was interrupted; `expected` = how many trials it should end with."""
+        if self.interrupted:
+            return
+        try:
+            run_phase(self.settings, name, param_space, self.folder, self.study_id, self.parent_id, **kwargs)
+        except KeyboardInterrupt:
+            self.interrupted = True
+            return
+        runs = [r for r in self.records() if r.phase == name]
+        self.interrupted = len(runs) < expected or any(r.status == "running" for r in runs)
+
+    def records(self):
+        from .report import collect_runs
+
+        return collect_runs(self.parent.client, experiment_id(self.parent.client, self.settings.experiment_name),
+                            self.parent_id)
+
+    def finish(self, summary: Any, text: str, artifacts: Mapping[str, str]) -> StudyResult:
+        """Close the parent run: KILLED with a resume hint when interrupted, else log `artifacts` and FINISHED."""
+        if self.interrupted:
+            self.parent.set_tags({STATUS_TAG: "interrupted"})
+            self.parent.finish("KILLED")
+            text += f"Interrupted: continue with the same command and --resume (study {self.study_id}).\n"
+            return StudyResult(self.study_id, self.parent_id, summary, text, interrupted=True)
+        self._close_stale_children()
+        for name, content in artifacts.items():
+            self.parent.log_text(content, name)
+        self.parent.set_tags({STATUS_TAG: "finished"})
+        self.parent.finish("FINISHED")
+        return StudyResult(self.study_id, self.parent_id, summary, text)
+
+    def _close_stale_children(self) -> int:
+        """Runs still RUNNING after every phase ended belong to nothing alive: mark them KILLED."""
+        client = self.parent.client
+        stale = [r for r in self.records() if client.get_run(r.run_id).info.status == "RUNNING"]
+        for record in stale:
+            client.set_tag(record.run_id, STATUS_TAG, "failed")
+            client.set_tag(record.run_id, REASON_TAG, "interrupted and not resumed")
+            client.set_terminated(record.run_id, status="KILLED")
+        return len(stale)
+
+
+# -- the search study ---------------------------------------------------------------------------------
 
 def _search_algorithm(settings: StudySettings, space: Mapping[str, Any], study_id: str,
                       initial_points: list[dict[str, Any]]):
@@ -281,42 +362,6 @@ def _scheduler(settings: StudySettings):
     return ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=max(1, epochs // 4), reduction_factor=2)
 
 
-def _close_stale_children(client, experiment: str, parent_run_id: str) -> int:
-    """Runs of this study still RUNNING after every phase ended belong to nothing alive: mark them KILLED."""
-    from .report import collect_runs
-
-    exp_id = experiment_id(client, experiment)
-    stale = [r for r in collect_runs(client, exp_id, parent_run_id) if client.get_run(r.run_id).info.status
-             == "RUNNING"]
-    for record in stale:
-        client.set_tag(record.run_id, STATUS_TAG, "failed")
-        client.set_tag(record.run_id, REASON_TAG, "interrupted and not resumed")
-        client.set_terminated(record.run_id, status="KILLED")
-    return len(stale)
-
-
-@dataclass
-class StudyResult:
-    study_id: str
-    parent_run_id: str
-    summary: Any  # report.StudySummary
-    text: str
-    interrupted: bool = False
-
-
-def _phase_incomplete(client, settings: StudySettings, parent_run_id: str, phase: str, expected: int) -> bool:
-    """True when a phase ended without every one of its trials reaching a terminal status in MLflow.
-
-    That is how an interruption shows: Tune's first Ctrl-C ends fit() normally, with the running trials
-    stopped but not completed (our callback never closed their runs) and pending ones never started.
-    """
-    from .report import collect_runs
-
-    runs = [r for r in collect_runs(client, experiment_id(client, settings.experiment_name), parent_run_id)
-            if r.phase == phase]
-    return len(runs) < expected or any(r.status == "running" for r in runs)
-
-
 def run_study(settings: StudySettings, space: Mapping[str, Any],
               initial_points: list[dict[str, Any]] | None = None) -> StudyResult:
     """Search, confirm, baseline and (optionally) ablate; log everything; return the summary.
@@ -326,7 +371,7 @@ def run_study(settings: StudySettings, space: Mapping[str, Any],
     """
     from ray import tune
 
-    from .report import collect_runs, objective_plots, summarize, to_csv, to_markdown
+    from .report import objective_plots, summarize, to_csv, to_markdown
 
     validate_search_space(space, settings.base)
     initial_points = list(initial_points or [])
@@ -335,64 +380,39 @@ def run_study(settings: StudySettings, space: Mapping[str, Any],
             raise ConfigError(f"initial point {point} is invalid: it must set exactly the searched keys "
                               f"{', '.join(space)}.")
         settings.base.override(point)
-    study_id, study_dir = _study_identity(settings)
-    parent = RunLogger(settings.tracking_uri, settings.experiment_name, key=f"study/{study_id}", run_name=study_id,
-                       tags={ROLE_TAG: "study", "hamjepa.study": settings.name})
-    parent_id = parent.start()
-    parent.log_params({"study.num_samples": settings.num_samples, "study.seeds": settings.seeds,
-                       "study.early_stopping": settings.early_stopping, "study.search_keys": ",".join(space),
-                       "study.workers_per_trial": settings.resources.workers, "study.seed": settings.seed,
-                       **settings.base.flatten()})
-    parent.log_text(settings.base.to_yaml(), "base_config.yaml")
-    phase = lambda name, param_space, **kw: run_phase(settings, name, param_space, study_dir, study_id,  # noqa: E731
-                                                       parent_id, **kw)
-    interrupted = False
-    try:
-        phase("search", dict(space), num_samples=settings.num_samples,
-              search_alg=_search_algorithm(settings, space, study_id, initial_points), scheduler=_scheduler(settings))
-        interrupted = _phase_incomplete(parent.client, settings, parent_id, "search", settings.num_samples)
-        records = collect_runs(parent.client, experiment_id(parent.client, settings.experiment_name), parent_id)
-        best = summarize(records, list(space)).best
-        best_overrides = {k: _typed(settings.base, k, best.params[k]) for k in space} if best else {}
-        plan = []
-        if best and settings.seeds > 1:
-            plan.append(("confirm", {**best_overrides, "seed": tune.grid_search(list(range(1, settings.seeds)))}))
-        if settings.seeds > 0:
-            plan.append(("baseline", {"method": "sigreg", "seed": tune.grid_search(list(range(settings.seeds)))}))
-        if settings.ablation:
-            plan.append(("ablation", {**best_overrides, "method": settings.ablation,
-                                      "seed": tune.grid_search(list(range(max(1, settings.seeds))))}))
-        for name, param_space in plan:
-            if interrupted:
-                break
-            phase(name, param_space)
-            expected = len(param_space["seed"]["grid_search"])
-            interrupted = _phase_incomplete(parent.client, settings, parent_id, name, expected)
-    except KeyboardInterrupt:
-        interrupted = True
+    study = Invocation(settings, {"study.num_samples": settings.num_samples, "study.seeds": settings.seeds,
+                                  "study.early_stopping": settings.early_stopping, "study.seed": settings.seed,
+                                  "study.search_keys": ",".join(space)})
+    study.run_phase("search", dict(space), settings.num_samples, num_samples=settings.num_samples,
+                    search_alg=_search_algorithm(settings, space, study.study_id, initial_points),
+                    scheduler=_scheduler(settings))
+    best = summarize(study.records(), list(space)).best
+    best_overrides = {k: _typed(settings.base, k, best.params[k]) for k in space} if best else {}
+    plan = []
+    if best and settings.seeds > 1:
+        plan.append(("confirm", {**best_overrides, "seed": tune.grid_search(list(range(1, settings.seeds)))}))
+    if settings.seeds > 0:
+        plan.append(("baseline", {"method": "sigreg", "seed": tune.grid_search(list(range(settings.seeds)))}))
+    if settings.ablation:
+        plan.append(("ablation", {**best_overrides, "method": settings.ablation,
+                                  "seed": tune.grid_search(list(range(max(1, settings.seeds))))}))
+    for name, param_space in plan:
+        study.run_phase(name, param_space, grid_size(param_space))
 
-    records = collect_runs(parent.client, experiment_id(parent.client, settings.experiment_name), parent_id)
+    records = study.records()
     summary = summarize(records, list(space))
-    if interrupted:
-        parent.set_tags({STATUS_TAG: "interrupted"})
-        parent.finish("KILLED")
-        text = to_markdown(summary) + f"Interrupted: continue with the same command and --resume (study {study_id}).\n"
-        return StudyResult(study_id, parent_id, summary, text, interrupted=True)
-
-    _close_stale_children(parent.client, settings.experiment_name, parent_id)
-    parent.log_text(to_markdown(summary), "summary.md")
-    parent.log_text(to_csv(summary), "summary.csv")
-    sigreg_objective = next(cells["SIGReg"].mean for label, cells, _ in summary.rows if label == "val kNN@20")
-    for path in objective_plots(records, list(space), study_dir / "plots", baseline=sigreg_objective):
-        parent.log_artifact(path, "plots")
-    for label, _, delta in summary.rows:
-        if math.isfinite(delta):
-            parent.log_metrics({f"delta/{label.replace(' ', '_').replace('@', '')}": delta}, step=0)
-    if summary.best:
-        parent.log_metrics({f"best/{OBJECTIVE}": summary.best.metrics[OBJECTIVE]}, step=0)
-    parent.set_tags({STATUS_TAG: "finished"})
-    parent.finish("FINISHED")
-    return StudyResult(study_id, parent_id, summary, to_markdown(summary))
+    if not study.interrupted:
+        sigreg_objective = next(cells["SIGReg"].mean for label, cells, _ in summary.rows if label == "val kNN@20")
+        with tempfile.TemporaryDirectory() as folder:
+            for path in objective_plots(records, list(space), Path(folder), baseline=sigreg_objective):
+                study.parent.log_artifact(path, "plots")
+        for label, _, delta in summary.rows:
+            if math.isfinite(delta):
+                study.parent.log_metrics({f"delta/{label.replace(' ', '_').replace('@', '')}": delta}, step=0)
+        if summary.best:
+            study.parent.log_metrics({f"best/{OBJECTIVE}": summary.best.metrics[OBJECTIVE]}, step=0)
+    return study.finish(summary, to_markdown(summary),
+                        {"summary.md": to_markdown(summary), "summary.csv": to_csv(summary)})
 
 
 def _typed(base: Config, key: str, text: str) -> Any:

@@ -5,7 +5,8 @@ report once per epoch (rank 0's metrics reach Ray), checkpoint every epoch, resu
 checkpoint. Batch statistics are global because the objectives all-reduce their sufficient statistics.
 
 Reported metrics (DESIGN.md names): `epoch`, `train/<loss term or diagnostic>`, `train/images_per_s`,
-`train/lr`, `val_knn20_top1` (percent), `diverged` (0/1), `resumed_from_epoch`; after the last epoch also
+`train/lr`, `val_knn20_top1` (percent), `diverged` (0/1), `resumed_from_epoch`, and where it ran (`nodes`,
+`device`, strings that MLflow keeps as tags `hamjepa.nodes`, `hamjepa.device`); after the last epoch also
 the final test metrics of `readouts.final_metrics`. A diverged run reports `diverged = 1`, its
 `diverged_reason`, and finite worst-case accuracies, and returns normally.
 """
@@ -25,7 +26,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from . import readouts
+from . import readouts, storage
 from .config import Config, ConfigError, from_dict
 from .data import load_splits, two_view_dataset
 from .distributed import local_statistics
@@ -81,6 +82,24 @@ def diagnostics(model: JEPAModel, z: torch.Tensor) -> dict[str, float]:
     if potential is not None:
         out["potential_var"] = potential(q).var().item()
     return out
+
+
+def placement(world: int, device: torch.device) -> dict[str, str]:
+    """Where a run trains, as strings MLflow keeps as tags: its workers' Ray node ids and their device.
+
+    Every worker must call it (it gathers across the process group).
+    """
+    import ray
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    here = (ray.get_runtime_context().get_node_id(), name)
+    gathered = [here]
+    if world > 1:
+        gathered = [None] * world
+        torch.distributed.all_gather_object(gathered, here)
+    devices = sorted({d for _, d in gathered})
+    return {"nodes": ",".join(sorted({node for node, _ in gathered})),
+            "device": f"{world} x " + "/".join(devices)}
 
 
 def _training_state(model: JEPAModel, optimizer, scheduler, epoch: int, cfg: Config) -> dict[str, Any]:
@@ -166,6 +185,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         last_epoch = _restore(state, model, optimizer, scheduler)
     resumed_from = last_epoch
     net = DistributedDataParallel(model, device_ids=[device] if use_cuda else None) if world > 1 else model
+    where = placement(world, device)
 
     for epoch in range(last_epoch + 1, cfg.optim.epochs + 1):
         if failure is not None:
@@ -206,7 +226,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             _report(rank, metrics, {"diverged": metrics})
             return
 
-        metrics: dict[str, Any] = {"epoch": epoch, "diverged": 0, "resumed_from_epoch": resumed_from,
+        metrics: dict[str, Any] = {"epoch": epoch, "diverged": 0, "resumed_from_epoch": resumed_from, **where,
                                    "train/lr": scheduler.get_last_lr()[0],
                                    "train/images_per_s": iters_per_epoch * cfg.optim.batch_size / elapsed}
         metrics.update({f"train/{k}": (v / iters_per_epoch).item() for k, v in sums.items()})
@@ -267,7 +287,7 @@ def make_trainer(cfg: Config, resources: Resources, name: str, storage_path: str
         scaling_config=ScalingConfig(num_workers=resources.workers, use_gpu=use_gpu, resources_per_worker=per_worker),
         run_config=RunConfig(
             name=name,
-            storage_path=storage_path or str(Path("ray_results").resolve()),
+            storage_path=storage.resolve(storage_path),
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=list(callbacks),

@@ -12,23 +12,36 @@ def _seed_and_threads():
     yield
 
 
+# The session's Ray is a simulated two-node cluster (ray.cluster_utils.Cluster): a head node holding the
+# trial drivers' resource, like cluster/aws.yaml's head, and one worker node; one CPU each. Custom resources
+# name the nodes, so a test can tell where a run trained.
+HEAD_NODE_RESOURCE = "sim_head_node"
+WORKER_NODE_RESOURCE = "sim_worker_node"
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """One local Ray for the whole test session, sized for 2 CPUs, shut down at the end.
+    """One local Ray for the whole test session, sized for 2 CPUs, shut down at the end; yields its address.
 
     Token authentication is off so that subprocesses (a study driver started by a test) can join it.
     """
     import os
 
     import ray
+    from ray.cluster_utils import Cluster
 
-    os.environ["RAY_AUTH_MODE"] = "disabled"
     from hamjepa.run import DRIVER_RESOURCE
 
-    ray.init(num_cpus=2, resources={DRIVER_RESOURCE: 10_000}, include_dashboard=True,
-             configure_logging=False, log_to_driver=False)
-    yield ray.get_runtime_context().gcs_address
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    node = {"num_cpus": 1, "object_store_memory": 400 * 1024**2}
+    cluster = Cluster(initialize_head=True, head_node_args={
+        **node, "resources": {DRIVER_RESOURCE: 10_000, HEAD_NODE_RESOURCE: 1}, "include_dashboard": True})
+    cluster.add_node(**node, resources={WORKER_NODE_RESOURCE: 1})
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, configure_logging=False, log_to_driver=False)
+    yield cluster.address
     ray.shutdown()
+    cluster.shutdown()
 
 
 def tiny_config(**overrides):

@@ -42,6 +42,9 @@ def test_two_worker_run_reports_every_metric_and_logs_to_mlflow(ray_cluster, tmp
     assert client.get_metric_history(outcome.run_id, "test_knn20_top1")[0].value == pytest.approx(
         outcome.metrics["test_knn20_top1"])
     assert [a.path for a in client.list_artifacts(outcome.run_id)] == ["config.yaml"]
+    # the session cluster has two one-CPU nodes, so the two workers trained on both; MLflow says so
+    assert len(run.data.tags["hamjepa.nodes"].split(",")) == 2
+    assert run.data.tags["hamjepa.device"] == "2 x cpu"
 
 
 @pytest.mark.parametrize("method", ["hamjepa", "sigreg"])

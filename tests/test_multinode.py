@@ -1,0 +1,51 @@
+"""A study on the session's simulated two-node cluster, its state under a storage URI, as on a real cluster.
+
+Marked slow (two Ray Train runs); CI runs it.
+"""
+
+import runpy
+from pathlib import Path
+
+import pytest
+import ray
+from conftest import HEAD_NODE_RESOURCE, WORKER_NODE_RESOURCE
+from mlflow.tracking import MlflowClient
+
+from hamjepa.cli import study_main
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+SEARCH_SPACE = runpy.run_path(str(ROOT / "studies" / "energy_budget.py"))["SEARCH_SPACE"]
+
+
+def test_two_trial_study_lands_on_both_nodes_with_shared_storage(ray_cluster, tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    storage = tmp_path / "shared"
+    # A URI, not a folder: the same code path as s3://bucket/... on a cluster (pyarrow resolves both).
+    code = study_main("energy_budget", SEARCH_SPACE, [
+        "--smoke-test", "--baseline-seeds", "0", "--max-concurrent", "2", "--tracking-uri", uri,
+        "--storage-path", storage.as_uri(), "--address", ray_cluster, "--experiment", "multinode"])
+    assert code == 0
+
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("multinode").experiment_id])
+    trials = [r for r in runs if r.data.tags["hamjepa.role"] == "trial"]
+    assert len(trials) == 2
+    for run in trials:  # complete: finished, every searched param, per-epoch and final metrics
+        assert run.info.status == "FINISHED" and run.data.tags["hamjepa.status"] == "finished"
+        assert set(SEARCH_SPACE) <= set(run.data.params)
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1, 2]
+        assert "test_knn20_top1" in run.data.metrics
+
+    node_kind = {node["NodeID"]: next(r for r in (HEAD_NODE_RESOURCE, WORKER_NODE_RESOURCE) if r in node["Resources"])
+                 for node in ray.nodes() if node["Alive"]}
+    landed = {node_kind[r.data.tags["hamjepa.nodes"]] for r in trials}
+    assert landed == {HEAD_NODE_RESOURCE, WORKER_NODE_RESOURCE}
+
+    # One storage location holds the pointer to the invocation, Tune's experiment and both Train runs.
+    study_id = next(r for r in runs if r.data.tags["hamjepa.role"] == "study").info.run_name
+    assert f'"{study_id}"' in (storage / "energy_budget" / "latest.json").read_text()
+    train_runs = sorted(p.name for p in (storage / "energy_budget" / study_id / "train").iterdir())
+    trial_ids = sorted(f"{study_id}-{r.data.tags['hamjepa.trial_id']}" for r in trials)
+    assert train_runs == trial_ids
+    assert (storage / "energy_budget" / study_id / "search").is_dir()
