@@ -43,13 +43,9 @@ def _train(args: argparse.Namespace) -> int:
     return 0 if outcome.status == "finished" else 1
 
 
-def study_main(name: str, space: dict, argv: list[str] | None = None, initial_points: list[dict] | None = None) -> int:
-    """Command line of a study script (studies/<name>.py): parse, validate, run, print the summary."""
-    parser = argparse.ArgumentParser(prog=f"python studies/{name}.py",
-                                     description=f"HamJEPA study '{name}': Ray Tune + Optuna, SIGReg baselines, "
-                                                 "MLflow.")
-    add_config_arguments(parser, default_profile="quick")
-    parser.add_argument("--num-samples", type=int, help="HamJEPA trials Optuna proposes (default 6; smoke 2)")
+def _add_study_arguments(parser: argparse.ArgumentParser, name: str, default_profile: str | None) -> None:
+    """The flags every study script shares: data and scale, resources, tracking, Ray, resume."""
+    add_config_arguments(parser, default_profile=default_profile)
     parser.add_argument("--epochs", type=int, help="epochs per run (overrides the profile)")
     parser.add_argument("--dataset", choices=DATASETS, help="dataset (sets channels and image size to match)")
     parser.add_argument("--subset", type=int, help="training images (stratified subset; 0 = all)")
@@ -58,29 +54,19 @@ def study_main(name: str, space: dict, argv: list[str] | None = None, initial_po
     parser.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (default 0; 1 with --profile "
                                                               "cifar100/imagenet100)")
     parser.add_argument("--max-concurrent", type=int, default=0, help="trials at once (0 = as many as fit)")
-    parser.add_argument("--baseline-seeds", type=int, help="SIGReg seeds; the best HamJEPA config is retrained "
-                                                             "to match (default 2; smoke 1)")
-    parser.add_argument("--ablation", choices=["mlp"], default="", help="also train MLP-HJEPA (best config)")
-    parser.add_argument("--no-early-stopping", action="store_true", help="switch ASHA off")
     parser.add_argument("--tracking-uri", help="MLflow URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     parser.add_argument("--experiment", help=f"MLflow experiment (default hamjepa-{name})")
     parser.add_argument("--storage-path", help="Tune/Train state: a folder, or s3://... on a cluster (default "
                                                "$HAMJEPA_STORAGE_PATH, else ./ray_results)")
     parser.add_argument("--address", help="Ray cluster address (e.g. auto); default: a local Ray")
-    parser.add_argument("--seed", type=int, default=0, help="Optuna sampler seed")
     parser.add_argument("--resume", action="store_true", help="continue the latest run of this study")
     parser.add_argument("--smoke-test", action="store_true", help="tiny everything (CI)")
-    args = parser.parse_args(argv)
-    try:
-        return _run_study(name, space, args, initial_points)
-    except ConfigError as error:
-        print(f"{parser.prog}: error: {error}", file=sys.stderr)
-        return 2
 
 
-def _run_study(name: str, space: dict, args: argparse.Namespace, initial_points: list[dict] | None) -> int:
+def _study_settings(name: str, args: argparse.Namespace, **fields):
+    """StudySettings from the shared flags (and a script's own `fields`); every input checked, Ray connected."""
     from .run import connect_ray, preflight
-    from .study import StudySettings, run_study
+    from .study import StudySettings
     from .tracking import check_tracking_uri, resolve_tracking_uri
     from .training import Resources
 
@@ -98,22 +84,79 @@ def _run_study(name: str, space: dict, args: argparse.Namespace, initial_points:
     gpus = args.gpus_per_worker if args.gpus_per_worker is not None else (
         1.0 if args.profile in ("cifar100", "imagenet100") else 0.0)
     settings = StudySettings(
-        name=name, base=base,
-        num_samples=args.num_samples if args.num_samples is not None else (2 if args.smoke_test else 6),
-        seeds=args.baseline_seeds if args.baseline_seeds is not None else (1 if args.smoke_test else 2),
-        ablation=args.ablation, early_stopping=not args.no_early_stopping,
-        resources=Resources(args.workers_per_trial, args.cpus_per_worker, gpus),
+        name=name, base=base, resources=Resources(args.workers_per_trial, args.cpus_per_worker, gpus),
         max_concurrent=args.max_concurrent, tracking_uri=resolve_tracking_uri(args.tracking_uri),
-        experiment=args.experiment or "", storage_path=args.storage_path or "", seed=args.seed, resume=args.resume)
+        experiment=args.experiment or "", storage_path=args.storage_path or "", resume=args.resume, **fields)
     check_tracking_uri(settings.tracking_uri)
     preflight(base)
     connect_ray(args.address)
-    result = run_study(settings, space, initial_points)
+    return settings
+
+
+def _print_result(settings, result) -> int:
     print()
     print(result.text, end="")
     print(f"Browse it: mlflow ui --backend-store-uri {settings.tracking_uri}  (experiment "
           f"'{settings.experiment_name}', parent run {result.parent_run_id})")
     return 130 if result.interrupted else 0
+
+
+def _guarded(parser: argparse.ArgumentParser, work) -> int:
+    try:
+        return work()
+    except ConfigError as error:
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        return 2
+
+
+def study_main(name: str, space: dict, argv: list[str] | None = None, initial_points: list[dict] | None = None) -> int:
+    """Command line of a search study (studies/<name>.py): parse, validate, run, print the summary."""
+    parser = argparse.ArgumentParser(prog=f"python studies/{name}.py",
+                                     description=f"HamJEPA study '{name}': Ray Tune + Optuna, SIGReg baselines, "
+                                                 "MLflow.")
+    _add_study_arguments(parser, name, default_profile="quick")
+    parser.add_argument("--num-samples", type=int, help="HamJEPA trials Optuna proposes (default 6; smoke 2)")
+    parser.add_argument("--baseline-seeds", type=int, help="SIGReg seeds; the best HamJEPA config is retrained "
+                                                             "to match (default 2; smoke 1)")
+    parser.add_argument("--ablation", choices=["mlp"], default="", help="also train MLP-HJEPA (best config)")
+    parser.add_argument("--no-early-stopping", action="store_true", help="switch ASHA off")
+    parser.add_argument("--seed", type=int, default=0, help="Optuna sampler seed")
+    args = parser.parse_args(argv)
+
+    def work() -> int:
+        from .study import run_study
+
+        settings = _study_settings(
+            name, args, num_samples=args.num_samples if args.num_samples is not None else (2 if args.smoke_test else 6),
+            seeds=args.baseline_seeds if args.baseline_seeds is not None else (1 if args.smoke_test else 2),
+            ablation=args.ablation, early_stopping=not args.no_early_stopping, seed=args.seed)
+        return _print_result(settings, run_study(settings, space, initial_points))
+
+    return _guarded(parser, work)
+
+
+def reproduce_main(argv: list[str] | None = None) -> int:
+    """Command line of studies/reproduce_paper.py: the paper's comparison as fixed runs, then its table."""
+    parser = argparse.ArgumentParser(prog="python studies/reproduce_paper.py",
+                                     description="The paper's CIFAR-100 comparison: SIGReg, HamJEPA (q, p, qp "
+                                                 "readouts) and MLP-HJEPA on the same seeds, beside the paper's "
+                                                 "numbers. Use --epochs 80 for the paper's longer schedule.")
+    _add_study_arguments(parser, "reproduce_paper", default_profile=None)
+    parser.add_argument("--seeds", type=int, help="seeds per method (default 3, as in the paper; smoke 1)")
+    args = parser.parse_args(argv)
+    if args.profile is None:  # the paper's protocol; a smoke test stays offline and tiny
+        args.profile = "quick" if args.smoke_test else "cifar100"
+
+    def work() -> int:
+        from .reproduce import run_reproduction
+
+        seeds = args.seeds if args.seeds is not None else (1 if args.smoke_test else 3)
+        if seeds < 1:
+            raise ConfigError(f"--seeds = {seeds} is invalid: must be an integer >= 1.")
+        settings = _study_settings("reproduce_paper", args, seeds=seeds, early_stopping=False)
+        return _print_result(settings, run_reproduction(settings))
+
+    return _guarded(parser, work)
 
 
 def _print_config(args: argparse.Namespace) -> int:

@@ -1,0 +1,177 @@
+"""The paper's comparison as fixed runs: SIGReg, HamJEPA and MLP-HJEPA, each on the same seeds, no search.
+
+One Tune experiment (phase `reproduce`) over method x seed, logged like a study (parent run, one child run
+per training, resumable with --resume), ending in the paper's table: rows are settings, columns SIGReg and
+the HamJEPA readouts q, p, qp, cells "test kNN@20 / linear probe top-1" as mean +/- std over seeds, with
+the paper's own row (METHOD.md 8) under each of ours.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import Config
+from .paper import COLUMN_TITLES, COLUMNS, DATASET_TITLES, PaperRow, reference_row
+from .report import Cell, RunRecord
+from .study import Invocation, StudyResult, StudySettings, grid_size
+
+PHASE = "reproduce"
+METHODS = ("sigreg", "hamjepa", "mlp")
+FAMILY_TITLES = {"hamjepa": "SIGReg and HamJEPA", "mlp": "MLP-HJEPA"}
+
+
+@dataclass
+class TableRow:
+    """One printed row: ours (cells of seeds) or the paper's (cells of reported numbers)."""
+
+    label: str
+    family: str
+    source: str  # "ours" | "paper"
+    cells: dict[str, tuple[Cell, Cell]]  # column title -> (kNN@20, linear probe)
+
+
+@dataclass
+class ReproductionTable:
+    rows: list[TableRow]
+    notes: list[str]
+
+
+def _columns(family: str) -> list[tuple[str, str, str]]:
+    """(title, method, readout) of the columns a family fills: MLP-HJEPA fills the HamJEPA readouts."""
+    if family == "mlp":
+        return [(title, "mlp", readout) for title, (method, readout) in zip(COLUMN_TITLES, COLUMNS)
+                if method == "hamjepa"]
+    return [(title, method, readout) for title, (method, readout) in zip(COLUMN_TITLES, COLUMNS)]
+
+
+def setting_title(cfg: Config, seeds: int) -> str:
+    dataset = DATASET_TITLES.get(cfg.data.dataset, cfg.data.dataset)
+    subset = f" ({cfg.data.subset} images)" if cfg.data.subset else ""
+    return f"{dataset}{subset}, {cfg.optim.epochs} ep, {seeds} seed{'s' if seeds != 1 else ''}"
+
+
+def build_table(records: Sequence[RunRecord], base: Config, seeds: int) -> ReproductionTable:
+    """Ours from MLflow's complete runs of the reproduction, the paper's beside them; every row always present."""
+    runs = [r for r in records if r.phase == PHASE and r.complete]
+    rows: list[TableRow] = []
+    notes: list[str] = []
+    for family in ("hamjepa", "mlp"):
+        paper, caveat = reference_row(family, base.data.dataset, base.optim.epochs)
+        sigreg_readout = paper.sigreg_readout if paper and not caveat else "qp"
+        ours: dict[str, tuple[Cell, Cell]] = {}
+        for title, method, readout in _columns(family):
+            readout = sigreg_readout if method == "sigreg" else readout
+            of_method = [r for r in runs if r.method == method]
+            ours[title] = (Cell([r.metrics[f"test_knn20_top1_{readout}"] for r in of_method]),
+                           Cell([r.metrics[f"test_linprobe_top1_{readout}"] for r in of_method]))
+        prefix = "MLP-HJEPA, " if family == "mlp" else ""
+        rows.append(TableRow(f"ours: {prefix}{setting_title(base, seeds)}", family, "ours", ours))
+        rows.append(_paper_row(family, paper, caveat))
+    sigreg, hamjepa_q = rows[0].cells[COLUMN_TITLES[0]][0], rows[0].cells[COLUMN_TITLES[1]][0]
+    paper = reference_row("hamjepa", base.data.dataset, base.optim.epochs)[0]
+    ours_delta = f"{hamjepa_q.mean - sigreg.mean:+.2f}" if sigreg.n and hamjepa_q.n else "-"
+    paper_delta = f"{paper.cells['q'][0] - paper.cells['sigreg'][0]:+.2f}" if paper else "-"
+    notes.append(f"HamJEPA q - SIGReg, test kNN@20: ours {ours_delta} points, paper {paper_delta} "
+                 f"({paper.title if paper else 'no reference'}).")
+    missing = [r for r in records if r.phase == PHASE and not r.complete]
+    if missing:
+        notes.append("Not in the table (did not finish): " + ", ".join(
+            f"{r.name} ({r.status}{': ' + r.reason if r.reason else ''})" for r in missing) + ".")
+    return ReproductionTable(rows, notes)
+
+
+def _paper_row(family: str, paper: PaperRow | None, caveat: str) -> TableRow:
+    if paper is None:
+        return TableRow(f"paper: {FAMILY_TITLES[family]} not reported", family, "paper", {})
+    caveat = f" ({caveat})" if caveat else ""
+    cells = {}
+    for title, method, readout in _columns(family):
+        key = "sigreg" if method == "sigreg" else readout
+        if key in paper.cells:
+            knn, probe = paper.cells[key]
+            cells[title] = (Cell([knn]), Cell([probe]))
+    return TableRow(f"paper: {paper.title}{caveat}", family, "paper", cells)
+
+
+def _cell_text(knn: Cell, probe: Cell, seeds: int, source: str) -> str:
+    if not knn.n:
+        return ""
+    if source == "paper":
+        return f"{knn.mean:.2f} / {probe.mean:.2f}"
+    spread = lambda c: f" +/- {c.std:.2f}" if c.n > 1 else ""  # noqa: E731
+    short = f" (n={knn.n})" if knn.n < seeds else ""
+    return f"{knn.mean:.2f}{spread(knn)} / {probe.mean:.2f}{spread(probe)}{short}"
+
+
+def to_markdown(table: ReproductionTable, seeds: int) -> str:
+    lines = ["Test kNN@20 / linear probe top-1 (%), mean +/- std over seeds; the paper's numbers in the row below "
+             "ours.", "", "| setting | " + " | ".join(COLUMN_TITLES) + " |", "|---" * (len(COLUMN_TITLES) + 1) + "|"]
+    for row in table.rows:
+        cells = [_cell_text(*row.cells[t], seeds, row.source) if t in row.cells else "" for t in COLUMN_TITLES]
+        lines.append(f"| {row.label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines + [""] + table.notes) + "\n"
+
+
+def to_csv(table: ReproductionTable) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["setting", "source", "column", "metric", "mean", "std", "n"])
+    for row in table.rows:
+        for title, (knn, probe) in row.cells.items():
+            for metric, cell in (("test_knn20_top1", knn), ("test_linprobe_top1", probe)):
+                writer.writerow([row.label, row.source, title, metric, *(f"{v:.4f}" if math.isfinite(v) else ""
+                                                                          for v in (cell.mean, cell.std)), cell.n])
+    return buffer.getvalue()
+
+
+def comparison_plot(table: ReproductionTable, path: Path) -> Path:
+    """Grouped bars, ours (with the std over seeds) beside the paper's, per column and metric."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+    for axis, (index, metric) in zip(axes, ((0, "test kNN@20 top-1 (%)"), (1, "linear probe top-1 (%)"))):
+        labels = [f"{row.family}:{title}" for row in table.rows if row.source == "ours" for title in row.cells]
+        for offset, source, colour in ((-0.2, "ours", "tab:blue"), (0.2, "paper", "tab:gray")):
+            rows = {row.family: row for row in table.rows if row.source == source}
+            heights, errors = [], []
+            for label in labels:
+                family, title = label.split(":")
+                cell = rows[family].cells[title][index] if title in rows[family].cells else Cell([])
+                heights.append(cell.mean if cell.n else 0.0)
+                errors.append(cell.std if cell.n > 1 else 0.0)
+            axis.bar([i + offset for i in range(len(labels))], heights, width=0.4, color=colour, label=source,
+                     yerr=errors if any(errors) else None, capsize=2)
+        axis.set_xticks(range(len(labels)))
+        axis.set_xticklabels([label.replace("hamjepa:", "").replace("mlp:HamJEPA", "MLP") for label in labels],
+                             rotation=30, ha="right", fontsize=8)
+        axis.set_ylabel(metric)
+        axis.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def run_reproduction(settings: StudySettings) -> StudyResult:
+    """Train every method on seeds 0..settings.seeds-1, log them as one study, return the paper table."""
+    from ray import tune
+
+    study = Invocation(settings, {"study.seeds": settings.seeds, "study.methods": ",".join(METHODS)})
+    param_space = {"method": tune.grid_search(list(METHODS)), "seed": tune.grid_search(list(range(settings.seeds)))}
+    study.run_phase(PHASE, param_space, grid_size(param_space))
+    table = build_table(study.records(), settings.base, settings.seeds)
+    text = to_markdown(table, settings.seeds)
+    if not study.interrupted:
+        with tempfile.TemporaryDirectory() as folder:
+            study.parent.log_artifact(comparison_plot(table, Path(folder) / "paper_comparison.png"))
+    return study.finish(table, text, {"paper_table.md": text, "paper_table.csv": to_csv(table)})
