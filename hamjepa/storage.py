@@ -40,14 +40,17 @@ def _filesystem(path: str):
 
 
 def read_text(path: str) -> str | None:
-    """The file's text, or None when it does not exist."""
+    """The file's text, or None when it does not exist; one sentence if the location cannot be read."""
     import pyarrow.fs
 
-    fs, inner = _filesystem(path)
-    if fs.get_file_info(inner).type != pyarrow.fs.FileType.File:
-        return None
-    with fs.open_input_stream(inner) as stream:
-        return stream.read().decode()
+    try:
+        fs, inner = _filesystem(path)
+        if fs.get_file_info(inner).type != pyarrow.fs.FileType.File:
+            return None
+        with fs.open_input_stream(inner) as stream:
+            return stream.read().decode()
+    except (OSError, ValueError) as error:
+        raise _unreachable(path, "read", error) from None
 
 
 def write_text(path: str, text: str) -> None:
@@ -58,6 +61,10 @@ def write_text(path: str, text: str) -> None:
         with fs.open_output_stream(inner) as stream:
             stream.write(text.encode())
     except (OSError, ValueError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ConfigError(f"--storage-path cannot be written at '{path}' ({first_line}); pass a writable folder "
-                          "or a bucket this machine has credentials for.") from None
+        raise _unreachable(path, "written", error) from None
+
+
+def _unreachable(path: str, verb: str, error: Exception) -> ConfigError:
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return ConfigError(f"--storage-path cannot be {verb} at '{path}' ({first_line}); pass a folder, or a bucket "
+                       "this machine has credentials for.")
