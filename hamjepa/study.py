@@ -196,11 +196,23 @@ def trial_outcome(last: Mapping[str, Any], epochs: int) -> tuple[str, str]:
 
 # -- running a phase ----------------------------------------------------------------------------------
 
-def _cluster_concurrency(settings: StudySettings) -> int:
-    """How many trials fit at once: workers' CPUs (and GPUs) against the cluster's totals."""
+def cluster_capacity() -> dict[str, float]:
+    """The most the cluster can offer: an autoscaling cluster's maximum (from its launcher config, the way Ray
+    Train checks it), else what it has now. A GPU cluster scaling from zero has no GPU until trials ask."""
     import ray
+    from ray._private.state import state
 
-    total = ray.cluster_resources()
+    try:
+        most = state.get_max_resources_from_cluster_config() or {}
+    except Exception:  # noqa: BLE001 - a private API: without it we plan with what is there now
+        most = {}
+    now = ray.cluster_resources()
+    return {key: max(now.get(key, 0.0), most.get(key, 0.0)) for key in {*now, *most}}
+
+
+def _cluster_concurrency(settings: StudySettings) -> int:
+    """How many trials fit at once: workers' CPUs (and GPUs) against the cluster's capacity."""
+    total = cluster_capacity()
     if DRIVER_RESOURCE not in total:
         raise ConfigError(f"the Ray cluster has no '{DRIVER_RESOURCE}' resource for trial drivers; start its head "
                           f"with --resources='{{\"{DRIVER_RESOURCE}\": 1000}}' (cluster/aws.yaml does).")
@@ -210,7 +222,7 @@ def _cluster_concurrency(settings: StudySettings) -> int:
         fits = min(fits, int(total.get("GPU", 0) // (r.workers * r.gpus_per_worker)))
     if fits < 1:
         raise ConfigError(f"one trial needs {r.workers} x {r.cpus_per_worker} CPUs and {r.workers} x "
-                          f"{r.gpus_per_worker} GPUs but the cluster has {total.get('CPU', 0):g} CPUs and "
+                          f"{r.gpus_per_worker} GPUs but the cluster has at most {total.get('CPU', 0):g} CPUs and "
                           f"{total.get('GPU', 0):g} GPUs; lower --workers-per-trial or the per-worker resources.")
     return min(fits, settings.max_concurrent) if settings.max_concurrent else fits
 

@@ -95,6 +95,8 @@ def test_mlflow_server_on_the_head_private_address_with_artifacts_in_the_bucket(
     assert "MLFLOW_TRACKING_URI=http://$(hostname -I" in _commands("head_setup_commands")
     assert "MLFLOW_TRACKING_URI=http://$RAY_HEAD_IP:5000" in _commands("worker_setup_commands")
     assert f"{ENVIRONMENT_VARIABLE}=s3://$HAMJEPA_BUCKET/" in _commands("setup_commands")
+    # trials wait for GPU nodes to boot (minutes) rather than time out after Ray Train's default minute
+    assert int(re.search(r"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S=(\d+)", CODE).group(1)) >= 600
 
 
 def test_the_bucket_is_named_once_and_no_secrets_are_in_the_file():

@@ -1,23 +1,27 @@
 """A study on the session's simulated two-node cluster, its state under a storage URI, as on a real cluster.
 
-Marked slow (two Ray Train runs); CI runs it.
+The study is marked slow (two Ray Train runs); CI runs it.
 """
 
 import runpy
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import ray
-from conftest import HEAD_NODE_RESOURCE, WORKER_NODE_RESOURCE
+from conftest import HEAD_NODE_RESOURCE, WORKER_NODE_RESOURCE, tiny_config
 from mlflow.tracking import MlflowClient
 
 from hamjepa.cli import study_main
+from hamjepa.config import ConfigError
+from hamjepa.study import StudySettings, _cluster_concurrency
+from hamjepa.training import Resources
 
-pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 SEARCH_SPACE = runpy.run_path(str(ROOT / "studies" / "energy_budget.py"))["SEARCH_SPACE"]
 
 
+@pytest.mark.slow
 def test_two_trial_study_lands_on_both_nodes_with_shared_storage(ray_cluster, tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     storage = tmp_path / "shared"
@@ -49,3 +53,15 @@ def test_two_trial_study_lands_on_both_nodes_with_shared_storage(ray_cluster, tm
     trial_ids = sorted(f"{study_id}-{r.data.tags['hamjepa.trial_id']}" for r in trials)
     assert train_runs == trial_ids
     assert (storage / "energy_budget" / study_id / "search").is_dir()
+
+
+def test_trials_are_planned_for_an_autoscaling_clusters_maximum(ray_cluster, monkeypatch):
+    """A GPU cluster scaling from zero has no GPU when a study starts: plan for what its config allows."""
+    from ray._private.state import state
+
+    settings = StudySettings("planning", tiny_config(), resources=Resources(1, 1.0, 1.0))
+    with pytest.raises(ConfigError, match="at most 2 CPUs and 0 GPUs"):  # this fixed-size cluster: refused
+        _cluster_concurrency(settings)
+    monkeypatch.setattr(state, "get_max_resources_from_cluster_config", lambda: {"CPU": 136.0, "GPU": 16.0})
+    assert _cluster_concurrency(settings) == 16  # cluster/aws.yaml at full size: 8 x 1 + 2 x 4 GPUs
+    assert _cluster_concurrency(replace(settings, max_concurrent=3)) == 3
