@@ -73,17 +73,23 @@ def build_table(records: Sequence[RunRecord], base: Config, seeds: int) -> Repro
         prefix = "MLP-HJEPA, " if family == "mlp" else ""
         rows.append(TableRow(f"ours: {prefix}{setting_title(base, seeds)}", family, "ours", ours))
         rows.append(_paper_row(family, paper, caveat))
-    sigreg, hamjepa_q = rows[0].cells[COLUMN_TITLES[0]][0], rows[0].cells[COLUMN_TITLES[1]][0]
-    paper = reference_row("hamjepa", base.data.dataset, base.optim.epochs)[0]
-    ours_delta = f"{hamjepa_q.mean - sigreg.mean:+.2f}" if sigreg.n and hamjepa_q.n else "-"
-    paper_delta = f"{paper.cells['q'][0] - paper.cells['sigreg'][0]:+.2f}" if paper else "-"
-    notes.append(f"HamJEPA q - SIGReg, test kNN@20: ours {ours_delta} points, paper {paper_delta} "
-                 f"({paper.title if paper else 'no reference'}).")
+    notes.append(_headline(rows[0], reference_row("hamjepa", base.data.dataset, base.optim.epochs)[0]))
     missing = [r for r in records if r.phase == PHASE and not r.complete]
     if missing:
         notes.append("Not in the table (did not finish): " + ", ".join(
             f"{r.name} ({r.status}{': ' + r.reason if r.reason else ''})" for r in missing) + ".")
     return ReproductionTable(rows, notes)
+
+
+def _headline(ours: TableRow, paper: PaperRow | None) -> str:
+    """The paper's headline number: HamJEPA q minus SIGReg in test kNN@20, ours beside theirs."""
+    sigreg, hamjepa_q = ours.cells[COLUMN_TITLES[0]][0], ours.cells[COLUMN_TITLES[1]][0]
+    ours_delta = f"{hamjepa_q.mean - sigreg.mean:+.2f}" if sigreg.n and hamjepa_q.n else "-"
+    if paper is None:
+        return f"HamJEPA q - SIGReg, test kNN@20: ours {ours_delta} points."
+    paper_delta = paper.cells["q"][0] - paper.cells["sigreg"][0]
+    return (f"HamJEPA q - SIGReg, test kNN@20: ours {ours_delta} points, paper {paper_delta:+.2f} "
+            f"({paper.title}).")
 
 
 def _paper_row(family: str, paper: PaperRow | None, caveat: str) -> TableRow:
