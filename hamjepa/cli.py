@@ -63,14 +63,17 @@ def _add_study_arguments(parser: argparse.ArgumentParser, name: str, default_pro
     parser.add_argument("--smoke-test", action="store_true", help="tiny everything (CI)")
 
 
-def _study_settings(name: str, args: argparse.Namespace, **fields):
-    """StudySettings from the shared flags (and a script's own `fields`); every input checked, Ray connected."""
+def _study_settings(name: str, args: argparse.Namespace, protocol: dict | None = None, **fields):
+    """StudySettings from the shared flags (and a script's own `fields`); every input checked, Ray connected.
+
+    `protocol`: a script's own config overrides, applied before --smoke-test, the flags and --set.
+    """
     from .run import connect_ray, preflight
     from .study import StudySettings
     from .tracking import check_tracking_uri, resolve_tracking_uri
     from .training import Resources
 
-    overrides = dict(SMOKE_OVERRIDES) if args.smoke_test else {}
+    overrides = {**(protocol or {}), **(SMOKE_OVERRIDES if args.smoke_test else {})}
     if args.dataset:
         overrides.update({"data.dataset": args.dataset, **DATASET_OVERRIDES.get(args.dataset, {})})
     if args.epochs is not None:
@@ -153,7 +156,9 @@ def reproduce_main(argv: list[str] | None = None) -> int:
         seeds = args.seeds if args.seeds is not None else (1 if args.smoke_test else 3)
         if seeds < 1:
             raise ConfigError(f"--seeds = {seeds} is invalid: must be an integer >= 1.")
-        settings = _study_settings("reproduce_paper", args, seeds=seeds, early_stopping=False)
+        # The paper's protocol: train, and take kNN neighbours, on the whole training split (METHOD.md 7).
+        settings = _study_settings("reproduce_paper", args, protocol={"data.val_fraction": 0}, seeds=seeds,
+                                   early_stopping=False, searches=False)
         return _print_result(settings, run_reproduction(settings))
 
     return _guarded(parser, work)

@@ -60,6 +60,7 @@ class StudySettings:
     storage_path: str = ""  # "" = $HAMJEPA_STORAGE_PATH or ./ray_results
     seed: int = 0  # Optuna's sampler seed
     resume: bool = False
+    searches: bool = True  # False for fixed runs (reproduce_paper): no objective, so no validation split needed
 
     def __post_init__(self) -> None:
         if self.num_samples < 1:
@@ -70,7 +71,7 @@ class StudySettings:
             raise ConfigError(f"--ablation = {self.ablation!r} is invalid: the only ablation is 'mlp'.")
         if self.max_concurrent < 0:
             raise ConfigError(f"--max-concurrent = {self.max_concurrent} is invalid: must be >= 0 (0 = automatic).")
-        if self.base.data.val_fraction <= 0:
+        if self.searches and self.base.data.val_fraction <= 0:
             raise ConfigError("config field 'data.val_fraction' = 0 is invalid for a study: the objective is "
                               "measured on the validation split, so it must be in (0, 1).")
         self.resources.validate(self.base)
@@ -248,7 +249,9 @@ def run_phase(settings: StudySettings, phase: str, param_space: dict[str, Any], 
         tuner = tune.Tuner(
             driver,
             param_space=param_space,
-            tune_config=tune.TuneConfig(metric=OBJECTIVE, mode="max", num_samples=num_samples,
+            # Only a search or a scheduler needs the objective (Tune then requires it in every result).
+            tune_config=tune.TuneConfig(metric=OBJECTIVE if search_alg or scheduler else None,
+                                        mode="max" if search_alg or scheduler else None, num_samples=num_samples,
                                         search_alg=search_alg, scheduler=scheduler,
                                         max_concurrent_trials=_cluster_concurrency(settings)),
             run_config=tune.RunConfig(name=phase, storage_path=study_dir, callbacks=[callback],
@@ -395,21 +398,24 @@ def run_study(settings: StudySettings, space: Mapping[str, Any],
     study = Invocation(settings, {"study.num_samples": settings.num_samples, "study.seeds": settings.seeds,
                                   "study.early_stopping": settings.early_stopping, "study.seed": settings.seed,
                                   "study.search_keys": ",".join(space)})
-    study.run_phase("search", dict(space), settings.num_samples, num_samples=settings.num_samples,
-                    search_alg=_search_algorithm(settings, space, study.study_id, initial_points),
-                    scheduler=_scheduler(settings))
-    best = summarize(study.records(), list(space)).best
-    best_overrides = {k: _typed(settings.base, k, best.params[k]) for k in space} if best else {}
-    plan = []
-    if best and settings.seeds > 1:
-        plan.append(("confirm", {**best_overrides, "seed": tune.grid_search(list(range(1, settings.seeds)))}))
-    if settings.seeds > 0:
-        plan.append(("baseline", {"method": "sigreg", "seed": tune.grid_search(list(range(settings.seeds)))}))
-    if settings.ablation:
-        plan.append(("ablation", {**best_overrides, "method": settings.ablation,
-                                  "seed": tune.grid_search(list(range(max(1, settings.seeds))))}))
-    for name, param_space in plan:
-        study.run_phase(name, param_space, grid_size(param_space))
+    try:
+        study.run_phase("search", dict(space), settings.num_samples, num_samples=settings.num_samples,
+                        search_alg=_search_algorithm(settings, space, study.study_id, initial_points),
+                        scheduler=_scheduler(settings))
+        best = summarize(study.records(), list(space)).best
+        best_overrides = {k: _typed(settings.base, k, best.params[k]) for k in space} if best else {}
+        plan = []
+        if best and settings.seeds > 1:
+            plan.append(("confirm", {**best_overrides, "seed": tune.grid_search(list(range(1, settings.seeds)))}))
+        if settings.seeds > 0:
+            plan.append(("baseline", {"method": "sigreg", "seed": tune.grid_search(list(range(settings.seeds)))}))
+        if settings.ablation:
+            plan.append(("ablation", {**best_overrides, "method": settings.ablation,
+                                      "seed": tune.grid_search(list(range(max(1, settings.seeds))))}))
+        for name, param_space in plan:
+            study.run_phase(name, param_space, grid_size(param_space))
+    except KeyboardInterrupt:  # outside a phase (e.g. while the next one is planned): the same as inside
+        study.interrupted = True
 
     records = study.records()
     summary = summarize(records, list(space))

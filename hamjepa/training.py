@@ -236,7 +236,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 z = model.encoder(view_a)
             with local_statistics():
                 metrics.update({f"train/{k}": v for k, v in diagnostics(model, z).items()})
-            metrics["val_knn20_top1"] = readouts.validation_knn(model, splits, cfg, device)
+            if len(splits.val):  # no validation split (fixed runs on the whole training set): no such metric
+                metrics["val_knn20_top1"] = readouts.validation_knn(model, splits, cfg, device)
             if epoch == cfg.optim.epochs:
                 metrics.update(readouts.final_metrics(model, splits, cfg, device))
         _report(rank, metrics, _training_state(model, optimizer, scheduler, epoch, cfg) if rank == 0 else {})

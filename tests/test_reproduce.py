@@ -67,11 +67,13 @@ def test_paper_rows_are_matched_by_dataset_and_schedule():
     assert PAPER_ROWS[1].cells["q"][0] - PAPER_ROWS[1].cells["sigreg"][0] == pytest.approx(6.45)
 
 
-def test_imagenet_sigreg_column_reads_the_q_half():
+@pytest.mark.parametrize("epochs", [45, 100])
+def test_imagenet_sigreg_column_reads_the_q_half_like_the_papers(epochs):
     records = [_record("sigreg", 0, 20.0, 25.0), _record("hamjepa", 0, 30.0, 33.0)]
-    base = profile("imagenet100")
+    base = profile("imagenet100", {"optim.epochs": epochs})
     table = build_table(records, base, seeds=1)
-    assert table.rows[0].cells["SIGReg"][0].values == [20.0]  # q (+0), not qp (+2)
+    assert table.rows[0].cells["SIGReg"][0].values == [20.0]  # q (+0), not qp (+2), at any schedule
+    assert table.rows[1].cells["SIGReg"][0].values == [20.10]
 
 
 def test_seeds_must_be_positive(capsys, tmp_path):
@@ -95,6 +97,9 @@ def test_smoke_reproduction_logs_every_run_and_prints_every_row(ray_cluster, tmp
     assert parent.info.status == "FINISHED"
     assert sorted(c.data.tags["hamjepa.method"] for c in children) == ["hamjepa", "mlp", "sigreg"]
     assert all(c.info.status == "FINISHED" and c.data.params["optim.epochs"] == "2" for c in children)
+    # the paper's protocol: the whole training split, so no validation split and no validation metric
+    assert all(c.data.params["data.val_fraction"] == "0.0" and "val_knn20_top1" not in c.data.metrics
+               for c in children)
     assert {"paper_table.md", "paper_table.csv", "paper_comparison.png"} <= {
         a.path for a in client.list_artifacts(parent.info.run_id)}
 
