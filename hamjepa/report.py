@@ -34,10 +34,11 @@ class RunRecord:
     name: str
     phase: str
     method: str
-    status: str  # finished | stopped | diverged | failed | running
+    status: str  # ours (the hamjepa.status tag): finished | stopped | diverged | failed | running
     reason: str
     params: dict[str, str]
     metrics: dict[str, float]
+    run_status: str = ""  # MLflow's: RUNNING | FINISHED | FAILED | KILLED
 
     @property
     def complete(self) -> bool:
@@ -50,7 +51,8 @@ def collect_runs(client: MlflowClient, experiment_id: str, parent_run_id: str) -
                               max_results=5000)
     return [RunRecord(run.info.run_id, run.info.run_name, run.data.tags.get("hamjepa.phase", ""),
                       run.data.tags.get(METHOD_TAG, ""), run.data.tags.get("hamjepa.status", "running"),
-                      run.data.tags.get("hamjepa.reason", ""), dict(run.data.params), dict(run.data.metrics))
+                      run.data.tags.get("hamjepa.reason", ""), dict(run.data.params), dict(run.data.metrics),
+                      run.info.status)
             for run in runs]
 
 

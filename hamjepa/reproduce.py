@@ -144,22 +144,18 @@ def comparison_plot(table: ReproductionTable, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    bars = [(row.family, title) for row in table.rows if row.source == "ours" for title in row.cells]
+    names = [title.replace("HamJEPA", "MLP") if family == "mlp" else title for family, title in bars]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
     for axis, (index, metric) in zip(axes, ((0, "test kNN@20 top-1 (%)"), (1, "linear probe top-1 (%)"))):
-        labels = [f"{row.family}:{title}" for row in table.rows if row.source == "ours" for title in row.cells]
         for offset, source, colour in ((-0.2, "ours", "tab:blue"), (0.2, "paper", "tab:gray")):
             rows = {row.family: row for row in table.rows if row.source == source}
-            heights, errors = [], []
-            for label in labels:
-                family, title = label.split(":")
-                cell = rows[family].cells[title][index] if title in rows[family].cells else Cell([])
-                heights.append(cell.mean if cell.n else 0.0)
-                errors.append(cell.std if cell.n > 1 else 0.0)
-            axis.bar([i + offset for i in range(len(labels))], heights, width=0.4, color=colour, label=source,
-                     yerr=errors if any(errors) else None, capsize=2)
-        axis.set_xticks(range(len(labels)))
-        axis.set_xticklabels([label.replace("hamjepa:", "").replace("mlp:HamJEPA", "MLP") for label in labels],
-                             rotation=30, ha="right", fontsize=8)
+            cells = [rows[family].cells.get(title, (Cell([]), Cell([])))[index] for family, title in bars]
+            errors = [cell.std if cell.n > 1 else 0.0 for cell in cells]
+            axis.bar([i + offset for i in range(len(bars))], [cell.mean if cell.n else 0.0 for cell in cells],
+                     width=0.4, color=colour, label=source, yerr=errors if any(errors) else None, capsize=2)
+        axis.set_xticks(range(len(bars)))
+        axis.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
         axis.set_ylabel(metric)
         axis.grid(axis="y", alpha=0.3)
     axes[0].legend(fontsize=8)

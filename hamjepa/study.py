@@ -28,12 +28,11 @@ from ray.tune import Callback
 
 from . import storage
 from .config import Config, ConfigError, from_dict
+from .report import OBJECTIVE
 from .run import DRIVER_RESOURCE
 from .tracking import METHOD_TAG, ROLE_TAG, RunLogger, experiment_id
 from .training import Resources, make_trainer
 
-OBJECTIVE = "val_knn20_top1"
-PHASES = ("search", "confirm", "baseline", "ablation")
 # Metrics of ours in a Tune result (Tune adds its own bookkeeping keys, which MLflow does not need).
 _OUR_PREFIXES = ("epoch", "train/", "val_", "test_", "effective_rank", "participation_ratio", "diverged",
                  "failed", "resumed_from_epoch", "nodes", "device")
@@ -307,6 +306,7 @@ class Invocation:
         self.parent = RunLogger(settings.tracking_uri, settings.experiment_name, key=f"study/{self.study_id}",
                                 run_name=self.study_id, tags={ROLE_TAG: "study", "hamjepa.study": settings.name})
         self.parent_id = self.parent.start()
+        self.experiment_id = experiment_id(self.parent.client, settings.experiment_name)
         self.parent.log_params({**params, "study.workers_per_trial": settings.resources.workers,
                                 **settings.base.flatten()})
         self.parent.log_text(settings.base.to_yaml(), "base_config.yaml")
@@ -327,8 +327,7 @@ class Invocation:
     def records(self):
         from .report import collect_runs
 
-        return collect_runs(self.parent.client, experiment_id(self.parent.client, self.settings.experiment_name),
-                            self.parent_id)
+        return collect_runs(self.parent.client, self.experiment_id, self.parent_id)
 
     def finish(self, summary: Any, text: str, artifacts: Mapping[str, str]) -> StudyResult:
         """Close the parent run: KILLED with a resume hint when interrupted, else log `artifacts` and FINISHED."""
@@ -344,15 +343,14 @@ class Invocation:
         self.parent.finish("FINISHED")
         return StudyResult(self.study_id, self.parent_id, summary, text)
 
-    def _close_stale_children(self) -> int:
+    def _close_stale_children(self) -> None:
         """Runs still RUNNING after every phase ended belong to nothing alive: mark them KILLED."""
         client = self.parent.client
-        stale = [r for r in self.records() if client.get_run(r.run_id).info.status == "RUNNING"]
-        for record in stale:
-            client.set_tag(record.run_id, STATUS_TAG, "failed")
-            client.set_tag(record.run_id, REASON_TAG, "interrupted and not resumed")
-            client.set_terminated(record.run_id, status="KILLED")
-        return len(stale)
+        for record in self.records():
+            if record.run_status == "RUNNING":
+                client.set_tag(record.run_id, STATUS_TAG, "failed")
+                client.set_tag(record.run_id, REASON_TAG, "interrupted and not resumed")
+                client.set_terminated(record.run_id, status="KILLED")
 
 
 # -- the search study ---------------------------------------------------------------------------------
@@ -429,8 +427,8 @@ def run_study(settings: StudySettings, space: Mapping[str, Any],
                 study.parent.log_metrics({f"delta/{label.replace(' ', '_').replace('@', '')}": delta}, step=0)
         if summary.best:
             study.parent.log_metrics({f"best/{OBJECTIVE}": summary.best.metrics[OBJECTIVE]}, step=0)
-    return study.finish(summary, to_markdown(summary),
-                        {"summary.md": to_markdown(summary), "summary.csv": to_csv(summary)})
+    text = to_markdown(summary)
+    return study.finish(summary, text, {"summary.md": text, "summary.csv": to_csv(summary)})
 
 
 def _typed(base: Config, key: str, text: str) -> Any:

@@ -10,7 +10,7 @@ import argparse
 
 import torch
 
-from ..config import PROFILES, profile
+from ..config import PROFILES, parse_overrides, profile
 from ..methods import JEPAModel
 from ..optim import build_optimizer
 from .timing import interleaved_medians
@@ -24,7 +24,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--rounds", type=int, default=10)
     args = parser.parse_args(argv)
 
-    overrides = dict(item.split("=", 1) for item in args.overrides)
+    overrides = parse_overrides(args.overrides)
     if args.batch:
         overrides["optim.batch_size"] = args.batch
     steps = {}
