@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -22,6 +24,8 @@ from typing import Any, ClassVar
 import yaml
 
 METHODS = ("hamjepa", "sigreg", "mlp")
+# The protocol's gradient clipping per method (METHOD.md 5), applied when optim.grad_clip is null.
+PROTOCOL_GRAD_CLIP = {"hamjepa": 1.0, "mlp": 1.0, "sigreg": 0.0}
 DATASETS = ("fashion_mnist", "cifar10", "cifar100", "imagefolder", "synthetic")
 # Channel count of the datasets whose format we know, and what choosing one (--dataset) implies.
 DATASET_CHANNELS = {"fashion_mnist": 1, "cifar10": 3, "cifar100": 3}
@@ -257,11 +261,15 @@ class OptimConfig(_Section):
     warmup_epochs: int = 10
     warmup_start_ratio: float = 0.01  # warm-up starts at 0.01 * lr
     final_lr_ratio: float = 1e-3  # cosine ends at 1e-3 * lr
-    grad_clip: float = 1.0  # max grad norm; 0 = off
+    # Max grad norm; 0 = off; null = the method's protocol (PROTOCOL_GRAD_CLIP: 1.0 for HamJEPA and MLP-HJEPA,
+    # off for SIGReg, whose gradient norms run at 4-7 early on). A resolved config shows the applied value.
+    grad_clip: float | None = None
 
     def __post_init__(self) -> None:
         self._positive("lr")
-        self._non_negative("weight_decay", "warmup_epochs", "warmup_start_ratio", "final_lr_ratio", "grad_clip")
+        self._non_negative("weight_decay", "warmup_epochs", "warmup_start_ratio", "final_lr_ratio")
+        self._require("grad_clip", self.grad_clip is None or 0 <= self.grad_clip < math.inf,
+                      "must be a finite max grad norm >= 0 (0 = off), or null for the method's protocol")
         self._require("batch_size", self.batch_size >= 2, "must be an integer >= 2 (batch statistics)")
         self._require("epochs", self.epochs >= 1, "must be an integer >= 1")
 
@@ -291,13 +299,23 @@ class Config(_Section):
             _fail("encoder.in_channels", self.encoder.in_channels,
                   f"data.dataset '{self.data.dataset}' has {expected} channel(s)")
 
+    @property
+    def grad_clip(self) -> float:
+        """The max grad norm a run of this config applies (0 = off): optim.grad_clip, else the method's."""
+        return PROTOCOL_GRAD_CLIP[self.method] if self.optim.grad_clip is None else self.optim.grad_clip
+
+    def resolved(self) -> Config:
+        """This config with every method-dependent default (null) replaced by the value a run applies."""
+        return dataclasses.replace(self, optim=dataclasses.replace(self.optim, grad_clip=self.grad_clip))
+
     # -- conversions ---------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
+        """The tree as set (a null keeps meaning "the method's protocol" through later overrides)."""
         return dataclasses.asdict(self)
 
     def flatten(self) -> dict[str, Any]:
-        """Dotted keys -> values, e.g. {'predictor.steps': 2, ...}; the MLflow params of a run."""
-        return flatten_dict(self.to_dict())
+        """Dotted keys -> applied values, e.g. {'predictor.steps': 2, ...}; the MLflow params of a run."""
+        return flatten_dict(self.resolved().to_dict())
 
     def override(self, overrides: Mapping[str, Any]) -> Config:
         """A new Config with dotted-key overrides applied; string values are parsed as YAML scalars."""
@@ -307,7 +325,8 @@ class Config(_Section):
         return from_dict(tree)
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        """The resolved tree (what a run applies) as YAML."""
+        return yaml.safe_dump(self.resolved().to_dict(), sort_keys=False)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.to_yaml())
@@ -351,6 +370,10 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
 
 def _coerce(value: Any, hint: Any, path: str) -> Any:
     """Convert a YAML/CLI value to the field's declared type, or fail naming the field."""
+    if isinstance(hint, types.UnionType):  # `float | None`: null stays None, anything else is a float
+        if value is None:
+            return None
+        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
     if hint in (int, float) and isinstance(value, str):  # YAML 1.1 reads "2e-3" as a string
         try:
             value = float(value) if hint is float else int(value)

@@ -5,6 +5,11 @@ average-pooled to token_hw x token_hw, mapped by a bias-free 1x1 conv to token_d
 normalised. In every token, channels [0, token_dim/2) are the position q and the rest the momentum p;
 q and p are each flattened in (row, column, channel) order and z = [q | p].
 
+Initialisation (METHOD.md 1) follows torchvision's ResNet-18: every convolution of the residual stages
+(shortcuts included) Kaiming-normal with mode fan_out for ReLU, every BatchNorm weight 1 and bias 0, no
+zero-init of a block's last BN. The CIFAR stem and the token read-out conv are fresh layers with PyTorch's
+default init; the 224 px stem keeps torchvision's. The rule is per layer, so it holds at every width.
+
 Our own ResNet rather than torchvision's, because torchvision's BasicBlock ResNet has no width multiplier
 and the CPU profiles need a narrow network (width 0.25 is ~13x faster than 1.0 on 2 cores).
 """
@@ -66,6 +71,16 @@ class TokenEncoder(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(cfg.token_hw) if cfg.token_hw else nn.Identity()
         self.to_tokens = nn.Conv2d(in_channels, cfg.token_dim, 1, bias=False)
         self.token_norm = nn.BatchNorm2d(cfg.token_dim)
+        self._init_like_torchvision()
+
+    def _init_like_torchvision(self) -> None:
+        kaiming = [self.stages] + ([self.stem] if self.cfg.stem == "imagenet" else [])
+        for module in (m for part in kaiming for m in part.modules() if isinstance(m, nn.Conv2d)):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        for module in self.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
 
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
         """The token grid, (B, H', W', token_dim)."""

@@ -27,7 +27,8 @@ class JEPAModel(nn.Module):
         self.state_dim = self.encoder.state_dim(cfg.data.image_size)
         self.q_dim = self.state_dim // 2
         self.predictor = build_predictor(cfg.predictor, self.q_dim, cfg.method)
-        # Draw k = min(128, d) columns; forward() keeps the first B - 1 for a global batch of B.
+        # Draw k = min(128, d) columns; forward() keeps the first 2B - 1 for a global batch of B images (the
+        # floors see both views pooled: 2B states).
         k = min(cfg.hamjepa.spectral_dim, self.q_dim)
         every = cfg.hamjepa.spectral_redraw_every
         self.projection_q = ProjectionSchedule(self.q_dim, k, every, seed=2 * cfg.seed)
@@ -51,8 +52,8 @@ class JEPAModel(nn.Module):
         # One batched rollout: view a flows forward in time (+dt), view b backwards (-dt).
         direction = torch.cat([z.new_ones(n, 1), -z.new_ones(n, 1)])  # (2N, 1)
         pred = self.predictor(z, direction)
-        # Any subset of orthonormal columns is orthonormal: k = min(128, d, B - 1) for the global batch B.
-        k = min(self.projection_q.k, global_count(n, z.device) - 1)
+        # Any subset of orthonormal columns is orthonormal: k = min(128, d, 2B - 1) for the 2B pooled states.
+        k = min(self.projection_q.k, 2 * global_count(n, z.device) - 1)
         projection_q = self.projection_q(step, z.device)[:, :k]
         projection_p = self.projection_p(step, z.device)[:, :k]
         with torch.autocast(z.device.type, enabled=False):

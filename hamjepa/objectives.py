@@ -5,9 +5,12 @@ Every batch statistic is computed over the *global* batch: each function reduces
 loss on W workers x B/W samples equals the loss on B samples in one process (see distributed.py).
 
 Stats are detached scalar tensors (no host sync here; the caller decides when to read them).
+Which samples a statistic sees (METHOD.md 3): the energy budget, the variance floor, the spectral floor
+and the mean penalty are each computed once per step over both views pooled (2N states: view a's and
+view b's stacked), never per view and then averaged; with k = 128 projected dimensions, per-view estimates
+from N samples bias log det and PR downwards and make the floors bind several times harder.
 Conventions decided where METHOD.md is silent:
-- the variance floor, spectral floor and mean penalty are computed per view and averaged over views,
-  and summed over q and p ("for q and p separately");
+- the variance and spectral floors of q and p are summed ("for q and p separately");
 - the LeJEPA prediction loss averages over views, samples and dimensions (an MSE, as HamJEPA's), so
   the SIGReg weight lambda balances the same kind of quantity in both methods.
 """
@@ -115,47 +118,31 @@ def hamjepa_objective(z_a: torch.Tensor, z_b: torch.Tensor, pred_a: torch.Tensor
 
     z_a, z_b: the two views' states (N, 2d); pred_a = Phi_+dt(z_a), pred_b = Phi_-dt(z_b);
     projection_q / projection_p: (d, k) orthonormal projections for the spectral floors.
+    Every regulariser sees both views pooled: z = [z_a; z_b], (2N, 2d).
     """
     q_dim = z_a.shape[1] // 2
     l_pred, stats = hamjepa_prediction_loss(pred_a, z_b, pred_b, z_a, q_dim, cfg.match, cfg.p_weight)
-    views = (z_a, z_b)
-    l_budget, budget_stats = energy_budget(torch.cat([z[:, :q_dim] for z in views]),
-                                           torch.cat([z[:, q_dim:] for z in views]), cfg.q_target, cfg.p_target)
+    z = torch.cat([z_a, z_b])  # (2N, 2d): both views pooled
+    q, p = z[:, :q_dim], z[:, q_dim:]
+    l_budget, budget_stats = energy_budget(q, p, cfg.q_target, cfg.p_target)
     stats.update(budget_stats)
 
-    floors = {"q": (projection_q, cfg.pr_floor_q, cfg.eigmax_ceiling_q),
-              "p": (projection_p, cfg.pr_floor_p, cfg.eigmax_ceiling_p)}
-    l_var = l_spectral = l_mean = 0.0
-    for half, (projection, pr_floor, eigmax_ceiling) in floors.items():
-        part = slice(0, q_dim) if half == "q" else slice(q_dim, 2 * q_dim)
-        for z in views:
-            x = z[:, part]
-            loss, s_var = variance_floor(x, cfg.std_floor)
-            l_var = l_var + loss / len(views)
-            loss, s_spec = spectral_floor(x, projection, cfg.logdet_floor, pr_floor, eigmax_ceiling,
-                                          cfg.spectral_eps)
-            l_spectral = l_spectral + loss / len(views)
-            _accumulate(stats, {f"{half}_{key}": v for key, v in {**s_var, **s_spec}.items()}, len(views))
-    for z in views:
-        loss, _ = mean_penalty(z)
-        l_mean = l_mean + loss / len(views)
+    l_var = l_spectral = 0.0
+    for half, x, projection, pr_floor, eigmax_ceiling in (
+            ("q", q, projection_q, cfg.pr_floor_q, cfg.eigmax_ceiling_q),
+            ("p", p, projection_p, cfg.pr_floor_p, cfg.eigmax_ceiling_p)):
+        loss_var, s_var = variance_floor(x, cfg.std_floor)
+        loss_spectral, s_spectral = spectral_floor(x, projection, cfg.logdet_floor, pr_floor, eigmax_ceiling,
+                                                   cfg.spectral_eps)
+        l_var, l_spectral = l_var + loss_var, l_spectral + loss_spectral
+        stats.update({f"{half}_{key}": value for key, value in {**s_var, **s_spectral}.items()})
+    l_mean, _ = mean_penalty(z)
 
     total = (cfg.w_pred * l_pred + cfg.w_budget * l_budget + cfg.w_var * l_var
              + cfg.w_spectral * l_spectral + cfg.w_mean * l_mean)
     stats.update(loss_pred=l_pred.detach(), loss_budget=l_budget.detach(), loss_var=l_var.detach(),
                  loss_spectral=l_spectral.detach(), loss_mean=l_mean.detach(), loss=total.detach())
     return total, stats
-
-
-def _accumulate(stats: Stats, new: Stats, n_views: int) -> None:
-    """Average per-view stats over views (min_std takes the minimum, the worst view)."""
-    for key, value in new.items():
-        if key not in stats:
-            stats[key] = value if key.endswith("min_std") else value / n_views
-        elif key.endswith("min_std"):
-            stats[key] = torch.minimum(stats[key], value)
-        else:
-            stats[key] = stats[key] + value / n_views
 
 
 def random_orthonormal(dim: int, k: int, seed: int, device: torch.device | str = "cpu",

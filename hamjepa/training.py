@@ -211,8 +211,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 break
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if cfg.optim.grad_clip > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            if cfg.grad_clip > 0:  # the method's protocol: HamJEPA clipped, SIGReg not (METHOD.md 5)
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             scheduler.step()
             for key, value in stats.items():

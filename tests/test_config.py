@@ -23,7 +23,7 @@ def test_yaml_round_trip_and_flatten(tmp_path):
     cfg = profile("quick", {"predictor.steps": 3})
     path = tmp_path / "cfg.yaml"
     cfg.save(path)
-    assert load_yaml(path) == cfg
+    assert load_yaml(path) == cfg.resolved()  # a saved config is explicit: what the run applied
     flat = cfg.flatten()
     assert flat["predictor.steps"] == 3 and flat["data.dataset"] == "fashion_mnist"
     assert all("." in key for key in flat if key not in ("method", "seed"))
@@ -58,6 +58,8 @@ def test_string_overrides_are_parsed_and_typed():
     ({"predictor.stepz": 3}, "predictor.stepz"),
     ({"predictorr.steps": 3}, "predictorr"),
     ({"encoder.in_channels": 1}, "encoder.in_channels"),  # CIFAR-100 has 3 channels
+    ({"optim.grad_clip": -1}, "optim.grad_clip"),
+    ({"optim.grad_clip": ".inf"}, "optim.grad_clip"),
 ])
 def test_bad_values_name_the_field_and_what_is_valid(overrides, field):
     with pytest.raises(ValueError) as error:
@@ -92,3 +94,27 @@ def test_every_profile_is_valid(name):
 def test_unknown_profile():
     with pytest.raises(ValueError, match="profile"):
         profile("laptop")
+
+
+@pytest.mark.parametrize("method,applied", [("hamjepa", 1.0), ("mlp", 1.0), ("sigreg", 0.0)])
+def test_gradient_clipping_follows_the_method_unless_set(method, applied):
+    """METHOD.md 5: HamJEPA and MLP-HJEPA clip at 1.0, SIGReg trains unclipped; what is logged is applied."""
+    cfg = profile("cifar100", {"method": method})
+    assert cfg.grad_clip == applied
+    assert cfg.flatten()["optim.grad_clip"] == applied
+    assert f"grad_clip: {applied}" in cfg.to_yaml()
+    # switching method later (a study's baseline phase) re-derives the protocol's value...
+    other = "sigreg" if method != "sigreg" else "hamjepa"
+    assert cfg.override({"method": other}).grad_clip == (0.0 if other == "sigreg" else 1.0)
+    # ...but a user's explicit value is honoured for any method, through later overrides too
+    explicit = cfg.override({"optim.grad_clip": "0.5"})
+    assert explicit.grad_clip == 0.5 and explicit.override({"method": other}).grad_clip == 0.5
+    assert Config().override({"optim.grad_clip": "null"}).optim.grad_clip is None
+
+
+def test_hamjepa_config_cli_shows_the_applied_clip(capsys):
+    from hamjepa.cli import main
+
+    for method, shown in (("sigreg", "grad_clip: 0.0"), ("hamjepa", "grad_clip: 1.0")):
+        assert main(["config", "--profile", "cifar100", "--set", f"method={method}"]) == 0
+        assert shown in capsys.readouterr().out

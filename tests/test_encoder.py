@@ -1,7 +1,10 @@
 """Token encoder: sizes per stem and read-out, and the (q, p) token layout."""
 
+import math
+
 import pytest
 import torch
+from torch import nn
 
 from hamjepa.config import EncoderConfig
 from hamjepa.encoder import TokenEncoder, split_state
@@ -48,3 +51,29 @@ def test_token_batchnorm_standardises_each_channel_in_training():
     flat = tokens.reshape(-1, 8)
     torch.testing.assert_close(flat.mean(0), torch.zeros(8), atol=1e-5, rtol=0)
     torch.testing.assert_close(flat.var(0, unbiased=False), torch.ones(8), atol=1e-2, rtol=0)
+
+
+@pytest.mark.parametrize("width,stem", [(1.0, "cifar"), (0.25, "cifar"), (0.5, "imagenet")])
+def test_residual_stages_initialise_as_torchvision(width, stem):
+    """METHOD.md 1: residual-stage convs Kaiming-normal fan_out (std sqrt(2 / fan_out)), BN weight 1 bias 0;
+    the CIFAR stem and the token read-out keep PyTorch's default (uniform, std 1 / sqrt(3 fan_in))."""
+    torch.manual_seed(0)
+    encoder = TokenEncoder(EncoderConfig(width=width, stem=stem))
+    convs = [m for m in encoder.stages.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 3 * 4 + 2  # 3 stages x 2 blocks x 2 convs, and the shortcuts of layer2 and layer3
+    for conv in convs:
+        fan_out = conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1]
+        expected = math.sqrt(2.0 / fan_out)
+        assert conv.weight.std().item() == pytest.approx(expected, rel=0.15 if conv.weight.numel() < 2000 else 0.05)
+    for bn in (m for m in encoder.modules() if isinstance(m, nn.BatchNorm2d)):
+        assert torch.all(bn.weight == 1) and torch.all(bn.bias == 0)
+    default = [encoder.to_tokens] + ([encoder.stem[0]] if stem == "cifar" else [])
+    for conv in default:
+        fan_in = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+        bound = 1 / math.sqrt(fan_in)  # kaiming_uniform_(a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+        assert conv.weight.abs().max().item() <= bound
+        assert conv.weight.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.25)
+    if stem == "imagenet":
+        stem_conv = encoder.stem[0]
+        fan_out = stem_conv.out_channels * 49
+        assert stem_conv.weight.std().item() == pytest.approx(math.sqrt(2.0 / fan_out), rel=0.1)

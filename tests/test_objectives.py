@@ -194,11 +194,38 @@ def test_sigreg_objective_combines_terms():
 
 def test_hamjepa_objective_is_the_weighted_sum():
     config = HamJEPALossConfig(w_pred=1.0, w_budget=0.2, w_var=0.5, w_spectral=0.5, w_mean=0.05)
-    z_a, z_b = torch.randn(64, 32, dtype=torch.float64), torch.randn(64, 32, dtype=torch.float64) * 0.1
+    z_a, z_b = torch.randn(64, 32, dtype=torch.float64) * 0.1, torch.randn(64, 32, dtype=torch.float64) * 0.1
     projection = random_orthonormal(16, 16, seed=0, dtype=torch.float64)
     loss, stats = hamjepa_objective(z_a, z_b, z_a, z_b, config, projection, projection)
     expected = (stats["loss_pred"] + 0.2 * stats["loss_budget"] + 0.5 * stats["loss_var"]
                 + 0.5 * stats["loss_spectral"] + 0.05 * stats["loss_mean"])
     assert loss.item() == pytest.approx(expected.item())
-    assert stats["loss_var"].item() > 0  # view b is below the std floor
+    assert stats["loss_var"].item() > 0  # both views are below the std floor
     assert {"q_min_std", "p_logdet_per_dim", "q_pr_per_dim", "p_eigmax_fraction"} <= stats.keys()
+
+
+def test_hamjepa_regularisers_see_both_views_pooled():
+    """METHOD.md 3: budget, variance floor, spectral floor and mean penalty are computed once over [z_a; z_b]."""
+    config = HamJEPALossConfig()
+    generator = torch.Generator().manual_seed(0)
+    scale = torch.linspace(0.05, 1.5, 32, dtype=torch.float64)
+    z_a = torch.randn(48, 32, generator=generator, dtype=torch.float64) * scale + 0.3
+    z_b = torch.randn(48, 32, generator=generator, dtype=torch.float64) * scale.flip(0) - 0.2
+    projection_q = random_orthonormal(16, 12, seed=0, dtype=torch.float64)
+    projection_p = random_orthonormal(16, 12, seed=1, dtype=torch.float64)
+    _, stats = hamjepa_objective(z_a, z_b, z_a, z_b, config, projection_q, projection_p)
+    z = torch.cat([z_a, z_b])
+    q, p = z[:, :16], z[:, 16:]
+    expected_var = variance_floor(q, config.std_floor)[0] + variance_floor(p, config.std_floor)[0]
+    spec_q, spec_q_stats = spectral_floor(q, projection_q, config.logdet_floor, config.pr_floor_q,
+                                          config.eigmax_ceiling_q, config.spectral_eps)
+    spec_p, _ = spectral_floor(p, projection_p, config.logdet_floor, config.pr_floor_p, config.eigmax_ceiling_p,
+                               config.spectral_eps)
+    assert stats["loss_budget"].item() == pytest.approx(energy_budget(q, p)[0].item(), rel=1e-12)
+    assert stats["loss_var"].item() == pytest.approx(expected_var.item(), rel=1e-12)
+    assert stats["loss_spectral"].item() == pytest.approx((spec_q + spec_p).item(), rel=1e-12)
+    assert stats["loss_mean"].item() == pytest.approx(mean_penalty(z)[0].item(), rel=1e-12)
+    assert stats["q_logdet_per_dim"].item() == pytest.approx(spec_q_stats["logdet_per_dim"].item(), rel=1e-12)
+    # and this differs from the per-view average the code used to compute (the views have different means)
+    per_view_mean = 0.5 * (mean_penalty(z_a)[0] + mean_penalty(z_b)[0])
+    assert abs(per_view_mean.item() - stats["loss_mean"].item()) > 0.01
