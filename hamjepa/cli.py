@@ -7,6 +7,9 @@ import sys
 
 from .config import DATASET_OVERRIDES, DATASETS, PROFILES, SMOKE_OVERRIDES, ConfigError, build_config, parse_overrides
 
+DEFAULT_CPU_SEEDS = 2  # paired seeds per side of a study on CPUs (the quick profile's 15-minute budget)
+DEFAULT_GPU_SEEDS = 3  # ... and on GPUs
+
 
 def add_config_arguments(parser: argparse.ArgumentParser, default_profile: str | None = None) -> None:
     parser.add_argument("--profile", choices=sorted(PROFILES), default=default_profile,
@@ -26,6 +29,7 @@ def config_from_args(args: argparse.Namespace):
 
 
 def _train(args: argparse.Namespace) -> int:
+    from .metrics import RunStatus
     from .run import connect_ray, preflight, summary, train_and_log
     from .tracking import check_tracking_uri, resolve_tracking_uri
     from .training import Resources
@@ -40,7 +44,7 @@ def _train(args: argparse.Namespace) -> int:
     outcome = train_and_log(cfg, resources, experiment=args.experiment, run_name=args.name,
                             tracking_uri=tracking_uri, storage_path=args.storage_path, max_failures=args.max_failures)
     print(summary(cfg, outcome, tracking_uri))
-    return 0 if outcome.status == "finished" else 1
+    return 0 if outcome.status == RunStatus.FINISHED else 1
 
 
 def _add_study_arguments(parser: argparse.ArgumentParser, name: str, default_profile: str | None) -> None:
@@ -86,6 +90,8 @@ def _study_settings(name: str, args: argparse.Namespace, protocol: dict | None =
     base = build_config(args.profile, args.config, overrides)
     gpus = args.gpus_per_worker if args.gpus_per_worker is not None else (
         1.0 if args.profile in ("cifar100", "imagenet100") else 0.0)
+    if fields.get("seeds", 0) is None:  # paired seeds per side: at least 3 where runs are on GPUs
+        fields["seeds"] = DEFAULT_GPU_SEEDS if gpus > 0 else DEFAULT_CPU_SEEDS
     settings = StudySettings(
         name=name, base=base, resources=Resources(args.workers_per_trial, args.cpus_per_worker, gpus),
         max_concurrent=args.max_concurrent, tracking_uri=resolve_tracking_uri(args.tracking_uri),
@@ -119,8 +125,10 @@ def study_main(name: str, space: dict, argv: list[str] | None = None, initial_po
                                                  "MLflow.")
     _add_study_arguments(parser, name, default_profile="quick")
     parser.add_argument("--num-samples", type=int, help="HamJEPA trials Optuna proposes (default 6; smoke 2)")
-    parser.add_argument("--baseline-seeds", type=int, help="SIGReg seeds; the best HamJEPA config is retrained "
-                                                             "to match (default 2; smoke 1)")
+    parser.add_argument("--seeds", "--baseline-seeds", dest="seeds", type=int,
+                        help="paired seeds: the selected HamJEPA configuration and SIGReg are each trained on this "
+                             "many fresh seeds and compared seed by seed (default 2 on CPUs, 3 on GPUs; "
+                             "--baseline-seeds is the old name)")
     parser.add_argument("--ablation", choices=["mlp"], default="", help="also train MLP-HJEPA (best config)")
     parser.add_argument("--no-early-stopping", action="store_true", help="switch ASHA off")
     parser.add_argument("--seed", type=int, default=0, help="Optuna sampler seed")
@@ -131,8 +139,7 @@ def study_main(name: str, space: dict, argv: list[str] | None = None, initial_po
 
         settings = _study_settings(
             name, args, num_samples=args.num_samples if args.num_samples is not None else (2 if args.smoke_test else 6),
-            seeds=args.baseline_seeds if args.baseline_seeds is not None else (1 if args.smoke_test else 2),
-            ablation=args.ablation, early_stopping=not args.no_early_stopping, seed=args.seed)
+            seeds=args.seeds, ablation=args.ablation, early_stopping=not args.no_early_stopping, seed=args.seed)
         return _print_result(settings, run_study(settings, space, initial_points))
 
     return _guarded(parser, work)

@@ -134,7 +134,7 @@ class HamJEPALossConfig(_Section):
     pr_floor_p: float = 0.16  # r0 for p
     eigmax_ceiling_q: float = 0.35  # e_max for q
     eigmax_ceiling_p: float = 0.30  # e_max for p
-    spectral_dim: int = 128  # k = min(spectral_dim, d, B - 1)
+    spectral_dim: int = 128  # k = min(spectral_dim, d, 2B - 1): B images give 2B pooled states
     spectral_redraw_every: int = 16  # steps between fresh random projections
     spectral_eps: float = 1e-4
     w_pred: float = 1.0

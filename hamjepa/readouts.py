@@ -1,10 +1,9 @@
-"""Which readouts a run is judged on, and the names of the metrics it reports (DESIGN.md, percent).
+"""A run's readouts measured (percent): the per-epoch objective, and the final evaluation.
 
-HamJEPA and MLP-HJEPA: q (the default: HamJEPA-q), p and qp. SIGReg: its full vector (qp, the default)
-and, for comparison, its halves q and p. The unsuffixed metric is the default readout's.
-Per epoch: `val_knn20_top1` against a bounded, seeded subset of the training split (cheap enough for
-every epoch, and a fixed yardstick for ASHA). At the end: kNN and linear probe on validation and test
-against the whole training split, per readout, and spectra.
+Which readouts a method is judged on, and every metric's name, live in metrics.py.
+Per epoch: the objective `val_knn{k}_top1` against a bounded, seeded subset of the training split (cheap
+enough for every epoch, and a fixed yardstick for ASHA). At the end (and at initialisation, epoch 0): kNN
+and linear probe on validation and test against the whole training split, per readout, and spectra.
 """
 
 from __future__ import annotations
@@ -14,23 +13,7 @@ import torch
 from .config import Config
 from .data import Splits
 from .evaluation import extract_features, knn_top1, linear_probe, spectrum
-
-READOUTS = {"hamjepa": ("q", "p", "qp"), "mlp": ("q", "p", "qp"), "sigreg": ("qp", "q", "p")}
-
-
-def default_readout(method: str) -> str:
-    return READOUTS[method][0]
-
-
-def accuracy_metric_names(method: str, k: int = 20) -> list[str]:
-    """Every accuracy a finished run reports; a diverged run reports them all as 0."""
-    names = [f"val_knn{k}_top1"]
-    for split in ("val", "test"):
-        for kind in (f"knn{k}_top1", "linprobe_top1", "linprobe_top5"):
-            if kind != f"knn{k}_top1" or split == "test":
-                names.append(f"{split}_{kind}")
-            names += [f"{split}_{kind}_{r}" for r in READOUTS[method]]
-    return names
+from .metrics import READOUTS, accuracy, default_readout, knn, objective
 
 
 def _features(model, images, splits: Splits, cfg: Config, device) -> dict[str, torch.Tensor]:
@@ -52,6 +35,7 @@ def validation_knn(model, splits: Splits, cfg: Config, device) -> float:
 def final_metrics(model, splits: Splits, cfg: Config, device) -> dict[str, float]:
     """kNN and linear probe (percent) on validation and test for every readout, plus spectra."""
     k = cfg.eval.knn_k
+    objective_name = objective(k)
     z = {name: _features(model, getattr(splits, name), splits, cfg, device) for name in ("train", "val", "test")}
     labels = {name: getattr(splits, name).labels for name in ("train", "val", "test")}
     metrics: dict[str, float] = {}
@@ -59,20 +43,20 @@ def final_metrics(model, splits: Splits, cfg: Config, device) -> dict[str, float
         x = {name: features[r] for name, features in z.items()}
         for split in ("val", "test"):
             if len(x[split]):
-                metrics[f"{split}_knn{k}_top1_{r}"] = 100.0 * knn_top1(x["train"], labels["train"], x[split],
+                metrics[accuracy(split, knn(k), r)] = 100.0 * knn_top1(x["train"], labels["train"], x[split],
                                                                        labels[split], k=min(k, len(x["train"])))
         probe = linear_probe(x["train"], labels["train"], {s: (x[s], labels[s]) for s in ("val", "test")},
                              splits.num_classes, cfg.eval, seed=cfg.seed, device=device)
         for split, (top1, top5) in probe.items():
-            metrics[f"{split}_linprobe_top1_{r}"] = 100.0 * top1
-            metrics[f"{split}_linprobe_top5_{r}"] = 100.0 * top5
+            metrics[accuracy(split, "linprobe_top1", r)] = 100.0 * top1
+            metrics[accuracy(split, "linprobe_top5", r)] = 100.0 * top5
         spectra = spectrum(x["train"], cfg.eval.spectrum_top, cfg.eval.spectrum_samples, seed=cfg.seed)
         metrics[f"effective_rank_{r}"] = spectra["effective_rank"]
         metrics[f"participation_ratio_{r}"] = spectra["participation_ratio"]
-    # Unsuffixed names = the default readout. Not val kNN: the objective `val_knn20_top1` keeps its per-epoch
+    # Unsuffixed names = the default readout. Not val kNN: the objective `val_knn{k}_top1` keeps its per-epoch
     # definition (bounded reference set) to the end, so every epoch of every trial is measured alike.
     default = default_readout(cfg.method)
     for key in [key for key in metrics if key.endswith(f"_{default}") and key.startswith(("val_", "test_"))]:
-        if not key.startswith(f"val_knn{k}_"):
+        if not key.startswith(objective_name):
             metrics[key[: -len(default) - 1]] = metrics[key]
     return metrics

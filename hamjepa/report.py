@@ -1,8 +1,12 @@
-"""Study reports: the comparison table (markdown + CSV) and objective-vs-hyperparameter plots.
+"""Study reports: the paired comparison (markdown + CSV + parent-run metrics) and objective plots.
 
 Built from MLflow's records (not from Tune's memory), so what is printed is what MLflow holds.
-Groups: HamJEPA = the best search trial plus its confirmation seeds; SIGReg = the baseline seeds;
-MLP-HJEPA = the ablation seeds. Cells are mean +/- std over seeds, with n.
+The comparison uses only the paired runs: HamJEPA's selected configuration (phase `confirm`) and SIGReg
+(phase `baseline`) on the same fresh seeds, matched seed by seed. The search trial that was selected on
+validation is shown on its own line and never enters a compared group (its validation score won a
+maximum over trials, which biases it upwards). For every metric: each side's mean +/- std over seeds, the
+mean paired difference with a 95% t-interval, each side's gain over its own initialisation (epoch 0) with
+its interval, and a verdict in words (statistics.verdict).
 """
 
 from __future__ import annotations
@@ -10,22 +14,20 @@ from __future__ import annotations
 import csv
 import io
 import math
-import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from .tracking import METHOD_TAG, PARENT_TAG
+from . import metrics as names
+from .config import Config
+from .metrics import RunStatus
+from .statistics import CONFIDENCE, Estimate, estimate, paired_differences, verdict
+from .tracking import METHOD_TAG, PARENT_TAG, PHASE_TAG, REASON_TAG, STATUS_TAG
 
-OBJECTIVE = "val_knn20_top1"
-TABLE_METRICS = (
-    ("val kNN@20", "val_knn20_top1"),
-    ("val linear probe", "val_linprobe_top1"),
-    ("test kNN@20", "test_knn20_top1"),
-    ("test linear probe", "test_linprobe_top1"),
-)
+# Phase -> the label of the group it fills in the comparison.
+ARMS = {"confirm": "HamJEPA", "baseline": "SIGReg", "ablation": "MLP-HJEPA"}
 
 
 @dataclass
@@ -34,109 +36,194 @@ class RunRecord:
     name: str
     phase: str
     method: str
-    status: str  # ours (the hamjepa.status tag): finished | stopped | diverged | failed | running
+    status: RunStatus | str  # ours (the hamjepa.status tag)
     reason: str
     params: dict[str, str]
     metrics: dict[str, float]
     run_status: str = ""  # MLflow's: RUNNING | FINISHED | FAILED | KILLED
 
     @property
+    def seed(self) -> int:
+        return int(self.params.get("seed", -1))
+
+    @property
     def complete(self) -> bool:
         """Finished all epochs with final test metrics: eligible for the comparison."""
-        return self.status == "finished" and "test_knn20_top1" in self.metrics
+        k = int(self.params.get("eval.knn_k", 20))
+        return self.status == RunStatus.FINISHED and names.accuracy("test", names.knn(k)) in self.metrics
 
 
 def collect_runs(client: MlflowClient, experiment_id: str, parent_run_id: str) -> list[RunRecord]:
     runs = client.search_runs([experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'",
                               max_results=5000)
-    return [RunRecord(run.info.run_id, run.info.run_name, run.data.tags.get("hamjepa.phase", ""),
-                      run.data.tags.get(METHOD_TAG, ""), run.data.tags.get("hamjepa.status", "running"),
-                      run.data.tags.get("hamjepa.reason", ""), dict(run.data.params), dict(run.data.metrics),
+    return [RunRecord(run.info.run_id, run.info.run_name, run.data.tags.get(PHASE_TAG, ""),
+                      run.data.tags.get(METHOD_TAG, ""), run.data.tags.get(STATUS_TAG, RunStatus.RUNNING.value),
+                      run.data.tags.get(REASON_TAG, ""), dict(run.data.params), dict(run.data.metrics),
                       run.info.status)
             for run in runs]
 
 
+def select_trial(records: Sequence[RunRecord], objective: str) -> RunRecord | None:
+    """The search trial with the best objective among those that completed every epoch."""
+    eligible = [r for r in records if r.phase == "search" and r.complete and objective in r.metrics]
+    return max(eligible, key=lambda r: r.metrics[objective]) if eligible else None
+
+
 @dataclass
-class Cell:
-    values: list[float]
+class Row:
+    """One metric of the paired comparison."""
 
-    @property
-    def n(self) -> int:
-        return len(self.values)
-
-    @property
-    def mean(self) -> float:
-        return statistics.fmean(self.values) if self.values else math.nan
-
-    @property
-    def std(self) -> float:
-        return statistics.stdev(self.values) if len(self.values) > 1 else math.nan
-
-    def text(self) -> str:
-        if not self.values:
-            return "-"
-        spread = f" +/- {self.std:.2f}" if self.n > 1 else ""
-        return f"{self.mean:.2f}{spread} (n={self.n})"
+    label: str
+    metric: str
+    seeds: list[int]  # the seeds where both sides have the metric
+    hamjepa: Estimate
+    sigreg: Estimate
+    delta: Estimate  # HamJEPA - SIGReg, paired by seed
+    gains: dict[str, Estimate]  # side -> final minus initialisation, per seed
+    verdict: str
+    ablation: Estimate | None = None
 
 
 @dataclass
 class StudySummary:
-    best: RunRecord | None
-    groups: dict[str, list[RunRecord]]  # label -> runs
+    base: Config
+    selected: RunRecord | None
+    arms: dict[str, dict[int, RunRecord]]  # label -> seed -> complete run
     search_keys: list[str]
     counts: dict[str, int]
-    rows: list[tuple[str, dict[str, Cell], float]] = field(default_factory=list)  # (metric, cells, delta)
+    not_compared: list[RunRecord] = field(default_factory=list)  # paired runs that did not complete
+    rows: list[Row] = field(default_factory=list)
 
-    def best_params(self) -> dict[str, str]:
-        return {k: self.best.params[k] for k in self.search_keys} if self.best else {}
+    @property
+    def objective(self) -> str:
+        return names.objective(self.base.eval.knn_k)
+
+    def selected_params(self) -> dict[str, str]:
+        return {k: self.selected.params[k] for k in self.search_keys} if self.selected else {}
+
+    def parent_metrics(self) -> dict[str, float]:
+        """The comparison as parent-run metrics: delta_<metric>[_ci_low|_ci_high], gain_<side>_<metric>[...]."""
+        out: dict[str, float] = {}
+        for row in self.rows:
+            out.update(_estimate_metrics(f"delta_{row.metric}", row.delta))
+            for side, gain in row.gains.items():
+                out.update(_estimate_metrics(f"gain_{side.lower()}_{row.metric}", gain))
+        if self.selected:
+            out[f"selected/{self.objective}"] = self.selected.metrics[self.objective]
+        return {k: v for k, v in out.items() if math.isfinite(v)}
 
 
-def summarize(records: Sequence[RunRecord], search_keys: Sequence[str]) -> StudySummary:
+def _estimate_metrics(name: str, value: Estimate) -> dict[str, float]:
+    return {name: value.mean, f"{name}_ci_low": value.low, f"{name}_ci_high": value.high}
+
+
+def summarize(records: Sequence[RunRecord], search_keys: Sequence[str], base: Config) -> StudySummary:
+    objective = names.objective(base.eval.knn_k)
     search = [r for r in records if r.phase == "search"]
-    eligible = [r for r in search if r.complete]
-    best = max(eligible, key=lambda r: r.metrics[OBJECTIVE]) if eligible else None
-    groups = {
-        "HamJEPA (best)": ([best] if best else []) + [r for r in records if r.phase == "confirm" and r.complete],
-        "SIGReg": [r for r in records if r.phase == "baseline" and r.complete],
-        "MLP-HJEPA": [r for r in records if r.phase == "ablation" and r.complete],
-    }
-    counts = {"trials": len(search)}
-    for status in ("finished", "stopped", "diverged", "failed", "running"):
-        counts[status] = sum(r.status == status for r in search)
-    summary = StudySummary(best, groups, list(search_keys), counts)
-    for label, key in TABLE_METRICS:
-        cells = {name: Cell([r.metrics[key] for r in runs if key in r.metrics]) for name, runs in groups.items()}
-        delta = cells["HamJEPA (best)"].mean - cells["SIGReg"].mean
-        summary.rows.append((label, cells, delta))
+    arms = {label: {r.seed: r for r in records if r.phase == phase and r.complete} for phase, label in ARMS.items()}
+    counts = {"trials": len(search), **{status.value: sum(r.status == status for r in search) for status in RunStatus}}
+    not_compared = [r for r in records if r.phase in ARMS and not r.complete]
+    summary = StudySummary(base, select_trial(records, objective), arms, list(search_keys), counts, not_compared)
+    hamjepa, sigreg, mlp = arms["HamJEPA"], arms["SIGReg"], arms["MLP-HJEPA"]
+    for label, metric in names.comparison_metrics(base.eval.knn_k):
+        seeds = sorted(s for s in hamjepa.keys() & sigreg.keys()
+                       if metric in hamjepa[s].metrics and metric in sigreg[s].metrics)
+        h = [hamjepa[s].metrics[metric] for s in seeds]
+        g = [sigreg[s].metrics[metric] for s in seeds]
+        delta = estimate(paired_differences(h, g))
+        gains = {side: _gain(runs, seeds, metric) for side, runs in (("HamJEPA", hamjepa), ("SIGReg", sigreg))}
+        ablation = estimate([r.metrics[metric] for r in mlp.values() if metric in r.metrics]) if mlp else None
+        summary.rows.append(Row(label, metric, seeds, estimate(h), estimate(g), delta, gains,
+                                verdict(delta, gains), ablation))
     return summary
 
 
+def _gain(runs: dict[int, RunRecord], seeds: Sequence[int], metric: str) -> Estimate:
+    """Final minus initialisation (epoch 0) of `metric`, per seed, over the seeds that have both."""
+    initial = names.init(metric)
+    return estimate([runs[s].metrics[metric] - runs[s].metrics[initial] for s in seeds if initial in runs[s].metrics])
+
+
+def _spread(value: Estimate) -> str:
+    if value.n == 0:
+        return "-"
+    return f"{value.mean:.2f} +/- {value.std:.2f}" if value.n > 1 else f"{value.mean:.2f}"
+
+
+def protocol_line(base: Config) -> str:
+    """What the numbers were measured under: a number without its protocol is not a result."""
+    d, o = base.data, base.optim
+    images = f"{d.subset:,} images" if d.subset else "all images"
+    return (f"Protocol: {d.dataset} ({images}, {d.val_fraction:.0%} held out for validation), {o.epochs} epochs, "
+            f"batch {o.batch_size}, lr {o.lr:g}, ResNet-18 width {base.encoder.width:g} read out at "
+            f"{base.encoder.readout}, token dim {base.encoder.token_dim}; kNN@{base.eval.knn_k}, linear probe "
+            f"{base.eval.probe_epochs} epochs.")
+
+
 def to_markdown(summary: StudySummary) -> str:
-    columns = [name for name, runs in summary.groups.items() if runs or name != "MLP-HJEPA"]
-    lines = ["| metric (%) | " + " | ".join(columns) + " | HamJEPA - SIGReg (points) |",
-             "|---|" + "---|" * (len(columns) + 1)]
-    for label, cells, delta in summary.rows:
-        delta_text = f"{delta:+.2f}" if math.isfinite(delta) else "-"
-        lines.append(f"| {label} | " + " | ".join(cells[c].text() for c in columns) + f" | {delta_text} |")
+    k = summary.base.eval.knn_k
+    seeds = summary.rows[0].seeds if summary.rows else []
+    n = len(seeds)
+    with_ablation = bool(summary.arms["MLP-HJEPA"])
+    lines = [
+        f"Paired comparison on seeds {', '.join(map(str, seeds)) or '(none)'} (n = {n}): fresh seeds, not the "
+        "search's; each seed gives both methods the same data split, sample order, augmentation stream and "
+        f"encoder initialisation. Cells: mean +/- std over seeds; [{CONFIDENCE:.0%} Student-t interval over the n "
+        "paired differences]. Gain = final minus the same run's readout at initialisation (epoch 0).",
+        "",
+        "| metric (%) | HamJEPA | SIGReg | HamJEPA - SIGReg | gain: HamJEPA | gain: SIGReg | verdict |"
+        + (" MLP-HJEPA |" if with_ablation else ""),
+        "|---" * (8 if with_ablation else 7) + "|",
+    ]
+    for row in summary.rows:
+        cells = [row.label, _spread(row.hamjepa), _spread(row.sigreg), row.delta.text(signed=True),
+                 row.gains["HamJEPA"].text(signed=True), row.gains["SIGReg"].text(signed=True), row.verdict]
+        if with_ablation:
+            cells.append(_spread(row.ablation) if row.ablation else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", _overall(summary, k), "", protocol_line(summary.base)]
+    if summary.not_compared:
+        lines.append("Not compared (did not finish): " + ", ".join(
+            f"{r.name} ({r.status}{': ' + r.reason if r.reason else ''})" for r in summary.not_compared) + ".")
     c = summary.counts
     lines += ["", f"Search trials: {c['trials']} ({c['finished']} finished, {c['stopped']} stopped early, "
                   f"{c['diverged']} diverged, {c['failed']} failed)."]
-    if summary.best:
-        params = ", ".join(f"{k}={v}" for k, v in summary.best_params().items())
-        lines.append(f"Best HamJEPA configuration ({summary.best.name}): {params}.")
+    if summary.selected:
+        s = summary.selected
+        params = ", ".join(f"{key}={value}" for key, value in summary.selected_params().items())
+        shown = ", ".join(f"{label} {s.metrics[metric]:.2f}" for label, metric in names.comparison_metrics(k)
+                          if metric in s.metrics)
+        lines.append(f"Selected on validation ({s.name}, search seed {s.seed}; not in the comparison, its validation "
+                     f"score is a maximum over trials): {shown}. Configuration: {params}.")
     else:
-        lines.append("No HamJEPA trial completed all epochs, so there is no best configuration.")
+        lines.append("No HamJEPA trial completed all epochs, so no configuration was selected.")
     return "\n".join(lines) + "\n"
 
 
+def _overall(summary: StudySummary, k: int) -> str:
+    """The study's answer in one sentence, from the test rows."""
+    test = {row.label: row for row in summary.rows if row.label.startswith("test")}
+    if not test or all(row.delta.n == 0 for row in test.values()):
+        return "Verdict: no paired runs completed, so there is no comparison."
+    parts = [f"{label.removeprefix('test ')}: {row.verdict}" for label, row in test.items()]
+    return "Verdict (test split): " + "; ".join(parts) + "."
+
+
+CSV_COLUMNS = ["metric", "label", "n", "hamjepa_mean", "hamjepa_std", "sigreg_mean", "sigreg_std", "delta",
+               "delta_ci_low", "delta_ci_high", "hamjepa_gain", "hamjepa_gain_ci_low", "hamjepa_gain_ci_high",
+               "sigreg_gain", "sigreg_gain_ci_low", "sigreg_gain_ci_high", "verdict"]
+
+
 def to_csv(summary: StudySummary) -> str:
+    """One row per metric (CSV_COLUMNS); empty cells where a value is undefined (no interval at n = 1)."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["metric", "group", "mean", "std", "n"])
-    for label, cells, delta in summary.rows:
-        for group, cell in cells.items():
-            writer.writerow([label, group, _fmt(cell.mean), _fmt(cell.std), cell.n])
-        writer.writerow([label, "HamJEPA - SIGReg", _fmt(delta), "", ""])
+    writer.writerow(CSV_COLUMNS)
+    for row in summary.rows:
+        h, g = row.gains["HamJEPA"], row.gains["SIGReg"]
+        values = [row.hamjepa.mean, row.hamjepa.std, row.sigreg.mean, row.sigreg.std, row.delta.mean,
+                  row.delta.low, row.delta.high, h.mean, h.low, h.high, g.mean, g.low, g.high]
+        writer.writerow([row.metric, row.label, row.delta.n, *map(_fmt, values), row.verdict])
     return buffer.getvalue()
 
 
@@ -144,7 +231,7 @@ def _fmt(value: float) -> str:
     return f"{value:.4f}" if math.isfinite(value) else ""
 
 
-def objective_plots(records: Sequence[RunRecord], search_keys: Sequence[str], folder: Path,
+def objective_plots(records: Sequence[RunRecord], search_keys: Sequence[str], folder: Path, objective: str,
                     baseline: float | None = None) -> list[Path]:
     """One PNG per searched hyperparameter: the objective of every search trial against its value, with the
     SIGReg baseline's mean as a dashed line when there is one."""
@@ -154,10 +241,10 @@ def objective_plots(records: Sequence[RunRecord], search_keys: Sequence[str], fo
     import matplotlib.pyplot as plt
 
     folder.mkdir(parents=True, exist_ok=True)
-    search = [r for r in records if r.phase == "search" and OBJECTIVE in r.metrics]
+    search = [r for r in records if r.phase == "search" and objective in r.metrics]
     paths = []
     for key in search_keys:
-        points = [(float(r.params[key]), r.metrics[OBJECTIVE], r.status) for r in search if key in r.params]
+        points = [(float(r.params[key]), r.metrics[objective], r.status) for r in search if key in r.params]
         if not points:
             continue
         fig, ax = plt.subplots(figsize=(4.5, 3.2))
@@ -169,12 +256,12 @@ def objective_plots(records: Sequence[RunRecord], search_keys: Sequence[str], fo
             if xs:
                 ax.scatter(xs, ys, c=colour, marker=marker, label=f"{status} ({len(xs)})")
         if baseline is not None and math.isfinite(baseline):
-            ax.axhline(baseline, color="tab:orange", linestyle="--", label="SIGReg (mean)")
+            ax.axhline(baseline, color="tab:orange", linestyle="--", label="SIGReg (paired seeds, mean)")
         values = [x for x, _, _ in points]
         if min(values) > 0 and max(values) / min(values) >= 10:
             ax.set_xscale("log")
         ax.set_xlabel(key)
-        ax.set_ylabel("val kNN@20 top-1 (%)")
+        ax.set_ylabel(f"{objective} (%)")
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
         fig.tight_layout()

@@ -16,9 +16,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import metrics as names
 from .config import Config
 from .paper import COLUMN_TITLES, COLUMNS, DATASET_TITLES, PaperRow, reference_row
-from .report import Cell, RunRecord
+from .report import RunRecord
+from .statistics import Estimate, estimate
 from .study import Invocation, StudyResult, StudySettings, grid_size
 
 PHASE = "reproduce"
@@ -33,13 +35,14 @@ class TableRow:
     label: str
     family: str
     source: str  # "ours" | "paper"
-    cells: dict[str, tuple[Cell, Cell]]  # column title -> (kNN@20, linear probe)
+    cells: dict[str, tuple[Estimate, Estimate]]  # column title -> (kNN@20, linear probe)
 
 
 @dataclass
 class ReproductionTable:
     rows: list[TableRow]
     notes: list[str]
+    knn_k: int = 20
 
 
 def _columns(family: str) -> list[tuple[str, str, str]]:
@@ -58,6 +61,7 @@ def setting_title(cfg: Config, seeds: int) -> str:
 
 def build_table(records: Sequence[RunRecord], base: Config, seeds: int) -> ReproductionTable:
     """Ours from MLflow's complete runs of the reproduction, the paper's beside them; every row always present."""
+    k = base.eval.knn_k
     runs = [r for r in records if r.phase == PHASE and r.complete]
     rows: list[TableRow] = []
     notes: list[str] = []
@@ -65,12 +69,13 @@ def build_table(records: Sequence[RunRecord], base: Config, seeds: int) -> Repro
         paper, caveat = reference_row(family, base.data.dataset, base.optim.epochs)
         # Compare like with like: the paper's ImageNet-100 SIGReg numbers are of the q half, at any schedule.
         sigreg_readout = paper.sigreg_readout if paper and paper.dataset == base.data.dataset else "qp"
-        ours: dict[str, tuple[Cell, Cell]] = {}
+        ours: dict[str, tuple[Estimate, Estimate]] = {}
         for title, method, readout in _columns(family):
             readout = sigreg_readout if method == "sigreg" else readout
             of_method = [r for r in runs if r.method == method]
-            ours[title] = (Cell([r.metrics[f"test_knn20_top1_{readout}"] for r in of_method]),
-                           Cell([r.metrics[f"test_linprobe_top1_{readout}"] for r in of_method]))
+            knn, probe = (names.accuracy("test", kind, readout) for kind in (names.knn(k), "linprobe_top1"))
+            ours[title] = (estimate([r.metrics[knn] for r in of_method]),
+                           estimate([r.metrics[probe] for r in of_method]))
         prefix = "MLP-HJEPA, " if family == "mlp" else ""
         rows.append(TableRow(f"ours: {prefix}{setting_title(base, seeds)}", family, "ours", ours))
         rows.append(_paper_row(family, paper, caveat))
@@ -79,7 +84,7 @@ def build_table(records: Sequence[RunRecord], base: Config, seeds: int) -> Repro
     if missing:
         notes.append("Not in the table (did not finish): " + ", ".join(
             f"{r.name} ({r.status}{': ' + r.reason if r.reason else ''})" for r in missing) + ".")
-    return ReproductionTable(rows, notes)
+    return ReproductionTable(rows, notes, k)
 
 
 def _headline(ours: TableRow, paper: PaperRow | None) -> str:
@@ -102,11 +107,11 @@ def _paper_row(family: str, paper: PaperRow | None, caveat: str) -> TableRow:
         key = "sigreg" if method == "sigreg" else readout
         if key in paper.cells:
             knn, probe = paper.cells[key]
-            cells[title] = (Cell([knn]), Cell([probe]))
+            cells[title] = (estimate([knn]), estimate([probe]))
     return TableRow(f"paper: {paper.title}{caveat}", family, "paper", cells)
 
 
-def _cell_text(knn: Cell, probe: Cell, seeds: int, source: str) -> str:
+def _cell_text(knn: Estimate, probe: Estimate, seeds: int, source: str) -> str:
     if not knn.n:
         return ""
     if source == "paper":
@@ -131,7 +136,8 @@ def to_csv(table: ReproductionTable) -> str:
     writer.writerow(["setting", "source", "column", "metric", "mean", "std", "n"])
     for row in table.rows:
         for title, (knn, probe) in row.cells.items():
-            for metric, cell in (("test_knn20_top1", knn), ("test_linprobe_top1", probe)):
+            for metric, cell in ((names.accuracy("test", names.knn(table.knn_k)), knn),
+                                 (names.accuracy("test", "linprobe_top1"), probe)):
                 writer.writerow([row.label, row.source, title, metric, *(f"{v:.4f}" if math.isfinite(v) else ""
                                                                           for v in (cell.mean, cell.std)), cell.n])
     return buffer.getvalue()
@@ -150,7 +156,7 @@ def comparison_plot(table: ReproductionTable, path: Path) -> Path:
     for axis, (index, metric) in zip(axes, ((0, "test kNN@20 top-1 (%)"), (1, "linear probe top-1 (%)"))):
         for offset, source, colour in ((-0.2, "ours", "tab:blue"), (0.2, "paper", "tab:gray")):
             rows = {row.family: row for row in table.rows if row.source == source}
-            cells = [rows[family].cells.get(title, (Cell([]), Cell([])))[index] for family, title in bars]
+            cells = [rows[family].cells.get(title, (estimate([]), estimate([])))[index] for family, title in bars]
             errors = [cell.std if cell.n > 1 else 0.0 for cell in cells]
             axis.bar([i + offset for i in range(len(bars))], [cell.mean if cell.n else 0.0 for cell in cells],
                      width=0.4, color=colour, label=source, yerr=errors if any(errors) else None, capsize=2)

@@ -12,8 +12,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from . import metrics as names
 from .config import Config, ConfigError
-from .tracking import METHOD_TAG, ROLE_TAG, RunLogger, resolve_tracking_uri
+from .metrics import RunStatus
+from .tracking import METHOD_TAG, REASON_TAG, ROLE_TAG, STATUS_TAG, RunLogger, resolve_tracking_uri
 from .training import FailureInjection, Resources, make_trainer
 
 DRIVER_RESOURCE = "trial_driver"  # custom resource held by a study's trial drivers (see connect_ray)
@@ -25,7 +27,7 @@ def mlflow_epoch_callback(logger: RunLogger):
 
     class MLflowEpochCallback(UserCallback):
         def after_report(self, run_context, metrics, checkpoint):
-            if metrics and "epoch" in metrics[0]:
+            if metrics and names.EPOCH in metrics[0]:
                 logger.log_epoch(metrics[0])
 
     return MLflowEpochCallback()
@@ -33,7 +35,7 @@ def mlflow_epoch_callback(logger: RunLogger):
 
 @dataclass
 class RunOutcome:
-    status: str  # "finished" | "diverged" | "failed"
+    status: RunStatus
     metrics: dict[str, Any]
     run_id: str
     reason: str = ""
@@ -85,40 +87,38 @@ def train_and_log(cfg: Config, resources: Resources, *, experiment: str, run_nam
                            callbacks=[mlflow_epoch_callback(logger)], failure=failure)
     try:
         result = trainer.fit()
+        metrics = dict(result.metrics or {})
     except TrainingFailedError as error:
-        reason = str(error).strip().splitlines()[-1][:500]
-        logger.set_tags({"hamjepa.status": "failed", "hamjepa.reason": reason})
-        logger.finish("FAILED")
-        return RunOutcome("failed", {}, logger.run_id, reason)
-    metrics = dict(result.metrics or {})
-    if metrics.get("diverged"):
-        reason = metrics.get("diverged_reason", "diverged")
-        logger.set_tags({"hamjepa.status": "diverged", "hamjepa.reason": reason})
-        logger.finish("FAILED")
-        return RunOutcome("diverged", metrics, logger.run_id, reason)
-    logger.set_tags({"hamjepa.status": "finished"})
-    logger.finish("FINISHED")
-    return RunOutcome("finished", metrics, logger.run_id)
+        metrics = {names.FAILED: 1, names.FAILURE_REASON: str(error).strip().splitlines()[-1][:500]}
+    status, reason = names.classify(metrics, cfg.optim.epochs)
+    logger.set_tags({STATUS_TAG: status.value, **({REASON_TAG: reason} if reason else {})})
+    logger.finish(status.mlflow_status)
+    return RunOutcome(status, metrics if status is not RunStatus.FAILED else {}, logger.run_id, reason)
 
 
 def summary(cfg: Config, outcome: RunOutcome, tracking_uri: str) -> str:
     """A one-screen summary: status, throughput, and accuracies (percent) per readout."""
-    from .readouts import READOUTS
-
+    k = cfg.eval.knn_k
     metrics = outcome.metrics
     reason = f" ({outcome.reason})" if outcome.reason else ""
-    lines = [f"{cfg.method} on {cfg.data.dataset}: {outcome.status}{reason}"]
-    if "epoch" in metrics:
-        lines.append(f"  epochs {metrics['epoch']}/{cfg.optim.epochs}, final loss "
-                     f"{metrics.get('train/loss', math.nan):.4f}, {metrics.get('train/images_per_s', 0):.0f} images/s, "
-                     f"val kNN@{cfg.eval.knn_k} (objective) "
-                     f"{metrics.get(f'val_knn{cfg.eval.knn_k}_top1', math.nan):.2f}")
-    columns = [f"val_knn{cfg.eval.knn_k}_top1", "val_linprobe_top1", f"test_knn{cfg.eval.knn_k}_top1",
-               "test_linprobe_top1", "test_linprobe_top5", "effective_rank"]
-    if any(f"{columns[2]}_{r}" in metrics for r in READOUTS[cfg.method]):
+    lines = [f"{cfg.method} on {cfg.data.dataset}: {outcome.status.value}{reason}"]
+    if names.EPOCH in metrics:
+        lines.append(f"  epochs {metrics[names.EPOCH]}/{cfg.optim.epochs}, final loss "
+                     f"{metrics.get(names.TRAIN + 'loss', math.nan):.4f}, "
+                     f"{metrics.get(names.IMAGES_PER_S, 0):.0f} images/s, val kNN@{k} (objective) "
+                     f"{metrics.get(names.objective(k), math.nan):.2f}")
+    columns = [names.accuracy("val", names.knn(k)), names.accuracy("val", "linprobe_top1"),
+               names.accuracy("test", names.knn(k)), names.accuracy("test", "linprobe_top1"),
+               names.accuracy("test", "linprobe_top5"), "effective_rank"]
+    readouts = names.READOUTS[cfg.method]
+    if any(f"{columns[2]}_{r}" in metrics for r in readouts):
         lines.append("  readout " + "".join(f"{c.replace('_top1', '').replace('_top5', '@5'):>16s}" for c in columns))
-        for r in READOUTS[cfg.method]:
+        for r in readouts:
             cells = "".join(f"{metrics.get(f'{c}_{r}', math.nan):16.2f}" for c in columns)
             lines.append(f"  {r:7s} {cells}")
+        at_init = names.init(f"{columns[2]}_{readouts[0]}")
+        if at_init in metrics:
+            lines.append(f"  at initialisation: test kNN@{k} ({readouts[0]}) {metrics[at_init]:.2f}, linear probe "
+                         f"{metrics.get(names.init(f'{columns[3]}_{readouts[0]}'), math.nan):.2f}")
     lines.append(f"  MLflow run {outcome.run_id}: mlflow ui --backend-store-uri {tracking_uri}")
     return "\n".join(lines)

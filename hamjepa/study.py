@@ -2,10 +2,13 @@
 
 Phases, each a Tune experiment under <storage>/<study>/<invocation id>/<phase>:
 1. search    HamJEPA trials proposed by Optuna (TPE, seeded, the paper's defaults first), early-stopped
-             by ASHA on `epoch` unless switched off. Objective: val_knn20_top1 (validation split).
-2. confirm   the best configuration retrained on the remaining seeds, so both sides have `seeds` runs.
-3. baseline  SIGReg, one run per seed, same protocol.
-4. ablation  optional MLP-HJEPA runs (the best configuration with the leapfrog replaced).
+             by ASHA on `epoch` unless switched off, all on the base seed. Objective: val_knn{k}_top1
+             (validation split). Optuna is told how each trial really ended (FullTrialOptunaSearch).
+2. confirm   the selected configuration retrained on `seeds` fresh seeds (never the search's seed).
+3. baseline  SIGReg on the same fresh seeds: each seed gives both methods the same data split, sample
+             order, augmentation stream and encoder initialisation, so the comparison is paired by seed.
+4. ablation  optional MLP-HJEPA runs (the selected configuration with the leapfrog replaced), same seeds.
+The selected search trial itself is never compared: it won on validation, which biases it upwards.
 
 Every trial is a Tune function trainable (the "driver") that runs one Ray Train TorchTrainer named after
 the trial, so a retried or resumed driver continues that run from its checkpoint. MLflow logging lives
@@ -24,22 +27,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import optuna
 from ray.tune import Callback
+from ray.tune.search.optuna import OptunaSearch
 
+from . import metrics as names
 from . import storage
 from .config import Config, ConfigError, from_dict
-from .report import OBJECTIVE
+from .metrics import RunStatus
 from .run import DRIVER_RESOURCE
-from .tracking import METHOD_TAG, ROLE_TAG, RunLogger, experiment_id
+from .tracking import METHOD_TAG, PHASE_TAG, REASON_TAG, ROLE_TAG, STATUS_TAG, TRIAL_TAG, RunLogger, experiment_id
 from .training import Resources, make_trainer
 
-# Metrics of ours in a Tune result (Tune adds its own bookkeeping keys, which MLflow does not need).
-_OUR_PREFIXES = ("epoch", "train/", "val_", "test_", "effective_rank", "participation_ratio", "diverged",
-                 "failed", "resumed_from_epoch", "nodes", "device")
-PHASE_TAG = "hamjepa.phase"
-TRIAL_TAG = "hamjepa.trial_id"
-STATUS_TAG = "hamjepa.status"
-REASON_TAG = "hamjepa.reason"
+# How a trial's end reaches Optuna, written once. A trial ASHA stopped is PRUNED (Optuna records its last
+# intermediate value, and TPE never ranks a truncated value against full-length ones); a diverged trial is
+# a COMPLETE trial with the worst value (the configuration's fault: TPE learns to avoid its region); a
+# failed one (an error not of the configuration's making) is FAIL and teaches TPE nothing.
+OPTUNA_STATES = {
+    RunStatus.FINISHED: optuna.trial.TrialState.COMPLETE,
+    RunStatus.STOPPED: optuna.trial.TrialState.PRUNED,
+    RunStatus.DIVERGED: optuna.trial.TrialState.COMPLETE,
+    RunStatus.FAILED: optuna.trial.TrialState.FAIL,
+    RunStatus.RUNNING: optuna.trial.TrialState.FAIL,
+}
 
 
 @dataclass(frozen=True)
@@ -49,7 +59,7 @@ class StudySettings:
     name: str
     base: Config
     num_samples: int = 6
-    seeds: int = 2  # SIGReg baseline seeds; the best HamJEPA configuration is retrained to match
+    seeds: int = 2  # paired seeds per side: the selected HamJEPA configuration and SIGReg on each
     ablation: str = ""  # "" or "mlp"
     early_stopping: bool = True
     resources: Resources = field(default_factory=Resources)
@@ -65,7 +75,7 @@ class StudySettings:
         if self.num_samples < 1:
             raise ConfigError(f"--num-samples = {self.num_samples} is invalid: must be an integer >= 1.")
         if self.seeds < 0:
-            raise ConfigError(f"--baseline-seeds = {self.seeds} is invalid: must be an integer >= 0.")
+            raise ConfigError(f"--seeds = {self.seeds} is invalid: must be an integer >= 0 (0 = search only).")
         if self.ablation not in ("", "mlp"):
             raise ConfigError(f"--ablation = {self.ablation!r} is invalid: the only ablation is 'mlp'.")
         if self.max_concurrent < 0:
@@ -78,6 +88,15 @@ class StudySettings:
     @property
     def experiment_name(self) -> str:
         return self.experiment or f"hamjepa-{self.name}"
+
+    @property
+    def objective(self) -> str:
+        return names.objective(self.base.eval.knn_k)
+
+    @property
+    def paired_seeds(self) -> list[int]:
+        """Fresh seeds for the paired comparison: never the base seed, which every search trial used."""
+        return [self.base.seed + 1 + i for i in range(self.seeds)]
 
 
 # -- search spaces are data ---------------------------------------------------------------------------
@@ -116,27 +135,26 @@ def trial_driver(overrides: dict[str, Any], *, base: dict[str, Any], resources: 
         trainer.fit()
     except TrainingFailedError as error:
         reason = str(error).strip().splitlines()[-1][:300] if str(error).strip() else type(error).__name__
-        tune.report({"epoch": cfg.optim.epochs, "failed": 1, "failure_reason": reason, OBJECTIVE: 0.0})
+        tune.report({names.EPOCH: cfg.optim.epochs, names.FAILED: 1, names.FAILURE_REASON: reason,
+                     names.objective(cfg.eval.knn_k): 0.0})
 
 
 # -- MLflow logging from Tune -------------------------------------------------------------------------
 
 def _ours(result: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in result.items() if k.startswith(_OUR_PREFIXES) or k.endswith("_reason")}
+    return {k: v for k, v in result.items() if names.is_ours(k)}
 
 
 class MLflowTrialCallback(Callback):
     """One nested MLflow run per trial (key = study id + trial id), logged idempotently from Tune."""
 
-    def __init__(self, settings: StudySettings, parent_run_id: str, study_id: str, phase: str,
-                 base_overrides: Mapping[str, Any] | None = None):
+    def __init__(self, settings: StudySettings, parent_run_id: str, study_id: str, phase: str):
         self.settings, self.parent_run_id, self.study_id, self.phase = settings, parent_run_id, study_id, phase
-        self.base_overrides = dict(base_overrides or {})
         self.loggers: dict[str, RunLogger] = {}
         self.last: dict[str, dict[str, Any]] = {}
 
     def trial_config(self, trial) -> Config:
-        return self.settings.base.override({**self.base_overrides, **trial.config})
+        return self.settings.base.override(trial.config)
 
     def _logger(self, trial) -> RunLogger:
         if trial.trial_id not in self.loggers:
@@ -153,26 +171,64 @@ class MLflowTrialCallback(Callback):
         return self.loggers[trial.trial_id]
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self._logger(trial).set_tags({STATUS_TAG: "running"})
+        self._logger(trial).set_tags({STATUS_TAG: RunStatus.RUNNING.value})
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         metrics = _ours(result)
         self.last[trial.trial_id] = metrics
-        if "epoch" in metrics:
+        if names.EPOCH in metrics:
             self._logger(trial).log_epoch(metrics)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         last = self.last.get(trial.trial_id) or _ours(trial.last_result or {})
-        status, reason = trial_outcome(last, self.trial_config(trial).optim.epochs)
-        self._close(trial, status, reason)
+        self._close(trial, *names.classify(last, self.trial_config(trial).optim.epochs))
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._close(trial, "failed", _error_reason(trial))
+        self._close(trial, RunStatus.FAILED, _error_reason(trial))
 
-    def _close(self, trial, status: str, reason: str) -> None:
+    def _close(self, trial, status: RunStatus, reason: str) -> None:
         logger = self._logger(trial)
-        logger.set_tags({STATUS_TAG: status, **({REASON_TAG: reason} if reason else {})})
-        logger.finish("FINISHED" if status in ("finished", "stopped") else "FAILED")
+        logger.set_tags({STATUS_TAG: status.value, **({REASON_TAG: reason} if reason else {})})
+        logger.finish(status.mlflow_status)
+
+
+class FullTrialOptunaSearch(OptunaSearch):
+    """Ray's OptunaSearch, telling Optuna how each trial really ended (OPTUNA_STATES).
+
+    Ray 2.60's OptunaSearch tells every trial that ended without an error COMPLETE with its last value, so a
+    trial ASHA stopped after one epoch would be ranked by TPE against trials that trained every epoch.
+    Intermediate values are keyed by our `epoch` (0 = initialisation), not by Tune's training_iteration,
+    which restarts when a trial's driver is retried.
+    """
+
+    def __init__(self, *args, epochs: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.epochs = epochs
+        self._reported: dict[str, set[int]] = {}  # Ray reports at least once: a replayed epoch is told once
+
+    @property
+    def study(self) -> optuna.Study:
+        return self._ot_study
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id in self._completed_trials or self.metric not in result or names.EPOCH not in result:
+            return
+        epoch, reported = int(result[names.EPOCH]), self._reported.setdefault(trial_id, set())
+        if epoch not in reported:
+            self._ot_trials[trial_id].report(float(result[self.metric]), epoch)
+            reported.add(epoch)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id in self._completed_trials:
+            return
+        status = RunStatus.FAILED if error or not result else names.classify(result, self.epochs)[0]
+        state = OPTUNA_STATES[status]
+        value = float(result.get(self.metric, math.nan)) if result else math.nan
+        if state == optuna.trial.TrialState.COMPLETE and not math.isfinite(value):
+            state = optuna.trial.TrialState.FAIL  # Optuna refuses NaN; the run's own status says what happened
+        self._ot_study.tell(self._ot_trials[trial_id], value if state == optuna.trial.TrialState.COMPLETE else None,
+                            state=state)
+        self._completed_trials.add(trial_id)
 
 
 def _error_reason(trial) -> str:
@@ -181,17 +237,6 @@ def _error_reason(trial) -> str:
     text = Path(path).read_text(errors="replace") if path and Path(path).is_file() else ""
     lines = [line for line in text.strip().splitlines() if line.strip()]
     return lines[-1][:500] if lines else "the trial raised an error"
-
-
-def trial_outcome(last: Mapping[str, Any], epochs: int) -> tuple[str, str]:
-    """(status, reason) of a completed trial from its last result: finished, stopped early, diverged, failed."""
-    if last.get("failed"):
-        return "failed", str(last.get("failure_reason", ""))
-    if last.get("diverged"):
-        return "diverged", str(last.get("diverged_reason", ""))
-    if int(last.get("epoch", 0)) < epochs:
-        return "stopped", f"stopped early by ASHA after epoch {int(last.get('epoch', 0))}"
-    return "finished", ""
 
 
 # -- running a phase ----------------------------------------------------------------------------------
@@ -228,18 +273,16 @@ def _cluster_concurrency(settings: StudySettings) -> int:
 
 
 def run_phase(settings: StudySettings, phase: str, param_space: dict[str, Any], study_dir: str, study_id: str,
-              parent_run_id: str, num_samples: int = 1, search_alg=None, scheduler=None,
-              base_overrides: Mapping[str, Any] | None = None):
+              parent_run_id: str, num_samples: int = 1, search_alg=None, scheduler=None):
     """Run (or, when resuming, restore and finish) one Tune experiment; returns its ResultGrid."""
     from ray import tune
 
-    base = settings.base.override(dict(base_overrides or {}))
     driver = tune.with_resources(
-        tune.with_parameters(trial_driver, base=base.to_dict(), resources=settings.resources,
+        tune.with_parameters(trial_driver, base=settings.base.to_dict(), resources=settings.resources,
                              storage_path=storage.join(study_dir, "train"), study_id=study_id),
         {DRIVER_RESOURCE: 1},
     )
-    callback = MLflowTrialCallback(settings, parent_run_id, study_id, phase, base_overrides)
+    callback = MLflowTrialCallback(settings, parent_run_id, study_id, phase)
     path = storage.join(study_dir, phase)
     if settings.resume and tune.Tuner.can_restore(path):
         tuner = tune.Tuner.restore(path, trainable=driver, param_space=param_space, resume_unfinished=True,
@@ -249,7 +292,7 @@ def run_phase(settings: StudySettings, phase: str, param_space: dict[str, Any], 
             driver,
             param_space=param_space,
             # Only a search or a scheduler needs the objective (Tune then requires it in every result).
-            tune_config=tune.TuneConfig(metric=OBJECTIVE if search_alg or scheduler else None,
+            tune_config=tune.TuneConfig(metric=settings.objective if search_alg or scheduler else None,
                                         mode="max" if search_alg or scheduler else None, num_samples=num_samples,
                                         search_alg=search_alg, scheduler=scheduler,
                                         max_concurrent_trials=_cluster_concurrency(settings)),
@@ -289,6 +332,7 @@ class StudyResult:
     summary: Any  # what the study's report was built from
     text: str
     interrupted: bool = False
+    optuna_study: Any = None  # the search's Optuna study (in memory), where the invocation searched
 
 
 class Invocation:
@@ -322,7 +366,7 @@ class Invocation:
             self.interrupted = True
             return
         runs = [r for r in self.records() if r.phase == name]
-        self.interrupted = len(runs) < expected or any(r.status == "running" for r in runs)
+        self.interrupted = len(runs) < expected or any(r.status == RunStatus.RUNNING for r in runs)
 
     def records(self):
         from .report import collect_runs
@@ -348,7 +392,7 @@ class Invocation:
         client = self.parent.client
         for record in self.records():
             if record.run_status == "RUNNING":
-                client.set_tag(record.run_id, STATUS_TAG, "failed")
+                client.set_tag(record.run_id, STATUS_TAG, RunStatus.FAILED.value)
                 client.set_tag(record.run_id, REASON_TAG, "interrupted and not resumed")
                 client.set_terminated(record.run_id, status="KILLED")
 
@@ -356,13 +400,11 @@ class Invocation:
 # -- the search study ---------------------------------------------------------------------------------
 
 def _search_algorithm(settings: StudySettings, space: Mapping[str, Any], study_id: str,
-                      initial_points: list[dict[str, Any]]):
-    import optuna
-    from ray.tune.search.optuna import OptunaSearch
-
+                      initial_points: list[dict[str, Any]]) -> FullTrialOptunaSearch:
     points = [defaults_point(space, settings.base), *initial_points]
-    return OptunaSearch(metric=OBJECTIVE, mode="max", points_to_evaluate=points,
-                        sampler=optuna.samplers.TPESampler(seed=settings.seed), study_name=study_id)
+    return FullTrialOptunaSearch(metric=settings.objective, mode="max", points_to_evaluate=points,
+                                 sampler=optuna.samplers.TPESampler(seed=settings.seed), study_name=study_id,
+                                 epochs=settings.base.optim.epochs)
 
 
 def _scheduler(settings: StudySettings):
@@ -372,19 +414,33 @@ def _scheduler(settings: StudySettings):
 
     epochs = settings.base.optim.epochs
     # Driver retries restart Tune's training_iteration, so the time axis is our own `epoch` metric.
-    return ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=max(1, epochs // 4), reduction_factor=2)
+    return ASHAScheduler(time_attr=names.EPOCH, max_t=epochs, grace_period=max(1, epochs // 4), reduction_factor=2)
+
+
+def comparison_plan(settings: StudySettings, selected: Mapping[str, Any] | None) -> list[tuple[str, dict[str, Any]]]:
+    """The phases after the search: (name, Tune param space), every one on the same fresh paired seeds."""
+    from ray import tune
+
+    seeds = settings.paired_seeds
+    if not seeds:
+        return []
+    plan = []
+    if selected is not None:
+        plan.append(("confirm", {**selected, "seed": tune.grid_search(seeds)}))
+    plan.append(("baseline", {"method": "sigreg", "seed": tune.grid_search(seeds)}))
+    if settings.ablation and selected is not None:
+        plan.append(("ablation", {**selected, "method": settings.ablation, "seed": tune.grid_search(seeds)}))
+    return plan
 
 
 def run_study(settings: StudySettings, space: Mapping[str, Any],
               initial_points: list[dict[str, Any]] | None = None) -> StudyResult:
-    """Search, confirm, baseline and (optionally) ablate; log everything; return the summary.
+    """Search, then the paired comparison (confirm, baseline, optional ablation); log everything; summarise.
 
     Optuna evaluates the base config's values first, then `initial_points` (each must set every searched
     key), then its own proposals.
     """
-    from ray import tune
-
-    from .report import objective_plots, summarize, to_csv, to_markdown
+    from .report import objective_plots, select_trial, summarize, to_csv, to_markdown
 
     validate_search_space(space, settings.base)
     initial_points = list(initial_points or [])
@@ -394,41 +450,32 @@ def run_study(settings: StudySettings, space: Mapping[str, Any],
                               f"{', '.join(space)}.")
         settings.base.override(point)
     study = Invocation(settings, {"study.num_samples": settings.num_samples, "study.seeds": settings.seeds,
+                                  "study.paired_seeds": ",".join(map(str, settings.paired_seeds)),
                                   "study.early_stopping": settings.early_stopping, "study.seed": settings.seed,
                                   "study.search_keys": ",".join(space)})
+    searcher = _search_algorithm(settings, space, study.study_id, initial_points)
     try:
         study.run_phase("search", dict(space), settings.num_samples, num_samples=settings.num_samples,
-                        search_alg=_search_algorithm(settings, space, study.study_id, initial_points),
-                        scheduler=_scheduler(settings))
-        best = summarize(study.records(), list(space)).best
-        best_overrides = {k: _typed(settings.base, k, best.params[k]) for k in space} if best else {}
-        plan = []
-        if best and settings.seeds > 1:
-            plan.append(("confirm", {**best_overrides, "seed": tune.grid_search(list(range(1, settings.seeds)))}))
-        if settings.seeds > 0:
-            plan.append(("baseline", {"method": "sigreg", "seed": tune.grid_search(list(range(settings.seeds)))}))
-        if settings.ablation:
-            plan.append(("ablation", {**best_overrides, "method": settings.ablation,
-                                      "seed": tune.grid_search(list(range(max(1, settings.seeds))))}))
-        for name, param_space in plan:
+                        search_alg=searcher, scheduler=_scheduler(settings))
+        selected = select_trial(study.records(), settings.objective)
+        overrides = {k: _typed(settings.base, k, selected.params[k]) for k in space} if selected else None
+        for name, param_space in comparison_plan(settings, overrides):
             study.run_phase(name, param_space, grid_size(param_space))
     except KeyboardInterrupt:  # outside a phase (e.g. while the next one is planned): the same as inside
         study.interrupted = True
 
     records = study.records()
-    summary = summarize(records, list(space))
+    summary = summarize(records, list(space), settings.base)
     if not study.interrupted:
-        sigreg_objective = next(cells["SIGReg"].mean for label, cells, _ in summary.rows if label == "val kNN@20")
+        baseline = summary.rows[0].sigreg.mean if summary.rows else None
         with tempfile.TemporaryDirectory() as folder:
-            for path in objective_plots(records, list(space), Path(folder), baseline=sigreg_objective):
+            for path in objective_plots(records, list(space), Path(folder), settings.objective, baseline=baseline):
                 study.parent.log_artifact(path, "plots")
-        for label, _, delta in summary.rows:
-            if math.isfinite(delta):
-                study.parent.log_metrics({f"delta/{label.replace(' ', '_').replace('@', '')}": delta}, step=0)
-        if summary.best:
-            study.parent.log_metrics({f"best/{OBJECTIVE}": summary.best.metrics[OBJECTIVE]}, step=0)
+        study.parent.log_metrics(summary.parent_metrics(), step=0)
     text = to_markdown(summary)
-    return study.finish(summary, text, {"summary.md": text, "summary.csv": to_csv(summary)})
+    result = study.finish(summary, text, {"summary.md": text, "summary.csv": to_csv(summary)})
+    result.optuna_study = searcher.study
+    return result
 
 
 def _typed(base: Config, key: str, text: str) -> Any:

@@ -25,6 +25,10 @@ from .config import ConfigError
 KEY_TAG = "hamjepa.key"
 ROLE_TAG = "hamjepa.role"
 METHOD_TAG = "hamjepa.method"
+PHASE_TAG = "hamjepa.phase"
+TRIAL_TAG = "hamjepa.trial_id"
+STATUS_TAG = "hamjepa.status"  # a metrics.RunStatus value
+REASON_TAG = "hamjepa.reason"
 PARENT_TAG = "mlflow.parentRunId"
 _BATCH = 100  # MLflow's limit on params per log_batch call
 
@@ -133,7 +137,7 @@ class RunLogger:
     def last_logged_epoch(self) -> int:
         if self._last_epoch is None:
             history = self.client.get_metric_history(self._ensure_started(), "epoch")
-            self._last_epoch = max((int(m.value) for m in history), default=0)
+            self._last_epoch = max((int(m.value) for m in history), default=-1)  # epoch 0 = initialisation
         return self._last_epoch
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:

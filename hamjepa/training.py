@@ -4,11 +4,13 @@ Per worker: build the method, shard the data with a DistributedSampler, train wi
 report once per epoch (rank 0's metrics reach Ray), checkpoint every epoch, resume from the latest
 checkpoint. Batch statistics are global because the objectives all-reduce their sufficient statistics.
 
-Reported metrics (DESIGN.md names): `epoch`, `train/<loss term or diagnostic>`, `train/images_per_s`,
-`train/lr`, `val_knn20_top1` (percent), `diverged` (0/1), `resumed_from_epoch`, and where it ran (`nodes`,
-`device`, strings that MLflow keeps as tags `hamjepa.nodes`, `hamjepa.device`); after the last epoch also
-the final test metrics of `readouts.final_metrics`. A diverged run reports `diverged = 1`, its
-`diverged_reason`, and finite worst-case accuracies, and returns normally.
+Reported metrics (names from metrics.py): `epoch`, `train/<loss term or diagnostic>`, `train/images_per_s`,
+`train/lr`, the objective `val_knn{k}_top1` (percent), `diverged` (0/1), `resumed_from_epoch`, and where it ran
+(`nodes`, `device`, strings that MLflow keeps as tags `hamjepa.nodes`, `hamjepa.device`); after the last epoch
+also the final metrics of `readouts.final_metrics`. Before the first step a fresh run reports epoch 0: the
+objective and the final metrics (under `init/`) of the encoder at initialisation, so every run can show what
+training gained. A diverged run reports `diverged = 1`, its `diverged_reason`, and finite worst-case
+accuracies, and returns normally.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
+from . import metrics as names
 from . import readouts, storage
 from .config import Config, ConfigError, from_dict
 from .data import load_splits, two_view_dataset
@@ -175,6 +178,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # encoder BN over the global batch too
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, iters_per_epoch, cfg.optim)
+    where = placement(world, device)
     last_epoch = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -183,64 +187,98 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             _report(rank, state["diverged"], state)
             return
         last_epoch = _restore(state, model, optimizer, scheduler)
+    else:  # epoch 0: the encoder at initialisation, measured as at the end
+        metrics = {names.EPOCH: 0, names.DIVERGED: 0, names.RESUMED_FROM: 0, **where}
+        if rank == 0:
+            metrics.update(initial_readouts(model, splits, cfg, device))
+        _report(rank, metrics, _training_state(model, optimizer, scheduler, 0, cfg) if rank == 0 else {})
     resumed_from = last_epoch
     net = DistributedDataParallel(model, device_ids=[device] if use_cuda else None) if world > 1 else model
-    where = placement(world, device)
 
     for epoch in range(last_epoch + 1, cfg.optim.epochs + 1):
         if failure is not None:
             failure.maybe_fail(epoch)
-        # Augmentation randomness is a function of (seed, epoch, rank): a resumed epoch replays exactly.
+        # Augmentation randomness is a function of (seed, epoch, rank): a resumed epoch replays exactly, and
+        # two methods run on the same seed see the same sample order and augmentation stream (paired seeds).
         torch.manual_seed(_mix_seed(cfg.seed, epoch, rank))
         loader_generator.manual_seed(_mix_seed(cfg.seed, epoch, rank, 1))
         sampler.set_epoch(epoch)
         model.set_epoch(epoch)
-        net.train()
-        sums: dict[str, torch.Tensor] = {}
-        reason = None
-        started = time.perf_counter()
-        for iteration, (view_a, view_b) in enumerate(loader):
-            view_a = view_a.to(device, non_blocking=True)
-            view_b = view_b.to(device, non_blocking=True)
-            step = (epoch - 1) * iters_per_epoch + iteration
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_cuda):
-                loss, stats = net(view_a, view_b, step)
-            reason = divergence_reason(loss.item(), {k: stats[k].item() for k in ("q_energy", "p_energy")
-                                                     if k in stats})
-            if reason is not None:  # every worker sees the same global loss, so all stop together
-                break
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:  # the method's protocol: HamJEPA clipped, SIGReg not (METHOD.md 5)
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            for key, value in stats.items():
-                sums[key] = sums.get(key, 0.0) + value
-        elapsed = time.perf_counter() - started
-
+        sums, reason, elapsed, last_views = _train_epoch(net, model, loader, optimizer, scheduler, cfg, epoch,
+                                                         iters_per_epoch, device)
         if reason is not None:
-            metrics = {"epoch": epoch, "diverged": 1, "diverged_reason": f"epoch {epoch}: {reason}",
-                       "resumed_from_epoch": resumed_from,
-                       **worst_case(readouts.accuracy_metric_names(cfg.method, cfg.eval.knn_k))}
+            metrics = {names.EPOCH: epoch, names.DIVERGED: 1, names.DIVERGED_REASON: f"epoch {epoch}: {reason}",
+                       names.RESUMED_FROM: resumed_from,
+                       **worst_case(names.final_accuracies(cfg.method, cfg.eval.knn_k))}
             _report(rank, metrics, {"diverged": metrics})
             return
 
-        metrics: dict[str, Any] = {"epoch": epoch, "diverged": 0, "resumed_from_epoch": resumed_from, **where,
-                                   "train/lr": scheduler.get_last_lr()[0],
-                                   "train/images_per_s": iters_per_epoch * cfg.optim.batch_size / elapsed}
-        metrics.update({f"train/{k}": (v / iters_per_epoch).item() for k, v in sums.items()})
+        metrics: dict[str, Any] = {names.EPOCH: epoch, names.DIVERGED: 0, names.RESUMED_FROM: resumed_from, **where,
+                                   f"{names.TRAIN}lr": scheduler.get_last_lr()[0],
+                                   names.IMAGES_PER_S: iters_per_epoch * cfg.optim.batch_size / elapsed}
+        metrics.update({f"{names.TRAIN}{k}": (v / iters_per_epoch).item() for k, v in sums.items()})
         if rank == 0:
-            model.eval()
-            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_cuda):
-                z = model.encoder(view_a)
-            with local_statistics():
-                metrics.update({f"train/{k}": v for k, v in diagnostics(model, z).items()})
-            if len(splits.val):  # no validation split (fixed runs on the whole training set): no such metric
-                metrics["val_knn20_top1"] = readouts.validation_knn(model, splits, cfg, device)
-            if epoch == cfg.optim.epochs:
-                metrics.update(readouts.final_metrics(model, splits, cfg, device))
+            metrics.update(_evaluate_epoch(model, last_views, splits, cfg, device, final=epoch == cfg.optim.epochs))
         _report(rank, metrics, _training_state(model, optimizer, scheduler, epoch, cfg) if rank == 0 else {})
+
+
+def _train_epoch(net, model: JEPAModel, loader, optimizer, scheduler, cfg: Config, epoch: int, iters_per_epoch: int,
+                 device: torch.device):
+    """One epoch of optimisation: (sums of the step stats, divergence reason or None, seconds, last view)."""
+    use_cuda = device.type == "cuda"
+    net.train()
+    sums: dict[str, torch.Tensor] = {}
+    started = time.perf_counter()
+    view_a = None
+    for iteration, (view_a, view_b) in enumerate(loader):
+        view_a = view_a.to(device, non_blocking=True)
+        view_b = view_b.to(device, non_blocking=True)
+        step = (epoch - 1) * iters_per_epoch + iteration
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_cuda):
+            loss, stats = net(view_a, view_b, step)
+        reason = divergence_reason(loss.item(), {k: stats[k].item() for k in ("q_energy", "p_energy") if k in stats})
+        if reason is not None:  # every worker sees the same global loss, so all stop together
+            return sums, reason, time.perf_counter() - started, view_a
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:  # the method's protocol: HamJEPA clipped, SIGReg not (METHOD.md 5)
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        for key, value in stats.items():
+            sums[key] = sums.get(key, 0.0) + value
+    return sums, None, time.perf_counter() - started, view_a
+
+
+def _evaluate_epoch(model: JEPAModel, views: torch.Tensor, splits, cfg: Config, device: torch.device,
+                    final: bool) -> dict[str, float]:
+    """Rank 0, end of an epoch: eval-mode state diagnostics, the objective, and after the last epoch the final
+    readouts."""
+    use_cuda = device.type == "cuda"
+    model.eval()
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_cuda):
+        z = model.encoder(views)
+    with local_statistics():
+        metrics = {f"{names.STATE}{k}": v for k, v in diagnostics(model, z).items()}
+    if len(splits.val):  # no validation split (fixed runs on the whole training set): no objective
+        metrics[names.objective(cfg.eval.knn_k)] = readouts.validation_knn(model, splits, cfg, device)
+    if final:
+        metrics.update(readouts.final_metrics(model, splits, cfg, device))
+    return metrics
+
+
+def initial_readouts(model: JEPAModel, splits, cfg: Config, device: torch.device) -> dict[str, float]:
+    """Epoch 0: the objective and every final readout (under `init/`) of the encoder at initialisation.
+
+    A randomly initialised ResNet is already a strong kNN baseline on small images, so what a run learned is
+    its final readout minus this one, never the final readout alone.
+    """
+    metrics: dict[str, float] = {}
+    if len(splits.val):
+        objective = names.objective(cfg.eval.knn_k)
+        metrics[objective] = metrics[names.init(objective)] = readouts.validation_knn(model, splits, cfg, device)
+    metrics.update({names.init(k): v for k, v in readouts.final_metrics(model, splits, cfg, device).items()})
+    return metrics
 
 
 # -- the TorchTrainer wrapper -------------------------------------------------------------------------

@@ -1,0 +1,107 @@
+"""One vocabulary: the names of everything a run reports, and the statuses a run ends in.
+
+Every metric name is built here, from the config where it depends on it (`eval.knn_k`), so a name is
+never spelled as a literal in two modules. DESIGN.md's MLflow layout, with k = `eval.knn_k`:
+- per epoch (step = epoch; epoch 0 = the encoder at initialisation, before the first step):
+  `epoch`, `train/<loss term or statistic>` (training-mode averages), `state/<diagnostic>` (eval mode,
+  end of epoch: a different measurement, so a different name), and the objective `val_knn{k}_top1` (%);
+- once, after the last epoch: `{split}_{kind}[_{readout}]` for split val/test, kind knn{k}_top1 /
+  linprobe_top1 / linprobe_top5, readout q/p/qp (unsuffixed = the method's default readout), spectra;
+- once, at initialisation: the same final readouts under `init/` (`init/test_knn20_top1`, ...), so every
+  run can be compared with its own starting point.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from typing import Any
+
+EPOCH = "epoch"
+DIVERGED = "diverged"  # 0/1
+DIVERGED_REASON = "diverged_reason"
+FAILED = "failed"  # 0/1: the run failed beyond its worker restarts
+FAILURE_REASON = "failure_reason"
+RESUMED_FROM = "resumed_from_epoch"
+IMAGES_PER_S = "train/images_per_s"
+TRAIN = "train/"  # training-mode averages over an epoch of what the objective saw
+STATE = "state/"  # end-of-epoch diagnostics of the states in eval mode (one batch, fixed coordinates)
+INIT = "init/"  # final readouts of the encoder at initialisation
+WHERE = ("nodes", "device")  # strings: the run's Ray nodes and device (MLflow tags hamjepa.nodes, .device)
+
+# Which readouts a method is judged on; the first is its default (the unsuffixed metric).
+# HamJEPA and MLP-HJEPA: q (HamJEPA-q), p, qp. SIGReg: its full vector, and its halves for comparison.
+READOUTS = {"hamjepa": ("q", "p", "qp"), "mlp": ("q", "p", "qp"), "sigreg": ("qp", "q", "p")}
+SPECTRA = ("effective_rank", "participation_ratio")
+
+
+def default_readout(method: str) -> str:
+    return READOUTS[method][0]
+
+
+def knn(k: int) -> str:
+    return f"knn{k}_top1"
+
+
+def objective(k: int) -> str:
+    """The tuning objective: kNN@k top-1 (percent) of the default readout on the validation split."""
+    return f"val_{knn(k)}"
+
+
+def accuracy(split: str, kind: str, readout: str = "") -> str:
+    """`test_linprobe_top1_q` and the like; no readout = the method's default readout."""
+    return f"{split}_{kind}_{readout}" if readout else f"{split}_{kind}"
+
+
+def init(name: str) -> str:
+    """The name of a final metric measured on the encoder at initialisation."""
+    return INIT + name
+
+
+def final_accuracies(method: str, k: int) -> list[str]:
+    """Every accuracy a finished run reports (a diverged run reports them all as its worst value, 0)."""
+    names = [objective(k)]
+    for split in ("val", "test"):
+        for kind in (knn(k), "linprobe_top1", "linprobe_top5"):
+            if not (kind == knn(k) and split == "val"):  # unsuffixed val kNN is the objective, named above
+                names.append(accuracy(split, kind))
+            names += [accuracy(split, kind, r) for r in READOUTS[method]]
+    return names
+
+
+def comparison_metrics(k: int) -> list[tuple[str, str]]:
+    """(label, metric) of the rows a study compares: validation and test, kNN@k and linear probe."""
+    return [(f"val kNN@{k}", objective(k)), ("val linear probe", accuracy("val", "linprobe_top1")),
+            (f"test kNN@{k}", accuracy("test", knn(k))), ("test linear probe", accuracy("test", "linprobe_top1"))]
+
+
+def is_ours(name: str) -> bool:
+    """Whether a key of a Tune result is one of our metrics (Tune adds bookkeeping keys MLflow needs not)."""
+    prefixes = (EPOCH, TRAIN, STATE, INIT, "val_", "test_", DIVERGED, FAILED, RESUMED_FROM, *SPECTRA, *WHERE)
+    return name.startswith(prefixes) or name.endswith("_reason")
+
+
+class RunStatus(enum.StrEnum):
+    """How a run ended (MLflow tag hamjepa.status)."""
+
+    FINISHED = "finished"  # every epoch, final metrics
+    STOPPED = "stopped"  # stopped early by the scheduler (ASHA): a truncated, not a failed, run
+    DIVERGED = "diverged"  # NaN/inf or exploded loss or state: the configuration's fault
+    FAILED = "failed"  # an error beyond the worker restarts: not the configuration's fault
+    RUNNING = "running"  # not ended (yet), or interrupted
+
+    @property
+    def mlflow_status(self) -> str:
+        return {"finished": "FINISHED", "stopped": "FINISHED", "running": "RUNNING"}.get(self.value, "FAILED")
+
+
+def classify(last: Mapping[str, Any], epochs: int) -> tuple[RunStatus, str]:
+    """(status, reason) of an ended run from its last report; the one place a run's status is decided."""
+    if last.get(FAILED):
+        return RunStatus.FAILED, str(last.get(FAILURE_REASON, ""))
+    if last.get(DIVERGED):
+        return RunStatus.DIVERGED, str(last.get(DIVERGED_REASON, ""))
+    epoch = int(last.get(EPOCH, 0))
+    if epoch < epochs:
+        return RunStatus.STOPPED, f"stopped early by ASHA after epoch {epoch}"
+    return RunStatus.FINISHED, ""

@@ -1,0 +1,62 @@
+"""Paired statistics: t-intervals against hand-computed values, n = 1, identical pairs, verdicts."""
+
+import math
+
+import pytest
+
+from hamjepa.statistics import estimate, paired_differences, verdict
+
+T_975_DOF2 = 4.302652729911275  # Student t quantile, 97.5%, 2 degrees of freedom (tables)
+T_975_DOF1 = 12.706204736174703
+
+
+def test_t_interval_matches_hand_computation():
+    value = estimate([1.0, 2.0, 3.0])  # mean 2, sample std 1
+    half = T_975_DOF2 * 1.0 / math.sqrt(3)
+    assert (value.n, value.mean, value.std) == (3, 2.0, 1.0)
+    assert value.low == pytest.approx(2.0 - half, abs=1e-9) and value.high == pytest.approx(2.0 + half, abs=1e-9)
+    assert value.low == pytest.approx(-0.48414, abs=1e-5)  # not resolved above zero
+    assert not value.above_zero and not value.below_zero
+    assert value.text(signed=True) == "+2.00 [-0.48, +4.48]"
+
+
+def test_two_pairs_use_one_degree_of_freedom():
+    value = estimate(paired_differences([71.0, 69.0], [68.0, 68.5]))  # differences 3.0 and 0.5
+    assert value.mean == pytest.approx(1.75)
+    sd = math.sqrt(((3.0 - 1.75) ** 2 + (0.5 - 1.75) ** 2) / 1)
+    assert value.high - value.mean == pytest.approx(T_975_DOF1 * sd / math.sqrt(2))
+
+
+def test_one_value_has_no_interval():
+    value = estimate([4.2])
+    assert value.n == 1 and value.mean == 4.2 and math.isnan(value.std) and not value.has_interval
+    assert value.text() == "4.20 (n=1, no interval)"
+    assert not value.above_zero
+    assert estimate([]).text() == "-"
+
+
+def test_identical_pairs_give_a_zero_width_interval():
+    same = estimate(paired_differences([70.0, 71.0, 72.0], [70.0, 71.0, 72.0]))
+    assert (same.mean, same.std, same.low, same.high) == (0.0, 0.0, 0.0, 0.0)
+    learned = {"HamJEPA": estimate([1.0, 1.1, 1.2]), "SIGReg": estimate([1.0, 1.1, 1.2])}
+    assert verdict(same, learned) == "no difference resolved at n = 3"
+    shifted = estimate(paired_differences([71.0, 72.0], [70.0, 71.0]))  # +1 on every seed
+    assert shifted.low == shifted.high == 1.0 and shifted.above_zero
+
+
+def test_unequal_pairs_are_refused():
+    with pytest.raises(ValueError, match="equal lengths"):
+        paired_differences([1.0], [1.0, 2.0])
+
+
+def test_verdicts():
+    learned = {"HamJEPA": estimate([2.0, 3.0, 2.5]), "SIGReg": estimate([1.0, 1.5, 2.0])}
+    assert verdict(estimate([1.0, 1.2, 0.9]), learned) == "HamJEPA ahead"
+    assert verdict(estimate([-1.0, -1.2, -0.9]), learned) == "SIGReg ahead"
+    assert verdict(estimate([1.0, -1.2, 0.9]), learned) == "no difference resolved at n = 3"
+    flat = {"HamJEPA": estimate([2.0, 3.0, 2.5]), "SIGReg": estimate([-1.0, 0.5, 0.2])}
+    # a clear difference is still not ranked when one side did not learn measurably
+    message = verdict(estimate([1.0, 1.2, 0.9]), flat)
+    assert message.startswith("not ranked") and "SIGReg did not learn" in message and "HamJEPA" not in message
+    assert verdict(estimate([1.0]), learned) == "n = 1: no interval, nothing resolved"
+    assert verdict(estimate([]), learned) == "no paired runs"
