@@ -16,7 +16,6 @@ import io
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
@@ -93,6 +92,7 @@ class StudySummary:
     counts: dict[str, int]
     not_compared: list[RunRecord] = field(default_factory=list)  # paired runs that did not complete
     rows: list[Row] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # e.g. which of Optuna's views were not drawn, and why
 
     @property
     def objective(self) -> str:
@@ -197,6 +197,7 @@ def to_markdown(summary: StudySummary) -> str:
                      f"score is a maximum over trials): {shown}. Configuration: {params}.")
     else:
         lines.append("No HamJEPA trial completed all epochs, so no configuration was selected.")
+    lines += summary.notes
     return "\n".join(lines) + "\n"
 
 
@@ -229,44 +230,3 @@ def to_csv(summary: StudySummary) -> str:
 
 def _fmt(value: float) -> str:
     return f"{value:.4f}" if math.isfinite(value) else ""
-
-
-def objective_plots(records: Sequence[RunRecord], search_keys: Sequence[str], folder: Path, objective: str,
-                    baseline: float | None = None) -> list[Path]:
-    """One PNG per searched hyperparameter: the objective of every search trial against its value, with the
-    SIGReg baseline's mean as a dashed line when there is one."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    folder.mkdir(parents=True, exist_ok=True)
-    search = [r for r in records if r.phase == "search" and objective in r.metrics]
-    paths = []
-    for key in search_keys:
-        points = [(float(r.params[key]), r.metrics[objective], r.status) for r in search if key in r.params]
-        if not points:
-            continue
-        fig, ax = plt.subplots(figsize=(4.5, 3.2))
-        styles = {"finished": ("tab:blue", "o"), "stopped": ("tab:gray", "s"), "diverged": ("tab:red", "x"),
-                  "failed": ("black", "x")}
-        for status, (colour, marker) in styles.items():
-            xs = [x for x, _, s in points if s == status]
-            ys = [y for _, y, s in points if s == status]
-            if xs:
-                ax.scatter(xs, ys, c=colour, marker=marker, label=f"{status} ({len(xs)})")
-        if baseline is not None and math.isfinite(baseline):
-            ax.axhline(baseline, color="tab:orange", linestyle="--", label="SIGReg (paired seeds, mean)")
-        values = [x for x, _, _ in points]
-        if min(values) > 0 and max(values) / min(values) >= 10:
-            ax.set_xscale("log")
-        ax.set_xlabel(key)
-        ax.set_ylabel(f"{objective} (%)")
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        path = folder / f"objective_vs_{key.replace('.', '_')}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
-    return paths

@@ -440,7 +440,8 @@ def run_study(settings: StudySettings, space: Mapping[str, Any],
     Optuna evaluates the base config's values first, then `initial_points` (each must set every searched
     key), then its own proposals.
     """
-    from .report import objective_plots, select_trial, summarize, to_csv, to_markdown
+    from .report import select_trial, summarize, to_csv, to_markdown
+    from .search_views import search_views
 
     validate_search_space(space, settings.base)
     initial_points = list(initial_points or [])
@@ -467,10 +468,14 @@ def run_study(settings: StudySettings, space: Mapping[str, Any],
     records = study.records()
     summary = summarize(records, list(space), settings.base)
     if not study.interrupted:
-        baseline = summary.rows[0].sigreg.mean if summary.rows else None
+        # Optuna's own views of the search, and the search as an Optuna study file, rebuilt from MLflow.
         with tempfile.TemporaryDirectory() as folder:
-            for path in objective_plots(records, list(space), Path(folder), settings.objective, baseline=baseline):
+            views = search_views(records, space, settings.base, study.parent.client, settings.objective,
+                                 study.study_id, Path(folder))
+            study.parent.log_artifact(views.database)
+            for path in views.plots:
                 study.parent.log_artifact(path, "plots")
+        summary.notes = views.notes
         study.parent.log_metrics(summary.parent_metrics(), step=0)
     text = to_markdown(summary)
     result = study.finish(summary, text, {"summary.md": text, "summary.csv": to_csv(summary)})

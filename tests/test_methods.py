@@ -35,3 +35,17 @@ def test_spectral_projection_fits_the_batch():
     _, stats = model(x, x + 0.1 * torch.randn_like(x), step=0)
     # k = min(128, d, B - 1) = 15: no projected direction is empty, so logdet/k stays moderate
     assert stats["q_logdet_per_dim"].item() > -6.0
+
+
+def test_one_seed_gives_both_methods_the_same_encoder_at_initialisation():
+    """Paired seeds (a study's confirmation): HamJEPA and SIGReg on seed s start from the same encoder."""
+    from hamjepa.config import Config
+
+    cfg = Config().override({"encoder.width": 0.125, "seed": 3})
+    encoders = {}
+    for method in ("hamjepa", "sigreg"):
+        torch.manual_seed(cfg.seed)  # as the training loop does before building the model
+        encoders[method] = JEPAModel(cfg.override({"method": method})).encoder.state_dict()
+    assert encoders["hamjepa"].keys() == encoders["sigreg"].keys()
+    for key, value in encoders["hamjepa"].items():
+        assert torch.equal(value, encoders["sigreg"][key]), key

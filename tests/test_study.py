@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 from ray import tune
@@ -36,48 +37,128 @@ def _args(tmp_path, ray_cluster, *extra):
             str(tmp_path / "ray"), "--address", ray_cluster, *extra]
 
 
-def test_smoke_study_logs_parent_children_metrics_and_summary(ray_cluster, tmp_path, capsys):
+def _capture_result(monkeypatch):
+    """study_main's StudyResult (with the search's Optuna study), kept while it is printed as usual."""
+    from hamjepa import cli
+
+    captured = {}
+    original = cli._print_result
+
+    def keep(settings, result):
+        captured["result"] = result
+        return original(settings, result)
+
+    monkeypatch.setattr(cli, "_print_result", keep)
+    return captured
+
+
+def test_smoke_study_logs_parent_children_metrics_and_summary(ray_cluster, tmp_path, capsys, monkeypatch):
+    captured = _capture_result(monkeypatch)
     assert study_main("energy_budget", SEARCH_SPACE, _args(tmp_path, ray_cluster)) == 0
     printed = capsys.readouterr().out
     client, parents, children = _runs(f"sqlite:///{tmp_path}/mlflow.db")
 
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     parent_id = parents[0].info.run_id
-    assert len(children) == 3  # 2 HamJEPA trials + 1 SIGReg baseline
+    assert len(children) == 6  # 2 HamJEPA search trials, then 2 paired seeds each of HamJEPA and SIGReg
     assert all(c.data.tags["mlflow.parentRunId"] == parent_id for c in children)
     assert all(c.info.status in ("FINISHED", "FAILED") for c in children)
-    methods = sorted(c.data.tags["hamjepa.method"] for c in children)
-    assert methods == ["hamjepa", "hamjepa", "sigreg"]
-    trials = [c for c in children if c.data.tags["hamjepa.phase"] == "search"]
-    for child in trials:
+    by_phase = {}
+    for child in children:
+        by_phase.setdefault(child.data.tags["hamjepa.phase"], []).append(child)
+    assert {phase: len(runs) for phase, runs in by_phase.items()} == {"search": 2, "confirm": 2, "baseline": 2}
+    # the search ran on the base seed; the comparison on fresh seeds, the same for both methods
+    assert {c.data.params["seed"] for c in by_phase["search"]} == {"0"}
+    assert sorted(c.data.params["seed"] for c in by_phase["confirm"]) == ["1", "2"]
+    assert sorted(c.data.params["seed"] for c in by_phase["baseline"]) == ["1", "2"]
+    assert {c.data.tags["hamjepa.method"] for c in by_phase["baseline"]} == {"sigreg"}
+    assert {c.data.params["optim.grad_clip"] for c in by_phase["baseline"]} == {"0.0"}  # SIGReg unclipped
+    assert {c.data.params["optim.grad_clip"] for c in by_phase["confirm"]} == {"1.0"}
+    for child in by_phase["search"]:
         for key in SEARCH_SPACE:
             assert key in child.data.params, key
-        assert [m.step for m in client.get_metric_history(child.info.run_id, "val_knn20_top1")][0] == 1
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "val_knn20_top1")][0] == 0
+    for child in children:  # every run measured its encoder at initialisation (epoch 0)
+        assert "init/test_knn20_top1" in child.data.metrics and "init/val_knn20_top1" in child.data.metrics
     # the paper's defaults were the first point
-    defaults = [c for c in trials
+    defaults = [c for c in by_phase["search"]
                 if c.data.params["predictor.dt"] == "0.05" and c.data.params["predictor.steps"] == "2"]
     assert len(defaults) == 1
 
-    baseline = next(c for c in children if c.data.tags["hamjepa.method"] == "sigreg")
+    baseline = by_phase["baseline"][0]
     assert baseline.data.tags["hamjepa.status"] == "finished"
     assert [m.step for m in client.get_metric_history(baseline.info.run_id, "train/loss")] == [1, 2]
     for key in ("test_knn20_top1", "test_linprobe_top1", "val_linprobe_top1"):
         assert key in baseline.data.metrics
 
     artifacts = {a.path for a in client.list_artifacts(parent_id)}
-    assert {"summary.md", "summary.csv", "plots"} <= artifacts
+    assert {"summary.md", "summary.csv", "plots", "optuna.db"} <= artifacts
     summary_md = Path(client.download_artifacts(parent_id, "summary.md", str(tmp_path))).read_text()
     assert summary_md in printed  # the printed summary is the logged one
-    # ... and its numbers are MLflow's
-    assert f"{baseline.data.metrics['test_knn20_top1']:.2f}" in summary_md
-    plots = client.list_artifacts(parent_id, "plots")
-    assert len(plots) == len(SEARCH_SPACE)
+    assert "seeds 1, 2 (n = 2)" in summary_md and "HamJEPA - SIGReg" in summary_md
+    # its numbers are MLflow's, from the paired runs only (never the selected search trial)
+    summary = captured["result"].summary
+    row = next(r for r in summary.rows if r.metric == "test_knn20_top1")
+    assert row.seeds == [1, 2]
+    confirm = {int(c.data.params["seed"]): c.data.metrics["test_knn20_top1"] for c in by_phase["confirm"]}
+    sigreg = {int(c.data.params["seed"]): c.data.metrics["test_knn20_top1"] for c in by_phase["baseline"]}
+    assert row.hamjepa.mean == pytest.approx(sum(confirm.values()) / 2)
+    assert row.delta.mean == pytest.approx(sum(confirm[s] - sigreg[s] for s in (1, 2)) / 2)
+    assert row.delta.has_interval and row.delta.low < row.delta.mean < row.delta.high
+    summary_csv = Path(client.download_artifacts(parent_id, "summary.csv", str(tmp_path))).read_text()
+    assert summary_csv.splitlines()[0].startswith(
+        "metric,label,n,hamjepa_mean,hamjepa_std,sigreg_mean,sigreg_std,delta,delta_ci_low,delta_ci_high")
+    parent_metrics = client.get_run(parent_id).data.metrics
+    assert parent_metrics["delta_test_knn20_top1"] == pytest.approx(row.delta.mean)
+    assert parent_metrics["delta_test_knn20_top1_ci_low"] == pytest.approx(row.delta.low)
+    assert "delta_test_knn20_top1_ci_high" in parent_metrics and "gain_sigreg_test_linprobe_top1" in parent_metrics
+    plots = {Path(a.path).name for a in client.list_artifacts(parent_id, "plots")}
+    assert {"optuna_optimization_history.png", "optuna_intermediate_values.png", "optuna_parallel_coordinate.png",
+            "optuna_slice.png"} <= plots
+    assert "optuna_param_importances.png" not in plots and "complete search trials" in summary_md  # 2 < threshold
     assert "mlflow ui --backend-store-uri" in printed
+    # the search as an Optuna study file: every search trial, its state, params and per-epoch values
+    database = client.download_artifacts(parent_id, "optuna.db", str(tmp_path))
+    saved = optuna.load_study(study_name=captured["result"].study_id, storage=f"sqlite:///{database}")
+    assert len(saved.trials) == len(by_phase["search"])
+    for trial in saved.trials:
+        run = next(c for c in by_phase["search"] if c.info.run_id == trial.user_attrs["mlflow_run_id"])
+        assert trial.params["predictor.dt"] == float(run.data.params["predictor.dt"])
+        assert trial.state == {"finished": optuna.trial.TrialState.COMPLETE,
+                               "stopped": optuna.trial.TrialState.PRUNED}[run.data.tags["hamjepa.status"]]
+        assert 0 in trial.intermediate_values  # epoch 0: the initialisation
+
+    # Optuna was told the truth: one Optuna trial per search trial, PRUNED exactly when ASHA stopped it
+    optuna_trials = captured["result"].optuna_study.get_trials(deepcopy=False)
+    assert len(optuna_trials) == len(by_phase["search"])
+    expected = {"finished": optuna.trial.TrialState.COMPLETE, "stopped": optuna.trial.TrialState.PRUNED}
+    for child in by_phase["search"]:
+        match = [t for t in optuna_trials if t.params["predictor.dt"] == float(child.data.params["predictor.dt"])]
+        assert len(match) == 1
+        assert match[0].state == expected[child.data.tags["hamjepa.status"]]
+        assert set(match[0].intermediate_values) == {int(m.step) for m in
+                                                     client.get_metric_history(child.info.run_id, "val_knn20_top1")}
+
+
+def test_the_configured_k_names_the_objective_end_to_end(ray_cluster, tmp_path, capsys, monkeypatch):
+    captured = _capture_result(monkeypatch)
+    args = _args(tmp_path, ray_cluster, "--set", "eval.knn_k=10", "--num-samples", "1", "--seeds", "1")
+    assert study_main("knn10", {"predictor.dt": tune.loguniform(0.01, 0.2)}, args) == 0
+    client, parents, children = _runs(f"sqlite:///{tmp_path}/mlflow.db", "hamjepa-knn10")
+    assert len(children) == 3 and all(c.data.tags["hamjepa.status"] == "finished" for c in children)
+    for child in children:  # complete, and measured with k = 10 throughout
+        assert {"val_knn10_top1", "test_knn10_top1", "init/test_knn10_top1"} <= child.data.metrics.keys()
+        assert not any("knn20" in key for key in child.data.metrics)
+    summary = captured["result"].summary
+    assert summary.selected is not None and summary.objective == "val_knn10_top1"
+    assert [row.delta.n for row in summary.rows] == [1, 1, 1, 1]
+    printed = capsys.readouterr().out
+    assert "test kNN@10" in printed and "n = 1: no interval, nothing resolved" in printed
 
 
 def test_a_diverging_trial_is_recorded_and_the_study_completes(ray_cluster, tmp_path, capsys):
     space = {"predictor.dt": tune.loguniform(0.01, 200.0)}
-    code = study_main("diverging", space, _args(tmp_path, ray_cluster, "--baseline-seeds", "0"),
+    code = study_main("diverging", space, _args(tmp_path, ray_cluster, "--seeds", "0"),
                       initial_points=[{"predictor.dt": 150.0}])
     assert code == 0
     client, parents, children = _runs(f"sqlite:///{tmp_path}/mlflow.db", "hamjepa-diverging")
@@ -94,7 +175,8 @@ def test_a_diverging_trial_is_recorded_and_the_study_completes(ray_cluster, tmp_
 
 def test_interrupted_study_resumes_without_duplicate_runs(ray_cluster, tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    command = [sys.executable, str(ROOT / "studies" / "energy_budget.py"), *_args(tmp_path, ray_cluster)]
+    script = str(ROOT / "studies" / "energy_budget.py")
+    command = [sys.executable, script, *_args(tmp_path, ray_cluster, "--seeds", "1")]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
     with open(tmp_path / "first.log", "w") as log:
         first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -115,7 +197,7 @@ def test_interrupted_study_resumes_without_duplicate_runs(ray_cluster, tmp_path)
     _, parents, children = _runs(uri)
     assert len(parents) == 1 and parents[0].info.status in ("KILLED", "RUNNING")
     interrupted_trials = {c.data.tags["hamjepa.trial_id"] for c in children}
-    assert len(interrupted_trials) < 3  # it really was interrupted
+    assert len(interrupted_trials) < 4  # it really was interrupted
 
     resumed = subprocess.run([*command, "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True,
                              timeout=900)
@@ -123,7 +205,7 @@ def test_interrupted_study_resumes_without_duplicate_runs(ray_cluster, tmp_path)
     _, parents, children = _runs(uri)
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"  # the same parent run, finished
     trial_ids = [c.data.tags["hamjepa.trial_id"] for c in children]
-    assert len(trial_ids) == len(set(trial_ids)) == 3  # one MLflow run per trial, no duplicates
+    assert len(trial_ids) == len(set(trial_ids)) == 4  # one MLflow run per trial, no duplicates
     assert interrupted_trials <= set(trial_ids)
     assert not [c for c in children if c.info.status == "RUNNING"]
 

@@ -8,6 +8,7 @@ import torch
 from conftest import tiny_config
 from mlflow.tracking import MlflowClient
 
+from hamjepa import metrics as names
 from hamjepa import readouts
 from hamjepa.data import load_splits
 from hamjepa.methods import JEPAModel
@@ -28,17 +29,23 @@ def test_two_worker_run_reports_every_metric_and_logs_to_mlflow(ray_cluster, tmp
     cfg = tiny_config()
     outcome, client = _run(tmp_path, cfg, "two-workers", workers=2)
     assert outcome.status == "finished"
-    for name in readouts.accuracy_metric_names("hamjepa"):
+    for name in names.final_accuracies("hamjepa", 20):
         assert 0.0 <= outcome.metrics[name] <= 100.0, name
+        assert 0.0 <= outcome.metrics[names.init(name)] <= 100.0, name  # epoch 0: the same, at initialisation
     assert outcome.metrics["epoch"] == 2
     run = client.get_run(outcome.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["predictor.steps"] == "2" and run.data.params["method"] == "hamjepa"
     assert len(run.data.params) == len(cfg.flatten())
     for key in ("train/loss", "train/loss_pred", "train/q_energy", "train/p_min_std", "train/q_logdet_per_dim",
-                "train/p_pr_per_dim", "train/q_eigmax_fraction", "train/potential_var", "train/images_per_s",
-                "val_knn20_top1"):
+                "train/p_pr_per_dim", "train/q_eigmax_fraction", "train/images_per_s", "state/potential_var",
+                "state/q_logdet_per_dim"):
         assert [m.step for m in client.get_metric_history(outcome.run_id, key)] == [1, 2], key
+    # the objective's curve starts at the encoder's initialisation (epoch 0)
+    assert [m.step for m in client.get_metric_history(outcome.run_id, "val_knn20_top1")] == [0, 1, 2]
+    assert client.get_metric_history(outcome.run_id, "init/test_knn20_top1")[0].step == 0
+    # eval-mode diagnostics never overwrite the training-mode statistics of the objective
+    assert run.data.metrics["state/q_logdet_per_dim"] != run.data.metrics["train/q_logdet_per_dim"]
     assert client.get_metric_history(outcome.run_id, "test_knn20_top1")[0].value == pytest.approx(
         outcome.metrics["test_knn20_top1"])
     assert [a.path for a in client.list_artifacts(outcome.run_id)] == ["config.yaml"]
@@ -62,6 +69,8 @@ def test_training_beats_the_encoder_at_initialisation(ray_cluster, tmp_path, met
     initial = readouts.validation_knn(JEPAModel(cfg), load_splits(cfg.data, 1), cfg, "cpu")
     outcome, client = _run(tmp_path, cfg, f"learns-{method}")
     assert outcome.status == "finished"
+    # epoch 0 is the encoder the seed initialises, measured independently here
+    assert outcome.metrics["init/val_knn20_top1"] == pytest.approx(initial)
     assert outcome.metrics["val_knn20_top1"] > initial
     losses = [m.value for m in client.get_metric_history(outcome.run_id, "train/loss_pred")]
     assert losses[-1] < losses[0]
@@ -75,7 +84,9 @@ def test_a_crashed_worker_resumes_from_the_last_checkpoint(ray_cluster, tmp_path
     assert outcome.status == "finished" and outcome.metrics["epoch"] == 3
     assert outcome.metrics["resumed_from_epoch"] == 1  # restarted from epoch 1's checkpoint, not from scratch
     assert [m.step for m in client.get_metric_history(outcome.run_id, "train/loss")] == [1, 2, 3]
-    assert [m.value for m in client.get_metric_history(outcome.run_id, "resumed_from_epoch")] == [0, 1, 1]
+    history = client.get_metric_history(outcome.run_id, "resumed_from_epoch")
+    assert [(m.step, m.value) for m in history] == [(0, 0), (1, 0), (2, 1), (3, 1)]
+    assert [m.step for m in client.get_metric_history(outcome.run_id, "init/test_knn20_top1")] == [0]  # once
 
 
 def test_divergence_ends_the_run_with_a_reason_and_finite_metrics(ray_cluster, tmp_path):
