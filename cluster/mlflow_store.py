@@ -79,7 +79,12 @@ def main(argv: list[str] | None = None) -> int:
     remote = args.remote or default_remote()
     if remote is None:
         parser.error("--remote is required when $HAMJEPA_BUCKET is not set")
-    print((restore if args.action == "restore" else backup)(Path(args.store).expanduser(), remote))
+    try:  # installed on every node (aws.yaml); credentials in a --remote URI are never printed
+        from hamjepa.redact import mask_text
+    except ImportError:  # pragma: no cover - outside the project
+        def mask_text(text):
+            return text
+    print(mask_text((restore if args.action == "restore" else backup)(Path(args.store).expanduser(), remote)))
     return 0
 
 

@@ -6,9 +6,12 @@ import argparse
 import sys
 
 from .config import DATASET_OVERRIDES, DATASETS, PROFILES, SMOKE_OVERRIDES, ConfigError, build_config, parse_overrides
+from .redact import mask_uri
 
-DEFAULT_CPU_SEEDS = 2  # paired seeds per side of a study on CPUs (the quick profile's 15-minute budget)
-DEFAULT_GPU_SEEDS = 3  # ... and on GPUs
+# A study's defaults where it runs. On CPUs they fit the quick profile's 15 minutes on 2 cores: 4 search
+# trials (ASHA stops some) + 2 paired seeds x 2 methods, two runs at a time, ~2.5 minutes a run.
+DEFAULT_CPU_TRIALS, DEFAULT_GPU_TRIALS = 4, 6
+DEFAULT_CPU_SEEDS, DEFAULT_GPU_SEEDS = 2, 3  # paired seeds per side
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, default_profile: str | None = None) -> None:
@@ -92,6 +95,8 @@ def _study_settings(name: str, args: argparse.Namespace, protocol: dict | None =
         1.0 if args.profile in ("cifar100", "imagenet100") else 0.0)
     if fields.get("seeds", 0) is None:  # paired seeds per side: at least 3 where runs are on GPUs
         fields["seeds"] = DEFAULT_GPU_SEEDS if gpus > 0 else DEFAULT_CPU_SEEDS
+    if fields.get("num_samples", 0) is None:  # search trials: the quick study's 15 minutes on 2 cores
+        fields["num_samples"] = DEFAULT_GPU_TRIALS if gpus > 0 else DEFAULT_CPU_TRIALS
     settings = StudySettings(
         name=name, base=base, resources=Resources(args.workers_per_trial, args.cpus_per_worker, gpus),
         max_concurrent=args.max_concurrent, tracking_uri=resolve_tracking_uri(args.tracking_uri),
@@ -105,7 +110,7 @@ def _study_settings(name: str, args: argparse.Namespace, protocol: dict | None =
 def _print_result(settings, result) -> int:
     print()
     print(result.text, end="")
-    print(f"Browse it: mlflow ui --backend-store-uri {settings.tracking_uri}  (experiment "
+    print(f"Browse it: mlflow ui --backend-store-uri {mask_uri(settings.tracking_uri)}  (experiment "
           f"'{settings.experiment_name}', parent run {result.parent_run_id})")
     return 130 if result.interrupted else 0
 
@@ -124,7 +129,8 @@ def study_main(name: str, space: dict, argv: list[str] | None = None, initial_po
                                      description=f"HamJEPA study '{name}': Ray Tune + Optuna, SIGReg baselines, "
                                                  "MLflow.")
     _add_study_arguments(parser, name, default_profile="quick")
-    parser.add_argument("--num-samples", type=int, help="HamJEPA trials Optuna proposes (default 6; smoke 2)")
+    parser.add_argument("--num-samples", type=int, help="HamJEPA trials Optuna proposes (default 4 on CPUs, 6 on "
+                                                           "GPUs; smoke 2)")
     parser.add_argument("--seeds", "--baseline-seeds", dest="seeds", type=int,
                         help="paired seeds: the selected HamJEPA configuration and SIGReg are each trained on this "
                              "many fresh seeds and compared seed by seed (default 2 on CPUs, 3 on GPUs; "
@@ -137,9 +143,9 @@ def study_main(name: str, space: dict, argv: list[str] | None = None, initial_po
     def work() -> int:
         from .study import run_study
 
-        settings = _study_settings(
-            name, args, num_samples=args.num_samples if args.num_samples is not None else (2 if args.smoke_test else 6),
-            seeds=args.seeds, ablation=args.ablation, early_stopping=not args.no_early_stopping, seed=args.seed)
+        trials = args.num_samples if args.num_samples is not None else (2 if args.smoke_test else None)
+        settings = _study_settings(name, args, num_samples=trials, seeds=args.seeds, ablation=args.ablation,
+                                   early_stopping=not args.no_early_stopping, seed=args.seed)
         return _print_result(settings, run_study(settings, space, initial_points))
 
     return _guarded(parser, work)

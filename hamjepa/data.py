@@ -3,7 +3,8 @@
 Datasets (DataConfig.dataset):
 - fashion_mnist: 28 px grey, 10 classes; the four idx.gz files, read here with gzip + numpy.
 - cifar10, cifar100: 32 px RGB, 10 / 100 classes (fine labels); torchvision's on-disk pickle batches
-  (`cifar-10-batches-py/`, `cifar-100-python/`), read here with pickle.
+  (`cifar-10-batches-py/`, `cifar-100-python/`), read here with a restricted unpickler that admits only the
+  dicts, lists, bytes and numpy arrays those files hold, so a crafted file cannot run code.
 - imagefolder: `train/` and `val/` with one folder per class (ImageNet-100); decoded lazily per image.
 - synthetic: seeded low-frequency class templates plus noise; offline, tiny, learnable (tests, dry runs).
 
@@ -48,6 +49,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from .augment import Augmentation, Normalise, resize_square
 from .config import AugmentConfig, ConfigError, DataConfig
+
+try:  # CIFAR's pickled arrays; numpy 2 (numpy.core is a deprecated alias there)
+    from numpy._core.multiarray import _reconstruct as _np_reconstruct
+except ImportError:  # numpy 1.26
+    from numpy.core.multiarray import _reconstruct as _np_reconstruct
 
 DEBIAN_DIRS = {"fashion_mnist": Path("/usr/share/datasets/fashion-mnist")}
 FASHION_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
@@ -190,9 +196,74 @@ def _idx_file(folder: Path, name: str) -> Path:
     return path if path.exists() else folder / name.removesuffix(".gz")
 
 
+def _array(subtype, shape, dtype):
+    """numpy's pickled-array constructor, for plain ndarrays only (no subclass's __setstate__ runs)."""
+    if subtype is not np.ndarray:
+        raise pickle.UnpicklingError("an array subclass")
+    return _np_reconstruct(np.ndarray, shape, dtype)
+
+
+def _array_from_buffer(buffer, dtype, shape, order):
+    """numpy's constructor for arrays pickled with protocol 5 (contiguous buffer, then reshape)."""
+    return np.frombuffer(buffer, dtype=dtype).reshape(shape, order=order)
+
+
+def _latin1_bytes(text: str = "", encoding: str = "latin1") -> bytes:
+    """How Python 3 pickles bytes for protocol 2 (`_codecs.encode(text, 'latin1')`, `bytes()` when empty)."""
+    if not isinstance(text, str) or encoding.replace("-", "").lower() != "latin1":
+        raise pickle.UnpicklingError("bytes in an unexpected encoding")
+    return text.encode("latin1")
+
+
+# Every global a CIFAR batch may name, by (module, name) as written in the file (Python 2's cPickle, or
+# Python 3 with any protocol, numpy 1 or 2), mapped to what it may build. Anything else is refused.
+_CIFAR_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): _array,
+    ("numpy._core.multiarray", "_reconstruct"): _array,
+    ("numpy.core.numeric", "_frombuffer"): _array_from_buffer,
+    ("numpy._core.numeric", "_frombuffer"): _array_from_buffer,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("_codecs", "encode"): _latin1_bytes,
+    ("builtins", "bytes"): _latin1_bytes,
+    ("__builtin__", "bytes"): _latin1_bytes,
+}
+
+
+class _RefusedGlobal(pickle.UnpicklingError):
+    def __init__(self, module: str, name: str):
+        super().__init__(f"{module}.{name}")
+        self.qualified = f"{module}.{name}"
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """pickle.Unpickler that resolves only _CIFAR_GLOBALS: no import, no call of anything else."""
+
+    def find_class(self, module: str, name: str):
+        try:
+            return _CIFAR_GLOBALS[(module, name)]
+        except KeyError:
+            raise _RefusedGlobal(module, name) from None
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError("a persistent id")
+
+
 def _unpickle(path: Path) -> dict:
-    with open(path, "rb") as handle:
-        return pickle.load(handle, encoding="bytes")
+    """A CIFAR batch as a dict, or one sentence (ConfigError) when the file is anything else."""
+    fix = "delete the folder and let the download (data.download = true) fetch the dataset again"
+    try:
+        with open(path, "rb") as handle:
+            batch = _CifarUnpickler(handle, encoding="bytes").load()
+    except _RefusedGlobal as refused:
+        raise ConfigError(f"CIFAR file '{path}' was refused without running it: it asks for "
+                          f"'{refused.qualified}', which a CIFAR batch never contains; {fix}.") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
+            KeyError) as error:
+        raise ConfigError(f"CIFAR file '{path}' is not a CIFAR batch ({type(error).__name__}); {fix}.") from None
+    if not isinstance(batch, dict) or not isinstance(batch.get(b"data"), np.ndarray):
+        raise ConfigError(f"CIFAR file '{path}' is not a CIFAR batch (no b'data' array in a dict); {fix}.")
+    return batch
 
 
 def read_cifar(folder: Path, dataset: str) -> tuple[ImageSet, ImageSet]:

@@ -15,6 +15,7 @@ from typing import Any
 from . import metrics as names
 from .config import Config, ConfigError
 from .metrics import RunStatus
+from .redact import mask_uri
 from .tracking import METHOD_TAG, REASON_TAG, ROLE_TAG, STATUS_TAG, RunLogger, resolve_tracking_uri
 from .training import FailureInjection, Resources, make_trainer
 
@@ -120,5 +121,5 @@ def summary(cfg: Config, outcome: RunOutcome, tracking_uri: str) -> str:
         if at_init in metrics:
             lines.append(f"  at initialisation: test kNN@{k} ({readouts[0]}) {metrics[at_init]:.2f}, linear probe "
                          f"{metrics.get(names.init(f'{columns[3]}_{readouts[0]}'), math.nan):.2f}")
-    lines.append(f"  MLflow run {outcome.run_id}: mlflow ui --backend-store-uri {tracking_uri}")
+    lines.append(f"  MLflow run {outcome.run_id}: mlflow ui --backend-store-uri {mask_uri(tracking_uri)}")
     return "\n".join(lines)

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from .config import ConfigError
+from .redact import mask_text, mask_uri
 
 DEFAULT = "ray_results"
 ENVIRONMENT_VARIABLE = "HAMJEPA_STORAGE_PATH"  # cluster/aws.yaml sets it to s3://<bucket>/ray
@@ -66,5 +67,5 @@ def write_text(path: str, text: str) -> None:
 
 def _unreachable(path: str, verb: str, error: Exception) -> ConfigError:
     first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return ConfigError(f"--storage-path cannot be {verb} at '{path}' ({first_line}); pass a folder, or a bucket "
-                       "this machine has credentials for.")
+    return ConfigError(f"--storage-path cannot be {verb} at '{mask_uri(path)}' ({mask_text(first_line)}); pass a "
+                       "folder, or a bucket this machine has credentials for.")

@@ -35,6 +35,7 @@ from . import metrics as names
 from . import storage
 from .config import Config, ConfigError, from_dict
 from .metrics import RunStatus
+from .redact import mask_uri
 from .run import DRIVER_RESOURCE
 from .tracking import METHOD_TAG, PHASE_TAG, REASON_TAG, ROLE_TAG, STATUS_TAG, TRIAL_TAG, RunLogger, experiment_id
 from .training import Resources, make_trainer
@@ -214,13 +215,16 @@ class FullTrialOptunaSearch(OptunaSearch):
         if trial_id in self._completed_trials or self.metric not in result or names.EPOCH not in result:
             return
         epoch, reported = int(result[names.EPOCH]), self._reported.setdefault(trial_id, set())
-        if epoch not in reported:
-            self._ot_trials[trial_id].report(float(result[self.metric]), epoch)
+        value = float(result[self.metric])
+        if epoch not in reported and math.isfinite(value):
+            self._ot_trials[trial_id].report(value, epoch)
             reported.add(epoch)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id in self._completed_trials:
             return
+        if result:  # Tune hands the last report (the one ASHA stopped on, or the final one) only to this method
+            self.on_trial_result(trial_id, result)
         status = RunStatus.FAILED if error or not result else names.classify(result, self.epochs)[0]
         state = OPTUNA_STATES[status]
         value = float(result.get(self.metric, math.nan)) if result else math.nan
@@ -316,7 +320,7 @@ def _study_identity(settings: StudySettings) -> tuple[str, str]:
     if settings.resume:
         text = storage.read_text(pointer)
         if text is None:
-            raise ConfigError(f"--resume found no earlier run of study '{settings.name}' under '{root}'; "
+            raise ConfigError(f"--resume found no earlier run of study '{settings.name}' under '{mask_uri(root)}'; "
                               "run it once without --resume, or pass the --storage-path it used.")
         study_id = json.loads(text)["id"]
     else:

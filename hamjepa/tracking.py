@@ -21,6 +21,7 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 
 from .config import ConfigError
+from .redact import mask_text, mask_uri
 
 KEY_TAG = "hamjepa.key"
 ROLE_TAG = "hamjepa.role"
@@ -49,17 +50,17 @@ def check_tracking_uri(uri: str) -> None:
     if uri.startswith("sqlite:///"):
         folder = Path(uri[len("sqlite:///"):]).parent
         if not folder.is_dir() or not os.access(folder, os.W_OK):
-            raise ConfigError(f"tracking URI '{uri}' is not writable: folder '{folder}' does not exist or is "
-                             "read-only; pass --tracking-uri sqlite:///<writable path>/mlflow.db.")
+            raise ConfigError(f"tracking URI '{mask_uri(uri)}' is not writable: folder '{folder}' does not exist "
+                             "or is read-only; pass --tracking-uri sqlite:///<writable path>/mlflow.db.")
     elif uri.startswith(("http://", "https://")):
         try:
             urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5).close()
         except OSError as error:
-            raise ConfigError(f"tracking URI '{uri}' cannot be reached ({error}); start the MLflow server or "
-                             "pass --tracking-uri.") from None
+            raise ConfigError(f"tracking URI '{mask_uri(uri)}' cannot be reached ({mask_text(str(error))}); start "
+                             "the MLflow server or pass --tracking-uri.") from None
     elif not uri.startswith(("databricks", "postgresql", "mysql", "mssql", "file:")):
-        raise ConfigError(f"tracking URI '{uri}' is not supported: use sqlite:///path, http(s)://host:port "
-                         "or a database URI.")
+        raise ConfigError(f"tracking URI '{mask_uri(uri)}' is not supported: use sqlite:///path, "
+                         "http(s)://host:port or a database URI.")
 
 
 def experiment_id(client: MlflowClient, name: str) -> str:

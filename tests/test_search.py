@@ -26,7 +26,8 @@ def _play(searcher, trial_id, values, last_extra=None, error=False, replay=()):
     result = None
     for epoch, value in enumerate(values):
         result = {"epoch": epoch, OBJECTIVE: value, "training_iteration": epoch + 1}
-        searcher.on_trial_result(trial_id, result)
+        if epoch < len(values) - 1:  # Tune hands the last report to on_trial_complete only
+            searcher.on_trial_result(trial_id, result)
         if epoch in replay:  # Ray reports at least once: a replayed epoch must not be told twice
             searcher.on_trial_result(trial_id, result)
     if last_extra:

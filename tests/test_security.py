@@ -1,0 +1,166 @@
+"""Data files cannot run code, and credentials in URIs never reach the screen."""
+
+import io
+import pickle
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from hamjepa import data, storage
+from hamjepa.config import Config, ConfigError, DataConfig
+from hamjepa.metrics import RunStatus
+from hamjepa.redact import mask_text, mask_uri
+from hamjepa.run import RunOutcome, summary
+from hamjepa.tracking import check_tracking_uri
+
+
+def _one_sentence(message):
+    assert message.endswith(".") and ". " not in message and "\n" not in message
+
+
+# -- CIFAR files ------------------------------------------------------------------------------------------------
+
+class CreatesAFile:
+    """Unpickling this calls open(path, 'w'): a stand-in for any code a crafted file could run."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def _cifar100(root, batch):
+    """A cifar-100-python folder whose `train` file is `batch` (pickled) and whose `test` file is a real batch."""
+    folder = root / data.CIFAR_FOLDERS["cifar100"]
+    folder.mkdir(parents=True)
+    honest = {b"data": np.zeros((4, 3072), np.uint8), b"fine_labels": [0, 1, 2, 3]}
+    (folder / "test").write_bytes(pickle.dumps(honest, protocol=2))
+    (folder / "train").write_bytes(pickle.dumps(batch, protocol=2))
+    return folder
+
+
+@pytest.mark.parametrize("where", ["whole file", "inside the dict"])
+def test_a_crafted_cifar_file_is_refused_in_one_sentence_and_runs_nothing(tmp_path, where):
+    target = tmp_path / "pwned"
+    payload = CreatesAFile(target)
+    # The control: plain pickle really runs it.
+    pickle.loads(pickle.dumps(payload))
+    assert target.exists()
+    target.unlink()
+
+    batch = payload if where == "whole file" else {b"data": np.zeros((4, 3072), np.uint8), b"fine_labels": payload}
+    folder = _cifar100(tmp_path / "data", batch)
+    with pytest.raises(ConfigError) as refused:
+        data.read_cifar(folder, "cifar100")
+    message = str(refused.value)
+    _one_sentence(message)
+    assert str(folder / "train") in message and "refused" in message
+    assert "'io.open'" in message  # builtins.open is io.open
+    assert not target.exists()
+    # Through the normal entry point (--data-root) too.
+    with pytest.raises(ConfigError):
+        data.load_splits(DataConfig(dataset="cifar100", root=str(tmp_path / "data"), download=False), channels=3)
+    assert not target.exists()
+
+
+@pytest.mark.parametrize("module, name", [("os", "system"), ("subprocess", "Popen"), ("builtins", "eval"),
+                                          ("numpy", "load"), ("numpy.testing", "assert_equal")])
+def test_only_the_globals_cifar_files_contain_are_resolved(tmp_path, module, name):
+    crafted = b"\x80\x02c" + f"{module}\n{name}\n".encode() + b"."  # PROTO 2, GLOBAL module name, STOP
+    path = tmp_path / "batch"
+    path.write_bytes(crafted)
+    with pytest.raises(ConfigError, match=f"'{module}.{name}'"):
+        data._unpickle(path)
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_real_cifar_batches_of_every_protocol_still_load(tmp_path, protocol):
+    pixels = np.arange(2 * 3072, dtype=np.uint8).reshape(2, 3072)
+    record = {b"batch_label": b"training batch 1 of 5", b"labels": [3, 7], b"data": pixels,
+              b"filenames": [b"a.png", b""]}
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(pickle.dumps(record, protocol=protocol))
+    loaded = data._unpickle(path)
+    assert loaded[b"labels"] == [3, 7] and loaded[b"filenames"] == [b"a.png", b""]
+    np.testing.assert_array_equal(loaded[b"data"], pixels)
+
+
+def test_a_python2_cifar_batch_loads():
+    # What the official files hold: cPickle protocol 2, numpy.core names, byte strings as SHORT_BINSTRING.
+    raw = bytes(range(6))
+    stream = (b"\x80\x02}(U\x04data"
+              b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85U\x01b\x87R"
+              b"(K\x01K\x02K\x03\x86cnumpy\ndtype\nU\x02u1K\x00K\x01\x87R"
+              b"(K\x03U\x01|NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb\x89U\x06" + raw + b"tb"
+              b"U\x06labels](K\x01K\x02eu.")
+    loaded = data._CifarUnpickler(io.BytesIO(stream), encoding="bytes").load()
+    assert loaded[b"labels"] == [1, 2]
+    np.testing.assert_array_equal(loaded[b"data"], np.arange(6, dtype=np.uint8).reshape(2, 3))
+
+
+@pytest.mark.parametrize("content", [b"", b"not a pickle", pickle.dumps([1, 2, 3], protocol=2),
+                                     pickle.dumps({b"data": [1, 2]}, protocol=2)])
+def test_a_broken_cifar_file_is_one_sentence(tmp_path, content):
+    path = tmp_path / "test_batch"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match="is not a CIFAR batch") as refused:
+        data._unpickle(path)
+    _one_sentence(str(refused.value))
+
+
+# -- credentials in URIs ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("uri, shown", [
+    ("http://user:secret@host:5000", "http://user:***@host:5000"),
+    ("https://user:secret@host:5000/mlflow?x=1", "https://user:***@host:5000/mlflow?x=1"),
+    ("postgresql://mlflow:secret@db.internal:5432/mlflow", "postgresql://mlflow:***@db.internal:5432/mlflow"),
+    ("s3://AKIAEXAMPLE:se/cret+key@bucket/ray", "s3://AKIAEXAMPLE:***@bucket/ray"),  # a '/' in the secret
+    ("https://host/api?token=secret&page=2", "https://host/api?token=***&page=2"),
+    ("https://b.s3.amazonaws.com/k?X-Amz-Credential=AK%2F1&X-Amz-Signature=secret&X-Amz-Expires=60",
+     "https://b.s3.amazonaws.com/k?X-Amz-Credential=***&X-Amz-Signature=***&X-Amz-Expires=60"),
+    ("https://host/x?api_key=secret;v=1", "https://host/x?api_key=***;v=1"),
+    ("https://host/cb#access_token=secret&state=1", "https://host/cb#access_token=***&state=1"),
+    ("http://10.0.1.5:5000", "http://10.0.1.5:5000"),
+    ("sqlite:////home/me/mlflow.db", "sqlite:////home/me/mlflow.db"),
+    ("s3://bucket/ray", "s3://bucket/ray"),
+    ("http://user@host", "http://user@host"),  # a user name alone is not a secret
+    ("ray_results/study", "ray_results/study"),
+])
+def test_mask_uri(uri, shown):
+    assert mask_uri(uri) == shown
+    assert "secret" not in mask_uri(uri) and "cret" not in mask_uri(uri)
+
+
+def test_mask_text_masks_every_uri_in_a_message_and_keeps_its_punctuation():
+    message = "could not reach 'http://u:secret@h:5000' (see http://h/?token=secret)."
+    assert mask_text(message) == "could not reach 'http://u:***@h:5000' (see http://h/?token=***)."
+
+
+def test_errors_and_summaries_show_uris_without_their_credentials(tmp_path):
+    for uri in ("http://user:secret@127.0.0.1:9", "http://127.0.0.1:9/?token=secret", "ftp://user:secret@host/x",
+                f"sqlite:///{tmp_path}/missing/dir/mlflow.db?password=secret"):
+        with pytest.raises(ConfigError) as caught:
+            check_tracking_uri(uri)
+        assert "secret" not in str(caught.value) and "***" in str(caught.value)
+    with pytest.raises(ConfigError) as caught:  # pyarrow's own message repeats the URI: masked as well
+        storage.write_text("s3://AKIAEXAMPLE:se/cret@bucket/study/latest", "x")
+    assert "cret" not in str(caught.value) and "s3://AKIAEXAMPLE:***@bucket/study/latest" in str(caught.value)
+    text = summary(Config(), RunOutcome(RunStatus.FAILED, {}, "run1"), "http://user:secret@host:5000")
+    assert "secret" not in text and "http://user:***@host:5000" in text
+
+
+def test_the_study_result_line_masks_the_tracking_uri(capsys):
+    from hamjepa.cli import _print_result
+
+    settings = SimpleNamespace(tracking_uri="https://user:secret@mlflow.example:443", experiment_name="e")
+    _print_result(settings, SimpleNamespace(text="table\n", parent_run_id="p", interrupted=False))
+    printed = capsys.readouterr().out
+    assert "secret" not in printed and "https://user:***@mlflow.example:443" in printed
+
+
+def test_no_plain_unpickling_is_left_in_the_data_module():
+    source = Path(data.__file__).read_text()
+    assert "pickle.load(" not in source and "pickle.loads(" not in source and "pickle.Unpickler(" not in source
