@@ -1,8 +1,8 @@
 """Study reports: the paired comparison (markdown + CSV + parent-run metrics) and objective plots.
 
 Built from MLflow's records (not from Tune's memory), so what is printed is what MLflow holds.
-The comparison uses only the paired runs: HamJEPA's selected configuration (phase `confirm`) and SIGReg
-(phase `baseline`) on the same fresh seeds, matched seed by seed. The search trial that was selected on
+The comparison uses only the paired runs (phase `compare`): HamJEPA's selected configuration and SIGReg on
+the same fresh seeds, matched seed by seed. The search trial that was selected on
 validation is shown on its own line and never enters a compared group (its validation score won a
 maximum over trials, which biases it upwards). For every metric: each side's mean +/- std over seeds, the
 mean paired difference with a 95% t-interval, each side's gain over its own initialisation (epoch 0) with
@@ -25,8 +25,9 @@ from .metrics import RunStatus
 from .statistics import CONFIDENCE, Estimate, estimate, paired_differences, verdict
 from .tracking import METHOD_TAG, PARENT_TAG, PHASE_TAG, REASON_TAG, STATUS_TAG
 
-# Phase -> the label of the group it fills in the comparison.
-ARMS = {"confirm": "HamJEPA", "baseline": "SIGReg", "ablation": "MLP-HJEPA"}
+COMPARE = "compare"  # the phase of the paired runs
+# Method -> the label of the group its paired runs fill.
+ARMS = {"hamjepa": "HamJEPA", "sigreg": "SIGReg", "mlp": "MLP-HJEPA"}
 
 
 @dataclass
@@ -120,9 +121,10 @@ def _estimate_metrics(name: str, value: Estimate) -> dict[str, float]:
 def summarize(records: Sequence[RunRecord], search_keys: Sequence[str], base: Config) -> StudySummary:
     objective = names.objective(base.eval.knn_k)
     search = [r for r in records if r.phase == "search"]
-    arms = {label: {r.seed: r for r in records if r.phase == phase and r.complete} for phase, label in ARMS.items()}
+    paired = [r for r in records if r.phase == COMPARE]
+    arms = {label: {r.seed: r for r in paired if r.method == method and r.complete} for method, label in ARMS.items()}
     counts = {"trials": len(search), **{status.value: sum(r.status == status for r in search) for status in RunStatus}}
-    not_compared = [r for r in records if r.phase in ARMS and not r.complete]
+    not_compared = [r for r in paired if not r.complete]
     summary = StudySummary(base, select_trial(records, objective), arms, list(search_keys), counts, not_compared)
     hamjepa, sigreg, mlp = arms["HamJEPA"], arms["SIGReg"], arms["MLP-HJEPA"]
     for label, metric in names.comparison_metrics(base.eval.knn_k):

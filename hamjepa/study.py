@@ -4,10 +4,11 @@ Phases, each a Tune experiment under <storage>/<study>/<invocation id>/<phase>:
 1. search    HamJEPA trials proposed by Optuna (TPE, seeded, the paper's defaults first), early-stopped
              by ASHA on `epoch` unless switched off, all on the base seed. Objective: val_knn{k}_top1
              (validation split). Optuna is told how each trial really ended (FullTrialOptunaSearch).
-2. confirm   the selected configuration retrained on `seeds` fresh seeds (never the search's seed).
-3. baseline  SIGReg on the same fresh seeds: each seed gives both methods the same data split, sample
-             order, augmentation stream and encoder initialisation, so the comparison is paired by seed.
-4. ablation  optional MLP-HJEPA runs (the selected configuration with the leapfrog replaced), same seeds.
+2. compare   one grid of arms x fresh seeds (never the search's seed): the selected configuration, SIGReg
+             and optionally MLP-HJEPA (the selected configuration with the leapfrog replaced). Each seed
+             gives every arm the same data split, sample order, augmentation stream and encoder
+             initialisation, so the comparison is paired by seed. One grid, not a phase per arm, so the
+             runs pack onto the workers (3 seeds x 2 arms on 2 cores: 3 rounds, not 4).
 The selected search trial itself is never compared: it won on validation, which biases it upwards.
 
 Every trial is a Tune function trainable (the "driver") that runs one Ray Train TorchTrainer named after
@@ -36,6 +37,7 @@ from . import storage
 from .config import Config, ConfigError, from_dict
 from .metrics import RunStatus
 from .redact import mask_uri
+from .report import COMPARE
 from .run import DRIVER_RESOURCE
 from .tracking import METHOD_TAG, PHASE_TAG, REASON_TAG, ROLE_TAG, STATUS_TAG, TRIAL_TAG, RunLogger, experiment_id
 from .training import Resources, make_trainer
@@ -115,6 +117,14 @@ def defaults_point(space: Mapping[str, Any], base: Config) -> dict[str, Any]:
     return {key: flat[key] for key in space}
 
 
+ARM = "arm"  # a compare-phase trial's config: {"arm": {overrides of one arm}, "seed": s}
+
+
+def flat_overrides(trial_config: Mapping[str, Any]) -> dict[str, Any]:
+    """A Tune trial's config as dotted config overrides (an arm's overrides lifted to the top)."""
+    return {**trial_config.get(ARM, {}), **{k: v for k, v in trial_config.items() if k != ARM}}
+
+
 # -- the trial driver ---------------------------------------------------------------------------------
 
 def trial_driver(overrides: dict[str, Any], *, base: dict[str, Any], resources: Resources,
@@ -128,7 +138,7 @@ def trial_driver(overrides: dict[str, Any], *, base: dict[str, Any], resources: 
     from ray.train import TrainingFailedError
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    cfg = from_dict(base).override(overrides)
+    cfg = from_dict(base).override(flat_overrides(overrides))
     trial_id = tune.get_context().get_trial_id()
     trainer = make_trainer(cfg, resources, name=f"{study_id}-{trial_id}", storage_path=storage_path,
                            max_failures=1, callbacks=[TuneReportCallback()])
@@ -155,7 +165,7 @@ class MLflowTrialCallback(Callback):
         self.last: dict[str, dict[str, Any]] = {}
 
     def trial_config(self, trial) -> Config:
-        return self.settings.base.override(trial.config)
+        return self.settings.base.override(flat_overrides(trial.config))
 
     def _logger(self, trial) -> RunLogger:
         if trial.trial_id not in self.loggers:
@@ -421,25 +431,23 @@ def _scheduler(settings: StudySettings):
     return ASHAScheduler(time_attr=names.EPOCH, max_t=epochs, grace_period=max(1, epochs // 4), reduction_factor=2)
 
 
-def comparison_plan(settings: StudySettings, selected: Mapping[str, Any] | None) -> list[tuple[str, dict[str, Any]]]:
-    """The phases after the search: (name, Tune param space), every one on the same fresh paired seeds."""
+def comparison_grid(settings: StudySettings, selected: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The compare phase's Tune param space: every arm on every paired seed, or None when nothing compares."""
     from ray import tune
 
-    seeds = settings.paired_seeds
-    if not seeds:
-        return []
-    plan = []
+    if not settings.paired_seeds:
+        return None
+    arms = [{"method": "sigreg"}]
     if selected is not None:
-        plan.append(("confirm", {**selected, "seed": tune.grid_search(seeds)}))
-    plan.append(("baseline", {"method": "sigreg", "seed": tune.grid_search(seeds)}))
-    if settings.ablation and selected is not None:
-        plan.append(("ablation", {**selected, "method": settings.ablation, "seed": tune.grid_search(seeds)}))
-    return plan
+        arms.insert(0, {**selected, "method": "hamjepa"})
+        if settings.ablation:
+            arms.append({**selected, "method": settings.ablation})
+    return {ARM: tune.grid_search(arms), "seed": tune.grid_search(settings.paired_seeds)}
 
 
 def run_study(settings: StudySettings, space: Mapping[str, Any],
               initial_points: list[dict[str, Any]] | None = None) -> StudyResult:
-    """Search, then the paired comparison (confirm, baseline, optional ablation); log everything; summarise.
+    """Search, then the paired comparison (selected HamJEPA, SIGReg, optional ablation); log; summarise.
 
     Optuna evaluates the base config's values first, then `initial_points` (each must set every searched
     key), then its own proposals.
@@ -464,8 +472,9 @@ def run_study(settings: StudySettings, space: Mapping[str, Any],
                         search_alg=searcher, scheduler=_scheduler(settings))
         selected = select_trial(study.records(), settings.objective)
         overrides = {k: _typed(settings.base, k, selected.params[k]) for k in space} if selected else None
-        for name, param_space in comparison_plan(settings, overrides):
-            study.run_phase(name, param_space, grid_size(param_space))
+        grid = comparison_grid(settings, overrides)
+        if grid is not None:
+            study.run_phase(COMPARE, grid, grid_size(grid))
     except KeyboardInterrupt:  # outside a phase (e.g. while the next one is planned): the same as inside
         study.interrupted = True
 

@@ -49,7 +49,8 @@ def test_config_command_prints_the_resolved_yaml(capsys):
     assert tree["predictor"]["steps"] == 3 and tree["data"]["dataset"] == "fashion_mnist"
 
 
-@pytest.mark.parametrize("argv,seeds", [([], 2), (["--gpus-per-worker", "1"], 3), (["--baseline-seeds", "4"], 4)])
+@pytest.mark.parametrize("argv,seeds", [([], 3), (["--gpus-per-worker", "1"], 3), (["--baseline-seeds", "4"], 4),
+                                        (["--smoke-test"], 2)])
 def test_paired_seeds_default_to_at_least_three_on_gpus(argv, seeds, tmp_path, monkeypatch):
     from hamjepa import cli
 
@@ -57,7 +58,7 @@ def test_paired_seeds_default_to_at_least_three_on_gpus(argv, seeds, tmp_path, m
     captured = {}
     monkeypatch.setattr("hamjepa.study.run_study", lambda settings, space, points: captured.setdefault("s", settings))
     monkeypatch.setattr(cli, "_print_result", lambda settings, result: 0)
-    argv = [*argv, "--smoke-test", "--storage-path", str(tmp_path), "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]
+    argv = [*argv, "--storage-path", str(tmp_path), "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]
     assert study_main("energy_budget", SPACE, argv) == 0
     settings = captured["s"]
     assert settings.seeds == seeds

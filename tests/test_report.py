@@ -30,11 +30,11 @@ def _records():
         _run("search", "hamjepa", 0, 99.0, 70.0, dt="0.07"),  # selected on validation: must not be compared
         _run("search", "hamjepa", 0, 60.0, 70.0, dt="0.01"),
         _run("search", "hamjepa", 0, 50.0, 70.0, status="stopped"),
-        _run("confirm", "hamjepa", 1, 75.0, 70.0), _run("confirm", "hamjepa", 2, 76.5, 71.0),
-        _run("confirm", "hamjepa", 3, 75.0, 69.0),
-        _run("baseline", "sigreg", 1, 73.0, 70.0), _run("baseline", "sigreg", 2, 74.0, 71.0),
-        _run("baseline", "sigreg", 3, 73.5, 69.0),
-        _run("baseline", "sigreg", 4, 90.0, 70.0),  # no HamJEPA partner on seed 4: not paired, not compared
+        _run("compare", "hamjepa", 1, 75.0, 70.0), _run("compare", "hamjepa", 2, 76.5, 71.0),
+        _run("compare", "hamjepa", 3, 75.0, 69.0),
+        _run("compare", "sigreg", 1, 73.0, 70.0), _run("compare", "sigreg", 2, 74.0, 71.0),
+        _run("compare", "sigreg", 3, 73.5, 69.0),
+        _run("compare", "sigreg", 4, 90.0, 70.0),  # no HamJEPA partner on seed 4: not paired, not compared
     ]
 
 
@@ -72,15 +72,15 @@ def test_parent_metrics_name_the_deltas_and_their_intervals():
 
 
 def test_runs_that_did_not_learn_are_not_ranked():
-    records = [_run("confirm", "hamjepa", s, 70.0 + s, 70.0 + s + (0.5 if s % 2 else -0.5)) for s in (1, 2, 3)]
-    records += [_run("baseline", "sigreg", s, 60.0, 59.0 + 0.1 * s) for s in (1, 2, 3)]
+    records = [_run("compare", "hamjepa", s, 70.0 + s, 70.0 + s + (0.5 if s % 2 else -0.5)) for s in (1, 2, 3)]
+    records += [_run("compare", "sigreg", s, 60.0, 59.0 + 0.1 * s) for s in (1, 2, 3)]
     row = summarize(records, KEYS, BASE).rows[2]
     assert row.delta.above_zero  # HamJEPA's numbers are higher...
     assert row.verdict.startswith("not ranked: HamJEPA did not learn measurably")  # ...but it did not learn
 
 
 def test_one_seed_says_there_is_no_interval():
-    records = [_run("confirm", "hamjepa", 1, 75.0, 70.0), _run("baseline", "sigreg", 1, 73.0, 70.0)]
+    records = [_run("compare", "hamjepa", 1, 75.0, 70.0), _run("compare", "sigreg", 1, 73.0, 70.0)]
     summary = summarize(records, KEYS, BASE)
     text = to_markdown(summary)
     assert "+2.00 (n=1, no interval)" in text and "n = 1: no interval, nothing resolved" in text
@@ -91,8 +91,8 @@ def test_one_seed_says_there_is_no_interval():
 
 def test_metric_names_follow_the_configured_k():
     base = profile("quick", {"eval.knn_k": 10})
-    records = [_run("confirm", "hamjepa", s, 75.0 + s, 70.0, k=10) for s in (1, 2)]
-    records += [_run("baseline", "sigreg", s, 73.0, 70.0, k=10) for s in (1, 2)]
+    records = [_run("compare", "hamjepa", s, 75.0 + s, 70.0, k=10) for s in (1, 2)]
+    records += [_run("compare", "sigreg", s, 73.0, 70.0, k=10) for s in (1, 2)]
     summary = summarize(records, KEYS, base)
     assert [row.metric for row in summary.rows] == ["val_knn10_top1", "val_linprobe_top1", "test_knn10_top1",
                                                     "test_linprobe_top1"]
