@@ -88,7 +88,8 @@ def train_and_log(cfg: Config, resources: Resources, *, experiment: str, run_nam
                            callbacks=[mlflow_epoch_callback(logger)], failure=failure)
     try:
         result = trainer.fit()
-        metrics = dict(result.metrics or {})
+        # The last report, over everything MLflow logged (the epoch-0 `init/` readouts are only in epoch 0's report).
+        metrics = {**logger.client.get_run(logger.run_id).data.metrics, **(result.metrics or {})}
     except TrainingFailedError as error:
         metrics = {names.FAILED: 1, names.FAILURE_REASON: str(error).strip().splitlines()[-1][:500]}
     status, reason = names.classify(metrics, cfg.optim.epochs)
