@@ -1,7 +1,7 @@
 """The search as Optuna sees it, rebuilt from MLflow: a SQLite Optuna study and Optuna's own plots.
 
 The study is built after the search phase from MLflow's records (every search trial: its parameters, its
-state under study.OPTUNA_STATES, its objective, and its per-epoch objective as intermediate values), so no
+state and value under study.optuna_outcome, its objective, and its per-epoch objective as intermediate values), so no
 SQLite file is written while trials run concurrently, and a resumed or interrupted study rebuilds the same
 file. `optuna.load_study(study_name=<study id>, storage="sqlite:///optuna.db")` and `optuna-dashboard
 sqlite:///optuna.db` open it. The plots are `optuna.visualization.matplotlib`'s.
@@ -60,24 +60,19 @@ def _covering(distribution, values: Sequence[Any]):
 def build_study(records: Sequence[RunRecord], space: Mapping[str, Any], base: Config, client: MlflowClient,
                 objective: str, name: str, path: Path) -> optuna.Study:
     """A fresh SQLite Optuna study at `path` holding every search trial of `records`."""
-    from .study import OPTUNA_STATES, _typed
+    from .study import optuna_outcome, typed_param
 
     search = sorted((r for r in records if r.phase == "search"), key=lambda r: r.name)
-    params = [{key: _typed(base, key, r.params[key]) for key in space if key in r.params} for r in search]
+    params = [{key: typed_param(base, key, r.params[key]) for key in space if key in r.params} for r in search]
     distributions = {key: _covering(d, [p[key] for p in params if key in p])
                      for key, d in distributions_of(space, base).items()}
     path.unlink(missing_ok=True)
     study = optuna.create_study(storage=f"sqlite:///{path}", study_name=name, direction="maximize")
     for record, values in zip(search, params):
         status = RunStatus(record.status) if record.status in set(RunStatus) else RunStatus.RUNNING
-        state = OPTUNA_STATES[status]
         intermediate = {int(m.step): m.value for m in client.get_metric_history(record.run_id, objective)
                         if math.isfinite(m.value)}
-        value = record.metrics.get(objective)
-        if state == optuna.trial.TrialState.PRUNED:
-            value = intermediate[max(intermediate)] if intermediate else None
-        elif state != optuna.trial.TrialState.COMPLETE or value is None or not math.isfinite(value):
-            state, value = (optuna.trial.TrialState.FAIL if state == optuna.trial.TrialState.COMPLETE else state), None
+        state, value = optuna_outcome(status, record.metrics.get(objective), intermediate)
         study.add_trial(optuna.trial.create_trial(
             params=values, distributions={k: distributions[k] for k in values}, value=value, state=state,
             intermediate_values=intermediate, user_attrs={"mlflow_run_id": record.run_id, "status": str(status)}))

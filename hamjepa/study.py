@@ -55,6 +55,25 @@ OPTUNA_STATES = {
 }
 
 
+def optuna_outcome(status: RunStatus, value: float | None,
+                   intermediate: Mapping[int, float]) -> tuple[optuna.trial.TrialState, float | None]:
+    """(state, value) Optuna records for a trial that ended with `status` and final objective `value`.
+
+    The value is the objective of a COMPLETE trial and the last intermediate value of a PRUNED one (what
+    `Study.tell` records by itself), else None; a COMPLETE trial without a finite objective is FAIL, because
+    Optuna refuses NaN. The live search (FullTrialOptunaSearch) and the rebuilt study file (search_views) both
+    go through here, so they cannot disagree.
+    """
+    state = OPTUNA_STATES[status]
+    if state == optuna.trial.TrialState.PRUNED:
+        return state, intermediate[max(intermediate)] if intermediate else None
+    if state == optuna.trial.TrialState.COMPLETE:
+        if value is None or not math.isfinite(value):
+            return optuna.trial.TrialState.FAIL, None
+        return state, float(value)
+    return state, None
+
+
 @dataclass(frozen=True)
 class StudySettings:
     """Everything a study invocation needs besides its search space; validated before Ray starts."""
@@ -62,7 +81,7 @@ class StudySettings:
     name: str
     base: Config
     num_samples: int = 6
-    seeds: int = 2  # paired seeds per side: the selected HamJEPA configuration and SIGReg on each
+    seeds: int = 3  # paired seeds per side: the selected HamJEPA configuration and SIGReg on each
     ablation: str = ""  # "" or "mlp"
     early_stopping: bool = True
     resources: Resources = field(default_factory=Resources)
@@ -236,12 +255,9 @@ class FullTrialOptunaSearch(OptunaSearch):
         if result:  # Tune hands the last report (the one ASHA stopped on, or the final one) only to this method
             self.on_trial_result(trial_id, result)
         status = RunStatus.FAILED if error or not result else names.classify(result, self.epochs)[0]
-        state = OPTUNA_STATES[status]
-        value = float(result.get(self.metric, math.nan)) if result else math.nan
-        if state == optuna.trial.TrialState.COMPLETE and not math.isfinite(value):
-            state = optuna.trial.TrialState.FAIL  # Optuna refuses NaN; the run's own status says what happened
-        self._ot_study.tell(self._ot_trials[trial_id], value if state == optuna.trial.TrialState.COMPLETE else None,
-                            state=state)
+        state, value = optuna_outcome(status, result.get(self.metric) if result else None, {})
+        # tell() takes no value but a COMPLETE one: a PRUNED trial gets its last intermediate value from Optuna.
+        self._ot_study.tell(self._ot_trials[trial_id], value, state=state)
         self._completed_trials.add(trial_id)
 
 
@@ -471,7 +487,7 @@ def run_study(settings: StudySettings, space: Mapping[str, Any],
         study.run_phase("search", dict(space), settings.num_samples, num_samples=settings.num_samples,
                         search_alg=searcher, scheduler=_scheduler(settings))
         selected = select_trial(study.records(), settings.objective)
-        overrides = {k: _typed(settings.base, k, selected.params[k]) for k in space} if selected else None
+        overrides = {k: typed_param(settings.base, k, selected.params[k]) for k in space} if selected else None
         grid = comparison_grid(settings, overrides)
         if grid is not None:
             study.run_phase(COMPARE, grid, grid_size(grid))
@@ -496,6 +512,6 @@ def run_study(settings: StudySettings, space: Mapping[str, Any],
     return result
 
 
-def _typed(base: Config, key: str, text: str) -> Any:
+def typed_param(base: Config, key: str, text: str) -> Any:
     """An MLflow param (a string) back to the config field's type."""
     return base.override({key: text}).flatten()[key]

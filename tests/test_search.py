@@ -7,7 +7,7 @@ import pytest
 from ray import tune
 
 from hamjepa.metrics import RunStatus, classify
-from hamjepa.study import OPTUNA_STATES, FullTrialOptunaSearch
+from hamjepa.study import OPTUNA_STATES, FullTrialOptunaSearch, optuna_outcome
 
 OBJECTIVE = "val_knn20_top1"
 State = optuna.trial.TrialState
@@ -72,3 +72,16 @@ def test_one_classifier_of_run_endings(last, status):
     assert found == status
     assert (reason == "") == (status == RunStatus.FINISHED)
     assert found.mlflow_status == ("FINISHED" if status in (RunStatus.FINISHED, RunStatus.STOPPED) else "FAILED")
+
+
+@pytest.mark.parametrize("status,value,intermediate,expected", [
+    (RunStatus.FINISHED, 73.5, {0: 70.0, 3: 73.5}, (State.COMPLETE, 73.5)),
+    (RunStatus.STOPPED, 65.0, {0: 70.0, 1: 65.0}, (State.PRUNED, 65.0)),  # its last intermediate value
+    (RunStatus.STOPPED, 65.0, {}, (State.PRUNED, None)),  # the live search: tell() takes it from the trial
+    (RunStatus.DIVERGED, 0.0, {0: 70.0}, (State.COMPLETE, 0.0)),
+    (RunStatus.FINISHED, float("nan"), {0: 70.0}, (State.FAIL, None)),
+    (RunStatus.FINISHED, None, {}, (State.FAIL, None)),
+    (RunStatus.FAILED, 0.0, {0: 70.0}, (State.FAIL, None)),
+])
+def test_one_outcome_for_the_live_search_and_the_rebuilt_study(status, value, intermediate, expected):
+    assert optuna_outcome(status, value, intermediate) == expected
