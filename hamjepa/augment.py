@@ -1,4 +1,4 @@
-"""The two-view augmentation pipeline (METHOD.md 6) and the evaluation transform, batched.
+"""The two-view augmentation pipeline (docs/method.md §6) and the evaluation transform, batched.
 
 Pipeline, one random view per image: RandomResizedCrop(scale, ratio 3/4-4/3) -> horizontal flip ->
 colour jitter (brightness, contrast, saturation, hue; random order) with probability jitter_p ->
@@ -7,10 +7,10 @@ the dataset's mean and std. Two calls on the same images give the two views.
 
 Why batched, with per-sample parameters: torchvision's v2 transforms cost about 2 ms per 32 px RGB view
 here when applied image by image (Python overhead; about 230 two-view images/s per core), and applied to a
-batch they draw ONE crop for the whole batch (FIELD-NOTES). So every random choice - crop box, flip,
-jitter factors and their order, grayscale, blur sigma, solarize - is drawn per sample and applied with
-tensor ops over the batch: `python -m hamjepa.bench augment` measures the throughput. The same code runs
-in DataLoader workers on the CPU or on a GPU.
+batch they draw ONE crop for the whole batch (docs/design.md "Pitfalls we measured"). So every random
+choice - crop box, flip, jitter factors and their order, grayscale, blur sigma, solarize - is drawn per sample
+and applied with tensor ops over the batch: `python -m hamjepa.bench augment` measures the throughput. The
+same code runs in DataLoader workers on the CPU or on a GPU.
 
 Semantics are torchvision's for float images in [0, 1]: brightness scales, contrast blends with the
 image's mean grey level, saturation blends with the grey image, hue rotates the HSV hue, each clamped to

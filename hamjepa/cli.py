@@ -1,10 +1,18 @@
-"""The `hamjepa` command: `hamjepa train` runs one logged training; `hamjepa config` prints a resolved config."""
+"""The `hamjepa` command: `hamjepa train` runs one logged training; `hamjepa config` prints a resolved config.
+
+Every input is checked before any work, in this order: the flags and the config (no heavy import, so a typo
+costs what `hamjepa config` costs), the tracking store and the storage folder, what one run asks of this
+machine when Ray is local, then the data files (preflight); only then is Ray connected and MLflow written.
+Each refusal is one line on stderr, `<prog>: error: <sentence>`, and exit code 2.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
+from . import checks, storage
 from .config import DATASET_OVERRIDES, DATASETS, PROFILES, SMOKE_OVERRIDES, ConfigError, build_config, parse_overrides
 from .redact import mask_uri
 
@@ -13,6 +21,14 @@ from .redact import mask_uri
 # n = 2 resolves almost nothing (the 95% t-interval's half-width is 12.7 sd / sqrt(2); at n = 3, 4.3 sd / sqrt(3)).
 DEFAULT_CPU_TRIALS, DEFAULT_GPU_TRIALS = 4, 6
 DEFAULT_SEEDS = 3
+VERBOSE_HELP = "Ray's own console output too (workers' logs, checkpoints, Tune's every result)"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose refusals are one line, `<prog>: error: <sentence>`, like every other bad input (exit 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see --help.\n")
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, default_profile: str | None = None) -> None:
@@ -32,22 +48,38 @@ def config_from_args(args: argparse.Namespace):
     return build_config(args.profile, args.config, overrides)
 
 
+def _check_where(workers_flag: str, workers: int, cpus: float, gpus: float, args: argparse.Namespace) -> str:
+    """The resources, tracking store, storage folder and Ray address of a run or study; returns the tracking URI."""
+    checks.resources(workers_flag, workers, cpus, gpus)
+    checks.ray_address(args.address)
+    checks.experiment_name("--experiment", args.experiment)
+    tracking_uri = checks.resolve_tracking_uri(args.tracking_uri)
+    checks.check_tracking_uri(tracking_uri)
+    storage.check_writable(args.storage_path)
+    if not args.address:  # Ray will start here, so this machine is the whole cluster
+        checks.local_capacity(workers_flag, workers, cpus, gpus)
+    return tracking_uri
+
+
 def _train(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    checks.integer("--max-failures", args.max_failures, 0)
+    checks.run_name("--name", args.name)
+    tracking_uri = _check_where("--workers", args.workers, args.cpus_per_worker, args.gpus_per_worker, args)
+
+    from . import run  # torch, Ray and MLflow load from here on
     from .metrics import RunStatus
-    from .run import connect_ray, preflight, summary, train_and_log
-    from .tracking import check_tracking_uri, resolve_tracking_uri
     from .training import Resources
 
-    cfg = config_from_args(args)
     resources = Resources(args.workers, args.cpus_per_worker, args.gpus_per_worker)
     resources.validate(cfg)
-    tracking_uri = resolve_tracking_uri(args.tracking_uri)
-    check_tracking_uri(tracking_uri)
-    preflight(cfg)
-    connect_ray(args.address)
-    outcome = train_and_log(cfg, resources, experiment=args.experiment, run_name=args.name,
-                            tracking_uri=tracking_uri, storage_path=args.storage_path, max_failures=args.max_failures)
-    print(summary(cfg, outcome, tracking_uri))
+    run.preflight(cfg)
+    run.check_rerun(tracking_uri, args.experiment, args.name, cfg)
+    run.connect_ray(args.address, verbose=args.verbose)
+    outcome = run.train_and_log(cfg, resources, experiment=args.experiment, run_name=args.name,
+                                tracking_uri=tracking_uri, storage_path=args.storage_path,
+                                max_failures=args.max_failures)
+    print(run.summary(cfg, outcome, tracking_uri))
     return 0 if outcome.status == RunStatus.FINISHED else 1
 
 
@@ -67,8 +99,21 @@ def _add_study_arguments(parser: argparse.ArgumentParser, name: str, default_pro
     parser.add_argument("--storage-path", help="Tune/Train state: a folder, or s3://... on a cluster (default "
                                                "$HAMJEPA_STORAGE_PATH, else ./ray_results)")
     parser.add_argument("--address", help="Ray cluster address (e.g. auto); default: a local Ray")
-    parser.add_argument("--resume", action="store_true", help="continue the latest run of this study")
+    parser.add_argument("--resume", nargs="?", const="latest", default="", metavar="ID",
+                        help="continue this study's latest invocation, or the one with this study id")
     parser.add_argument("--smoke-test", action="store_true", help="tiny everything (CI)")
+    parser.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
+
+
+def _check_resumable(settings) -> None:
+    """--resume must find what it continues (hamjepa.study.check_resumable, where that exists), before Ray starts."""
+    from . import study
+
+    if settings.resume not in ("", "latest"):
+        checks.run_name("--resume", settings.resume)
+    check = getattr(study, "check_resumable", None)
+    if settings.resume and check is not None:
+        check(settings.name, settings.storage_path, settings.resume, base=settings.base)
 
 
 def _study_settings(name: str, args: argparse.Namespace, protocol: dict | None = None, **fields):
@@ -76,11 +121,7 @@ def _study_settings(name: str, args: argparse.Namespace, protocol: dict | None =
 
     `protocol`: a script's own config overrides, applied before --smoke-test, the flags and --set.
     """
-    from .run import connect_ray, preflight
-    from .study import StudySettings
-    from .tracking import check_tracking_uri, resolve_tracking_uri
-    from .training import Resources
-
+    checks.integer("--max-concurrent", args.max_concurrent, 0)
     overrides = {**(protocol or {}), **(SMOKE_OVERRIDES if args.smoke_test else {})}
     if args.dataset:
         overrides.update({"data.dataset": args.dataset, **DATASET_OVERRIDES.get(args.dataset, {})})
@@ -94,15 +135,23 @@ def _study_settings(name: str, args: argparse.Namespace, protocol: dict | None =
     base = build_config(args.profile, args.config, overrides)
     gpus = args.gpus_per_worker if args.gpus_per_worker is not None else (
         1.0 if args.profile in ("cifar100", "imagenet100") else 0.0)
+    tracking_uri = _check_where("--workers-per-trial", args.workers_per_trial, args.cpus_per_worker, gpus, args)
+
+    from . import run  # torch, Ray and MLflow load from here on
+    from .study import StudySettings
+    from .training import Resources
+
     if fields.get("num_samples", 0) is None:  # search trials: the quick study's 15 minutes on 2 cores
         fields["num_samples"] = DEFAULT_GPU_TRIALS if gpus > 0 else DEFAULT_CPU_TRIALS
     settings = StudySettings(
         name=name, base=base, resources=Resources(args.workers_per_trial, args.cpus_per_worker, gpus),
-        max_concurrent=args.max_concurrent, tracking_uri=resolve_tracking_uri(args.tracking_uri),
-        experiment=args.experiment or "", storage_path=args.storage_path or "", resume=args.resume, **fields)
-    check_tracking_uri(settings.tracking_uri)
-    preflight(base)
-    connect_ray(args.address)
+        max_concurrent=args.max_concurrent, tracking_uri=tracking_uri,
+        experiment=args.experiment or "", storage_path=args.storage_path or "", resume=args.resume,
+        verbose=args.verbose, **fields)
+    _check_resumable(settings)
+    run.preflight(base)
+    run.connect_ray(args.address, verbose=args.verbose, worker_logs=False)  # the console is Tune's table
+    _warn_about_store_backups()
     return settings
 
 
@@ -111,7 +160,46 @@ def _print_result(settings, result) -> int:
     print(result.text, end="")
     print(f"Browse it: mlflow ui --backend-store-uri {mask_uri(settings.tracking_uri)}  (experiment "
           f"'{settings.experiment_name}', parent run {result.parent_run_id})")
+    url = _runs_url(settings, result)
+    if url:
+        print(f"Its runs: {url}  (`hamjepa report --study {getattr(result, 'study_id', '')}` prints this summary "
+              "again)")
+    _warn_about_store_backups()
     return 130 if result.interrupted else 0
+
+
+def _runs_url(settings, result) -> str:
+    """The MLflow UI's runs table of the study's experiment; "" where its id is not known without a network call."""
+    from .reopen import runs_url
+
+    experiment = getattr(result, "experiment_id", "")
+    if not experiment and not settings.tracking_uri.startswith(("http://", "https://")):
+        from mlflow.tracking import MlflowClient
+
+        found = MlflowClient(tracking_uri=settings.tracking_uri).get_experiment_by_name(settings.experiment_name)
+        experiment = found.experiment_id if found else ""
+    return runs_url(settings.tracking_uri, experiment) if experiment else ""
+
+
+# On a cluster's head, cluster/mlflow_store.py records every backup of the MLflow store here; a study says so
+# when the last one failed or the backup loop stopped, where its user looks (not only in that log).
+BACKUP_STATUS = Path.home() / "mlflow" / "backup-status.log"
+STORE_SCRIPT = Path(__file__).resolve().parents[1] / "cluster" / "mlflow_store.py"
+
+
+def _warn_about_store_backups(status_file: Path | None = None) -> str | None:
+    status_file = status_file or BACKUP_STATUS
+    if not status_file.is_file() or not STORE_SCRIPT.is_file():  # not a cluster head
+        return None
+    import runpy
+
+    try:
+        warning = runpy.run_path(str(STORE_SCRIPT))["backup_warning"](status_file)
+    except Exception:  # noqa: BLE001 - a warning about backups must never stop a study
+        return None
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
+    return warning
 
 
 def _guarded(parser: argparse.ArgumentParser, work) -> int:
@@ -124,9 +212,8 @@ def _guarded(parser: argparse.ArgumentParser, work) -> int:
 
 def study_main(name: str, space: dict, argv: list[str] | None = None, initial_points: list[dict] | None = None) -> int:
     """Command line of a search study (studies/<name>.py): parse, validate, run, print the summary."""
-    parser = argparse.ArgumentParser(prog=f"python studies/{name}.py",
-                                     description=f"HamJEPA study '{name}': Ray Tune + Optuna, SIGReg baselines, "
-                                                 "MLflow.")
+    parser = Parser(prog=f"python studies/{name}.py",
+                    description=f"HamJEPA study '{name}': Ray Tune + Optuna, SIGReg baselines, MLflow.")
     _add_study_arguments(parser, name, default_profile="quick")
     parser.add_argument("--num-samples", type=int, help="HamJEPA trials Optuna proposes (default 4 on CPUs, 6 on "
                                                            "GPUs; smoke 2)")
@@ -140,6 +227,7 @@ def study_main(name: str, space: dict, argv: list[str] | None = None, initial_po
     args = parser.parse_args(argv)
 
     def work() -> int:
+        checks.integer("--seed", args.seed, 0, checks.MAX_SEED)
         from .study import run_study
 
         trials = args.num_samples if args.num_samples is not None else (2 if args.smoke_test else None)
@@ -153,10 +241,10 @@ def study_main(name: str, space: dict, argv: list[str] | None = None, initial_po
 
 def reproduce_main(argv: list[str] | None = None) -> int:
     """Command line of studies/reproduce_paper.py: the paper's comparison as fixed runs, then its table."""
-    parser = argparse.ArgumentParser(prog="python studies/reproduce_paper.py",
-                                     description="The paper's CIFAR-100 comparison: SIGReg, HamJEPA (q, p, qp "
-                                                 "readouts) and MLP-HJEPA on the same seeds, beside the paper's "
-                                                 "numbers. Use --epochs 80 for the paper's longer schedule.")
+    parser = Parser(prog="python studies/reproduce_paper.py",
+                    description="The paper's CIFAR-100 comparison: SIGReg, HamJEPA (q, p, qp readouts) and MLP-HJEPA "
+                                "on the same seeds, beside the paper's numbers. Use --epochs 80 for the paper's "
+                                "longer schedule.")
     _add_study_arguments(parser, "reproduce_paper", default_profile=None)
     parser.add_argument("--seeds", type=int, help="seeds per method (default 3, as in the paper; smoke 1)")
     args = parser.parse_args(argv)
@@ -169,7 +257,7 @@ def reproduce_main(argv: list[str] | None = None) -> int:
         seeds = args.seeds if args.seeds is not None else (1 if args.smoke_test else 3)
         if seeds < 1:
             raise ConfigError(f"--seeds = {seeds} is invalid: must be an integer >= 1.")
-        # The paper's protocol: train, and take kNN neighbours, on the whole training split (METHOD.md 7).
+        # The paper's protocol: train, and take kNN neighbours, on the whole training split (docs/method.md §10).
         settings = _study_settings("reproduce_paper", args, protocol={"data.val_fraction": 0}, seeds=seeds,
                                    early_stopping=False, searches=False)
         return _print_result(settings, run_reproduction(settings))
@@ -182,8 +270,63 @@ def _print_config(args: argparse.Namespace) -> int:
     return 0
 
 
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def _readable_store(uri: str) -> None:
+    """A store to read must exist (MLflow would create an empty one); a server must answer."""
+    fix = "pass the --tracking-uri the study logged to"
+    if uri.startswith("sqlite:///"):
+        path = Path(uri[len("sqlite:///"):].split("?", 1)[0])
+        if not path.is_file():
+            raise ConfigError(f"tracking URI '{mask_uri(uri)}' names no file ('{path}' does not exist); {fix}.")
+        with path.open("rb") as handle:
+            header = handle.read(len(SQLITE_HEADER))
+        if header and header != SQLITE_HEADER:
+            raise ConfigError(f"tracking URI '{mask_uri(uri)}' names '{path}', which is not a SQLite database; {fix}.")
+    elif uri.startswith("file:"):
+        folder = Path(uri[len("file://"):] if uri.startswith("file://") else uri[len("file:"):])
+        if not folder.is_dir():
+            raise ConfigError(f"tracking URI '{mask_uri(uri)}' names no folder ('{folder}' does not exist); {fix}.")
+    else:
+        checks.check_tracking_uri(uri)  # a server must answer; an unsupported scheme is refused
+
+
+def _store_to_read(args: argparse.Namespace) -> str:
+    """The checked tracking URI (and --experiment) of `hamjepa report` / `hamjepa studies`."""
+    checks.experiment_name("--experiment", args.experiment)
+    tracking_uri = checks.resolve_tracking_uri(args.tracking_uri)
+    _readable_store(tracking_uri)
+    return tracking_uri
+
+
+def _report(args: argparse.Namespace) -> int:
+    if args.study is not None:
+        checks.run_name("--study", args.study)
+    tracking_uri = _store_to_read(args)
+
+    from .reopen import report  # MLflow loads from here on
+
+    print(report(tracking_uri, args.study, args.experiment), end="")
+    return 0
+
+
+def _studies(args: argparse.Namespace) -> int:
+    tracking_uri = _store_to_read(args)
+
+    from .reopen import studies_table  # MLflow loads from here on
+
+    print(studies_table(tracking_uri, args.experiment), end="")
+    return 0
+
+
+def _add_store_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tracking-uri", help="MLflow URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    parser.add_argument("--experiment", help="only this MLflow experiment (default: every experiment)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hamjepa", description="HamJEPA vs SIGReg studies on Ray + MLflow.")
+    parser = Parser(prog="hamjepa", description="HamJEPA vs SIGReg studies on Ray + MLflow.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train one HamJEPA / SIGReg / MLP-HJEPA run under Ray Train")
@@ -199,11 +342,25 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--storage-path", help="where Ray Train keeps checkpoints (default "
                                               "$HAMJEPA_STORAGE_PATH, else ./ray_results; s3://... on a cluster)")
     train.add_argument("--max-failures", type=int, default=2, help="worker crashes survived per run")
+    train.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     train.set_defaults(run=_train)
 
     show = commands.add_parser("config", help="print the resolved config as YAML")
     add_config_arguments(show)
     show.set_defaults(run=_print_config)
+
+    report = commands.add_parser("report", help="rebuild a finished or interrupted study's summary from MLflow "
+                                                "alone, and say which of its runs are missing")
+    which = report.add_mutually_exclusive_group()
+    which.add_argument("--study", metavar="ID", help="a study id (as `hamjepa studies` lists it) or its parent run id")
+    which.add_argument("--latest", action="store_true", help="the newest study (the default)")
+    _add_store_arguments(report)
+    report.set_defaults(run=_report)
+
+    studies = commands.add_parser("studies", help="list the studies in a tracking store: id, start, status, trial "
+                                                  "runs, verdict")
+    _add_store_arguments(studies)
+    studies.set_defaults(run=_studies)
     return parser
 
 

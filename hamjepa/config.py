@@ -1,6 +1,6 @@
 """One tree of frozen dataclasses: the single source of defaults.
 
-Every default below is the paper's CIFAR-100 protocol (METHOD.md, numbers in brackets there) unless a
+Every default below is the paper's CIFAR-100 protocol (docs/method.md, numbers in brackets there) unless a
 comment says otherwise. Profiles (``PROFILES``) are dotted-key overrides on top of these defaults, so a
 profile can never introduce a knob that the tree does not have.
 
@@ -24,7 +24,8 @@ from typing import Any, ClassVar
 import yaml
 
 METHODS = ("hamjepa", "sigreg", "mlp")
-# The protocol's gradient clipping per method (METHOD.md 5), applied when optim.grad_clip is null.
+MAX_SEED = 2**32 - 1  # numpy's and Optuna's seeds are 32-bit; a run derives its seeds from these
+# The protocol's gradient clipping per method (docs/method.md §5), applied when optim.grad_clip is null.
 PROTOCOL_GRAD_CLIP = {"hamjepa": 1.0, "mlp": 1.0, "sigreg": 0.0}
 DATASETS = ("fashion_mnist", "cifar10", "cifar100", "imagefolder", "synthetic")
 # Channel count of the datasets whose format we know, and what choosing one (--dataset) implies.
@@ -74,7 +75,7 @@ class _Section:
 
 @dataclass(frozen=True)
 class EncoderConfig(_Section):
-    """ResNet-18 token encoder (METHOD.md 1)."""
+    """ResNet-18 token encoder (docs/method.md §1)."""
 
     section: ClassVar[str] = "encoder"
     stem: str = "cifar"  # "cifar": 3x3 conv stride 1, no max-pool (32 px); "imagenet": 7x7/2 + max-pool
@@ -88,7 +89,9 @@ class EncoderConfig(_Section):
     def __post_init__(self) -> None:
         self._one_of("stem", ("cifar", "imagenet"))
         self._one_of("readout", ("layer2", "layer3", "layer4"))
-        self._positive("width", "in_channels", "token_dim")
+        self._positive("width", "token_dim")
+        self._require("in_channels", self.in_channels in (1, 3), "must be 1 (grey) or 3 (RGB)")
+        self._require("width", self.width <= 16, "must be <= 16 (a multiplier on 64..512 channels)")
         self._non_negative("token_hw")
         if self.split:
             self._require("token_dim", self.token_dim % 2 == 0,
@@ -97,7 +100,7 @@ class EncoderConfig(_Section):
 
 @dataclass(frozen=True)
 class PredictorConfig(_Section):
-    """Learned separable Hamiltonian integrated by leapfrog (METHOD.md 2)."""
+    """Learned separable Hamiltonian integrated by leapfrog (docs/method.md §2)."""
 
     section: ClassVar[str] = "predictor"
     hidden_dim: int = 256  # width of the potential MLP phi
@@ -121,7 +124,7 @@ class PredictorConfig(_Section):
 
 @dataclass(frozen=True)
 class HamJEPALossConfig(_Section):
-    """HamJEPA objective (METHOD.md 3)."""
+    """HamJEPA objective (docs/method.md §3)."""
 
     section: ClassVar[str] = "hamjepa"
     match: str = "q"  # "q": MSE on q + p_weight * MSE on p;  "qp": MSE on the whole state
@@ -145,16 +148,20 @@ class HamJEPALossConfig(_Section):
 
     def __post_init__(self) -> None:
         self._one_of("match", ("q", "qp"))
-        self._non_negative("p_weight", "q_target", "p_target", "std_floor", "pr_floor_q", "pr_floor_p",
-                           "spectral_eps", "w_pred", "w_budget", "w_var", "w_spectral", "w_mean")
-        self._positive("eigmax_ceiling_q", "eigmax_ceiling_p")
+        self._non_negative("p_weight", "q_target", "p_target", "std_floor", "w_pred", "w_budget", "w_var",
+                           "w_spectral", "w_mean")
+        self._positive("spectral_eps")
+        for name in ("pr_floor_q", "pr_floor_p"):
+            self._require(name, 0 <= getattr(self, name) <= 1, "must be in [0, 1] (a participation ratio per dim)")
+        for name in ("eigmax_ceiling_q", "eigmax_ceiling_p"):
+            self._require(name, 0 < getattr(self, name) <= 1, "must be in (0, 1] (a share of the trace)")
         self._require("spectral_dim", self.spectral_dim >= 1, "must be an integer >= 1")
         self._require("spectral_redraw_every", self.spectral_redraw_every >= 1, "must be an integer >= 1")
 
 
 @dataclass(frozen=True)
 class SIGRegConfig(_Section):
-    """LeJEPA's SIGReg baseline (METHOD.md 4)."""
+    """LeJEPA's SIGReg baseline (docs/method.md §4)."""
 
     section: ClassVar[str] = "sigreg"
     num_directions: int = 64
@@ -171,7 +178,7 @@ class SIGRegConfig(_Section):
 
 @dataclass(frozen=True)
 class DataConfig(_Section):
-    """Dataset, subsets and splits (METHOD.md 6; DESIGN.md data defaults)."""
+    """Dataset, subsets and splits (docs/method.md §10 "Splits"; docs/design.md "Defaults")."""
 
     section: ClassVar[str] = "data"
     dataset: str = "cifar100"
@@ -188,11 +195,12 @@ class DataConfig(_Section):
         self._require("image_size", self.image_size >= 8, "must be an integer >= 8 (pixels)")
         self._non_negative("subset", "num_workers")
         self._require("val_fraction", 0 <= self.val_fraction < 1, "must be in [0, 1)")
+        self._require("seed", 0 <= self.seed <= MAX_SEED, f"must be an integer in [0, {MAX_SEED}]")
 
 
 @dataclass(frozen=True)
 class AugmentConfig(_Section):
-    """Two-view augmentation (METHOD.md 6)."""
+    """Two-view augmentation (docs/method.md §6)."""
 
     section: ClassVar[str] = "augment"
     crop_scale_min: float = 0.3
@@ -228,7 +236,7 @@ class AugmentConfig(_Section):
 
 @dataclass(frozen=True)
 class EvalConfig(_Section):
-    """Frozen-encoder evaluation (METHOD.md 7)."""
+    """Frozen-encoder evaluation (docs/method.md §7)."""
 
     section: ClassVar[str] = "eval"
     knn_k: int = 20
@@ -251,7 +259,7 @@ class EvalConfig(_Section):
 
 @dataclass(frozen=True)
 class OptimConfig(_Section):
-    """AdamW with linear warm-up and cosine decay, per iteration (METHOD.md 5)."""
+    """AdamW with linear warm-up and cosine decay, per iteration (docs/method.md §5)."""
 
     section: ClassVar[str] = "optim"
     lr: float = 5e-4
@@ -267,7 +275,9 @@ class OptimConfig(_Section):
 
     def __post_init__(self) -> None:
         self._positive("lr")
-        self._non_negative("weight_decay", "warmup_epochs", "warmup_start_ratio", "final_lr_ratio")
+        self._non_negative("weight_decay", "warmup_epochs")
+        for name in ("warmup_start_ratio", "final_lr_ratio"):
+            self._require(name, 0 <= getattr(self, name) <= 1, "must be in [0, 1] (a fraction of optim.lr)")
         self._require("grad_clip", self.grad_clip is None or 0 <= self.grad_clip < math.inf,
                       "must be a finite max grad norm >= 0 (0 = off), or null for the method's protocol")
         self._require("batch_size", self.batch_size >= 2, "must be an integer >= 2 (batch statistics)")
@@ -294,10 +304,15 @@ class Config(_Section):
         if self.method in ("hamjepa", "mlp"):
             self._require("method", self.encoder.split,
                           "needs encoder.split = true (the predictor acts on the (q, p) split)")
+        self._require("seed", 0 <= self.seed <= MAX_SEED, f"must be an integer in [0, {MAX_SEED}]")
         expected = DATASET_CHANNELS.get(self.data.dataset)
         if expected is not None and self.encoder.in_channels != expected:
             _fail("encoder.in_channels", self.encoder.in_channels,
                   f"data.dataset '{self.data.dataset}' has {expected} channel(s)")
+        _check(self.augment.blur_kernel // 2 < self.data.image_size, "augment.blur_kernel", self.augment.blur_kernel,
+               f"must be below 2 * data.image_size = {2 * self.data.image_size} (reflect padding)")
+        _check(self.eval.knn_k <= self.eval.knn_train_limit, "eval.knn_k", self.eval.knn_k,
+               f"must be <= eval.knn_train_limit = {self.eval.knn_train_limit} (the neighbours it searches)")
 
     @property
     def grad_clip(self) -> float:
@@ -362,10 +377,18 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
         if depth == len(parts) - 1:
             if isinstance(node[part], dict):
                 raise ConfigError(f"config key '{key}' is a section; set one of its fields, e.g. '{key}."
-                                 f"{next(iter(node[part]))}'")
-            node[part] = yaml.safe_load(value) if isinstance(value, str) else value
+                                 f"{next(iter(node[part]))}'.")
+            node[part] = _parse_value(key, value) if isinstance(value, str) else value
         else:
             node = node[part]
+
+
+def _parse_value(key: str, text: str) -> Any:
+    """A dotted override's value as YAML (`3`, `0.1`, `true`, `null`, `[1, 2]`); one sentence when it is not YAML."""
+    try:
+        return yaml.load(text, Loader=StrictLoader)
+    except yaml.YAMLError as error:
+        _fail(key, text, f"it is not a YAML value ({_yaml_problem(error)})")
 
 
 def _coerce(value: Any, hint: Any, path: str) -> Any:
@@ -380,6 +403,7 @@ def _coerce(value: Any, hint: Any, path: str) -> Any:
         except ValueError:
             _fail(path, value, f"must be of type {hint.__name__}")
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        _check(math.isfinite(value), path, value, "must be a finite number")
         return float(value)
     if hint is int and isinstance(value, float) and value.is_integer():
         return int(value)
@@ -408,6 +432,57 @@ def from_dict(tree: Mapping[str, Any], cls: type = None, path: str = "") -> Any:
         else:
             kwargs[key] = _coerce(value, hint, sub)
     return cls(**kwargs)
+
+
+class StrictLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, except that a key written twice in one mapping is an error, not "the last wins"."""
+
+
+def _construct_mapping(loader: StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: later keys may override merged ones
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        line = key_node.start_mark.line + 1
+        if isinstance(key, typing.Hashable) and key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key '{key}' is written twice (lines {seen[key]} and {line}); keep one")
+        if isinstance(key, typing.Hashable):
+            seen[key] = line
+    return loader.construct_mapping(node, deep=deep)
+
+
+StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """The first line of a YAML error, with its position, without the source excerpt PyYAML appends."""
+    problem = getattr(error, "problem", None)
+    mark = getattr(error, "problem_mark", None)
+    if problem is None:
+        return str(error).splitlines()[0]
+    return f"{problem}, line {mark.line + 1} column {mark.column + 1}" if mark else problem
+
+
+def read_yaml_file(path: str | Path) -> Any:
+    """The YAML in a file (UTF-8), read strictly; one sentence when it is missing, unreadable, not text or not YAML."""
+    path = Path(path)
+    if not path.is_file():
+        what = "is a folder" if path.is_dir() else "does not exist"
+        raise ConfigError(f"config file '{path}' {what}; pass the path of a YAML config file.")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as error:
+        raise ConfigError(f"config file '{path}' cannot be read ({error.strerror or type(error).__name__}); check "
+                          "its permissions.") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"config file '{path}' is not UTF-8 text (byte {error.object[error.start]:#04x} at offset "
+                          f"{error.start}); save it as UTF-8 YAML.") from None
+    try:
+        return yaml.load(text, Loader=StrictLoader)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {_yaml_problem(error)}.") from None
 
 
 def load_yaml(path: str | Path) -> Config:
@@ -475,13 +550,7 @@ def build_config(profile_name: str | None = None, config_file: str | Path | None
         for key, value in PROFILES[profile_name].items():
             _set_dotted(tree, key, value)
     if config_file is not None:
-        path = Path(config_file)
-        if not path.is_file():
-            raise ConfigError(f"config file '{path}' does not exist; pass the path of a YAML config file.")
-        try:
-            _merge(tree, yaml.safe_load(path.read_text()) or {})
-        except yaml.YAMLError as error:
-            raise ConfigError(f"config file '{path}' is not valid YAML: {str(error).splitlines()[0]}.") from None
+        _merge(tree, read_yaml_file(config_file) or {})
     for key, value in (overrides or {}).items():
         _set_dotted(tree, key, value)
     return from_dict(tree)

@@ -8,11 +8,14 @@ Datasets (DataConfig.dataset):
 - imagefolder: `train/` and `val/` with one folder per class (ImageNet-100); decoded lazily per image.
 - synthetic: seeded low-frequency class templates plus noise; offline, tiny, learnable (tests, dry runs).
 
-Where files are looked for, in order: the `root` argument / `data.root` (--data-root), $HAMJEPA_DATA,
-Debian's dataset package folder (`apt-get install dataset-fashion-mnist` -> /usr/share/datasets/fashion-mnist),
-then the download folder ($XDG_CACHE_HOME or ~/.cache, /hamjepa). Missing Fashion-MNIST or CIFAR is
-downloaded by torchvision when `data.download` allows, into the first of: root, $HAMJEPA_DATA, the download
-folder. When nothing works, DatasetNotFoundError says in one sentence where we looked and what fixes it.
+Where files are looked for: the `root` argument / `data.root` (--data-root) alone when one is given (it must
+exist; a typo never falls back to another copy); else, in order, $HAMJEPA_DATA, Debian's dataset package folder
+(`apt-get install dataset-fashion-mnist` -> /usr/share/datasets/fashion-mnist), then the download folder
+($XDG_CACHE_HOME or ~/.cache, /hamjepa). Missing Fashion-MNIST or CIFAR is downloaded by torchvision when
+`data.download` allows, into the first of: root, $HAMJEPA_DATA, the download folder. When nothing works,
+DatasetNotFoundError says in one sentence where we looked and what fixes it. Files that are there but broken
+(not gzip, truncated, a bad idx magic number, the wrong shapes or labels, an undecodable image, a class folder
+without images) are one sentence too (ConfigError), raised while loading, so preflight refuses them before Ray.
 
 Images are uint8 (N, C, S, S) tensors stored at the run's size S = data.image_size: in-memory datasets of
 another native size are resized once on load (shorter side to S, antialiased, centred square crop), and
@@ -36,8 +39,10 @@ training images for imagefolder (any channel count; for ImageNet-100 it lands ne
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import pickle
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,9 +135,12 @@ def decode_image(path: str, size: int, channels: int) -> torch.Tensor:
     from PIL import Image, ImageOps
 
     mode = "RGB" if channels == 3 else "L"
-    with Image.open(path) as img:
-        img.draft(mode, (size, size))  # JPEG: decode at the smallest 1/2^k scale still >= size (much faster)
-        fitted = ImageOps.fit(img.convert(mode), (size, size), method=Image.Resampling.BILINEAR)
+    try:
+        with Image.open(path) as img:
+            img.draft(mode, (size, size))  # JPEG: decode at the smallest 1/2^k scale still >= size (much faster)
+            fitted = ImageOps.fit(img.convert(mode), (size, size), method=Image.Resampling.BILINEAR)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        raise _undecodable(path, error) from None
     array = np.asarray(fitted, dtype=np.uint8).reshape(size, size, channels)  # (S, S, C)
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()  # (C, S, S)
 
@@ -156,6 +164,11 @@ class Splits:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     image_size: int
+    digest: str = ""  # SHA-256 of the dataset name and the train/validation indices: the same digest, the same split
+
+    @property
+    def sizes(self) -> str:
+        return f"train {len(self.train)}, val {len(self.val)}, test {len(self.test)}"
 
     @property
     def channels(self) -> int:
@@ -166,28 +179,63 @@ class Splits:
         return Normalise(self.mean, self.std, self.image_size)
 
 
+def _undecodable(path: str, error: Exception) -> ConfigError:
+    return ConfigError(f"image file '{path}' cannot be decoded ({type(error).__name__}); remove or replace it.")
+
+
+def _corrupt(path: Path | str, what: str) -> ConfigError:
+    return ConfigError(f"data file '{path}' {what}; replace it with a good copy (or delete it and let the download "
+                       "fetch it again).")
+
+
 # -- readers ------------------------------------------------------------------------------------------
+
+def _read_bytes(path: Path) -> bytes:
+    """The file's bytes, gunzipped when it ends in .gz; one sentence when it cannot be read or is not gzip."""
+    try:
+        if str(path).endswith(".gz"):
+            with gzip.open(path, "rb") as handle:
+                return handle.read()
+        return path.read_bytes()
+    except (EOFError, zlib.error, gzip.BadGzipFile) as error:
+        raise _corrupt(path, f"is not a complete gzip file ({type(error).__name__})") from None
+    except OSError as error:
+        raise _corrupt(path, f"cannot be read ({error.strerror or type(error).__name__})") from None
+
 
 def read_idx(path: Path) -> np.ndarray:
     """An idx file (gzip or plain) of unsigned bytes: magic 0x0000 08 <rank>, rank big-endian sizes, data."""
-    opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rb") as handle:
-        data = handle.read()
+    data = _read_bytes(path)
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
-        raise ValueError(f"file '{path}' is not an idx file of unsigned bytes (bad magic number).")
+        raise _corrupt(path, "is not an idx file of unsigned bytes (bad magic number)")
     rank = data[3]
+    if len(data) < 4 + 4 * rank:
+        raise _corrupt(path, "is truncated (its header is incomplete)")
     dims = [int(d) for d in np.frombuffer(data, dtype=">u4", count=rank, offset=4)]
     count = int(np.prod(dims))
     if len(data) != 4 + 4 * rank + count:
-        raise ValueError(f"file '{path}' is truncated or corrupt: expected {count} values of shape {dims}.")
+        raise _corrupt(path, f"is truncated or corrupt: expected {count} values of shape {dims}")
     return np.frombuffer(data, dtype=np.uint8, count=count, offset=4 + 4 * rank).reshape(dims)
+
+
+def _check_images_and_labels(folder: Path, images: np.ndarray, labels: np.ndarray, num_classes: int,
+                             image_shape: tuple[int, ...]) -> None:
+    """images (N, *image_shape) and labels (N,) in [0, num_classes), or one sentence naming the files."""
+    if tuple(images.shape[1:]) != image_shape or labels.ndim != 1 or len(labels) != len(images):
+        raise _corrupt(folder, f"holds images of shape {tuple(images.shape)} and labels of shape {labels.shape}, "
+                               f"not (N, {', '.join(map(str, image_shape))}) and (N,)")
+    if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < num_classes:
+        raise _corrupt(folder, f"holds labels outside 0..{num_classes - 1}")
 
 
 def read_fashion_mnist(folder: Path) -> tuple[ImageSet, ImageSet]:
     """(train, test) from the four idx files in folder (gzipped or not); images (N, 1, 28, 28)."""
-    train_x, train_y, test_x, test_y = (torch.from_numpy(read_idx(_idx_file(folder, name)).copy())
-                                        for name in FASHION_FILES)
-    return ImageSet(train_y, images=train_x.unsqueeze(1)), ImageSet(test_y, images=test_x.unsqueeze(1))
+    train_x, train_y, test_x, test_y = (read_idx(_idx_file(folder, name)) for name in FASHION_FILES)
+    sets = []
+    for x, y in ((train_x, train_y), (test_x, test_y)):
+        _check_images_and_labels(folder, x, y, NUM_CLASSES["fashion_mnist"], (28, 28))
+        sets.append(ImageSet(torch.from_numpy(y.astype(np.int64)), images=torch.from_numpy(x.copy()).unsqueeze(1)))
+    return sets[0], sets[1]
 
 
 def _idx_file(folder: Path, name: str) -> Path:
@@ -276,8 +324,13 @@ def read_cifar(folder: Path, dataset: str) -> tuple[ImageSet, ImageSet]:
 
     def read(names: list[str]) -> ImageSet:
         batches = [_unpickle(folder / name) for name in names]
-        pixels = np.concatenate([np.asarray(b[b"data"], dtype=np.uint8) for b in batches])  # (N, 3072)
-        labels = np.concatenate([np.asarray(b[label_key], dtype=np.int64) for b in batches])
+        try:
+            pixels = np.concatenate([np.asarray(b[b"data"], dtype=np.uint8) for b in batches])  # (N, 3072)
+            labels = np.concatenate([np.asarray(b[label_key], dtype=np.int64).reshape(-1) for b in batches])
+        except (KeyError, ValueError, TypeError) as error:
+            raise _corrupt(folder, f"holds a CIFAR batch without readable {label_key!r} or b'data' "
+                                   f"({type(error).__name__})") from None
+        _check_images_and_labels(folder, pixels, labels, NUM_CLASSES[dataset], (3072,))
         images = torch.from_numpy(pixels.reshape(-1, 3, 32, 32).copy())  # (N, 3, 32, 32)
         return ImageSet(torch.from_numpy(labels), images=images)
 
@@ -289,8 +342,16 @@ def read_imagefolder(folder: Path, image_size: int, channels: int) -> tuple[Imag
     from torchvision.datasets import ImageFolder
     from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
-    train = ImageFolder(str(folder / "train"))
+    try:
+        train = ImageFolder(str(folder / "train"))
+    except OSError as error:  # e.g. a class folder without images
+        first = str(error).splitlines()[0].split(". ")[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"image folder '{folder / 'train'}' is not usable ({first}); give every class folder at "
+                          "least one image.") from None
     val = make_dataset(str(folder / "val"), train.class_to_idx, IMG_EXTENSIONS, allow_empty=True)
+    if not val:
+        raise ConfigError(f"image folder '{folder / 'val'}' holds no images of train/'s classes; it is the test "
+                          "split, so put the held-out images there, one folder per class.")
 
     def image_set(samples: list[tuple[str, int]]) -> ImageSet:
         labels = torch.tensor([label for _, label in samples], dtype=torch.long)
@@ -322,8 +383,18 @@ def download_dir() -> Path:
 
 
 def candidate_folders(dataset: str, root: str = "") -> list[Path]:
-    """Where we look, in order: root (--data-root), $HAMJEPA_DATA, Debian's package folder, download_dir()."""
-    folders = [Path(p).expanduser() for p in (root, os.environ.get("HAMJEPA_DATA", "")) if p]
+    """Where we look, in order: root (--data-root), $HAMJEPA_DATA, Debian's package folder, download_dir().
+
+    A root, when given, is the only place: a typo in it must not quietly train on a copy found elsewhere.
+    """
+    if root:
+        folder = Path(root).expanduser()
+        if not folder.is_dir():
+            what = "is not a folder" if folder.exists() else "does not exist"
+            raise DatasetNotFoundError(f"config field 'data.root' (--data-root) = '{root}' is invalid: it {what}; "
+                                       f"pass the folder that holds the {dataset} dataset.")
+        return [folder]
+    folders = [Path(p).expanduser() for p in (os.environ.get("HAMJEPA_DATA", ""),) if p]
     if dataset in DEBIAN_DIRS:
         folders.append(DEBIAN_DIRS[dataset])
     folders.append(download_dir())
@@ -458,7 +529,30 @@ def load_splits(cfg: DataConfig, channels: int, root: str | None = None) -> Spli
         generator = torch.Generator().manual_seed(cfg.seed)
         sample = torch.randperm(len(train), generator=generator)[:STATS_SAMPLE]
         mean, std = channel_stats(train.load(sample))
-    return Splits(cfg.dataset, train, val, test, num_classes, mean, std, cfg.image_size)
+    return Splits(cfg.dataset, train, val, test, num_classes, mean, std, cfg.image_size,
+                  digest=split_digest(cfg.dataset, train_idx, val_idx))
+
+
+def split_digest(name: str, train_idx, val_idx) -> str:
+    """A split's identity: which images of which dataset train and validate (not the pixels: cheap, exact)."""
+    digest = hashlib.sha256(name.encode())
+    for indices in (train_idx, val_idx):
+        digest.update(b"|")
+        digest.update(np.asarray(indices, dtype=np.int64).tobytes())
+    return digest.hexdigest()
+
+
+def check_image_files(splits: Splits) -> None:
+    """Open every image file's header (cheap: no decoding) so an unreadable file fails before the run, not in it."""
+    from PIL import Image
+
+    for images in (splits.train, splits.val, splits.test):
+        for path in images.paths or ():
+            try:
+                with Image.open(path):
+                    pass
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+                raise _undecodable(path, error) from None
 
 
 # -- torch datasets -----------------------------------------------------------------------------------

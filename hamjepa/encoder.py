@@ -1,11 +1,11 @@
-"""ResNet-18 token encoder with the phase-space split (METHOD.md 1).
+"""ResNet-18 token encoder with the phase-space split (docs/method.md §1).
 
 Headless: the embedding is the token grid itself. A stage's feature map (layer3 by default) is optionally
 average-pooled to token_hw x token_hw, mapped by a bias-free 1x1 conv to token_dim channels and batch-
 normalised. In every token, channels [0, token_dim/2) are the position q and the rest the momentum p;
 q and p are each flattened in (row, column, channel) order and z = [q | p].
 
-Initialisation (METHOD.md 1) follows torchvision's ResNet-18: every convolution of the residual stages
+Initialisation (docs/method.md §1) follows torchvision's ResNet-18: every convolution of the residual stages
 (shortcuts included) Kaiming-normal with mode fan_out for ReLU, every BatchNorm weight 1 and bias 0, no
 zero-init of a block's last BN. The CIFAR stem and the token read-out conv are fresh layers with PyTorch's
 default init; the 224 px stem keeps torchvision's. The rule is per layer, so it holds at every width.

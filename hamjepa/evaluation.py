@@ -1,13 +1,15 @@
-"""Frozen-encoder evaluation (METHOD.md 7): features, kNN, linear probe, spectra.
+"""Frozen-encoder evaluation (docs/method.md §7): features, kNN, linear probe, spectra.
 
-Every accuracy here is a fraction in [0, 1]; readouts.py reports percent (DESIGN.md's metric names).
+Every accuracy here is a fraction in [0, 1]; readouts.py reports percent (metric names: docs/design.md "MLflow layout").
 Readouts of z = [q | p] (B, 2d): q = z[:, :d], p = z[:, d:], qp = z; SIGReg's full vector is its qp.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +18,6 @@ from torch import nn
 from .config import EvalConfig
 from .data import ImageSet
 
-READOUTS = ("q", "p", "qp")
 KNN_CHUNK_BYTES = 256 * 2 ** 20  # bound on one chunk's float32 (test rows x N_train) similarity matrix
 
 
@@ -133,6 +134,34 @@ def knn_top1(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
 
 # -- linear probe ---------------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class TrainedProbe:
+    """A trained probe, LayerNorm(D) then Linear(D, classes), with the training features (N, D) it was fit on."""
+
+    norm: nn.LayerNorm
+    linear: nn.Linear
+    features: torch.Tensor
+
+
+_probe_recorders: list[list[TrainedProbe]] = []  # one list per open recording_probes() block
+
+
+@contextlib.contextmanager
+def recording_probes() -> Iterator[list[TrainedProbe]]:
+    """Collect every probe linear_probe trains inside the block, in call order.
+
+    Why: the theory check (theory.py) measures the geometry of the very probes the final evaluation trains
+    (readouts.final_metrics, one per readout), which report only accuracies; training them again would double
+    the evaluation's cost.
+    """
+    recorded: list[TrainedProbe] = []
+    _probe_recorders.append(recorded)
+    try:
+        yield recorded
+    finally:
+        _probe_recorders.pop()  # blocks nest, so the innermost one closes first
+
+
 def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor,
                  eval_sets: Mapping[str, tuple[torch.Tensor, torch.Tensor]], num_classes: int, cfg: EvalConfig,
                  seed: int = 0, device: torch.device | str = "cpu") -> dict[str, tuple[float, float]]:
@@ -141,7 +170,8 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor,
     AdamW (cfg.probe_lr, cfg.probe_weight_decay), batches of cfg.probe_batch_size (the last one partial),
     cfg.probe_epochs epochs, learning rate lr * (1 + cos(pi * step / steps)) / 2 per step. The linear layer
     starts at zero and the batch order comes from a torch.Generator seeded with `seed`, so a result is
-    reproducible and leaves torch's global RNG alone. Top-5 is top-min(5, classes).
+    reproducible and leaves torch's global RNG alone. Top-5 is top-min(5, classes). Inside a
+    recording_probes() block the trained probe is also recorded.
     """
     generator = torch.Generator().manual_seed(seed)
     dim = train_x.shape[1]
@@ -163,6 +193,9 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor,
             optimizer.step()
             scheduler.step()
     probe.eval()
+    trained = TrainedProbe(probe[0], probe[1], train_x)
+    for recorder in _probe_recorders:
+        recorder.append(trained)
     results = {}
     with torch.no_grad():
         for name, (features, labels) in eval_sets.items():

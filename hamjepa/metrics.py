@@ -1,14 +1,17 @@
 """One vocabulary: the names of everything a run reports, and the statuses a run ends in.
 
 Every metric name is built here, from the config where it depends on it (`eval.knn_k`), so a name is
-never spelled as a literal in two modules. DESIGN.md's MLflow layout, with k = `eval.knn_k`:
+never spelled as a literal in two modules. docs/design.md "MLflow layout", with k = `eval.knn_k`:
 - per epoch (step = epoch; epoch 0 = the encoder at initialisation, before the first step):
   `epoch`, `train/<loss term or statistic>` (training-mode averages), `state/<diagnostic>` (eval mode,
   end of epoch: a different measurement, so a different name), and the objective `val_knn{k}_top1` (%);
 - once, after the last epoch: `{split}_{kind}[_{readout}]` for split val/test, kind knn{k}_top1 /
   linprobe_top1 / linprobe_top5, readout q/p/qp (unsuffixed = the method's default readout), spectra;
 - once, at initialisation: the same final readouts under `init/` (`init/test_knn20_top1`, ...), so every
-  run can be compared with its own starting point.
+  run can be compared with its own starting point;
+- once, after the last epoch, the theory check (theory.py, docs/method.md §9): `rho_probe_<readout>`,
+  `entropy_gap_<readout>`, `entropy_gap_iso_<readout>` per readout, and for a run with a predictor the flow's
+  `flow_reversibility_error`, `flow_symplecticity_defect` (and `flow_energy_drift` for HamJEPA).
 """
 
 from __future__ import annotations
@@ -28,11 +31,22 @@ TRAIN = "train/"  # training-mode averages over an epoch of what the objective s
 STATE = "state/"  # end-of-epoch diagnostics of the states in eval mode (one batch, fixed coordinates)
 INIT = "init/"  # final readouts of the encoder at initialisation
 WHERE = ("nodes", "device")  # strings: the run's Ray nodes and device (MLflow tags hamjepa.nodes, .device)
+# Strings reported at epoch 0: which data the run saw (MLflow tags hamjepa.data_*, and a dataset input).
+DATA_DIGEST = "data_digest"  # SHA-256 of the dataset name and the train/val split indices
+DATA_SIZES = "data_sizes"  # "train N, val N, test N"
+DATA = (DATA_DIGEST, DATA_SIZES)
 
 # Which readouts a method is judged on; the first is its default (the unsuffixed metric).
 # HamJEPA and MLP-HJEPA: q (HamJEPA-q), p, qp. SIGReg: its full vector, and its halves for comparison.
 READOUTS = {"hamjepa": ("q", "p", "qp"), "mlp": ("q", "p", "qp"), "sigreg": ("qp", "q", "p")}
 SPECTRA = ("effective_rank", "participation_ratio")
+# The theory check per readout (suffix _<readout>): the price of isotropy of the probe's geometry H, the entropy
+# gap of the representation's covariance to the optimal (c/D) H^-1, and the gap of an isotropic covariance.
+THEORY = ("rho_probe", "entropy_gap", "entropy_gap_iso")
+FLOW_REVERSIBILITY = "flow_reversibility_error"  # mean |Phi_-dt(Phi_dt(z)) - z| / |z|
+FLOW_ENERGY_DRIFT = "flow_energy_drift"  # mean |H(Phi(z)) - H(z)| / |H(z)|, HamJEPA only
+FLOW_SYMPLECTICITY = "flow_symplecticity_defect"  # mean ||J^T Omega J - Omega||_F / ||Omega||_F
+FLOW = (FLOW_REVERSIBILITY, FLOW_ENERGY_DRIFT, FLOW_SYMPLECTICITY)
 
 
 def default_readout(method: str) -> str:
@@ -51,6 +65,13 @@ def objective(k: int) -> str:
 def accuracy(split: str, kind: str, readout: str = "") -> str:
     """`test_linprobe_top1_q` and the like; no readout = the method's default readout."""
     return f"{split}_{kind}_{readout}" if readout else f"{split}_{kind}"
+
+
+def theory(kind: str, readout: str) -> str:
+    """`rho_probe_q`, `entropy_gap_qp`, ...: kind one of THEORY."""
+    if kind not in THEORY:
+        raise ValueError(f"theory metric kind {kind!r} is unknown: must be one of {', '.join(THEORY)}.")
+    return f"{kind}_{readout}"
 
 
 def init(name: str) -> str:
@@ -77,7 +98,8 @@ def comparison_metrics(k: int) -> list[tuple[str, str]]:
 
 def is_ours(name: str) -> bool:
     """Whether a key of a Tune result is one of our metrics (Tune adds bookkeeping keys MLflow needs not)."""
-    prefixes = (EPOCH, TRAIN, STATE, INIT, "val_", "test_", DIVERGED, FAILED, RESUMED_FROM, *SPECTRA, *WHERE)
+    prefixes = (EPOCH, TRAIN, STATE, INIT, "val_", "test_", DIVERGED, FAILED, RESUMED_FROM, *SPECTRA, *WHERE,
+                *THEORY, *FLOW, *DATA)
     return name.startswith(prefixes) or name.endswith("_reason")
 
 

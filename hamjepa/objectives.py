@@ -1,15 +1,15 @@
-"""Objectives as pure functions returning (loss, stats) (METHOD.md 3-4).
+"""Objectives as pure functions returning (loss, stats) (docs/method.md §3-4).
 
 Every batch statistic is computed over the *global* batch: each function reduces sufficient statistics
 (sums, centred second moments, cos/sin sums, counts) with `all_reduce_sum`, so under data parallelism a
 loss on W workers x B/W samples equals the loss on B samples in one process (see distributed.py).
 
 Stats are detached scalar tensors (no host sync here; the caller decides when to read them).
-Which samples a statistic sees (METHOD.md 3): the energy budget, the variance floor, the spectral floor
+Which samples a statistic sees (docs/method.md §3): the energy budget, the variance floor, the spectral floor
 and the mean penalty are each computed once per step over both views pooled (2N states: view a's and
 view b's stacked), never per view and then averaged; with k = 128 projected dimensions, per-view estimates
 from N samples bias log det and PR downwards and make the floors bind several times harder.
-Conventions decided where METHOD.md is silent:
+Conventions decided where the method is silent (docs/method.md §10):
 - the variance and spectral floors of q and p are summed ("for q and p separately");
 - the LeJEPA prediction loss averages over views, samples and dimensions (an MSE, as HamJEPA's), so
   the SIGReg weight lambda balances the same kind of quantity in both methods.

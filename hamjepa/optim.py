@@ -1,4 +1,4 @@
-"""AdamW with a per-iteration linear warm-up then cosine decay (METHOD.md 5)."""
+"""AdamW with a per-iteration linear warm-up then cosine decay (docs/method.md §5)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The paper's reported results (METHOD.md 8): test kNN@20 / linear-probe top-1 (%), to print beside ours."""
+"""The paper's reported results (docs/method.md §8): test kNN@20 / linear-probe top-1 (%), to print beside ours."""
 
 from __future__ import annotations
 

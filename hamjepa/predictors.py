@@ -1,6 +1,6 @@
 """Predictors that map one view's phase-space state to the other's.
 
-- `HamiltonianPredictor`: the learned separable Hamiltonian flow of METHOD.md 2 (symplectic, reversible).
+- `HamiltonianPredictor`: the learned separable Hamiltonian flow of docs/method.md §2 (symplectic, reversible).
 - `ResidualMLPPredictor`: the MLP-HJEPA ablation, a generic residual MLP rollout with a matched
   parameter count (non-symplectic).
 
@@ -152,8 +152,9 @@ def matched_mlp_hidden_dim(q_dim: int, hidden_dim: int, depth: int) -> int:
 def build_predictor(cfg: PredictorConfig, q_dim: int, method: str) -> nn.Module | None:
     """The predictor a method trains: Hamiltonian for HamJEPA, matched MLP for the ablation, none for SIGReg."""
     if method == "hamjepa":
-        return HamiltonianPredictor(q_dim, cfg.hidden_dim, cfg.depth, cfg.residual_scale, cfg.base_coeff,
-                                    cfg.steps, cfg.dt, cfg.gradient)
+        return HamiltonianPredictor(q_dim, hidden_dim=cfg.hidden_dim, depth=cfg.depth,
+                                    residual_scale=cfg.residual_scale, base_coeff=cfg.base_coeff, steps=cfg.steps,
+                                    dt=cfg.dt, gradient=cfg.gradient)
     if method == "mlp":
         return ResidualMLPPredictor(2 * q_dim, matched_mlp_hidden_dim(q_dim, cfg.hidden_dim, cfg.depth), cfg.steps)
     return None

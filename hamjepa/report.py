@@ -7,6 +7,10 @@ validation is shown on its own line and never enters a compared group (its valid
 maximum over trials, which biases it upwards). For every metric: each side's mean +/- std over seeds, the
 mean paired difference with a 95% t-interval, each side's gain over its own initialisation (epoch 0) with
 its interval, and a verdict in words (statistics.verdict).
+
+The theory check (docs/method.md §9, theory.py) pairs the same runs on the price of isotropy rho and the entropy
+gap of each run's representation to its probe's optimal covariance, says in one sentence whether the paper's
+prediction held, and `theory_plots` draws every run's linear-probe-minus-kNN difference against its rho.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import io
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
@@ -28,6 +33,15 @@ from .tracking import METHOD_TAG, PARENT_TAG, PHASE_TAG, REASON_TAG, STATUS_TAG
 COMPARE = "compare"  # the phase of the paired runs
 # Method -> the label of the group its paired runs fill.
 ARMS = {"hamjepa": "HamJEPA", "sigreg": "SIGReg", "mlp": "MLP-HJEPA"}
+# The theory check compares readouts both methods have; the first, the full vector z (the same size for both,
+# and SIGReg's own readout), carries the sentence.
+THEORY_READOUTS = ("qp", "q")
+THEORY_LABELS = {"rho_probe": "rho (price of isotropy)", "entropy_gap": "entropy gap to (c/D) H^-1 (nats)",
+                 "entropy_gap_iso": "entropy gap of isotropy (nats)"}
+# The prediction concerns anisotropic tasks: rho >= 2 means an isotropic covariance pays at least twice the
+# optimal worst-case downstream variance.
+RHO_LARGE = 2.0
+THEORY_PLOT = "theory_knn_probe_vs_rho.png"
 
 
 @dataclass
@@ -85,6 +99,19 @@ class Row:
 
 
 @dataclass
+class TheoryRow:
+    """One theory quantity of one readout, paired by seed."""
+
+    label: str
+    readout: str
+    metric: str
+    seeds: list[int]  # the seeds where both sides have the metric
+    hamjepa: Estimate
+    sigreg: Estimate
+    delta: Estimate  # HamJEPA - SIGReg, paired by seed
+
+
+@dataclass
 class StudySummary:
     base: Config
     selected: RunRecord | None
@@ -94,6 +121,7 @@ class StudySummary:
     not_compared: list[RunRecord] = field(default_factory=list)  # paired runs that did not complete
     rows: list[Row] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # e.g. which of Optuna's views were not drawn, and why
+    theory: list[TheoryRow] = field(default_factory=list)
 
     @property
     def objective(self) -> str:
@@ -109,6 +137,8 @@ class StudySummary:
             out.update(_estimate_metrics(f"delta_{row.metric}", row.delta))
             for side, gain in row.gains.items():
                 out.update(_estimate_metrics(f"gain_{side.lower()}_{row.metric}", gain))
+        for theory_row in self.theory:
+            out.update(_estimate_metrics(f"delta_{theory_row.metric}", theory_row.delta))
         if self.selected:
             out[f"selected/{self.objective}"] = self.selected.metrics[self.objective]
         return {k: v for k, v in out.items() if math.isfinite(v)}
@@ -128,16 +158,58 @@ def summarize(records: Sequence[RunRecord], search_keys: Sequence[str], base: Co
     summary = StudySummary(base, select_trial(records, objective), arms, list(search_keys), counts, not_compared)
     hamjepa, sigreg, mlp = arms["HamJEPA"], arms["SIGReg"], arms["MLP-HJEPA"]
     for label, metric in names.comparison_metrics(base.eval.knn_k):
-        seeds = sorted(s for s in hamjepa.keys() & sigreg.keys()
-                       if metric in hamjepa[s].metrics and metric in sigreg[s].metrics)
-        h = [hamjepa[s].metrics[metric] for s in seeds]
-        g = [sigreg[s].metrics[metric] for s in seeds]
+        seeds, h, g = _paired(hamjepa, sigreg, metric)
         delta = estimate(paired_differences(h, g))
         gains = {side: _gain(runs, seeds, metric) for side, runs in (("HamJEPA", hamjepa), ("SIGReg", sigreg))}
         ablation = estimate([r.metrics[metric] for r in mlp.values() if metric in r.metrics]) if mlp else None
         summary.rows.append(Row(label, metric, seeds, estimate(h), estimate(g), delta, gains,
                                 verdict(delta, gains), ablation))
+    summary.theory = theory_rows(hamjepa, sigreg)
     return summary
+
+
+def _paired(first: dict[int, RunRecord], second: dict[int, RunRecord],
+            metric: str) -> tuple[list[int], list[float], list[float]]:
+    """(seeds, first's values, second's values) over the seeds where both runs have `metric`, in seed order."""
+    seeds = sorted(s for s in first.keys() & second.keys()
+                   if metric in first[s].metrics and metric in second[s].metrics)
+    return seeds, [first[s].metrics[metric] for s in seeds], [second[s].metrics[metric] for s in seeds]
+
+
+def theory_rows(hamjepa: dict[int, RunRecord], sigreg: dict[int, RunRecord]) -> list[TheoryRow]:
+    """rho, the entropy gap and the isotropic gap of every THEORY_READOUTS readout, paired by seed."""
+    rows = []
+    for readout in THEORY_READOUTS:
+        for kind in names.THEORY:
+            metric = names.theory(kind, readout)
+            seeds, h, g = _paired(hamjepa, sigreg, metric)
+            rows.append(TheoryRow(THEORY_LABELS[kind], readout, metric, seeds, estimate(h), estimate(g),
+                                  estimate(paired_differences(h, g))))
+    return rows
+
+
+def theory_sentence(rows: Sequence[TheoryRow]) -> str:
+    """Whether the paper's prediction held: HamJEPA's covariance closer to H^-1 (a smaller entropy gap) than
+    SIGReg's, where rho is large; on the first THEORY_READOUTS readout, from the paired interval."""
+    readout = THEORY_READOUTS[0]
+    by_metric = {row.metric: row for row in rows}
+    gap, rho = by_metric[names.theory("entropy_gap", readout)], by_metric[names.theory("rho_probe", readout)]
+    prediction = ("the paper's prediction (HamJEPA's covariance closer to H^-1, i.e. a smaller entropy gap than "
+                  "SIGReg's, where rho is large)")
+    head = f"Theory check ({readout} readout): "
+    if gap.delta.n == 0:
+        return head + f"no paired runs carry the theory metrics, so {prediction} is not tested."
+    if not gap.delta.has_interval:
+        return head + f"{prediction} is not resolved: n = {gap.delta.n}, no interval."
+    where = f"rho {rho.hamjepa.mean:.1f} (HamJEPA) and {rho.sigreg.mean:.1f} (SIGReg)"
+    if min(rho.hamjepa.mean, rho.sigreg.mean) < RHO_LARGE:
+        return head + f"{prediction} is not tested: with {where}, isotropy costs little here."
+    difference = f"HamJEPA - SIGReg entropy gap {gap.delta.text(signed=True)} nats at {where}"
+    if gap.delta.below_zero:
+        return head + f"{prediction} held: {difference}."
+    if gap.delta.above_zero:
+        return head + f"{prediction} did not hold: SIGReg's covariance is the closer one ({difference})."
+    return head + f"{prediction} is not resolved at n = {gap.delta.n}: {difference}."
 
 
 def _gain(runs: dict[int, RunRecord], seeds: Sequence[int], metric: str) -> Estimate:
@@ -183,7 +255,7 @@ def to_markdown(summary: StudySummary) -> str:
         if with_ablation:
             cells.append(_spread(row.ablation) if row.ablation else "-")
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", _overall(summary, k), "", protocol_line(summary.base)]
+    lines += ["", _overall(summary, k), "", *theory_markdown(summary.theory), protocol_line(summary.base)]
     if summary.not_compared:
         lines.append("Not compared (did not finish): " + ", ".join(
             f"{r.name} ({r.status}{': ' + r.reason if r.reason else ''})" for r in summary.not_compared) + ".")
@@ -201,6 +273,24 @@ def to_markdown(summary: StudySummary) -> str:
         lines.append("No HamJEPA trial completed all epochs, so no configuration was selected.")
     lines += summary.notes
     return "\n".join(lines) + "\n"
+
+
+def theory_markdown(rows: Sequence[TheoryRow]) -> list[str]:
+    """The theory check's lines: what is measured, the paired table (when any run has the metrics), the sentence."""
+    lines = []
+    if any(row.delta.n or row.hamjepa.n or row.sigreg.n for row in rows):
+        lines += [
+            "Theory check (docs/method.md §9), on the same paired seeds: H = the trained linear probe's Gauss-Newton "
+            "curvature (ridged), Sigma = the covariance of the probe's input, both on the training split. rho in "
+            "[1, D] is what an isotropic covariance pays; the entropy gap is 0 when Sigma is proportional to H^-1.",
+            "",
+            "| quantity | readout | HamJEPA | SIGReg | HamJEPA - SIGReg |",
+            "|---|---|---|---|---|",
+            *(f"| {row.label} | {row.readout} | {_spread(row.hamjepa)} | {_spread(row.sigreg)} | "
+              f"{row.delta.text(signed=True)} |" for row in rows),
+            "",
+        ]
+    return [*lines, theory_sentence(rows), ""]
 
 
 def _overall(summary: StudySummary, k: int) -> str:
@@ -232,3 +322,56 @@ def to_csv(summary: StudySummary) -> str:
 
 def _fmt(value: float) -> str:
     return f"{value:.4f}" if math.isfinite(value) else ""
+
+
+# -- theory plot ------------------------------------------------------------------------------------------
+
+def knn_probe_points(records: Sequence[RunRecord], base: Config) -> list[tuple[str, str, float, float]]:
+    """(method, readout, rho, test linear probe minus test kNN top-1 in points) for every complete run's readouts
+    that carry rho: a linear probe can weight directions, a cosine kNN cannot, so the theory expects the
+    difference to grow with the price of isotropy."""
+    points = []
+    for record in records:
+        if not record.complete:
+            continue
+        k = int(record.params.get("eval.knn_k", base.eval.knn_k))
+        for readout in names.READOUTS.get(record.method, ()):
+            wanted = (names.theory("rho_probe", readout), names.accuracy("test", "linprobe_top1", readout),
+                      names.accuracy("test", names.knn(k), readout))
+            if all(key in record.metrics and math.isfinite(record.metrics[key]) for key in wanted):
+                rho, probe, knn = (record.metrics[key] for key in wanted)
+                points.append((record.method, readout, rho, probe - knn))
+    return points
+
+
+def theory_plots(records: Sequence[RunRecord], base: Config, folder: str | Path) -> list[str]:
+    """Draw every complete run's linear-probe-minus-kNN difference against rho into `folder`; the paths written
+    (THEORY_PLOT), none when no run carries rho. For the study to log as artifacts."""
+    points = knn_probe_points(records, base)
+    if not points:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    markers = {"q": "o", "p": "s", "qp": "^"}
+    colours = {"hamjepa": "tab:blue", "sigreg": "tab:orange", "mlp": "tab:green"}
+    fig, axis = plt.subplots(figsize=(6, 4))
+    for method in sorted({p[0] for p in points}):
+        for readout in markers:
+            chosen = [(rho, gap) for m, r, rho, gap in points if m == method and r == readout]
+            if chosen:
+                axis.scatter(*zip(*chosen, strict=True), marker=markers[readout], color=colours.get(method, "tab:gray"),
+                             label=f"{ARMS.get(method, method)} {readout}", alpha=0.8)
+    axis.set_xscale("log")
+    axis.axhline(0.0, color="black", linewidth=0.8)
+    axis.set_xlabel("rho = D lambda_max(H) / tr H (price of isotropy of the probe's geometry)")
+    axis.set_ylabel(f"test linear probe - kNN@{base.eval.knn_k} top-1 (points)")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(folder) / THEORY_PLOT
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [str(path)]

@@ -3,7 +3,7 @@
 One Tune experiment (phase `reproduce`) over method x seed, logged like a study (parent run, one child run
 per training, resumable with --resume), ending in the paper's table: rows are settings, columns SIGReg and
 the HamJEPA readouts q, p, qp, cells "test kNN@20 / linear probe top-1" as mean +/- std over seeds, with
-the paper's own row (METHOD.md 8) under each of ours.
+the paper's own row (docs/method.md §8) under each of ours.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from .config import Config
 from .paper import COLUMN_TITLES, COLUMNS, DATASET_TITLES, PaperRow, reference_row
 from .report import RunRecord
 from .statistics import Estimate, estimate
-from .study import Invocation, StudyResult, StudySettings, grid_size
+from .study import ARM, Invocation, StudyResult, StudySettings
 
 PHASE = "reproduce"
 METHODS = ("sigreg", "hamjepa", "mlp")
@@ -173,14 +173,15 @@ def comparison_plot(table: ReproductionTable, path: Path) -> Path:
 
 def run_reproduction(settings: StudySettings) -> StudyResult:
     """Train every method on seeds 0..settings.seeds-1, log them as one study, return the paper table."""
-    from ray import tune
-
-    study = Invocation(settings, {"study.seeds": settings.seeds, "study.methods": ",".join(METHODS)})
-    param_space = {"method": tune.grid_search(list(METHODS)), "seed": tune.grid_search(list(range(settings.seeds)))}
-    study.run_phase(PHASE, param_space, grid_size(param_space))
-    table = build_table(study.records(), settings.base, settings.seeds)
-    text = to_markdown(table, settings.seeds)
-    if not study.interrupted:
-        with tempfile.TemporaryDirectory() as folder:
-            study.parent.log_artifact(comparison_plot(table, Path(folder) / "paper_comparison.png"))
-    return study.finish(table, text, {"paper_table.md": text, "paper_table.csv": to_csv(table)})
+    with Invocation(settings, {"study.seeds": settings.seeds, "study.methods": ",".join(METHODS)}) as study:
+        try:
+            study.run_cells(PHASE, [{ARM: {"method": method}, "seed": seed}
+                                    for seed in range(settings.seeds) for method in METHODS])
+        except KeyboardInterrupt:
+            study.interrupted = True
+        table = build_table(study.records(), settings.base, settings.seeds)
+        text = to_markdown(table, settings.seeds)
+        if not study.interrupted:
+            with tempfile.TemporaryDirectory() as folder:
+                study.parent.log_artifact(comparison_plot(table, Path(folder) / "paper_comparison.png"))
+        return study.finish(table, text, {"paper_table.md": text, "paper_table.csv": to_csv(table)})

@@ -7,29 +7,48 @@ before any work starts, so a mistake costs one sentence, not a traceback minutes
 from __future__ import annotations
 
 import math
+import secrets
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from . import metrics as names
+from . import provenance, storage
 from .config import Config, ConfigError
+from .encoder_artifact import log_encoder
 from .metrics import RunStatus
 from .redact import mask_uri
-from .tracking import METHOD_TAG, REASON_TAG, ROLE_TAG, STATUS_TAG, RunLogger, resolve_tracking_uri
-from .training import FailureInjection, Resources, make_trainer
+from .tracking import DATASET_TAG, METHOD_TAG, REASON_TAG, ROLE_TAG, STATUS_TAG, RunLogger, resolve_tracking_uri
+from .training import QUIET_WORKERS, FailureInjection, Resources, make_trainer
 
 DRIVER_RESOURCE = "trial_driver"  # custom resource held by a study's trial drivers (see connect_ray)
 
 
-def mlflow_epoch_callback(logger: RunLogger):
-    """A Ray Train UserCallback (runs in the controller) that logs rank 0's report of every epoch."""
+def progress_line(metrics: Mapping[str, Any], epochs: int) -> str:
+    """One epoch's report as a console line: where the run is, its loss, its objective, its speed."""
+    parts = [f"epoch {int(metrics[names.EPOCH])}/{epochs}"]
+    loss = metrics.get(names.TRAIN + "loss")
+    if loss is not None:
+        parts.append(f"loss {loss:.4f}")
+    parts += [f"{key} {value:.2f}" for key, value in metrics.items() if key.startswith("val_knn") and "_" not in
+              key.removeprefix("val_knn").removesuffix("_top1")]
+    if names.IMAGES_PER_S in metrics:
+        parts.append(f"{metrics[names.IMAGES_PER_S]:.0f} images/s")
+    if metrics.get(names.DIVERGED):
+        parts.append(f"diverged: {metrics.get(names.DIVERGED_REASON, '')}")
+    return "  ".join(parts)
+
+
+def mlflow_epoch_callback(logger: RunLogger, epochs: int):
+    """A Ray Train UserCallback (runs in the controller) that logs rank 0's report of every epoch, and prints
+    a progress line for each newly logged one."""
     from ray.train import UserCallback
 
     class MLflowEpochCallback(UserCallback):
         def after_report(self, run_context, metrics, checkpoint):
-            if metrics and names.EPOCH in metrics[0]:
-                logger.log_epoch(metrics[0])
+            if metrics and names.EPOCH in metrics[0] and logger.log_epoch(metrics[0]):
+                print(progress_line(metrics[0], epochs), flush=True)  # the console's progress, once per epoch
 
     return MLflowEpochCallback()
 
@@ -43,33 +62,96 @@ class RunOutcome:
 
 
 def preflight(cfg: Config) -> None:
-    """Fail fast, before Ray starts: the data must be there and large enough for one batch."""
-    from .data import load_splits
+    """Fail fast, before Ray starts: the data must be there, readable, and large enough for what the run does."""
+    from .data import check_image_files, load_splits
 
     splits = load_splits(cfg.data, channels=cfg.encoder.in_channels)
+    check_image_files(splits)
     if len(splits.train) < cfg.optim.batch_size:
         raise ConfigError(f"config field 'optim.batch_size' = {cfg.optim.batch_size} is invalid: the training "
                          f"split has only {len(splits.train)} images; lower it or raise data.subset.")
+    if len(splits.train) < cfg.eval.knn_k:
+        raise ConfigError(f"config field 'eval.knn_k' = {cfg.eval.knn_k} is invalid: the training split has only "
+                          f"{len(splits.train)} images to take neighbours from.")
+    if cfg.data.val_fraction > 0 and len(splits.val) == 0:
+        raise ConfigError(f"config field 'data.val_fraction' = {cfg.data.val_fraction} is invalid: it holds out no "
+                          f"image of {len(splits.train)}; raise it or data.subset.")
+    if len(splits.test) == 0:
+        raise ConfigError(f"dataset '{cfg.data.dataset}' has an empty test split; the run could not be evaluated.")
 
 
-def connect_ray(address: str | None) -> None:
-    """Join a running cluster (`auto`, `ray://...`, `host:port`) or start a local Ray sized to this machine."""
+def connect_ray(address: str | None, verbose: bool = False, worker_logs: bool = True) -> None:
+    """Join a running cluster (`auto`, `ray://...`, `host:port`) or start a local Ray sized to this machine.
+
+    Unless `verbose`, Ray's own info messages are off and the workers keep Ray Train's per-report and
+    per-checkpoint logging to themselves; `worker_logs` False (a study, whose console is Tune's table) also
+    stops forwarding the workers' output to this console. Errors still reach the user through Tune and MLflow.
+    """
+    import logging
+
     import ray
 
     if ray.is_initialized():
         return
+    if not address:
+        _refuse_a_second_local_ray()
+    quiet = {} if verbose else {"logging_level": logging.WARNING, "log_to_driver": worker_logs,
+                                "runtime_env": {"env_vars": {QUIET_WORKERS: "1"}}}
+    if not verbose:
+        for name in ("ray.tune", "ray.train"):  # this process's share of the same messages
+            logging.getLogger(name).setLevel(logging.WARNING)
     try:
         if address:
-            ray.init(address=address)
+            ray.init(address=address, **quiet)
         else:
             # The dashboard stays on: Ray's State API lives there, and without it stopped trials leak their
-            # placement groups (FIELD-NOTES.md). Trial drivers hold a custom resource, not a CPU, so a
-            # study's trainers get every core (study.DRIVER_RESOURCE).
-            ray.init(resources={DRIVER_RESOURCE: 10_000})
+            # placement groups (docs/design.md "Pitfalls we measured"). Trial drivers hold a custom resource,
+            # not a CPU, so a study's trainers get every core (DRIVER_RESOURCE).
+            ray.init(resources={DRIVER_RESOURCE: 10_000}, **quiet)
     except (ConnectionError, RuntimeError, ValueError) as error:
         where = f"address '{address}'" if address else "a local Ray instance"
         raise ConfigError(f"cannot connect to {where} ({str(error).splitlines()[0]}); check --address, or "
                          "omit it to start a local Ray.") from None
+
+
+def _refuse_a_second_local_ray() -> None:
+    """One local Ray per machine. A second instance started beside another run's makes Ray's own components
+    (Ray Train's placement-group cleaner) find two clusters and fail, and its trials then wait for workers
+    forever; so it is refused before it starts, with the way to share one instead."""
+    try:
+        from ray._private.services import find_gcs_addresses
+
+        running = find_gcs_addresses()
+    except Exception:  # noqa: BLE001 - a private API: without it, start as before
+        return
+    if running:
+        raise ConfigError(f"another Ray instance is already running on this machine (at {', '.join(sorted(running))}: "
+                          "another study or `hamjepa train`?); wait for it to end (`ray stop` if it is a leftover), "
+                          f"or run both on one shared Ray: `ray start --head --resources='{{\"{DRIVER_RESOURCE}\": "
+                          "1000}'`, then pass --address auto to each.")
+
+
+def check_rerun(tracking_uri: str, experiment: str, run_name: str | None, cfg: Config) -> None:
+    """Same name, same config: rerunning a run's name resumes it, so another config under it is refused,
+    naming the keys that differ (before Ray starts; a FINISHED run is never reopened by mistake)."""
+    if not run_name:
+        return
+    from mlflow.tracking import MlflowClient
+
+    from .tracking import find_run
+
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    existing = find_run(client, found.experiment_id, run_name) if found is not None else None
+    if existing is None:
+        return
+    now = {k: str(v) for k, v in cfg.flatten().items()}
+    before = existing.data.params
+    changed = sorted(k for k in now if k in before and before[k] != now[k])
+    if changed:
+        shown = "; ".join(f"{k} was {before[k]}, now {now[k]}" for k in changed[:5])
+        raise ConfigError(f"--name {run_name} is an existing run of experiment '{experiment}' with another config "
+                          f"({shown}); rerunning a name resumes that run, so pick a new --name for this config.")
 
 
 def train_and_log(cfg: Config, resources: Resources, *, experiment: str, run_name: str | None = None,
@@ -79,13 +161,16 @@ def train_and_log(cfg: Config, resources: Resources, *, experiment: str, run_nam
     from ray.train import TrainingFailedError
 
     uri = resolve_tracking_uri(tracking_uri)
-    run_name = run_name or f"{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
-    logger = RunLogger(uri, experiment, key=run_name, tags={ROLE_TAG: "run", METHOD_TAG: cfg.method, **(tags or {})})
+    check_rerun(uri, experiment, run_name, cfg)
+    run_name = run_name or f"{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+    logger = RunLogger(uri, experiment, key=run_name, tags={ROLE_TAG: "run", METHOD_TAG: cfg.method,
+                                                            DATASET_TAG: cfg.data.dataset, **provenance.tags(),
+                                                            **(tags or {})})
     logger.start()
     logger.log_params(cfg.flatten())
     logger.log_text(cfg.to_yaml(), "config.yaml")
     trainer = make_trainer(cfg, resources, name=run_name, storage_path=storage_path, max_failures=max_failures,
-                           callbacks=[mlflow_epoch_callback(logger)], failure=failure)
+                           callbacks=[mlflow_epoch_callback(logger, cfg.optim.epochs)], failure=failure)
     try:
         result = trainer.fit()
         # The last report, over everything MLflow logged (the epoch-0 `init/` readouts are only in epoch 0's report).
@@ -93,6 +178,8 @@ def train_and_log(cfg: Config, resources: Resources, *, experiment: str, run_nam
     except TrainingFailedError as error:
         metrics = {names.FAILED: 1, names.FAILURE_REASON: str(error).strip().splitlines()[-1][:500]}
     status, reason = names.classify(metrics, cfg.optim.epochs)
+    if status == RunStatus.FINISHED:
+        log_encoder(logger, storage.join(storage.resolve(storage_path), run_name), cfg)
     logger.set_tags({STATUS_TAG: status.value, **({REASON_TAG: reason} if reason else {})})
     logger.finish(status.mlflow_status)
     return RunOutcome(status, metrics if status is not RunStatus.FAILED else {}, logger.run_id, reason)

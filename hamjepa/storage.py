@@ -8,8 +8,10 @@ cluster. Paths are strings, not `pathlib.Path`: a Path would mangle `s3://` into
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 
+from .checks import can_write_in, nearest_existing
 from .config import ConfigError
 from .redact import mask_text, mask_uri
 
@@ -34,7 +36,7 @@ def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *parts])
 
 
-def _filesystem(path: str):
+def filesystem(path: str):
     import pyarrow.fs
 
     return pyarrow.fs.FileSystem.from_uri(path) if is_uri(path) else (pyarrow.fs.LocalFileSystem(), path)
@@ -45,7 +47,7 @@ def read_text(path: str) -> str | None:
     import pyarrow.fs
 
     try:
-        fs, inner = _filesystem(path)
+        fs, inner = filesystem(path)
         if fs.get_file_info(inner).type != pyarrow.fs.FileType.File:
             return None
         with fs.open_input_stream(inner) as stream:
@@ -54,13 +56,20 @@ def read_text(path: str) -> str | None:
         raise _unreachable(path, "read", error) from None
 
 
-def write_text(path: str, text: str) -> None:
-    """Write a small file, creating its folder; one sentence if the location cannot be written."""
+def write_text(path: str, text: str, atomic: bool = False) -> None:
+    """Write a small file, creating its folder; one sentence if the location cannot be written.
+
+    `atomic`: readers see the old file or the new one, never a half-written one (written beside, then
+    renamed; an object store's put is atomic already).
+    """
     try:
-        fs, inner = _filesystem(path)
+        fs, inner = filesystem(path)
         fs.create_dir(inner.rsplit("/", 1)[0], recursive=True)
-        with fs.open_output_stream(inner) as stream:
+        staged = f"{inner}.tmp-{os.getpid()}-{secrets.token_hex(3)}" if atomic and not is_uri(path) else inner
+        with fs.open_output_stream(staged) as stream:
             stream.write(text.encode())
+        if staged != inner:
+            fs.move(staged, inner)
     except (OSError, ValueError) as error:
         raise _unreachable(path, "written", error) from None
 
@@ -69,3 +78,28 @@ def _unreachable(path: str, verb: str, error: Exception) -> ConfigError:
     first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return ConfigError(f"--storage-path cannot be {verb} at '{mask_uri(path)}' ({mask_text(first_line)}); pass a "
                        "folder, or a bucket this machine has credentials for.")
+
+
+REMOTE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")  # pyarrow's; reached only by Ray's nodes
+
+
+def check_writable(path: str | None = None) -> None:
+    """Before any work: a local storage folder (or the nearest folder above it) must be a writable folder.
+
+    Nothing is created here. A remote URI is checked only for its scheme: reaching a bucket costs a network call
+    and needs the credentials the cluster's nodes have, so its errors come from Ray, at the first write.
+    """
+    location = resolve(path)
+    if is_uri(location):
+        scheme = location.split("://", 1)[0]
+        if scheme == "file":
+            return check_writable(location[len("file://"):] or "/")
+        if scheme not in REMOTE_SCHEMES:
+            raise ConfigError(f"--storage-path = '{mask_uri(location)}' is invalid: use a folder, file://, or one of "
+                              f"{', '.join(s + '://' for s in REMOTE_SCHEMES)}.")
+        return None
+    existing = nearest_existing(Path(location))
+    if not existing.is_dir() or not can_write_in(existing):
+        raise ConfigError(f"--storage-path = '{location}' is not writable: '{existing}' is not a folder this user can "
+                          "write; pass a writable folder (or set $HAMJEPA_STORAGE_PATH).")
+    return None

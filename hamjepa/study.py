@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import secrets
 import tempfile
 import time
 from collections.abc import Mapping
@@ -33,13 +34,23 @@ from ray.tune import Callback
 from ray.tune.search.optuna import OptunaSearch
 
 from . import metrics as names
-from . import storage
+from . import provenance, storage
 from .config import Config, ConfigError, from_dict
 from .metrics import RunStatus
-from .redact import mask_uri
+from .redact import mask_text, mask_uri
 from .report import COMPARE
 from .run import DRIVER_RESOURCE
-from .tracking import METHOD_TAG, PHASE_TAG, REASON_TAG, ROLE_TAG, STATUS_TAG, TRIAL_TAG, RunLogger, experiment_id
+from .tracking import (
+    DATASET_TAG,
+    METHOD_TAG,
+    PHASE_TAG,
+    REASON_TAG,
+    ROLE_TAG,
+    STATUS_TAG,
+    TRIAL_TAG,
+    RunLogger,
+    experiment_id,
+)
 from .training import Resources, make_trainer
 
 # How a trial's end reaches Optuna, written once. A trial ASHA stopped is PRUNED (Optuna records its last
@@ -90,10 +101,13 @@ class StudySettings:
     experiment: str = ""
     storage_path: str = ""  # "" = $HAMJEPA_STORAGE_PATH or ./ray_results
     seed: int = 0  # Optuna's sampler seed
-    resume: bool = False
+    resume: str = ""  # "" = a new study; "latest" = this study's latest invocation; else a study id
+    verbose: bool = False  # Ray's own console output (workers' logs, Tune's full tables) instead of ours
     searches: bool = True  # False for fixed runs (reproduce_paper): no objective, so no validation split needed
 
     def __post_init__(self) -> None:
+        if isinstance(self.resume, bool):  # the old flag: True meant the latest invocation
+            object.__setattr__(self, "resume", LATEST if self.resume else "")
         if self.num_samples < 1:
             raise ConfigError(f"--num-samples = {self.num_samples} is invalid: must be an integer >= 1.")
         if self.seeds < 0:
@@ -136,12 +150,33 @@ def defaults_point(space: Mapping[str, Any], base: Config) -> dict[str, Any]:
     return {key: flat[key] for key in space}
 
 
-ARM = "arm"  # a compare-phase trial's config: {"arm": {overrides of one arm}, "seed": s}
+# A compare-phase trial's config: {"cell": {"arm": {overrides of one arm}, "seed": s}}. One grid over
+# cells (not arms x seeds), so a resumed study can run exactly the cells that have not ended.
+CELL, ARM = "cell", "arm"
 
 
 def flat_overrides(trial_config: Mapping[str, Any]) -> dict[str, Any]:
-    """A Tune trial's config as dotted config overrides (an arm's overrides lifted to the top)."""
-    return {**trial_config.get(ARM, {}), **{k: v for k, v in trial_config.items() if k != ARM}}
+    """A Tune trial's config as dotted config overrides (a compare cell's arm and seed lifted to the top)."""
+    cell = trial_config.get(CELL, {})
+    rest = {k: v for k, v in trial_config.items() if k != CELL}
+    return {**cell.get(ARM, {}), **({"seed": cell["seed"]} if "seed" in cell else {}), **rest}
+
+
+def cell_key(method: str, seed: int) -> str:
+    return f"{method}-seed{seed}"
+
+
+def run_key(trial_config: Mapping[str, Any], trial_id: str) -> str:
+    """A trial's stable name: a cell's method and seed (the same in every invocation that runs it, so a
+    resumed cell continues its checkpoint and its MLflow run), else Tune's trial id."""
+    cell = trial_config.get(CELL)
+    return cell_key(cell[ARM]["method"], cell["seed"]) if cell else trial_id
+
+
+def first_line(error: BaseException, limit: int = 300) -> str:
+    """An error as one short line for a run's reason tag, credentials masked."""
+    text = str(error).strip()
+    return mask_text(f"{type(error).__name__}: {text.splitlines()[0][:limit]}" if text else type(error).__name__)
 
 
 # -- the trial driver ---------------------------------------------------------------------------------
@@ -158,8 +193,8 @@ def trial_driver(overrides: dict[str, Any], *, base: dict[str, Any], resources: 
     from ray.tune.integration.ray_train import TuneReportCallback
 
     cfg = from_dict(base).override(flat_overrides(overrides))
-    trial_id = tune.get_context().get_trial_id()
-    trainer = make_trainer(cfg, resources, name=f"{study_id}-{trial_id}", storage_path=storage_path,
+    key = run_key(overrides, tune.get_context().get_trial_id())
+    trainer = make_trainer(cfg, resources, name=f"{study_id}-{key}", storage_path=storage_path,
                            max_failures=1, callbacks=[TuneReportCallback()])
     try:
         trainer.fit()
@@ -178,8 +213,9 @@ def _ours(result: Mapping[str, Any]) -> dict[str, Any]:
 class MLflowTrialCallback(Callback):
     """One nested MLflow run per trial (key = study id + trial id), logged idempotently from Tune."""
 
-    def __init__(self, settings: StudySettings, parent_run_id: str, study_id: str, phase: str):
+    def __init__(self, settings: StudySettings, parent_run_id: str, study_id: str, phase: str, train_folder: str):
         self.settings, self.parent_run_id, self.study_id, self.phase = settings, parent_run_id, study_id, phase
+        self.train_folder = train_folder  # where the trials' Ray Train runs keep their checkpoints
         self.loggers: dict[str, RunLogger] = {}
         self.last: dict[str, dict[str, Any]] = {}
 
@@ -189,11 +225,12 @@ class MLflowTrialCallback(Callback):
     def _logger(self, trial) -> RunLogger:
         if trial.trial_id not in self.loggers:
             cfg = self.trial_config(trial)
+            key = run_key(trial.config, trial.trial_id)
+            name = f"{self.phase}-{key}" if CELL in trial.config else f"{self.phase}-{cfg.method}-{key}"
             logger = RunLogger(self.settings.tracking_uri, self.settings.experiment_name,
-                               key=f"{self.study_id}/{trial.trial_id}",
-                               run_name=f"{self.phase}-{cfg.method}-{trial.trial_id}", parent_run_id=self.parent_run_id,
+                               key=f"{self.study_id}/{key}", run_name=name, parent_run_id=self.parent_run_id,
                                tags={ROLE_TAG: "trial", METHOD_TAG: cfg.method, PHASE_TAG: self.phase,
-                                     TRIAL_TAG: trial.trial_id})
+                                     TRIAL_TAG: key, DATASET_TAG: cfg.data.dataset, **provenance.tags()})
             logger.start()
             logger.log_params(cfg.flatten())
             logger.log_text(cfg.to_yaml(), "config.yaml")
@@ -205,6 +242,8 @@ class MLflowTrialCallback(Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         metrics = _ours(result)
+        if metrics.get(names.FAILED):  # the driver's placeholder objective (Tune needs one) is not a result
+            metrics.pop(self.settings.objective, None)
         self.last[trial.trial_id] = metrics
         if names.EPOCH in metrics:
             self._logger(trial).log_epoch(metrics)
@@ -218,6 +257,11 @@ class MLflowTrialCallback(Callback):
 
     def _close(self, trial, status: RunStatus, reason: str) -> None:
         logger = self._logger(trial)
+        if status == RunStatus.FINISHED and CELL in trial.config:  # a compared run: its encoder, for reuse
+            from .encoder_artifact import log_encoder
+
+            key = run_key(trial.config, trial.trial_id)
+            log_encoder(logger, storage.join(self.train_folder, f"{self.study_id}-{key}"), self.trial_config(trial))
         logger.set_tags({STATUS_TAG: status.value, **({REASON_TAG: reason} if reason else {})})
         logger.finish(status.mlflow_status)
 
@@ -303,17 +347,20 @@ def _cluster_concurrency(settings: StudySettings) -> int:
 
 
 def run_phase(settings: StudySettings, phase: str, param_space: dict[str, Any], study_dir: str, study_id: str,
-              parent_run_id: str, num_samples: int = 1, search_alg=None, scheduler=None):
-    """Run (or, when resuming, restore and finish) one Tune experiment; returns its ResultGrid."""
+              parent_run_id: str, num_samples: int = 1, search_alg=None, scheduler=None, tune_name: str = ""):
+    """Run (or, when resuming, restore and finish) one Tune experiment named `tune_name` (default: the
+    phase); returns its ResultGrid."""
     from ray import tune
 
+    train_folder = storage.join(study_dir, "train")
     driver = tune.with_resources(
         tune.with_parameters(trial_driver, base=settings.base.to_dict(), resources=settings.resources,
-                             storage_path=storage.join(study_dir, "train"), study_id=study_id),
+                             storage_path=train_folder, study_id=study_id),
         {DRIVER_RESOURCE: 1},
     )
-    callback = MLflowTrialCallback(settings, parent_run_id, study_id, phase)
-    path = storage.join(study_dir, phase)
+    callback = MLflowTrialCallback(settings, parent_run_id, study_id, phase, train_folder)
+    tune_name = tune_name or phase
+    path = storage.join(study_dir, tune_name)
     if settings.resume and tune.Tuner.can_restore(path):
         tuner = tune.Tuner.restore(path, trainable=driver, param_space=param_space, resume_unfinished=True,
                                    resume_errored=True)
@@ -326,32 +373,136 @@ def run_phase(settings: StudySettings, phase: str, param_space: dict[str, Any], 
                                         mode="max" if search_alg or scheduler else None, num_samples=num_samples,
                                         search_alg=search_alg, scheduler=scheduler,
                                         max_concurrent_trials=_cluster_concurrency(settings)),
-            run_config=tune.RunConfig(name=phase, storage_path=study_dir, callbacks=[callback],
-                                      failure_config=tune.FailureConfig(max_failures=0)),
+            run_config=tune.RunConfig(name=tune_name, storage_path=study_dir, callbacks=[callback],
+                                      failure_config=tune.FailureConfig(max_failures=0),
+                                      **_console(settings, param_space)),
         )
     return tuner.fit()
 
 
-def grid_size(param_space: Mapping[str, Any]) -> int:
-    """How many trials a param space of grid searches expands to."""
-    return math.prod(len(v["grid_search"]) for v in param_space.values() if isinstance(v, dict) and "grid_search" in v)
+# Seconds between two of Tune's progress tables: a 15-minute study prints about 30, not one per result.
+TABLE_EVERY_S = 30
+
+
+def short_names(keys: list[str]) -> dict[str, str]:
+    """Table headers for dotted config keys: the last part (`predictor.dt` -> `dt`) unless two share it."""
+    last = [key.rsplit(".", 1)[-1] for key in keys]
+    return {key: short if last.count(short) == 1 else key for key, short in zip(keys, last)}
+
+
+def _console(settings: StudySettings, param_space: Mapping[str, Any]) -> dict[str, Any]:
+    """Tune's console for a phase: unless --verbose, one table every TABLE_EVERY_S with the trial's epoch, the
+    objective and its parameters under short names (a compare cell's method and seed); Ray's default else."""
+    if settings.verbose:
+        return {}
+    import os
+
+    from ray.tune import CLIReporter
+
+    # Tune's newer console ignores a custom reporter and prints every result; the classic one honours it.
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    if CELL in param_space:
+        parameters = {f"{CELL}/{ARM}/method": "method", f"{CELL}/seed": "seed"}
+    else:
+        parameters = short_names(list(param_space))
+    metrics = {names.EPOCH: "epoch", settings.objective: settings.objective.removesuffix("_top1")}
+    reporter = CLIReporter(metric_columns=metrics, parameter_columns=parameters, max_report_frequency=TABLE_EVERY_S,
+                           max_column_length=12)
+    return {"progress_reporter": reporter, "verbose": 1}
 
 
 # -- one invocation of a study script --------------------------------------------------------------
 
-def _study_identity(settings: StudySettings) -> tuple[str, str]:
-    """A new invocation id, or with --resume the latest invocation of this study under the storage path."""
-    root = storage.join(storage.resolve(settings.storage_path), settings.name)
-    pointer = storage.join(root, "latest.json")
+LATEST = "latest"  # --resume without an id
+POINTER_FILE = "latest.json"  # <storage>/<study name>/latest.json: the newest invocation's id, a convenience
+IDENTITY_FILE = "study.json"  # <storage>/<study name>/<study id>/study.json: what the invocation was started with
+
+
+def describe_phase(name: str, param_space: Mapping[str, Any], runs: int, settings: StudySettings) -> str:
+    """The line a phase starts with: what it trains and how many runs."""
+    base = settings.base
+    scale = (f"{base.optim.epochs} epochs on {base.data.subset or 'all'} {base.data.dataset} images, "
+             f"{settings.resources.workers} worker(s) each")
+    if CELL in param_space:
+        cells = param_space[CELL]["grid_search"]
+        methods = sorted({cell[ARM]["method"] for cell in cells})
+        seeds = sorted({cell["seed"] for cell in cells})
+        return (f"{len(cells)} of {runs} runs to go ({', '.join(methods)} on seeds {', '.join(map(str, seeds))}), "
+                f"{scale}.")
+    searched = ", ".join(short_names(list(param_space)).values())
+    return f"up to {runs} HamJEPA trials proposed by Optuna over {searched}, seed {base.seed}, {scale}."
+
+
+def new_study_id(name: str) -> str:
+    """Unique even for two launches in the same second: a timestamp to sort by, then a random suffix."""
+    return f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+
+
+def _study_root(name: str, storage_path: str) -> str:
+    return storage.join(storage.resolve(storage_path), name)
+
+
+def _stored_identity(name: str, storage_path: str, resume: str) -> dict[str, Any]:
+    """What an earlier invocation stored about itself; one sentence when there is none to resume."""
+    root = _study_root(name, storage_path)
+    study_id = resume
+    if resume == LATEST:
+        pointer = storage.read_text(storage.join(root, POINTER_FILE))
+        if pointer is None:
+            raise ConfigError(f"--resume found no earlier run of study '{name}' under '{mask_uri(root)}'; run it "
+                              "once without --resume, or pass the --storage-path it used.")
+        study_id = json.loads(pointer)["id"]
+    text = storage.read_text(storage.join(root, study_id, IDENTITY_FILE))
+    if text is None:
+        raise ConfigError(f"--resume {study_id} found no such study of '{name}' under '{mask_uri(root)}'; pass an "
+                          f"id printed by an earlier run (its folders are under that path), or --resume alone for "
+                          "the latest.")
+    return json.loads(text)
+
+
+def _refuse_changes(study_id: str, started: Mapping[str, str], now: Mapping[str, str]) -> None:
+    """A resumed study must continue what it started: the same parameters, or a sentence naming the changes."""
+    changed = sorted(k for k in {*started, *now} if started.get(k) != now.get(k))
+    if changed:
+        shown = "; ".join(f"{k} was {started.get(k, '(unset)')}, now {now.get(k, '(unset)')}" for k in changed[:5])
+        more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
+        raise ConfigError(f"--resume {study_id}: this command differs from the one that started the study "
+                          f"({shown}{more}); rerun it with the original settings, or start a new study without "
+                          "--resume.")
+
+
+def check_resumable(name: str, storage_path: str, resume: str, base: Config | None = None) -> None:
+    """Before Ray starts: one sentence if `resume` names nothing to resume, or a study started with another
+    config than `base`."""
+    if not resume:
+        return
+    identity = _stored_identity(name, storage_path, resume)
+    if base is not None:
+        started = {k: v for k, v in identity["params"].items() if not k.startswith("study.")}
+        _refuse_changes(identity["id"], started, _as_params(base.flatten()))
+
+
+def _as_params(values: Mapping[str, Any]) -> dict[str, str]:
+    """Values as MLflow records them (strings), so a stored invocation compares with a new one exactly."""
+    return {k: str(v) for k, v in values.items()}
+
+
+def _study_identity(settings: StudySettings, params: Mapping[str, str]) -> tuple[str, str]:
+    """(study id, folder): a new invocation, or with --resume an earlier one started with the same `params`.
+
+    Each invocation keeps its own identity file, so a new study never overwrites what an earlier one needs
+    to be resumed; `latest.json` only says which is newest, and is replaced atomically.
+    """
+    root = _study_root(settings.name, settings.storage_path)
     if settings.resume:
-        text = storage.read_text(pointer)
-        if text is None:
-            raise ConfigError(f"--resume found no earlier run of study '{settings.name}' under '{mask_uri(root)}'; "
-                              "run it once without --resume, or pass the --storage-path it used.")
-        study_id = json.loads(text)["id"]
-    else:
-        study_id = f"{settings.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        storage.write_text(pointer, json.dumps({"id": study_id}))
+        identity = _stored_identity(settings.name, settings.storage_path, settings.resume)
+        _refuse_changes(identity["id"], identity["params"], params)
+        return identity["id"], storage.join(root, identity["id"])
+    study_id = new_study_id(settings.name)
+    identity = {"id": study_id, "name": settings.name, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "params": dict(params)}
+    storage.write_text(storage.join(root, study_id, IDENTITY_FILE), json.dumps(identity, indent=1))
+    storage.write_text(storage.join(root, POINTER_FILE), json.dumps({"id": study_id}), atomic=True)
     return study_id, storage.join(root, study_id)
 
 
@@ -363,6 +514,7 @@ class StudyResult:
     text: str
     interrupted: bool = False
     optuna_study: Any = None  # the search's Optuna study (in memory), where the invocation searched
+    experiment_id: str = ""
 
 
 class Invocation:
@@ -376,27 +528,70 @@ class Invocation:
 
     def __init__(self, settings: StudySettings, params: Mapping[str, Any]):
         self.settings = settings
-        self.study_id, self.folder = _study_identity(settings)
+        params = _as_params({**params, "study.workers_per_trial": settings.resources.workers,
+                             **settings.base.flatten()})
+        self.study_id, self.folder = _study_identity(settings, params)
         self.parent = RunLogger(settings.tracking_uri, settings.experiment_name, key=f"study/{self.study_id}",
-                                run_name=self.study_id, tags={ROLE_TAG: "study", "hamjepa.study": settings.name})
+                                run_name=self.study_id,
+                                tags={ROLE_TAG: "study", "hamjepa.study": settings.name, **provenance.tags()})
         self.parent_id = self.parent.start()
         self.experiment_id = experiment_id(self.parent.client, settings.experiment_name)
-        self.parent.log_params({**params, "study.workers_per_trial": settings.resources.workers,
-                                **settings.base.flatten()})
+        self.parent.log_params(params)
         self.parent.log_text(settings.base.to_yaml(), "base_config.yaml")
+        self.parent.set_tags({STATUS_TAG: RunStatus.RUNNING.value})
         self.interrupted = False
+        if settings.resume:
+            self._close_open_children("interrupted; continued by a resumed invocation where its trial is")
+
+    def __enter__(self) -> Invocation:
+        return self
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        """Any error closes the study's runs, FAILED with the error's first line: none is left RUNNING."""
+        if error is not None and not isinstance(error, KeyboardInterrupt):
+            reason = first_line(error)
+            self._close_open_children(f"the study stopped: {reason}", status="FAILED")
+            self.parent.set_tags({STATUS_TAG: RunStatus.FAILED.value, REASON_TAG: reason})
+            self.parent.finish("FAILED")
+        return False
+
+    def phase_done(self, name: str, expected: int) -> bool:
+        """Whether `name` already has `expected` ended runs (a resumed study skips it)."""
+        return len(self.ended(name)) >= expected
+
+    def ended(self, phase: str) -> list:
+        """The phase's runs that ended (FINISHED or FAILED in MLflow); KILLED ones were cut short."""
+        return [r for r in self.records() if r.phase == phase and r.run_status in ("FINISHED", "FAILED")]
 
     def run_phase(self, name: str, param_space: dict[str, Any], expected: int, **kwargs) -> None:
         """Run one phase unless the invocation was interrupted; `expected` = how many trials it should end with."""
         if self.interrupted:
             return
+        print(f"\n[{self.study_id}] {name}: {describe_phase(name, param_space, expected, self.settings)}",
+              flush=True)
         try:
             run_phase(self.settings, name, param_space, self.folder, self.study_id, self.parent_id, **kwargs)
         except KeyboardInterrupt:
             self.interrupted = True
             return
         runs = [r for r in self.records() if r.phase == name]
-        self.interrupted = len(runs) < expected or any(r.status == RunStatus.RUNNING for r in runs)
+        self.interrupted = (len(self.ended(name)) < expected
+                            or any(r.run_status == "RUNNING" for r in runs))
+
+    def run_cells(self, phase: str, cells: list[dict[str, Any]]) -> None:
+        """Run a phase of fixed cells ({"arm": overrides, "seed": s}), only those without an ended run.
+
+        A cell's run is named after its method and seed (`run_key`), so a resumed invocation continues a cut
+        cell's checkpoint and MLflow run and never repeats an ended one, whatever Tune had saved.
+        """
+        from ray import tune
+
+        ended = {cell_key(r.method, r.seed) for r in self.ended(phase)}
+        remaining = [cell for cell in cells if run_key({CELL: cell}, "") not in ended]
+        if remaining and not self.interrupted:
+            # A fresh Tune experiment each invocation: Tune's own restore could lose a cell it had not created.
+            name = phase if not self.settings.resume else f"{phase}-resumed-{secrets.token_hex(3)}"
+            self.run_phase(phase, {CELL: tune.grid_search(remaining)}, len(cells), tune_name=name)
 
     def records(self):
         from .report import collect_runs
@@ -409,22 +604,26 @@ class Invocation:
             self.parent.set_tags({STATUS_TAG: "interrupted"})
             self.parent.finish("KILLED")
             text += f"Interrupted: continue with the same command and --resume (study {self.study_id}).\n"
-            return StudyResult(self.study_id, self.parent_id, summary, text, interrupted=True)
+            return StudyResult(self.study_id, self.parent_id, summary, text, interrupted=True,
+                               experiment_id=self.experiment_id)
         self._close_stale_children()
         for name, content in artifacts.items():
             self.parent.log_text(content, name)
         self.parent.set_tags({STATUS_TAG: "finished"})
         self.parent.finish("FINISHED")
-        return StudyResult(self.study_id, self.parent_id, summary, text)
+        return StudyResult(self.study_id, self.parent_id, summary, text, experiment_id=self.experiment_id)
 
     def _close_stale_children(self) -> None:
-        """Runs still RUNNING after every phase ended belong to nothing alive: mark them KILLED."""
+        """Runs still RUNNING after every phase ended belong to nothing alive."""
+        self._close_open_children("interrupted and not resumed")
+
+    def _close_open_children(self, reason: str, status: str = "KILLED") -> None:
         client = self.parent.client
         for record in self.records():
             if record.run_status == "RUNNING":
                 client.set_tag(record.run_id, STATUS_TAG, RunStatus.FAILED.value)
-                client.set_tag(record.run_id, REASON_TAG, "interrupted and not resumed")
-                client.set_terminated(record.run_id, status="KILLED")
+                client.set_tag(record.run_id, REASON_TAG, reason)
+                client.set_terminated(record.run_id, status=status)
 
 
 # -- the search study ---------------------------------------------------------------------------------
@@ -447,18 +646,15 @@ def _scheduler(settings: StudySettings):
     return ASHAScheduler(time_attr=names.EPOCH, max_t=epochs, grace_period=max(1, epochs // 4), reduction_factor=2)
 
 
-def comparison_grid(settings: StudySettings, selected: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    """The compare phase's Tune param space: every arm on every paired seed, or None when nothing compares."""
-    from ray import tune
-
-    if not settings.paired_seeds:
-        return None
+def comparison_cells(settings: StudySettings, selected: Mapping[str, Any] | None) -> list[dict[str, Any]]:
+    """The compare phase's runs: every arm on every paired seed, seed by seed (an interrupted comparison has
+    whole pairs first)."""
     arms = [{"method": "sigreg"}]
     if selected is not None:
         arms.insert(0, {**selected, "method": "hamjepa"})
         if settings.ablation:
             arms.append({**selected, "method": settings.ablation})
-    return {ARM: tune.grid_search(arms), "seed": tune.grid_search(settings.paired_seeds)}
+    return [{ARM: arm, "seed": seed} for seed in settings.paired_seeds for arm in arms]
 
 
 def run_study(settings: StudySettings, space: Mapping[str, Any],
@@ -466,11 +662,8 @@ def run_study(settings: StudySettings, space: Mapping[str, Any],
     """Search, then the paired comparison (selected HamJEPA, SIGReg, optional ablation); log; summarise.
 
     Optuna evaluates the base config's values first, then `initial_points` (each must set every searched
-    key), then its own proposals.
+    key), then its own proposals. A resumed study skips a phase whose runs have all ended.
     """
-    from .report import select_trial, summarize, to_csv, to_markdown
-    from .search_views import search_views
-
     validate_search_space(space, settings.base)
     initial_points = list(initial_points or [])
     for point in initial_points:
@@ -478,22 +671,40 @@ def run_study(settings: StudySettings, space: Mapping[str, Any],
             raise ConfigError(f"initial point {point} is invalid: it must set exactly the searched keys "
                               f"{', '.join(space)}.")
         settings.base.override(point)
-    study = Invocation(settings, {"study.num_samples": settings.num_samples, "study.seeds": settings.seeds,
-                                  "study.paired_seeds": ",".join(map(str, settings.paired_seeds)),
-                                  "study.early_stopping": settings.early_stopping, "study.seed": settings.seed,
-                                  "study.search_keys": ",".join(space)})
-    searcher = _search_algorithm(settings, space, study.study_id, initial_points)
-    try:
+    with Invocation(settings, {"study.num_samples": settings.num_samples, "study.seeds": settings.seeds,
+                               "study.paired_seeds": ",".join(map(str, settings.paired_seeds)),
+                               "study.early_stopping": settings.early_stopping, "study.seed": settings.seed,
+                               "study.search_keys": ",".join(space), "study.ablation": settings.ablation}) as study:
+        searcher = _search_algorithm(settings, space, study.study_id, initial_points)
+        try:
+            _search_then_compare(study, space, searcher)
+        except KeyboardInterrupt:  # outside a phase (e.g. while the next one is planned): the same as inside
+            study.interrupted = True
+        result = _summarise(study, space)
+    result.optuna_study = searcher.study
+    return result
+
+
+def _search_then_compare(study: Invocation, space: Mapping[str, Any], searcher: FullTrialOptunaSearch) -> None:
+    from .report import select_trial
+
+    settings = study.settings
+    if not study.phase_done("search", settings.num_samples):
         study.run_phase("search", dict(space), settings.num_samples, num_samples=settings.num_samples,
                         search_alg=searcher, scheduler=_scheduler(settings))
-        selected = select_trial(study.records(), settings.objective)
-        overrides = {k: typed_param(settings.base, k, selected.params[k]) for k in space} if selected else None
-        grid = comparison_grid(settings, overrides)
-        if grid is not None:
-            study.run_phase(COMPARE, grid, grid_size(grid))
-    except KeyboardInterrupt:  # outside a phase (e.g. while the next one is planned): the same as inside
-        study.interrupted = True
+    if study.interrupted:
+        return
+    selected = select_trial(study.records(), settings.objective)
+    overrides = {k: typed_param(settings.base, k, selected.params[k]) for k in space} if selected else None
+    study.run_cells(COMPARE, comparison_cells(settings, overrides))
 
+
+def _summarise(study: Invocation, space: Mapping[str, Any]) -> StudyResult:
+    """The study's summary (and, once complete, Optuna's views of the search) logged on the parent run."""
+    from .report import summarize, theory_plots, to_csv, to_markdown
+    from .search_views import search_views
+
+    settings = study.settings
     records = study.records()
     summary = summarize(records, list(space), settings.base)
     if not study.interrupted:
@@ -502,14 +713,12 @@ def run_study(settings: StudySettings, space: Mapping[str, Any],
             views = search_views(records, space, settings.base, study.parent.client, settings.objective,
                                  study.study_id, Path(folder))
             study.parent.log_artifact(views.database)
-            for path in views.plots:
+            for path in [*views.plots, *theory_plots(records, settings.base, Path(folder))]:
                 study.parent.log_artifact(path, "plots")
         summary.notes = views.notes
         study.parent.log_metrics(summary.parent_metrics(), step=0)
     text = to_markdown(summary)
-    result = study.finish(summary, text, {"summary.md": text, "summary.csv": to_csv(summary)})
-    result.optuna_study = searcher.study
-    return result
+    return study.finish(summary, text, {"summary.md": text, "summary.csv": to_csv(summary)})
 
 
 def typed_param(base: Config, key: str, text: str) -> Any:

@@ -1,4 +1,4 @@
-"""MLflow: experiments, idempotent runs, params, per-epoch metrics, artifacts (DESIGN.md "MLflow layout").
+"""MLflow: experiments, idempotent runs, params, per-epoch metrics, artifacts (docs/design.md "MLflow layout").
 
 Everything goes through `MlflowClient` with explicit run ids (no fluent "active run" state), so the same
 code logs from the CLI, from a Ray Train controller callback and from a Tune callback. Runs are found
@@ -9,10 +9,9 @@ twice (Ray reports at least once).
 
 from __future__ import annotations
 
+import json
 import math
-import os
 import time
-import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,8 +19,8 @@ from typing import Any
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 
-from .config import ConfigError
-from .redact import mask_text, mask_uri
+# The URI checks need no MLflow import, so the CLI runs them before loading it; re-exported here.
+from .checks import check_tracking_uri, resolve_tracking_uri  # noqa: F401
 
 KEY_TAG = "hamjepa.key"
 ROLE_TAG = "hamjepa.role"
@@ -30,45 +29,28 @@ PHASE_TAG = "hamjepa.phase"
 TRIAL_TAG = "hamjepa.trial_id"
 STATUS_TAG = "hamjepa.status"  # a metrics.RunStatus value
 REASON_TAG = "hamjepa.reason"
+DATASET_TAG = "hamjepa.dataset"  # the dataset input's name (log_dataset)
 PARENT_TAG = "mlflow.parentRunId"
 _BATCH = 100  # MLflow's limit on params per log_batch call
 
 
-def resolve_tracking_uri(uri: str | None = None) -> str:
-    """--tracking-uri, else $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db; sqlite paths made absolute.
-
-    Absolute, because Ray actors run in other working directories and must reach the same file.
-    """
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
-    return uri
-
-
-def check_tracking_uri(uri: str) -> None:
-    """Fail with one sentence, before any work, when the tracking store cannot be written or reached."""
-    if uri.startswith("sqlite:///"):
-        folder = Path(uri[len("sqlite:///"):]).parent
-        if not folder.is_dir() or not os.access(folder, os.W_OK):
-            raise ConfigError(f"tracking URI '{mask_uri(uri)}' is not writable: folder '{folder}' does not exist "
-                             "or is read-only; pass --tracking-uri sqlite:///<writable path>/mlflow.db.")
-    elif uri.startswith(("http://", "https://")):
-        try:
-            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5).close()
-        except OSError as error:
-            raise ConfigError(f"tracking URI '{mask_uri(uri)}' cannot be reached ({mask_text(str(error))}); start "
-                             "the MLflow server or pass --tracking-uri.") from None
-    elif not uri.startswith(("databricks", "postgresql", "mysql", "mssql", "file:")):
-        raise ConfigError(f"tracking URI '{mask_uri(uri)}' is not supported: use sqlite:///path, "
-                         "http(s)://host:port or a database URI.")
+# MLflow 3's UI opens an experiment on the view its kind names (the experiment tag below); without it, it infers
+# the kind and may open the GenAI overview (traces, latency, tokens). Ours are model-training experiments: the
+# value is the UI's own for "Model training" (ExperimentKind.CUSTOM_MODEL_DEVELOPMENT in mlflow/server/js).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 
 
 def experiment_id(client: MlflowClient, name: str) -> str:
+    """The experiment's id, created (or restored) as a model-training experiment; an existing experiment without
+    a kind gets ours, one whose kind a user chose keeps it."""
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
-        return client.create_experiment(name)
+        return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
     if experiment.lifecycle_stage == "deleted":
         client.restore_experiment(experiment.experiment_id)
+    if EXPERIMENT_KIND_TAG not in experiment.tags:
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     return experiment.experiment_id
 
 
@@ -159,8 +141,21 @@ class RunLogger:
         if epoch <= self.last_logged_epoch():
             return False
         self.log_metrics(metrics, step=epoch)
+        if "data_digest" in metrics:  # epoch 0 says which data the run saw (metrics.DATA)
+            self.log_dataset(self.tags.get(DATASET_TAG, "data"), str(metrics["data_digest"]),
+                             {"splits": str(metrics.get("data_sizes", ""))})
         self._last_epoch = epoch
         return True
+
+    def log_dataset(self, name: str, digest: str, profile: Mapping[str, str]) -> None:
+        """The run's training data as an MLflow dataset input (the UI's Dataset column): name, the split's
+        digest, its sizes."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        dataset = Dataset(name=name, digest=digest[:36], source_type="local", source=json.dumps({"dataset": name}),
+                          profile=json.dumps(dict(profile)))
+        self.client.log_inputs(self._ensure_started(), datasets=[
+            DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "training")])])
 
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self._ensure_started(), text, artifact_file)

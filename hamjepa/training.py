@@ -10,16 +10,17 @@ Reported metrics (names from metrics.py): `epoch`, `train/<loss term or diagnost
 also the final metrics of `readouts.final_metrics`. Before the first step a fresh run reports epoch 0: the
 objective and the final metrics (under `init/`) of the encoder at initialisation, so every run can show what
 training gained. A diverged run reports `diverged = 1`, its `diverged_reason`, and finite worst-case
-accuracies, and returns normally.
+accuracies, and returns normally. The last epoch also reports the theory check (`theory.final_metrics`).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,31 +29,50 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
+from . import checkpoints, readouts, storage, theory
 from . import metrics as names
-from . import readouts, storage
 from .config import Config, ConfigError, from_dict
 from .data import load_splits, two_view_dataset
 from .distributed import local_statistics
 from .divergence import divergence_reason, worst_case
 from .encoder import split_state
+from .evaluation import recording_probes
 from .methods import JEPAModel
 from .objectives import spectral_floor
 from .optim import build_optimizer, build_scheduler
 
-CHECKPOINT_FILE = "state.pt"
+# Set in every worker's environment unless --verbose (run.connect_ray): Ray Train then keeps its per-report
+# and per-checkpoint info messages to the worker's own log instead of the user's console.
+QUIET_WORKERS = "HAMJEPA_QUIET_WORKERS"
 
 
 @dataclass(frozen=True)
 class FailureInjection:
-    """Testing aid: raise once, at the start of `epoch`, unless `marker` exists (then create it first)."""
+    """Testing aid: fail once, at batch `batch` of `epoch`, unless `marker` exists (then create it first).
+
+    `kill` False raises an exception; True SIGKILLs the worker process, as a real crash does: no exception,
+    no cleanup, no report.
+    """
 
     epoch: int
     marker: str
+    batch: int = 0
+    kill: bool = False
+    # Seconds to wait before the kill: Ray Train registers a report's checkpoint asynchronously, so a kill just
+    # after a report may find the previous checkpoint the latest (a correct resume, but not the one a test
+    # expects).
+    kill_delay_s: float = 0.0
 
-    def maybe_fail(self, epoch: int) -> None:
-        if epoch == self.epoch and not os.path.exists(self.marker):
-            Path(self.marker).touch()
-            raise RuntimeError(f"injected failure at epoch {epoch}")
+    def maybe_fail(self, epoch: int, batch: int) -> None:
+        if (epoch, batch) != (self.epoch, self.batch) or os.path.exists(self.marker):
+            return
+        Path(self.marker).touch()
+        if self.kill:
+            import signal
+
+            time.sleep(self.kill_delay_s)
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise RuntimeError(f"injected failure at epoch {epoch}, batch {batch}")
 
 
 # -- helpers of the loop ------------------------------------------------------------------------------
@@ -105,17 +125,18 @@ def placement(world: int, device: torch.device) -> dict[str, str]:
             "device": f"{world} x " + "/".join(devices)}
 
 
-def _training_state(model: JEPAModel, optimizer, scheduler, epoch: int, cfg: Config) -> dict[str, Any]:
+def _training_state(model: JEPAModel, optimizer, scheduler, epoch: int, cfg: Config,
+                    history: list[dict[str, Any]]) -> dict[str, Any]:
     state = {
         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "epoch": epoch, "config": cfg.to_dict(), "torch_rng": torch.get_rng_state(),
+        "epoch": epoch, "config": cfg.to_dict(), "torch_rng": torch.get_rng_state(), "history": history,
     }
     if torch.cuda.is_available():
         state["cuda_rng"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def _report(rank: int, metrics: dict[str, Any], state: dict[str, Any]) -> None:
+def _report(rank: int, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
     """Every worker reports (Ray Train requires it); rank 0 attaches the checkpoint of `state`.
 
     Ray's Result carries the metrics of the latest *checkpoint*, so even a diverged run's last report
@@ -123,17 +144,26 @@ def _report(rank: int, metrics: dict[str, Any], state: dict[str, Any]) -> None:
     """
     import ray.train
 
-    if rank != 0:
+    if rank != 0 or state is None:
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as directory:
-        torch.save(state, os.path.join(directory, CHECKPOINT_FILE))
+        checkpoints.write(directory, state)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
-def _read_checkpoint(checkpoint, device) -> dict[str, Any]:
-    with checkpoint.as_directory() as directory:
-        return torch.load(os.path.join(directory, CHECKPOINT_FILE), map_location=device, weights_only=True)
+def _read_checkpoint(checkpoint, device, cfg: Config) -> dict[str, Any]:
+    """The newest usable checkpoint of this run: Ray's latest, else the older one it kept (checkpoints.py)."""
+    import pyarrow.fs
+    import ray.train
+
+    fs, parent = checkpoint.filesystem, os.path.dirname(checkpoint.path.rstrip("/"))
+    listing = [info.base_name for info in fs.get_file_info(pyarrow.fs.FileSelector(parent))
+               if info.type == pyarrow.fs.FileType.Directory]  # Ray keeps files of its own beside them
+    candidates = checkpoints.siblings_newest_first(checkpoint.path, listing)
+    return checkpoints.read_newest_usable(
+        candidates, cfg.to_dict(), device,
+        fetch=lambda path: ray.train.Checkpoint(path=path, filesystem=fs).as_directory())
 
 
 def _restore(state: dict[str, Any], model: JEPAModel, optimizer, scheduler) -> int:
@@ -147,15 +177,66 @@ def _restore(state: dict[str, Any], model: JEPAModel, optimizer, scheduler) -> i
     return int(state["epoch"])
 
 
+def _plain(metrics: dict[str, Any]) -> dict[str, Any]:
+    """A report as built-in types, which a weights-only checkpoint load accepts (numpy scalars it refuses)."""
+    return {k: v if isinstance(v, (str, int)) and not isinstance(v, bool) else float(v) for k, v in metrics.items()}
+
+
 # -- the per-worker loop ------------------------------------------------------------------------------
+
+@dataclass
+class _Worker:
+    """One Ray Train worker's run: its config and place in the group, its data, model and optimiser, and every
+    epoch's report so far (kept in the checkpoint, so a restarted worker can replay them)."""
+
+    cfg: Config
+    rank: int
+    world: int
+    device: torch.device
+    splits: Any
+    loader: DataLoader
+    sampler: DistributedSampler
+    loader_generator: torch.Generator
+    model: JEPAModel
+    optimizer: Any
+    scheduler: Any
+    where: dict[str, str]
+    failure: FailureInjection | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def iters_per_epoch(self) -> int:
+        return len(self.loader)
+
+    def report(self, metrics: dict[str, Any], epoch: int) -> None:
+        """Report an epoch (rank 0 with the checkpoint of the training state after it)."""
+        self.history.append(_plain(metrics))
+        state = (_training_state(self.model, self.optimizer, self.scheduler, epoch, self.cfg, self.history)
+                 if self.rank == 0 else None)
+        _report(self.rank, metrics, state)
+
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train entry point; loop_config = {"cfg": Config.to_dict(), optional "failure": FailureInjection}."""
+    if os.environ.get(QUIET_WORKERS):
+        logging.getLogger("ray.train").setLevel(logging.WARNING)
+    worker = _set_up(from_dict(loop_config["cfg"]), loop_config.get("failure"))
+    last_epoch = _start_or_resume(worker)
+    if last_epoch is None:  # a diverged run stays diverged when it is run again
+        return
+    use_cuda = worker.device.type == "cuda"
+    net = (DistributedDataParallel(worker.model, device_ids=[worker.device] if use_cuda else None)
+           if worker.world > 1 else worker.model)
+    for epoch in range(last_epoch + 1, worker.cfg.optim.epochs + 1):
+        if not _run_epoch(worker, net, epoch, resumed_from=last_epoch):
+            return
+
+
+def _set_up(cfg: Config, failure: FailureInjection | None) -> _Worker:
+    """This worker's data (its shard of each epoch), model, optimiser and schedule."""
     import ray.train
     import ray.train.torch
 
-    cfg: Config = from_dict(loop_config["cfg"])
-    failure: FailureInjection | None = loop_config.get("failure")
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
@@ -166,64 +247,76 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     dataset = two_view_dataset(splits, cfg.augment)
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed,
                                  drop_last=True)
-    local_batch = cfg.optim.batch_size // world
     loader_generator = torch.Generator()
-    loader = DataLoader(dataset, batch_size=local_batch, sampler=sampler, drop_last=True,
+    loader = DataLoader(dataset, batch_size=cfg.optim.batch_size // world, sampler=sampler, drop_last=True,
                         num_workers=cfg.data.num_workers, pin_memory=use_cuda, generator=loader_generator,
                         persistent_workers=False)
-    iters_per_epoch = len(loader)
-
     model = JEPAModel(cfg).to(device)
     if world > 1 and use_cuda:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # encoder BN over the global batch too
     optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, iters_per_epoch, cfg.optim)
-    where = placement(world, device)
-    last_epoch = 0
+    scheduler = build_scheduler(optimizer, len(loader), cfg.optim)
+    return _Worker(cfg, rank, world, device, splits, loader, sampler, loader_generator, model, optimizer, scheduler,
+                   placement(world, device), failure)
+
+
+def _start_or_resume(worker: _Worker) -> int | None:
+    """Restore the newest usable checkpoint and replay its reports, or report epoch 0 (the encoder at
+    initialisation, measured as at the end); returns the last completed epoch, None if the run had diverged."""
+    import ray.train
+
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        state = _read_checkpoint(checkpoint, device)
-        if "diverged" in state:  # a diverged run stays diverged when it is run again
-            _report(rank, state["diverged"], state)
-            return
-        last_epoch = _restore(state, model, optimizer, scheduler)
-    else:  # epoch 0: the encoder at initialisation, measured as at the end
-        metrics = {names.EPOCH: 0, names.DIVERGED: 0, names.RESUMED_FROM: 0, **where}
-        if rank == 0:
-            metrics.update(initial_readouts(model, splits, cfg, device))
-        _report(rank, metrics, _training_state(model, optimizer, scheduler, 0, cfg) if rank == 0 else {})
-    resumed_from = last_epoch
-    net = DistributedDataParallel(model, device_ids=[device] if use_cuda else None) if world > 1 else model
+    if checkpoint is None:
+        metrics = {names.EPOCH: 0, names.DIVERGED: 0, names.RESUMED_FROM: 0, **worker.where,
+                   names.DATA_DIGEST: worker.splits.digest, names.DATA_SIZES: worker.splits.sizes}
+        if worker.rank == 0:
+            metrics.update(initial_readouts(worker.model, worker.splits, worker.cfg, worker.device))
+        worker.report(metrics, epoch=0)
+        return 0
+    state = _read_checkpoint(checkpoint, worker.device, worker.cfg)
+    if "diverged" in state:
+        _report(worker.rank, state["diverged"], state)
+        return None
+    last_epoch = _restore(state, worker.model, worker.optimizer, worker.scheduler)
+    worker.history = list(state.get("history", []))
+    # A report checkpointed just before an interruption may never have reached MLflow: replay them all (without
+    # a checkpoint); the loggers skip the epochs they already have.
+    for past in worker.history:
+        _report(worker.rank, past, None)
+    return last_epoch
 
-    for epoch in range(last_epoch + 1, cfg.optim.epochs + 1):
-        if failure is not None:
-            failure.maybe_fail(epoch)
-        # Augmentation randomness is a function of (seed, epoch, rank): a resumed epoch replays exactly, and
-        # two methods run on the same seed see the same sample order and augmentation stream (paired seeds).
-        torch.manual_seed(_mix_seed(cfg.seed, epoch, rank))
-        loader_generator.manual_seed(_mix_seed(cfg.seed, epoch, rank, 1))
-        sampler.set_epoch(epoch)
-        model.set_epoch(epoch)
-        sums, reason, elapsed, last_views = _train_epoch(net, model, loader, optimizer, scheduler, cfg, epoch,
-                                                         iters_per_epoch, device)
-        if reason is not None:
-            metrics = {names.EPOCH: epoch, names.DIVERGED: 1, names.DIVERGED_REASON: f"epoch {epoch}: {reason}",
-                       names.RESUMED_FROM: resumed_from,
-                       **worst_case(names.final_accuracies(cfg.method, cfg.eval.knn_k))}
-            _report(rank, metrics, {"diverged": metrics})
-            return
 
-        metrics: dict[str, Any] = {names.EPOCH: epoch, names.DIVERGED: 0, names.RESUMED_FROM: resumed_from, **where,
-                                   f"{names.TRAIN}lr": scheduler.get_last_lr()[0],
-                                   names.IMAGES_PER_S: iters_per_epoch * cfg.optim.batch_size / elapsed}
-        metrics.update({f"{names.TRAIN}{k}": (v / iters_per_epoch).item() for k, v in sums.items()})
-        if rank == 0:
-            metrics.update(_evaluate_epoch(model, last_views, splits, cfg, device, final=epoch == cfg.optim.epochs))
-        _report(rank, metrics, _training_state(model, optimizer, scheduler, epoch, cfg) if rank == 0 else {})
+def _run_epoch(worker: _Worker, net: nn.Module, epoch: int, resumed_from: int) -> bool:
+    """Train one epoch, evaluate (rank 0), report with a checkpoint; False when the run diverged."""
+    cfg, rank = worker.cfg, worker.rank
+    # Augmentation randomness is a function of (seed, epoch, rank): a resumed epoch replays exactly, and
+    # two methods run on the same seed see the same sample order and augmentation stream (paired seeds).
+    torch.manual_seed(_mix_seed(cfg.seed, epoch, rank))
+    worker.loader_generator.manual_seed(_mix_seed(cfg.seed, epoch, rank, 1))
+    worker.sampler.set_epoch(epoch)
+    worker.model.set_epoch(epoch)
+    sums, reason, elapsed, last_views = _train_epoch(net, worker.model, worker.loader, worker.optimizer,
+                                                     worker.scheduler, cfg, epoch, worker.iters_per_epoch,
+                                                     worker.device, worker.failure)
+    if reason is not None:
+        metrics = {names.EPOCH: epoch, names.DIVERGED: 1, names.DIVERGED_REASON: f"epoch {epoch}: {reason}",
+                   names.RESUMED_FROM: resumed_from, **worst_case(names.final_accuracies(cfg.method, cfg.eval.knn_k))}
+        _report(rank, metrics, {"diverged": metrics, "config": cfg.to_dict()})
+        return False
+    steps = worker.iters_per_epoch
+    metrics: dict[str, Any] = {names.EPOCH: epoch, names.DIVERGED: 0, names.RESUMED_FROM: resumed_from,
+                               **worker.where, f"{names.TRAIN}lr": worker.scheduler.get_last_lr()[0],
+                               names.IMAGES_PER_S: steps * cfg.optim.batch_size / elapsed}
+    metrics.update({f"{names.TRAIN}{k}": (v / steps).item() for k, v in sums.items()})
+    if rank == 0:
+        metrics.update(_evaluate_epoch(worker.model, last_views, worker.splits, cfg, worker.device,
+                                       final=epoch == cfg.optim.epochs))
+    worker.report(metrics, epoch)
+    return True
 
 
 def _train_epoch(net, model: JEPAModel, loader, optimizer, scheduler, cfg: Config, epoch: int, iters_per_epoch: int,
-                 device: torch.device):
+                 device: torch.device, failure: FailureInjection | None = None):
     """One epoch of optimisation: (sums of the step stats, divergence reason or None, seconds, last view)."""
     use_cuda = device.type == "cuda"
     net.train()
@@ -231,6 +324,8 @@ def _train_epoch(net, model: JEPAModel, loader, optimizer, scheduler, cfg: Confi
     started = time.perf_counter()
     view_a = None
     for iteration, (view_a, view_b) in enumerate(loader):
+        if failure is not None:
+            failure.maybe_fail(epoch, iteration)
         view_a = view_a.to(device, non_blocking=True)
         view_b = view_b.to(device, non_blocking=True)
         step = (epoch - 1) * iters_per_epoch + iteration
@@ -241,7 +336,7 @@ def _train_epoch(net, model: JEPAModel, loader, optimizer, scheduler, cfg: Confi
             return sums, reason, time.perf_counter() - started, view_a
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if cfg.grad_clip > 0:  # the method's protocol: HamJEPA clipped, SIGReg not (METHOD.md 5)
+        if cfg.grad_clip > 0:  # the method's protocol: HamJEPA clipped, SIGReg not (docs/method.md §5)
             nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         scheduler.step()
@@ -263,7 +358,9 @@ def _evaluate_epoch(model: JEPAModel, views: torch.Tensor, splits, cfg: Config, 
     if len(splits.val):  # no validation split (fixed runs on the whole training set): no objective
         metrics[names.objective(cfg.eval.knn_k)] = readouts.validation_knn(model, splits, cfg, device)
     if final:
-        metrics.update(readouts.final_metrics(model, splits, cfg, device))
+        with recording_probes() as probes:  # the theory check measures the probes the final readouts train
+            metrics.update(readouts.final_metrics(model, splits, cfg, device))
+        metrics.update(theory.final_metrics(cfg.method, model.predictor, z, probes))
     return metrics
 
 
@@ -292,17 +389,22 @@ class Resources:
     gpus_per_worker: float = 0.0
 
     def validate(self, cfg: Config) -> None:
-        if self.workers < 1:
-            raise ConfigError(f"--workers = {self.workers} is invalid: must be an integer >= 1.")
-        if self.cpus_per_worker <= 0 or self.gpus_per_worker < 0:
-            raise ConfigError(f"--cpus-per-worker = {self.cpus_per_worker} and --gpus-per-worker = "
-                             f"{self.gpus_per_worker} are invalid: CPUs must be > 0 and GPUs >= 0.")
+        """Finite, in range (checks.resources), and a global batch that splits evenly into >= 2 per worker."""
+        from . import checks
+
+        checks.resources("--workers", self.workers, self.cpus_per_worker, self.gpus_per_worker)
         if cfg.optim.batch_size % self.workers:
             raise ConfigError(f"config field 'optim.batch_size' = {cfg.optim.batch_size} is invalid: it is the "
                              f"global batch and must divide evenly among {self.workers} workers.")
         if cfg.optim.batch_size // self.workers < 2:
             raise ConfigError(f"config field 'optim.batch_size' = {cfg.optim.batch_size} is invalid: each of "
                              f"{self.workers} workers needs at least 2 samples.")
+
+
+# Ray Train retries a controller that cannot start its workers without limit by default: a run whose placement
+# group can never be scheduled (another Ray instance holding the machine, a node gone) would hang forever.
+# Three tries, each bounded by Ray's worker-group start timeout, then the run fails with the reason.
+CONTROLLER_FAILURE_LIMIT = 3
 
 
 def make_trainer(cfg: Config, resources: Resources, name: str, storage_path: str | None = None,
@@ -327,7 +429,7 @@ def make_trainer(cfg: Config, resources: Resources, name: str, storage_path: str
         run_config=RunConfig(
             name=name,
             storage_path=storage.resolve(storage_path),
-            failure_config=FailureConfig(max_failures=max_failures),
+            failure_config=FailureConfig(max_failures=max_failures, controller_failure_limit=CONTROLLER_FAILURE_LIMIT),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=list(callbacks),
         ),

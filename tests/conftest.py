@@ -20,8 +20,15 @@ WORKER_NODE_RESOURCE = "sim_worker_node"
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
-    """One local Ray for the whole test session, sized for 2 CPUs, shut down at the end; yields its address.
+def ray_cluster(ray_test_cluster):
+    """The session's Ray (below), by its address."""
+    return ray_test_cluster.address
+
+
+@pytest.fixture(scope="session")
+def ray_test_cluster():
+    """One local Ray for the whole test session, sized for 2 CPUs, shut down at the end; yields the simulated
+    cluster (a test may add a node and remove it again).
 
     Token authentication is off so that subprocesses (a study driver started by a test) can join it.
     """
@@ -39,7 +46,7 @@ def ray_cluster():
     cluster.add_node(**node, resources={WORKER_NODE_RESOURCE: 1})
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, configure_logging=False, log_to_driver=False)
-    yield cluster.address
+    yield cluster
     ray.shutdown()
     cluster.shutdown()
 

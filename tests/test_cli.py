@@ -10,7 +10,7 @@ SPACE = {"predictor.dt": 0.05}
 
 @pytest.mark.parametrize("argv,words", [
     (["train", "--set", "predictor.dt=-1"], "'predictor.dt'"),
-    (["train", "--profile", "quick", "--workers", "3"], "divide evenly among 3 workers"),
+    (["train", "--profile", "quick", "--workers", "3", "--cpus-per-worker", "0.5"], "divide evenly among 3 workers"),
     (["train", "--set", "predictor.steps"], "dotted.key=value"),
     (["train", "--config", "/nonexistent.yaml"], "does not exist"),
     (["train", "--profile", "quick", "--tracking-uri", "sqlite:////nonexistent/dir/mlflow.db"], "not writable"),
@@ -37,7 +37,7 @@ def test_study_refuses_bad_input_in_one_sentence(argv, words, capsys, tmp_path):
 
 
 def test_resume_without_an_earlier_study_is_one_sentence(capsys, tmp_path, monkeypatch):
-    monkeypatch.setattr("hamjepa.run.connect_ray", lambda address: None)  # fails before Ray matters
+    monkeypatch.setattr("hamjepa.run.connect_ray", lambda address, **console: None)  # fails before Ray matters
     argv = ["--resume", "--smoke-test", "--storage-path", str(tmp_path), "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]
     assert study_main("energy_budget", SPACE, argv) == 2
     assert "--resume found no earlier run" in capsys.readouterr().err
@@ -54,7 +54,8 @@ def test_config_command_prints_the_resolved_yaml(capsys):
 def test_paired_seeds_default_to_at_least_three_on_gpus(argv, seeds, tmp_path, monkeypatch):
     from hamjepa import cli
 
-    monkeypatch.setattr("hamjepa.run.connect_ray", lambda address: None)
+    monkeypatch.setattr("hamjepa.run.connect_ray", lambda address, **console: None)
+    monkeypatch.setattr("hamjepa.checks.local_gpus", lambda: 1)  # a local Ray on a machine with one GPU
     captured = {}
     monkeypatch.setattr("hamjepa.study.run_study", lambda settings, space, points: captured.setdefault("s", settings))
     monkeypatch.setattr(cli, "_print_result", lambda settings, result: 0)
@@ -63,3 +64,53 @@ def test_paired_seeds_default_to_at_least_three_on_gpus(argv, seeds, tmp_path, m
     settings = captured["s"]
     assert settings.seeds == seeds
     assert settings.paired_seeds == list(range(1, seeds + 1))  # fresh: never the search's seed 0
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "--set", "predictor.stepz=1"],
+    ["train", "--cpus-per-worker", "nan"],
+    ["train", "--name", "it's"],
+    ["train", "--profile", "quick", "--storage-path", "ftp://bucket"],
+    ["train", "--profile", "quick", "--gpus-per-worker", "1", "--workers", "64"],
+])
+def test_train_refuses_a_typo_without_loading_torch_ray_or_mlflow(argv):
+    """`hamjepa train` fails on a bad flag or key as fast as `hamjepa config`: before any heavy import."""
+    import subprocess
+    import sys
+
+    probe = ("import sys; from hamjepa.cli import main; code = main(sys.argv[1:]); "
+             "heavy = [m for m in ('torch', 'ray', 'mlflow', 'optuna') if m in sys.modules]; "
+             "assert not heavy, heavy; sys.exit(code)")
+    done = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("hamjepa: error: ") and done.stderr.count("\n") == 1
+
+
+def test_resume_takes_an_optional_study_id(tmp_path, monkeypatch):
+    """--resume alone continues the latest invocation; --resume ID a given one; without it, a new study."""
+    from hamjepa import cli
+
+    seen = []
+    monkeypatch.setattr(cli, "_study_settings", lambda name, args, **fields: seen.append(args.resume) or 1 / 0)
+    for argv, resume in (([], ""), (["--resume"], "latest"), (["--resume", "20250101-120000-ab12"],
+                                                              "20250101-120000-ab12")):
+        with pytest.raises(ZeroDivisionError):
+            study_main("energy_budget", SPACE, argv)
+        assert seen[-1] == resume
+
+
+def test_a_failed_store_backup_is_reported_where_the_study_user_looks(tmp_path, capsys):
+    """On a cluster head the study's own output says when the MLflow store's last backup failed."""
+    import runpy
+
+    from hamjepa import cli
+
+    status_file = tmp_path / "backup-status.log"
+    assert cli._warn_about_store_backups(status_file) is None  # no status file: not a head, nothing said
+    store = runpy.run_path(str(cli.STORE_SCRIPT))
+    store["record"](status_file, "backup", "ok", "backed up")
+    assert cli._warn_about_store_backups(status_file) is None
+    store["record"](status_file, "backup", "FAILED", "the remote copy holds more runs")
+    warning = cli._warn_about_store_backups(status_file)
+    assert warning and "last backup failed" in warning and "holds more runs" in warning
+    assert capsys.readouterr().err.strip() == f"warning: {warning}"

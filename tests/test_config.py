@@ -60,6 +60,19 @@ def test_string_overrides_are_parsed_and_typed():
     ({"encoder.in_channels": 1}, "encoder.in_channels"),  # CIFAR-100 has 3 channels
     ({"optim.grad_clip": -1}, "optim.grad_clip"),
     ({"optim.grad_clip": ".inf"}, "optim.grad_clip"),
+    ({"predictor.dt": "inf"}, "predictor.dt"),  # YAML 1.1 reads inf as a string; float() would accept it
+    ({"predictor.dt": ".nan"}, "predictor.dt"),
+    ({"predictor.dt": "[1"}, "predictor.dt"),  # not YAML
+    ({"optim.lr": 1e999}, "optim.lr"),
+    ({"seed": 2**32}, "seed"),
+    ({"data.seed": -1}, "data.seed"),
+    ({"encoder.in_channels": 2}, "encoder.in_channels"),
+    ({"hamjepa.pr_floor_q": 1.5}, "hamjepa.pr_floor_q"),
+    ({"hamjepa.eigmax_ceiling_p": 1.5}, "hamjepa.eigmax_ceiling_p"),
+    ({"hamjepa.spectral_eps": 0}, "hamjepa.spectral_eps"),
+    ({"optim.warmup_start_ratio": 2}, "optim.warmup_start_ratio"),
+    ({"augment.blur_kernel": 65}, "augment.blur_kernel"),  # reflect padding needs kernel // 2 < image_size
+    ({"eval.knn_k": 6000}, "eval.knn_k"),  # more neighbours than the per-epoch kNN searches
 ])
 def test_bad_values_name_the_field_and_what_is_valid(overrides, field):
     with pytest.raises(ValueError) as error:
@@ -98,7 +111,7 @@ def test_unknown_profile():
 
 @pytest.mark.parametrize("method,applied", [("hamjepa", 1.0), ("mlp", 1.0), ("sigreg", 0.0)])
 def test_gradient_clipping_follows_the_method_unless_set(method, applied):
-    """METHOD.md 5: HamJEPA and MLP-HJEPA clip at 1.0, SIGReg trains unclipped; what is logged is applied."""
+    """docs/method.md §5: HamJEPA and MLP-HJEPA clip at 1.0, SIGReg trains unclipped; what is logged is applied."""
     cfg = profile("cifar100", {"method": method})
     assert cfg.grad_clip == applied
     assert cfg.flatten()["optim.grad_clip"] == applied
@@ -118,3 +131,28 @@ def test_hamjepa_config_cli_shows_the_applied_clip(capsys):
     for method, shown in (("sigreg", "grad_clip: 0.0"), ("hamjepa", "grad_clip: 1.0")):
         assert main(["config", "--profile", "cifar100", "--set", f"method={method}"]) == 0
         assert shown in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("text,words", [
+    (b"predictor:\n  dt: 0.1\npredictor:\n  steps: 3\n", "key 'predictor' is written twice (lines 1 and 3)"),
+    (b"predictor:\n  dt: 0.1\n  dt: 0.2\n", "key 'dt' is written twice (lines 2 and 3)"),
+    (b"predictor:\n  dt: \xff\n", "is not UTF-8 text (byte 0xff at offset 17)"),
+    (b"predictor: [1\n", "is not valid YAML"),
+])
+def test_a_config_file_is_read_strictly(tmp_path, text, words):
+    """A duplicated key or section is refused (not "the last one wins"); bytes that are not UTF-8 are one sentence."""
+    path = tmp_path / "cfg.yaml"
+    path.write_bytes(text)
+    with pytest.raises(ValueError) as error:
+        load_yaml(path)
+    assert words in str(error.value) and "\n" not in str(error.value)
+
+
+def test_yaml_merge_keys_may_still_override():
+    """`<<: *anchor` then an explicit key is YAML's override, not a duplicate."""
+    import yaml
+
+    from hamjepa.config import StrictLoader
+
+    text = "base: &b {dt: 0.1, steps: 2}\npredictor:\n  <<: *b\n  dt: 0.2\n"
+    assert yaml.load(text, Loader=StrictLoader)["predictor"] == {"dt": 0.2, "steps": 2}

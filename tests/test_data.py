@@ -145,6 +145,7 @@ def _assert_one_sentence(message: str) -> None:
 
 
 def test_missing_dataset_without_download_names_the_fix(tmp_path):
+    (tmp_path / "empty").mkdir()
     with pytest.raises(DatasetNotFoundError) as caught:
         load_splits(DataConfig(dataset="fashion_mnist", root=str(tmp_path / "empty"), download=False), channels=1)
     message = str(caught.value)
@@ -163,6 +164,7 @@ def test_failed_download_becomes_the_sentence(tmp_path, monkeypatch, dataset):
 
     for name in ("FashionMNIST", "CIFAR10", "CIFAR100"):
         monkeypatch.setattr(torchvision.datasets, name, offline)
+    (tmp_path / "root").mkdir()
     with pytest.raises(DatasetNotFoundError) as caught:
         load_splits(DataConfig(dataset=dataset, root=str(tmp_path / "root"), download=True), channels=1 + 2 * (
             dataset != "fashion_mnist"))
@@ -170,6 +172,55 @@ def test_failed_download_becomes_the_sentence(tmp_path, monkeypatch, dataset):
     _assert_one_sentence(message)
     assert "download" in message and "failed (OSError)" in message and "--data-root DIR" in message
     assert caught.value.__cause__ is None and caught.value.__suppress_context__
+
+
+def test_a_given_root_is_the_only_place_looked(tmp_path, monkeypatch):
+    """--data-root that does not exist is refused, never replaced by a copy found through $HAMJEPA_DATA."""
+    write_fashion(tmp_path / "env")
+    monkeypatch.setenv("HAMJEPA_DATA", str(tmp_path / "env"))
+    with pytest.raises(DatasetNotFoundError, match="'data.root' .* does not exist"):
+        load_splits(DataConfig(dataset="fashion_mnist", image_size=28, root=str(tmp_path / "typo")), channels=1)
+    (tmp_path / "typo").mkdir()
+    with pytest.raises(DatasetNotFoundError, match="was not found in " + str(tmp_path / "typo") + " and"):
+        load_splits(DataConfig(dataset="fashion_mnist", image_size=28, root=str(tmp_path / "typo"), download=False),
+                    channels=1)
+
+
+@pytest.mark.parametrize("content,words", [
+    (b"plain bytes", r"not a complete gzip file \(BadGzipFile\)"),
+    (gzip.compress(bytes([0, 0, 8, 1]) + struct.pack(">I", 10) + bytes(10))[:-9], "not a complete gzip file"),
+    (gzip.compress(bytes([0, 0, 9, 1]) + struct.pack(">I", 2) + bytes(2)), "bad magic number"),
+    (gzip.compress(bytes([0, 0, 8, 3])), "header is incomplete"),
+])
+def test_broken_idx_files_are_one_sentence(tmp_path, content, words):
+    path = tmp_path / "x-idx1-ubyte.gz"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=words) as caught:
+        data.read_idx(path)
+    message = str(caught.value)
+    assert str(path) in message and message.endswith(".") and "\n" not in message
+
+
+def test_fashion_files_of_the_wrong_shape_are_refused(tmp_path):
+    write_fashion(tmp_path)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.arange(19) % 10)  # 20 test images, 19 labels
+    with pytest.raises(ConfigError, match=r"labels of shape \(19,\)"):
+        data.read_fashion_mnist(tmp_path)
+
+
+def test_image_files_are_checked_before_the_run(tmp_path):
+    """Every file's header is opened by check_image_files (preflight); a bad one is named."""
+    from PIL import Image
+
+    for split in ("train", "val"):
+        (tmp_path / split / "ant").mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (10, 10)).save(tmp_path / split / "ant" / f"{i}.png")
+    (tmp_path / "val" / "ant" / "2.png").write_bytes(b"GIF89a but not really")
+    splits = load_splits(DataConfig(dataset="imagefolder", root=str(tmp_path), image_size=8, val_fraction=0),
+                         channels=3)
+    with pytest.raises(ConfigError, match="'.*val/ant/2.png' cannot be decoded"):
+        data.check_image_files(splits)
 
 
 def test_missing_image_folder_names_the_layout(tmp_path):
@@ -260,3 +311,12 @@ def test_eval_loader_is_the_normalised_images_in_order():
 def test_image_set_needs_one_source():
     with pytest.raises(ValueError):
         ImageSet(torch.zeros(2))
+
+
+def test_a_split_digest_names_exactly_which_images_train_and_validate():
+    from hamjepa.data import split_digest
+
+    base = split_digest("fashion_mnist", [3, 1, 2], [0])
+    assert base == split_digest("fashion_mnist", torch.tensor([3, 1, 2]), torch.tensor([0]))  # type-independent
+    assert len({base, split_digest("fashion_mnist", [1, 2, 3], [0]), split_digest("fashion_mnist", [3, 1], [2, 0]),
+                split_digest("cifar10", [3, 1, 2], [0])}) == 4  # order, membership and dataset all count

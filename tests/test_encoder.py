@@ -55,7 +55,7 @@ def test_token_batchnorm_standardises_each_channel_in_training():
 
 @pytest.mark.parametrize("width,stem", [(1.0, "cifar"), (0.25, "cifar"), (0.5, "imagenet")])
 def test_residual_stages_initialise_as_torchvision(width, stem):
-    """METHOD.md 1: residual-stage convs Kaiming-normal fan_out (std sqrt(2 / fan_out)), BN weight 1 bias 0;
+    """docs/method.md §1: residual-stage convs Kaiming-normal fan_out (std sqrt(2 / fan_out)), BN weight 1 bias 0;
     the CIFAR stem and the token read-out keep PyTorch's default (uniform, std 1 / sqrt(3 fan_in))."""
     torch.manual_seed(0)
     encoder = TokenEncoder(EncoderConfig(width=width, stem=stem))

@@ -56,6 +56,7 @@ def test_two_trial_study_lands_on_both_nodes_with_shared_storage(ray_cluster, tm
     assert (storage / "energy_budget" / study_id / "search").is_dir()
 
 
+@pytest.mark.slow  # it needs the session's Ray cluster: the fast tier starts no Ray
 def test_trials_are_planned_for_an_autoscaling_clusters_maximum(ray_cluster, monkeypatch):
     """A GPU cluster scaling from zero has no GPU when a study starts: plan for what its config allows."""
     from ray._private.state import state
@@ -66,3 +67,56 @@ def test_trials_are_planned_for_an_autoscaling_clusters_maximum(ray_cluster, mon
     monkeypatch.setattr(state, "get_max_resources_from_cluster_config", lambda: {"CPU": 136.0, "GPU": 16.0})
     assert _cluster_concurrency(settings) == 16  # cluster/aws.yaml at full size: 8 x 1 + 2 x 4 GPUs
     assert _cluster_concurrency(replace(settings, max_concurrent=3)) == 3
+
+
+@pytest.mark.slow
+def test_a_node_lost_during_a_study_costs_at_most_its_trial(ray_test_cluster, tmp_path):
+    """A third node joins, one of three concurrent trials lands on it (one CPU a node), and the node is removed
+    while that trial trains: the study still finishes, with the trial retried from its checkpoint elsewhere or
+    recorded as failed with a reason; nothing is left RUNNING."""
+    import threading
+    import time
+
+    doomed = ray_test_cluster.add_node(num_cpus=1, object_store_memory=400 * 1024**2)
+    ray_test_cluster.wait_for_nodes()
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    removed, affected_ids = threading.Event(), []
+
+    def remove_the_node_once_a_trial_trains_there():
+        deadline = time.time() + 300
+        while time.time() < deadline and not removed.is_set():
+            time.sleep(1)
+            try:
+                client = MlflowClient(uri)
+                experiment = client.get_experiment_by_name("node-loss")
+                runs = client.search_runs([experiment.experiment_id]) if experiment else []
+            except Exception:  # noqa: BLE001 - the store may be mid-creation
+                continue
+            there = [r.info.run_id for r in runs if doomed.node_id in r.data.tags.get("hamjepa.nodes", "")]
+            if there:
+                ray_test_cluster.remove_node(doomed, allow_graceful=False)
+                affected_ids.extend(there)
+                removed.set()
+
+    watcher = threading.Thread(target=remove_the_node_once_a_trial_trains_there, daemon=True)
+    watcher.start()
+    code = study_main("energy_budget", SEARCH_SPACE, [
+        "--smoke-test", "--seeds", "0", "--num-samples", "3", "--max-concurrent", "3", "--no-early-stopping",
+        "--epochs", "6", "--tracking-uri", uri, "--storage-path", str(tmp_path / "ray"),
+        "--address", ray_test_cluster.address, "--experiment", "node-loss"])
+    watcher.join(timeout=5)
+    assert removed.is_set()  # a trial did train on the node, and the node was removed under it
+    assert code == 0
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("node-loss").experiment_id])
+    trials = [r for r in runs if r.data.tags["hamjepa.role"] == "trial"]
+    assert len(trials) == 3 and not [r for r in runs if r.info.status == "RUNNING"]
+    assert len(affected_ids) == 1
+    affected = next(r for r in trials if r.info.run_id == affected_ids[0])
+    if affected.info.status == "FINISHED":  # retried: continued from a checkpoint on a surviving node
+        assert affected.data.metrics["resumed_from_epoch"] >= 0 and affected.data.metrics["epoch"] == 6
+        history = client.get_metric_history(affected.info.run_id, "epoch")
+        assert sorted(m.step for m in history) == list(range(7))  # every epoch once
+    else:
+        assert affected.data.tags["hamjepa.status"] == "failed" and affected.data.tags["hamjepa.reason"]
+    assert sum(r.data.tags["hamjepa.status"] == "finished" for r in trials) >= 2  # the others were unaffected

@@ -205,7 +205,7 @@ def test_hamjepa_objective_is_the_weighted_sum():
 
 
 def test_hamjepa_regularisers_see_both_views_pooled():
-    """METHOD.md 3: budget, variance floor, spectral floor and mean penalty are computed once over [z_a; z_b]."""
+    """docs/method.md §3: budget, variance floor, spectral floor and mean penalty are computed once over [z_a; z_b]."""
     config = HamJEPALossConfig()
     generator = torch.Generator().manual_seed(0)
     scale = torch.linspace(0.05, 1.5, 32, dtype=torch.float64)

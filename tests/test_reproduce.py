@@ -63,7 +63,7 @@ def test_paper_rows_are_matched_by_dataset_and_schedule():
     assert caveat == "" and row.sigreg_readout == "q"  # the paper's ImageNet SIGReg numbers are of the q half
     row, caveat = reference_row("hamjepa", "fashion_mnist", 3)
     assert row is PAPER_ROWS[0] and "another dataset" in caveat
-    assert PAPER_ROWS[0].cells["q"][0] - PAPER_ROWS[0].cells["sigreg"][0] == pytest.approx(4.89)  # METHOD.md
+    assert PAPER_ROWS[0].cells["q"][0] - PAPER_ROWS[0].cells["sigreg"][0] == pytest.approx(4.89)  # docs/method.md §8
     assert PAPER_ROWS[1].cells["q"][0] - PAPER_ROWS[1].cells["sigreg"][0] == pytest.approx(6.45)
 
 

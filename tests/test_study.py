@@ -118,6 +118,13 @@ def test_smoke_study_logs_parent_children_metrics_and_summary(ray_cluster, tmp_p
     assert {"optuna_optimization_history.png", "optuna_intermediate_values.png", "optuna_parallel_coordinate.png",
             "optuna_slice.png"} <= plots
     assert "optuna_param_importances.png" not in plots and "complete search trials" in summary_md  # 2 < threshold
+    # the theory check: every compared run measured its covariance against the probe's geometry
+    assert "theory_knn_probe_vs_rho.png" in plots and "Theory check" in summary_md
+    for child in by_phase["compare"]:
+        assert child.data.metrics["rho_probe_q"] >= 1.0 and "entropy_gap_q" in child.data.metrics
+        assert child.data.tags["hamjepa.git_commit"] and "model" in {a.path for a in client.list_artifacts(
+            child.info.run_id)}  # provenance, and the trained encoder for reuse
+    assert "flow_reversibility_error" in by_phase["confirm"][0].data.metrics
     assert "mlflow ui --backend-store-uri" in printed
     # the search as an Optuna study file: every search trial, its state, params and per-epoch values
     database = client.download_artifacts(parent_id, "optuna.db", str(tmp_path))
@@ -175,41 +182,66 @@ def test_a_diverging_trial_is_recorded_and_the_study_completes(ray_cluster, tmp_
     assert "1 diverged" in capsys.readouterr().out
 
 
-def test_interrupted_study_resumes_without_duplicate_runs(ray_cluster, tmp_path):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    script = str(ROOT / "studies" / "energy_budget.py")
-    command = [sys.executable, script, *_args(tmp_path, ray_cluster, "--seeds", "1")]
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
-    with open(tmp_path / "first.log", "w") as log:
-        first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+def _start_and_stop_at(command, env, log_path, uri, phase, sig):
+    """Start a study, send `sig` once a run of `phase` has logged an epoch; returns the trial runs it left.
+
+    One trial at a time and 8 epochs per run (about a second each), so the signal lands inside that run,
+    with the phase's other runs not started, whatever the machine's speed.
+    """
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, cwd=log_path.parent, env=env, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.time() + 400
-        while time.time() < deadline and first.poll() is None:  # wait for the first per-epoch metric
-            time.sleep(3)
-            if (tmp_path / "mlflow.db").exists():
-                _, _, children = _runs(uri) if _has_experiment(uri) else (None, None, [])
-                if any("epoch" in c.data.metrics for c in children):
-                    break
-        assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-        first.send_signal(signal.SIGINT)
+        trainers = log_path.parent / "ray" / "energy_budget"
+        while time.time() < deadline and process.poll() is None:
+            time.sleep(0.5)
+            # Read MLflow only once a trial trains: a client opening the store while the study creates it
+            # would race its schema migration.
+            if any(trainers.glob("*/train/*")) and _has_experiment(uri) and _logged_an_epoch(uri, phase):
+                break
+        assert process.poll() is None, log_path.read_text()[-3000:]
+        process.send_signal(sig)
         try:
-            first.wait(timeout=120)
+            process.wait(timeout=120)
         except subprocess.TimeoutExpired:
-            first.kill()  # a killed driver must resume just as well
-            first.wait()
-    _, parents, children = _runs(uri)
-    assert len(parents) == 1 and parents[0].info.status in ("KILLED", "RUNNING")
-    interrupted_trials = {c.data.tags["hamjepa.trial_id"] for c in children}
-    assert len(interrupted_trials) < 4  # it really was interrupted
+            process.kill()
+            process.wait()
+    return _runs(uri)[2]
+
+
+@pytest.mark.parametrize(("phase", "sig"), [("search", signal.SIGINT), ("compare", signal.SIGKILL)])
+def test_a_stopped_study_resumes_exactly_once_per_run(ray_cluster, tmp_path, phase, sig):
+    """Ctrl-C in the search, or the driver process killed in the comparison: --resume finishes the same study
+    with one MLflow run per trial, none left RUNNING."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    command = [sys.executable, str(ROOT / "studies" / "energy_budget.py"),
+               *_args(tmp_path, ray_cluster, "--seeds", "1", "--epochs", "8", "--max-concurrent", "1")]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    left = _start_and_stop_at(command, env, tmp_path / "first.log", uri, phase, sig)
+    _, parents, _ = _runs(uri)
+    assert len(parents) == 1 and parents[0].info.status == ("KILLED" if sig == signal.SIGINT else "RUNNING")
+    cut = [c for c in left if c.info.status in ("RUNNING", "KILLED")]
+    assert len(cut) == 1 and cut[0].data.tags["hamjepa.phase"] == phase  # stopped inside the one running trial
+    assert len(left) == (1 if phase == "search" else 3)  # 2 search trials, then 2 compare cells, one at a time
 
     resumed = subprocess.run([*command, "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True,
                              timeout=900)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    _, parents, children = _runs(uri)
-    assert len(parents) == 1 and parents[0].info.status == "FINISHED"  # the same parent run, finished
-    trial_ids = [c.data.tags["hamjepa.trial_id"] for c in children]
-    assert len(trial_ids) == len(set(trial_ids)) == 4  # one MLflow run per trial, no duplicates
-    assert interrupted_trials <= set(trial_ids)
-    assert not [c for c in children if c.info.status == "RUNNING"]
+    _, after, children = _runs(uri)
+    assert [p.info.run_id for p in after] == [parents[0].info.run_id] and after[0].info.status == "FINISHED"
+    keys = [c.data.tags["hamjepa.key"] for c in children]
+    assert len(keys) == len(set(keys)) == 4  # one MLflow run per trial: the cut one continued, not duplicated
+    assert {c.info.run_id for c in left} <= {c.info.run_id for c in children}
+    assert all(c.info.status == "FINISHED" for c in children)
+    compare = sorted(c.data.tags["hamjepa.trial_id"] for c in children if c.data.tags["hamjepa.phase"] == "compare")
+    assert compare == ["hamjepa-seed1", "sigreg-seed1"]
+    continued = next(c for c in children if c.info.run_id == cut[0].info.run_id)
+    client = MlflowClient(uri)
+    epochs = [m.step for m in client.get_metric_history(continued.info.run_id, "epoch")]
+    assert sorted(epochs) == list(range(9))  # every epoch's metrics exactly once (0 = initialisation)
+
+
+def _logged_an_epoch(uri, phase):
+    return any(c.data.tags.get("hamjepa.phase") == phase and "epoch" in c.data.metrics for c in _runs(uri)[2])
 
 
 def _has_experiment(uri):

@@ -65,3 +65,16 @@ def test_unwritable_or_unreachable_tracking_uri_is_one_sentence(tmp_path):
         check_tracking_uri("http://127.0.0.1:9/")  # the discard port: nothing listens
     with pytest.raises(ConfigError, match="not supported"):
         check_tracking_uri("ftp://example/mlflow")
+
+
+def test_epoch_zero_names_the_data_as_an_mlflow_dataset_input(tmp_path):
+    """The UI's Dataset column: the run's dataset, the digest of its split, its sizes."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    logger = RunLogger(uri, "exp", key="run", tags={"hamjepa.dataset": "fashion_mnist"})
+    digest = "ab" * 32
+    assert logger.log_epoch({"epoch": 0, "data_digest": digest, "data_sizes": "train 720, val 80, test 10000"})
+    run = MlflowClient(uri).get_run(logger.run_id)
+    (used,) = run.inputs.dataset_inputs
+    assert used.dataset.name == "fashion_mnist" and digest.startswith(used.dataset.digest)
+    assert "train 720, val 80" in used.dataset.profile and used.tags[0].value == "training"
+    assert run.data.tags["hamjepa.data_digest"] == digest  # the whole digest, as a tag

@@ -3,6 +3,9 @@
 These start Ray Train runs (~20 s of start-up each) and are marked slow; CI runs them.
 """
 
+from importlib import metadata
+from types import SimpleNamespace
+
 import pytest
 import torch
 from conftest import tiny_config
@@ -12,6 +15,8 @@ from hamjepa import metrics as names
 from hamjepa import readouts
 from hamjepa.config import profile
 from hamjepa.data import load_splits
+from hamjepa.encoder_artifact import load_encoder
+from hamjepa.evaluation import knn_top1
 from hamjepa.methods import JEPAModel
 from hamjepa.run import train_and_log
 from hamjepa.training import FailureInjection, Resources
@@ -49,7 +54,20 @@ def test_two_worker_run_reports_every_metric_and_logs_to_mlflow(ray_cluster, tmp
     assert run.data.metrics["state/q_logdet_per_dim"] != run.data.metrics["train/q_logdet_per_dim"]
     assert client.get_metric_history(outcome.run_id, "test_knn20_top1")[0].value == pytest.approx(
         outcome.metrics["test_knn20_top1"])
-    assert [a.path for a in client.list_artifacts(outcome.run_id)] == ["config.yaml"]
+    assert [a.path for a in client.list_artifacts(outcome.run_id)] == ["config.yaml", "model"]
+    assert run.data.tags["hamjepa.checkpoint"] == str(tmp_path / "ray" / "two-workers")
+    assert run.data.tags["hamjepa.git_commit"] and run.data.tags["hamjepa.version.torch"] == metadata.version("torch")
+
+    # the trained encoder, loaded without Ray, gives the features the run's own evaluation measured
+    encoder, saved_cfg = load_encoder(client.download_artifacts(outcome.run_id, "model/encoder.pt", str(tmp_path)))
+    assert saved_cfg == cfg
+    splits = load_splits(cfg.data, channels=cfg.encoder.in_channels)
+    readout = readouts.default_readout(cfg.method)
+    model = SimpleNamespace(encoder=encoder)
+    z = {split: readouts._features(model, getattr(splits, split), splits, cfg, "cpu")[readout]
+         for split in ("train", "test")}
+    accuracy = 100.0 * knn_top1(z["train"], splits.train.labels, z["test"], splits.test.labels, k=cfg.eval.knn_k)
+    assert accuracy == pytest.approx(outcome.metrics["test_knn20_top1"], abs=1e-9)
     # the session cluster has two one-CPU nodes, so the two workers trained on both; MLflow says so
     assert len(run.data.tags["hamjepa.nodes"].split(",")) == 2
     assert run.data.tags["hamjepa.device"] == "2 x cpu"
@@ -74,17 +92,26 @@ def test_training_beats_the_encoder_at_initialisation(ray_cluster, tmp_path, met
     assert losses[-1] < losses[0]
 
 
-def test_a_crashed_worker_resumes_from_the_last_checkpoint(ray_cluster, tmp_path):
+def test_a_killed_worker_resumes_from_the_last_checkpoint_and_replays_exactly(ray_cluster, tmp_path):
+    """SIGKILL the worker process at epoch 2's third batch: Ray Train restarts it from epoch 1's checkpoint, the
+    run ends with one MLflow run, every epoch logged once, and the same per-epoch losses as a run never killed."""
     cfg = tiny_config(**{"optim.epochs": 3})
-    marker = tmp_path / "failed-once"
-    outcome, client = _run(tmp_path, cfg, "resume", failure=FailureInjection(epoch=2, marker=str(marker)))
-    assert marker.exists()  # the failure did happen
+    marker = tmp_path / "killed-once"
+    outcome, client = _run(tmp_path, cfg, "killed",
+                           failure=FailureInjection(epoch=2, marker=str(marker), batch=2, kill=True, kill_delay_s=3.0))
+    assert marker.exists()  # the kill did happen
     assert outcome.status == "finished" and outcome.metrics["epoch"] == 3
     assert outcome.metrics["resumed_from_epoch"] == 1  # restarted from epoch 1's checkpoint, not from scratch
-    assert [m.step for m in client.get_metric_history(outcome.run_id, "train/loss")] == [1, 2, 3]
+    assert len(client.search_runs([client.get_run(outcome.run_id).info.experiment_id])) == 1
+    killed = client.get_metric_history(outcome.run_id, "train/loss")
+    assert [m.step for m in killed] == [1, 2, 3]  # each epoch exactly once
     history = client.get_metric_history(outcome.run_id, "resumed_from_epoch")
     assert [(m.step, m.value) for m in history] == [(0, 0), (1, 0), (2, 1), (3, 1)]
     assert [m.step for m in client.get_metric_history(outcome.run_id, "init/test_knn20_top1")] == [0]  # once
+
+    reference, _ = _run(tmp_path, cfg, "never-killed")
+    never_killed = client.get_metric_history(reference.run_id, "train/loss")
+    assert [m.value for m in killed] == [m.value for m in never_killed]  # bit-identical on CPU
 
 
 def test_divergence_ends_the_run_with_a_reason_and_finite_metrics(ray_cluster, tmp_path):
@@ -105,3 +132,18 @@ def test_same_seed_same_first_epoch_loss(ray_cluster, tmp_path):
     assert first.metrics["train/loss"] == second.metrics["train/loss"]
     other, _ = _run(tmp_path, cfg.override({"seed": 1}), "seed-c")
     assert other.metrics["train/loss"] != first.metrics["train/loss"]
+
+
+def test_a_second_local_ray_on_one_machine_is_refused_before_it_starts(ray_cluster, tmp_path):
+    """The session's Ray plays a study already running here: a `hamjepa train` that would start its own
+    local Ray beside it is refused in one sentence, before MLflow or Ray is touched."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "hamjepa", "train", "--profile", "quick", "--set", "optim.epochs=1",
+               "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--storage-path", str(tmp_path / "ray")]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert len(done.stderr.strip().splitlines()) == 1 and "another Ray instance is already running" in done.stderr
+    assert "--address auto" in done.stderr
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "ray").exists()

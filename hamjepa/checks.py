@@ -1,0 +1,186 @@
+"""Checks of the command-line inputs that need no heavy import (no torch, Ray or MLflow), run before any work.
+
+Each check raises ConfigError with one sentence that names the flag, quotes the value and says what is valid,
+so `hamjepa train` refuses a bad flag as fast as `hamjepa config` refuses a bad key. What the checks cover:
+numbers (type, range, finiteness), names that end up in MLflow filter strings and in folder names, the Ray
+address's form, the MLflow tracking URI (a SQLite file must be writable: its folder, or the file if it exists),
+and what one run asks of this machine when Ray is local (CPUs from the affinity mask and the cgroup quota,
+GPUs from CUDA_VISIBLE_DEVICES or the /dev/nvidia* device files, as Ray counts them).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import tempfile
+import urllib.request
+from pathlib import Path
+
+from .config import MAX_SEED, ConfigError  # noqa: F401 - MAX_SEED: the CLI checks --seed against it
+from .redact import mask_text, mask_uri
+
+# Run names, study ids: they become MLflow filter values and folder names, so letters, digits and . _ - only.
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+# Experiment names: anything printable, except the quotes MLflow's filter strings use.
+HOSTILE_CHARACTERS = re.compile(r"['\"`\\]|[^\x20-\x7e\u00a0-\uffff]")
+ADDRESS = re.compile(r"(ray://)?[A-Za-z0-9.\-\[\]:]+:(\d{1,5})")
+
+
+def _refuse(flag: str, value, valid: str) -> None:
+    raise ConfigError(f"{flag} = {value!r} is invalid: {valid}.")
+
+
+def integer(flag: str, value: int, low: int, high: int | None = None) -> None:
+    """An integer flag in [low, high] (high None = unbounded)."""
+    if value < low or (high is not None and value > high):
+        _refuse(flag, value, f"must be an integer >= {low}" + (f" and <= {high}" if high is not None else ""))
+
+
+def number(flag: str, value: float, low: float, *, strict: bool = False) -> None:
+    """A finite number > low (strict) or >= low."""
+    if not math.isfinite(value) or value < low or (strict and value == low):
+        _refuse(flag, value, f"must be a finite number {'>' if strict else '>='} {low:g}")
+
+
+def resources(workers_flag: str, workers: int, cpus: float, gpus: float) -> None:
+    """What one run asks for: at least one worker, CPUs > 0 and GPUs >= 0, all finite."""
+    integer(workers_flag, workers, 1)
+    number("--cpus-per-worker", cpus, 0, strict=True)
+    number("--gpus-per-worker", gpus, 0)
+
+
+def run_name(flag: str, value: str | None) -> None:
+    """A name MLflow can filter on and Ray can use as a folder: letters, digits, '.', '_', '-'."""
+    if value is not None and (not SAFE_NAME.fullmatch(value) or value in (".", "..")):
+        _refuse(flag, value, "must be 1-100 letters, digits, '.', '_' or '-', starting with a letter or digit")
+
+
+def experiment_name(flag: str, value: str | None) -> None:
+    """An MLflow experiment name: not blank, at most 500 characters, no quotes, backslashes or control characters."""
+    if value is not None and (not value.strip() or len(value) > 500 or HOSTILE_CHARACTERS.search(value)):
+        _refuse(flag, value, "must be a non-blank name of at most 500 characters without quotes, backslashes "
+                             "or control characters")
+
+
+def ray_address(value: str | None) -> None:
+    """'auto', 'local', 'ray://host:port' or 'host:port' (port 1-65535)."""
+    if not value or value in ("auto", "local"):
+        return
+    match = ADDRESS.fullmatch(value)
+    if match is None or not 1 <= int(match.group(2)) <= 65535:
+        _refuse("--address", value, "must be 'auto', 'ray://host:port' or 'host:port' with a port in 1-65535")
+
+
+# -- this machine, when Ray is local -----------------------------------------------------------------------
+
+def local_cpus() -> float:
+    """CPUs a local Ray would see: the affinity mask, capped by a cgroup v2 quota when there is one."""
+    count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+    except (OSError, ValueError):
+        return float(count)
+    return float(count) if quota == "max" else min(float(count), math.ceil(int(quota) / int(period)))
+
+
+def local_gpus() -> int:
+    """GPUs a local Ray would see: CUDA_VISIBLE_DEVICES when set, else the NVIDIA device files."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        ids = [d for d in visible.split(",") if d.strip()]
+        return 0 if ids in ([], ["-1"], ["NoDevFiles"]) else len(ids)
+    return sum(1 for p in Path("/dev").glob("nvidia[0-9]*"))
+
+
+def local_capacity(workers_flag: str, workers: int, cpus: float, gpus: float) -> None:
+    """One run's workers must fit on this machine (no --address: Ray starts here and has nothing else)."""
+    have_cpus, have_gpus = local_cpus(), local_gpus()
+    if workers * cpus > have_cpus:
+        raise ConfigError(f"{workers_flag} = {workers} x --cpus-per-worker = {cpus:g} needs {workers * cpus:g} CPUs "
+                          f"but this machine has {have_cpus:g}; lower them, or pass --address of a larger cluster.")
+    if workers * gpus > have_gpus:
+        raise ConfigError(f"--gpus-per-worker = {gpus:g} needs {workers * gpus:g} GPUs for {workers} worker(s) but "
+                          f"this machine has {have_gpus}; pass --gpus-per-worker 0, or --address of a GPU cluster.")
+
+
+# -- writable places -------------------------------------------------------------------------------------------
+
+def can_write_in(folder: Path) -> bool:
+    """Whether a file can be created in `folder`: tried with an anonymous temporary file, which leaves nothing behind.
+
+    Tried rather than asked (os.access): root passes every permission check, yet cannot write a read-only mount.
+    """
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
+
+
+def nearest_existing(path: Path) -> Path:
+    """`path`, or the closest folder above it that exists (the one a write would have to create folders in)."""
+    return next(p for p in (path, *path.parents) if p.exists())
+
+
+# -- the MLflow tracking URI -----------------------------------------------------------------------------------
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """--tracking-uri, else $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db; sqlite paths made absolute.
+
+    Absolute, because Ray actors run in other working directories and must reach the same file.
+    """
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+    return uri
+
+
+def _writable_file(uri: str, path: Path) -> None:
+    """The file, when it exists, opens for writing, and its folder takes new files (SQLite's journal, or the file)."""
+    fix = "pass --tracking-uri sqlite:///<writable path>/mlflow.db"
+    if path.exists() and (not path.is_file() or not _opens_for_writing(path)):
+        raise ConfigError(f"tracking URI '{mask_uri(uri)}' is not writable: '{path}' is not a file this user can "
+                          f"read and write; {fix}.")
+    if path.is_file() and not _is_sqlite(path):
+        raise ConfigError(f"tracking URI '{mask_uri(uri)}' names '{path}', which is not a SQLite database; {fix}.")
+    if not path.parent.is_dir() or not can_write_in(path.parent):  # SQLite writes its journal beside the file
+        raise ConfigError(f"tracking URI '{mask_uri(uri)}' is not writable: folder '{path.parent}' does not exist or "
+                          f"is read-only; {fix}.")
+
+
+def _is_sqlite(path: Path) -> bool:
+    """An empty file (SQLite starts it) or one with SQLite's 16-byte header."""
+    with open(path, "rb") as handle:
+        head = handle.read(16)
+    return head in (b"", b"SQLite format 3\x00")
+
+
+def _opens_for_writing(path: Path) -> bool:
+    try:
+        with open(path, "r+b"):
+            return True
+    except OSError:
+        return False
+
+
+def check_tracking_uri(uri: str) -> None:
+    """Fail with one sentence, before any work, when the tracking store cannot be written or reached."""
+    if uri.startswith("sqlite:///"):
+        path = uri[len("sqlite:///"):].split("?", 1)[0]
+        if not path or path.endswith("/"):
+            _refuse("--tracking-uri", mask_uri(uri), "a SQLite URI must name a file, e.g. sqlite:///mlflow.db")
+        _writable_file(uri, Path(path))
+    elif uri.startswith("file:"):
+        # MLflow 3.17 refuses its file store at the first write (unless MLFLOW_ALLOW_FILE_STORE is set): say so now.
+        _refuse("--tracking-uri", mask_uri(uri), "MLflow 3 no longer writes file stores; use sqlite:///path/mlflow.db "
+                "or an MLflow server's http(s):// address")
+    elif uri.startswith(("http://", "https://")):
+        try:
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5).close()
+        except (OSError, ValueError) as error:
+            raise ConfigError(f"tracking URI '{mask_uri(uri)}' cannot be reached ({mask_text(str(error))}); start "
+                              "the MLflow server or pass --tracking-uri.") from None
+    elif not uri.startswith(("databricks", "postgresql", "mysql", "mssql")):
+        raise ConfigError(f"tracking URI '{mask_uri(uri)}' is not supported: use sqlite:///path, "
+                          "http(s)://host:port or a database URI.")

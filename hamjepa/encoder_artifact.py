@@ -1,0 +1,96 @@
+"""A trained encoder as an MLflow artifact anyone can load without Ray: its weights and the config that built it.
+
+A finished comparison run (and every `hamjepa train` run) logs `model/encoder.pt`, taken from the run's newest
+usable checkpoint (checkpoints.py). To use it downstream:
+
+    from hamjepa.encoder_artifact import load_encoder
+    encoder, cfg = load_encoder(mlflow.artifacts.download_artifacts(run_id=..., artifact_path="model/encoder.pt"))
+    z = encoder(images)  # (N, 2d) states, (q, p) halves for HamJEPA; normalise images as cfg.data says
+
+Weights only (loaded with `weights_only=True`): no pickled code travels with the file.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from . import checkpoints, storage
+from .config import Config, from_dict
+from .encoder import TokenEncoder
+from .redact import mask_uri
+
+ARTIFACT_DIR = "model"
+FILE = "encoder.pt"
+PREFIX = "encoder."  # the encoder's keys in JEPAModel's state dict
+
+
+def payload(state: dict[str, Any]) -> dict[str, Any]:
+    """The encoder's weights and the run's config from a training state."""
+    weights = {k.removeprefix(PREFIX): v for k, v in state["model"].items() if k.startswith(PREFIX)}
+    return {"encoder": weights, "config": state["config"], "epoch": state.get("epoch")}
+
+
+def load_encoder(path: str, device: torch.device | str = "cpu") -> tuple[TokenEncoder, Config]:
+    """The trained encoder (eval mode) and its run's config from an `encoder.pt` artifact."""
+    saved = torch.load(path, map_location=device, weights_only=True)
+    cfg = from_dict(saved["config"])
+    encoder = TokenEncoder(cfg.encoder).to(device)
+    encoder.load_state_dict(saved["encoder"])
+    return encoder.eval(), cfg
+
+
+def newest_state(run_folder: str, cfg: Config) -> dict[str, Any]:
+    """The newest usable checkpoint's state of the Ray Train run stored in `run_folder` (a folder or URI)."""
+    import pyarrow.fs
+
+    fs, inner = storage.filesystem(run_folder)
+    names = sorted((info.base_name for info in fs.get_file_info(pyarrow.fs.FileSelector(inner))
+                    if info.base_name.startswith(checkpoints.FOLDER_PREFIX)
+                    and info.type == pyarrow.fs.FileType.Directory), reverse=True)  # not Ray's own files
+    if not names:
+        raise checkpoints.CheckpointError(f"no checkpoint under {run_folder}")
+    candidates = [f"{inner}/{name}" for name in names]
+    return checkpoints.read_newest_usable(candidates, cfg.to_dict(), "cpu", fetch=lambda path: _Fetched(fs, path))
+
+
+class _Fetched:
+    """A checkpoint folder on any pyarrow filesystem, copied to a local temporary folder while in use."""
+
+    def __init__(self, fs, path: str):
+        self.fs, self.path = fs, path
+
+    def __enter__(self) -> str:
+        import tempfile
+
+        import pyarrow.fs
+
+        self.local = tempfile.TemporaryDirectory(prefix="hamjepa-checkpoint-")
+        pyarrow.fs.copy_files(self.path, self.local.name, source_filesystem=self.fs,
+                              destination_filesystem=pyarrow.fs.LocalFileSystem())
+        return self.local.name
+
+    def __exit__(self, *exc) -> bool:
+        self.local.cleanup()
+        return False
+
+
+def log_encoder(logger, run_folder: str, cfg: Config) -> str | None:
+    """Log the run's trained encoder and its checkpoint folder on `logger`'s MLflow run; None, or the reason
+    it could not (the run's record stands without it)."""
+    import tempfile
+
+    logger.set_tags({"hamjepa.checkpoint": mask_uri(run_folder)})
+    try:
+        state = newest_state(run_folder, cfg)
+    except (checkpoints.CheckpointError, OSError) as error:
+        return str(error)
+    if "model" not in state:  # a diverged run's checkpoint holds its report, not weights
+        return "no trained weights in its checkpoint"
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, FILE)
+        torch.save(payload(state), path)
+        logger.log_artifact(path, ARTIFACT_DIR)
+    return None

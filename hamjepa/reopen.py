@@ -1,0 +1,284 @@
+"""Reopen a study from MLflow alone: `hamjepa report` rebuilds its summary, `hamjepa studies` lists them.
+
+Nothing here reads Ray's or Tune's state: a study's parent run (tag hamjepa.role = study) says what was planned
+(its params: `study.num_samples`, `study.paired_seeds`, `study.search_keys`, `study.seeds`, and the base config),
+its children (mlflow.parentRunId) say what ran and how each ended, and the summary is rebuilt with the same
+functions the study used (report.summarize / to_markdown, or reproduce.build_table / to_markdown for the paper's
+table). What a complete study contains comes from study.comparison_cells and study.cell_key, so an interrupted
+study's report can name the runs that are missing (never started) or cut (KILLED, or left RUNNING).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from mlflow.tracking import MlflowClient
+
+from . import metrics as names
+from .config import Config, ConfigError, build_config
+from .redact import mask_uri
+from .report import COMPARE, RunRecord, collect_runs, select_trial, summarize, to_markdown
+from .tracking import REASON_TAG, ROLE_TAG
+
+STUDY_NAME_TAG = "hamjepa.study"  # the study script's name (energy_budget, reproduce_paper, ...)
+SEARCH, REPRODUCE = "search", "reproduce"
+CUT = ("KILLED", "RUNNING")  # MLflow statuses of a run that did not end (interrupted, or its process died)
+STATUS_WORDS = {"FINISHED": "finished", "KILLED": "interrupted", "FAILED": "failed", "RUNNING": "running"}
+UI_ADDRESS = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
+# MLflow 3.17's UI opens every experiment in its GenAI view (Overview: traces, latency, tokens) unless the URL or
+# the user's last toggle says otherwise: with its GenAI / Model training switch on (the default), it reads the
+# view from this URL parameter, else from the browser's storage, and ignores the experiment's kind tag.
+MODEL_TRAINING_VIEW = "workflowType=machine_learning"
+
+
+def runs_url(tracking_uri: str, experiment_id: str) -> str:
+    """The MLflow UI's runs table of an experiment in its Model training view (hash-routed:
+    #/experiments/<id>/runs?workflowType=machine_learning); a tracking server is its own UI, a local store is
+    served by `mlflow ui` at UI_ADDRESS."""
+    server = tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else UI_ADDRESS
+    return f"{mask_uri(server)}/#/experiments/{experiment_id}/runs?{MODEL_TRAINING_VIEW}"
+
+
+# -- the studies in a store ---------------------------------------------------------------------------
+
+@dataclass
+class StudyRun:
+    """A study's parent run: what was planned (params) and how the invocation ended (status)."""
+
+    run_id: str
+    study_id: str
+    name: str
+    experiment_id: str
+    experiment: str
+    started_ms: int
+    status: str  # MLflow's: FINISHED | KILLED | FAILED | RUNNING
+    params: dict[str, str]
+    reason: str = ""  # why it failed (hamjepa.reason), where it did
+
+    @property
+    def kind(self) -> str:
+        """`reproduce` for the paper's fixed runs (studies/reproduce_paper.py), else `search`."""
+        return REPRODUCE if "study.methods" in self.params or self.name == "reproduce_paper" else SEARCH
+
+    @property
+    def started(self) -> str:
+        return time.strftime("%Y-%m-%d %H:%M", time.localtime(self.started_ms / 1000)) if self.started_ms else "-"
+
+    @property
+    def status_word(self) -> str:
+        return STATUS_WORDS.get(self.status, self.status.lower())
+
+
+def find_studies(client: MlflowClient, experiment: str | None = None) -> list[StudyRun]:
+    """Every study's parent run in the store (or in one experiment), newest first."""
+    experiments = {e.experiment_id: e.name for e in client.search_experiments()}
+    if experiment is not None:
+        experiments = {k: v for k, v in experiments.items() if v == experiment}
+        if not experiments:
+            raise ConfigError(f"--experiment '{experiment}' is not in this tracking store; `hamjepa studies` lists "
+                              "the studies of every experiment.")
+    if not experiments:
+        return []
+    runs = client.search_runs(list(experiments), filter_string=f"tags.`{ROLE_TAG}` = 'study'", max_results=5000,
+                              order_by=["attributes.start_time DESC"])
+    return [StudyRun(run.info.run_id, run.info.run_name, run.data.tags.get(STUDY_NAME_TAG, ""),
+                     run.info.experiment_id, experiments[run.info.experiment_id], run.info.start_time or 0,
+                     run.info.status, dict(run.data.params), run.data.tags.get(REASON_TAG, "")) for run in runs]
+
+
+def no_study(where: str) -> ConfigError:
+    return ConfigError(f"the tracking store {where} holds no study; run one first, or pass the --tracking-uri (and "
+                       "--experiment) it logged to.")
+
+
+def pick_study(studies: Sequence[StudyRun], study_id: str | None, where: str) -> StudyRun:
+    """The study with this id (or parent run id), else the newest; one sentence when there is none."""
+    if not studies:
+        raise no_study(where)
+    if study_id is None:
+        return studies[0]
+    for study in studies:
+        if study_id in (study.study_id, study.run_id):
+            return study
+    raise ConfigError(f"--study '{study_id}' is not a study in the tracking store {where}; `hamjepa studies` "
+                      "lists the ones it holds.")
+
+
+def base_config(params: Mapping[str, str]) -> Config:
+    """The study's base config from its parent run's params (MLflow keeps every value as a string)."""
+    defaults = Config().flatten()
+    overrides: dict[str, object] = {}
+    for key, text in params.items():
+        if key not in defaults:
+            continue
+        if isinstance(defaults[key], str):
+            overrides[key] = json.dumps(text)  # a quoted YAML string: "" stays "", "true" stays a word
+        else:
+            overrides[key] = None if text == "None" else text
+    return build_config(None, None, overrides)
+
+
+# -- what is missing --------------------------------------------------------------------------------------
+
+@dataclass
+class Gaps:
+    """The runs of a study that are not there: never started (`missing`, by name where the plan names them) or
+    cut short (`cut`: name -> MLflow status)."""
+
+    planned: dict[str, int] = field(default_factory=dict)  # phase -> runs planned
+    missing: dict[str, list[str]] = field(default_factory=dict)  # phase -> names (search: unnamed, "")
+    cut: dict[str, dict[str, str]] = field(default_factory=dict)  # phase -> {run name: status}
+
+    @property
+    def complete(self) -> bool:
+        return not any(self.missing.values()) and not any(self.cut.values())
+
+    def sentence(self) -> str:
+        """E.g. "2 of 4 compare runs missing: sigreg-seed2, hamjepa-seed2; 1 search trial cut (KILLED)"."""
+        parts = []
+        for phase, planned in self.planned.items():
+            noun = "trial" if phase == SEARCH else "run"
+            missing, cut = self.missing.get(phase, []), self.cut.get(phase, {})
+            if missing:
+                listed = ", ".join(m for m in missing if m)
+                parts.append(f"{len(missing)} of {planned} {phase} {_plural(noun, planned)} "
+                             f"{'missing: ' + listed if listed else 'never started'}")
+            if cut:
+                statuses = sorted(set(cut.values()))
+                counts = ", ".join(f"{sum(s == status for s in cut.values())} {status}" for status in statuses)
+                how = statuses[0] if len(statuses) == 1 else counts
+                listed = f": {', '.join(cut)}" if phase != SEARCH else ""
+                parts.append(f"{len(cut)} {phase} {_plural(noun, len(cut))} cut ({how}){listed}")
+        return "; ".join(parts)
+
+
+def _plural(noun: str, count: int) -> str:
+    return noun if count == 1 else noun + "s"
+
+
+def _cut(records: Sequence[RunRecord], key) -> dict[str, str]:
+    return {key(r): r.run_status for r in records if r.run_status in CUT}
+
+
+def search_gaps(study: StudyRun, records: Sequence[RunRecord], base: Config) -> Gaps:
+    """A search study's gaps: search trials against study.num_samples, compare cells against comparison_cells."""
+    from .study import CELL, StudySettings, cell_key, comparison_cells, run_key
+
+    gaps = Gaps()
+    search = [r for r in records if r.phase == SEARCH]
+    trials = int(study.params.get("study.num_samples", len(search)))
+    gaps.planned[SEARCH] = trials
+    gaps.missing[SEARCH] = [""] * max(0, trials - len(search))
+    gaps.cut[SEARCH] = _cut(search, lambda r: r.name)
+    paired = [int(s) for s in study.params.get("study.paired_seeds", "").split(",") if s.strip()]
+    if not paired:
+        return gaps
+    compared = [r for r in records if r.phase == COMPARE]
+    search_whole = not gaps.missing[SEARCH] and not gaps.cut[SEARCH]
+    # A search that did not end may still select a configuration: the plan then includes the HamJEPA arm.
+    selected = {} if select_trial(records, names.objective(base.eval.knn_k)) or not search_whole else None
+    ablation = study.params.get("study.ablation") or ("mlp" if any(r.method == "mlp" for r in compared) else "")
+    settings = StudySettings(name=study.name or "study", base=base, num_samples=max(1, trials), seeds=len(paired),
+                             ablation=ablation)
+    cells = comparison_cells(settings, selected)
+    planned = [run_key({CELL: cell}, "") for cell in cells]
+    present = {cell_key(r.method, r.seed) for r in compared}
+    gaps.planned[COMPARE] = len(planned)
+    gaps.missing[COMPARE] = [key for key in planned if key not in present]
+    gaps.cut[COMPARE] = _cut(compared, lambda r: cell_key(r.method, r.seed))
+    return gaps
+
+
+def reproduce_gaps(study: StudyRun, records: Sequence[RunRecord]) -> Gaps:
+    """The paper's fixed runs: every method of study.methods on seeds 0 .. study.seeds - 1."""
+    from .reproduce import METHODS
+    from .study import cell_key
+
+    methods = [m for m in study.params.get("study.methods", ",".join(METHODS)).split(",") if m]
+    seeds = int(study.params.get("study.seeds", 0))
+    planned = [cell_key(method, seed) for seed in range(seeds) for method in methods]
+    runs = [r for r in records if r.phase == REPRODUCE]
+    present = {cell_key(r.method, r.seed) for r in runs}
+    return Gaps({REPRODUCE: len(planned)}, {REPRODUCE: [key for key in planned if key not in present]},
+                {REPRODUCE: _cut(runs, lambda r: cell_key(r.method, r.seed))})
+
+
+# -- the report ---------------------------------------------------------------------------------------
+
+@dataclass
+class Reopened:
+    study: StudyRun
+    records: list[RunRecord]
+    summary_text: str  # what the study printed (summary.md / paper_table.md), rebuilt
+    verdict: str  # the summary's one-line answer
+    gaps: Gaps
+
+
+def reopen(client: MlflowClient, study: StudyRun) -> Reopened:
+    """Rebuild a study's summary, its verdict line and its gaps from MLflow's records."""
+    records = collect_runs(client, study.experiment_id, study.run_id)
+    base = base_config(study.params)
+    if study.kind == REPRODUCE:
+        from .reproduce import build_table
+        from .reproduce import to_markdown as table_markdown
+
+        seeds = int(study.params.get("study.seeds", 0))
+        table = build_table(records, base, seeds)
+        verdict = table.notes[0] if table.notes else ""
+        return Reopened(study, records, table_markdown(table, seeds), verdict, reproduce_gaps(study, records))
+    keys = [k for k in study.params.get("study.search_keys", "").split(",") if k]
+    text = to_markdown(summarize(records, keys, base))
+    verdict = next((line for line in text.splitlines() if line.startswith("Verdict")), "")
+    return Reopened(study, records, text, verdict, search_gaps(study, records, base))
+
+
+def report_text(reopened: Reopened, tracking_uri: str) -> str:
+    """A header (which study, how it ended, what is missing, where to browse it) and the rebuilt summary."""
+    s, gaps = reopened.study, reopened.gaps
+    lines = [f"Study {s.study_id} ({s.name or 'unnamed'}; experiment '{s.experiment}', parent run {s.run_id}), "
+             f"started {s.started}, {s.status_word}, {len(reopened.records)} trial runs."]
+    if gaps.complete:
+        lines.append("Complete: every planned run is there and ended.")
+    else:
+        lines.append(f"Incomplete: {gaps.sentence()}.")
+    lines += _how_it_ended(s)
+    lines += [f"Browse it: {runs_url(tracking_uri, s.experiment_id)}", "", reopened.summary_text.rstrip("\n")]
+    return "\n".join(lines) + "\n"
+
+
+def _how_it_ended(study: StudyRun) -> list[str]:
+    """What to do about a study that did not finish: the --resume that continues it."""
+    resume = f"continue it with the command that started it and --resume {study.study_id}."
+    if study.status == "KILLED":
+        return [resume[0].upper() + resume[1:]]
+    if study.status == "RUNNING":
+        return [f"Still running, or its process ended without closing it; in that case {resume}"]
+    if study.status == "FAILED":
+        return [f"It failed ({study.reason or 'no reason recorded'}); {resume}"]
+    return []
+
+
+def report(tracking_uri: str, study_id: str | None = None, experiment: str | None = None) -> str:
+    """`hamjepa report`: the chosen (default: newest) study's rebuilt summary."""
+    client = MlflowClient(tracking_uri=tracking_uri)
+    study = pick_study(find_studies(client, experiment), study_id, f"'{mask_uri(tracking_uri)}'")
+    return report_text(reopen(client, study), tracking_uri)
+
+
+def studies_table(tracking_uri: str, experiment: str | None = None) -> str:
+    """`hamjepa studies`: one row per study, newest first: id, experiment, start, status, trial runs, verdict."""
+    client = MlflowClient(tracking_uri=tracking_uri)
+    studies = find_studies(client, experiment)
+    if not studies:
+        raise no_study(f"'{mask_uri(tracking_uri)}'")
+    header = ("study", "experiment", "started", "status", "trials", "verdict")
+    rows = [header]
+    for study in studies:
+        reopened = reopen(client, study)
+        rows.append((study.study_id, study.experiment, study.started, study.status_word, str(len(reopened.records)),
+                     reopened.verdict or "-"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
+    return "\n".join("  ".join([*(cell.ljust(w) for cell, w in zip(row, widths)), row[-1]]) for row in rows) + "\n"

@@ -1,0 +1,371 @@
+"""A catalogue of bad inputs to every command line, each refused before any work.
+
+Each entry runs in-process, in an empty working directory, and must end with exit code 2, exactly one line on
+stderr that names the field, nothing on stdout, nothing created in the working directory (no MLflow store, no
+pointer file, no ray_results), and neither Ray nor MLflow reached: `ray.init`, `hamjepa.run.connect_ray`,
+MLflow's client and fluent entry points, and the study runners all fail the test when called. A control test
+runs each command's base arguments (valid) and sees it get as far as connecting Ray, so every entry is refused
+for its own bad part. The machine is pinned at 2 CPUs and no GPU, so capacity entries mean the same everywhere.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hamjepa import cli, data
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Reached(AssertionError):
+    """Work started: Ray, MLflow or a study runner was called."""
+
+
+# -- inputs ------------------------------------------------------------------------------------------------------
+
+def write_idx(path: Path, array: np.ndarray, magic: bytes = b"\x00\x00\x08") -> None:
+    header = magic + bytes([array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as handle:
+        handle.write(header + array.astype(np.uint8).tobytes())
+
+
+def fashion(folder: Path, n_train: int = 200, n_test: int = 40, image: int = 28, label_count: int | None = None,
+            label_max: int = 10) -> Path:
+    """Fashion-MNIST's four idx.gz files, random pixels, balanced labels."""
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, image, image)))
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", np.arange(label_count or n) % label_max)
+    return folder
+
+
+def broken_fashion(how: str) -> Callable[[Path], Path]:
+    def make(folder: Path) -> Path:
+        fashion(folder)
+        target = folder / "train-images-idx3-ubyte.gz"
+        if how == "truncated":
+            target.write_bytes(target.read_bytes()[:200])
+        elif how == "not-gzip":
+            target.write_bytes(b"plain bytes, not gzip")
+        elif how == "magic":
+            write_idx(target, np.zeros((200, 28, 28)), magic=b"\x00\x00\x0d")
+        elif how == "shape":
+            write_idx(target, np.zeros((200, 20, 20)))
+        elif how == "labels":
+            fashion(folder, label_count=150)
+        elif how == "label-range":
+            fashion(folder, label_max=13)
+        return folder
+    return make
+
+
+def image_folder(how: str) -> Callable[[Path], Path]:
+    """train/ and val/ with a class folder each of small PNGs, broken as `how` says."""
+    def make(folder: Path) -> Path:
+        from PIL import Image
+
+        for split, classes in (("train", ("ant", "bee")), ("val", ("ant", "bee"))):
+            for cls in classes:
+                (folder / split / cls).mkdir(parents=True)
+                if how == "empty-val" and split == "val":
+                    continue
+                for i in range(8):
+                    Image.new("L", (12, 12), color=i * 20).save(folder / split / cls / f"{i}.png")
+        if how == "undecodable":
+            (folder / "train" / "ant" / "3.png").write_bytes(b"not an image")
+        if how == "empty-class":
+            (folder / "train" / "cat").mkdir()
+        return folder
+    return make
+
+
+def bad_cifar(folder: Path) -> Path:
+    (folder / "cifar-10-batches-py").mkdir(parents=True)
+    for name in [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch"]:
+        (folder / "cifar-10-batches-py" / name).write_bytes(b"\x80\x02}q\x00.")  # an empty pickled dict
+    return folder
+
+
+def text_file(text: bytes) -> Callable[[Path], Path]:
+    def make(path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(text)
+        return path
+    return make
+
+
+def folder(path: Path) -> Path:
+    path.mkdir(parents=True)
+    return path
+
+
+# -- the catalogue ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Case:
+    """One bad input: `argv` after the command's base arguments; `{in}` is a folder outside the working directory,
+    `{made}` what `make` built there. `words` must appear in the one line on stderr."""
+
+    id: str
+    command: str  # train | config | study | reproduce
+    argv: list[str]
+    words: str
+    make: Callable[[Path], Path] | None = None
+
+
+DATA = ["--set", "data.dataset=imagefolder", "--set", "optim.batch_size=4", "--set", "eval.knn_k=2",
+        "--set", "eval.knn_train_limit=4"]
+CIFAR = ["--set", "data.dataset=cifar10", "--set", "encoder.in_channels=3", "--set", "data.image_size=32"]
+
+CASES = [
+    # config values: type, range, finiteness, cross-field, parsing
+    Case("dt-inf", "train", ["--set", "predictor.dt=inf"], "'predictor.dt' = inf"),
+    Case("dt-nan", "train", ["--set", "predictor.dt=.nan"], "'predictor.dt' = nan"),
+    Case("dt-unparsable", "train", ["--set", "predictor.dt=[1"], "'predictor.dt'"),
+    Case("dt-negative", "train", ["--set", "predictor.dt=-0.1"], "'predictor.dt'"),
+    Case("steps-zero", "train", ["--set", "predictor.steps=0"], "'predictor.steps'"),
+    Case("steps-word", "train", ["--set", "predictor.steps=two"], "'predictor.steps'"),
+    Case("steps-fraction", "train", ["--set", "predictor.steps=2.5"], "'predictor.steps'"),
+    Case("key-typo", "train", ["--set", "predictor.stepz=3"], "predictor.stepz"),
+    Case("section-set", "train", ["--set", "predictor=3"], "'predictor' is a section"),
+    Case("set-without-equals", "train", ["--set", "predictor.steps"], "dotted.key=value"),
+    Case("lr-negative", "train", ["--set", "optim.lr=-1"], "'optim.lr'"),
+    Case("lr-infinite", "train", ["--set", "optim.lr=1e999"], "'optim.lr'"),
+    Case("seed-negative", "train", ["--set", "seed=-1"], "'seed'"),
+    Case("seed-64-bit", "train", ["--set", "data.seed=18446744073709551615"], "'data.seed'"),
+    Case("channels-two", "train", ["--set", "encoder.in_channels=2"], "'encoder.in_channels'"),
+    Case("blur-kernel-too-big", "train", ["--set", "augment.blur_kernel=99"], "'augment.blur_kernel'"),
+    Case("knn-k-above-limit", "train", ["--set", "eval.knn_k=5000"], "'eval.knn_k'"),
+    Case("eigmax-above-one", "train", ["--set", "hamjepa.eigmax_ceiling_q=2"], "'hamjepa.eigmax_ceiling_q'"),
+    Case("final-lr-ratio", "train", ["--set", "optim.final_lr_ratio=2"], "'optim.final_lr_ratio'"),
+    Case("bool-as-number", "train", ["--set", "data.download=3"], "'data.download'"),
+    Case("method-empty", "train", ["--set", "method="], "'method'"),
+    # --config files
+    Case("config-not-utf8", "train", ["--config", "{made}"], "not UTF-8", text_file(b"predictor:\n  dt: \xff\n")),
+    Case("config-duplicate-section", "train", ["--config", "{made}"], "'predictor' is written twice",
+         text_file(b"predictor:\n  dt: 0.1\noptim:\n  lr: 0.1\npredictor:\n  steps: 3\n")),
+    Case("config-duplicate-key", "train", ["--config", "{made}"], "'dt' is written twice",
+         text_file(b"predictor:\n  dt: 0.1\n  dt: 0.2\n")),
+    Case("config-syntax", "train", ["--config", "{made}"], "not valid YAML", text_file(b"predictor: [1\n")),
+    Case("config-list", "train", ["--config", "{made}"], "must be a mapping", text_file(b"- 1\n- 2\n")),
+    Case("config-unknown-key", "train", ["--config", "{made}"], "predictor.leapfrog_steps",
+         text_file(b"predictor:\n  leapfrog_steps: 3\n")),
+    Case("config-missing", "train", ["--config", "{in}/nope.yaml"], "does not exist"),
+    Case("config-folder", "train", ["--config", "{made}"], "is a folder", folder),
+    # resources and run flags
+    Case("cpus-nan", "train", ["--cpus-per-worker", "nan"], "--cpus-per-worker = nan"),
+    Case("cpus-inf", "train", ["--cpus-per-worker", "inf"], "--cpus-per-worker = inf"),
+    Case("cpus-zero", "train", ["--cpus-per-worker", "0"], "--cpus-per-worker = 0"),
+    Case("gpus-negative", "train", ["--gpus-per-worker", "-1"], "--gpus-per-worker = -1"),
+    Case("gpus-absent", "train", ["--gpus-per-worker", "1"], "--gpus-per-worker = 1"),
+    Case("workers-zero", "train", ["--workers", "0"], "--workers = 0"),
+    Case("workers-beyond-cpus", "train", ["--workers", "3"], "--workers = 3"),
+    Case("workers-not-int", "train", ["--workers", "abc"], "--workers"),
+    Case("batch-not-divisible", "train", ["--workers", "3", "--cpus-per-worker", "0.5"], "'optim.batch_size'"),
+    Case("max-failures-negative", "train", ["--max-failures", "-1"], "--max-failures = -1"),
+    Case("profile-unknown", "train", ["--profile", "laptop"], "--profile"),
+    Case("name-quote", "train", ["--name", "it's"], "--name"),
+    Case("name-path", "train", ["--name", "../elsewhere"], "--name"),
+    Case("experiment-quote", "train", ["--experiment", 'a"b'], "--experiment"),
+    Case("experiment-blank", "train", ["--experiment", " "], "--experiment"),
+    Case("address-malformed", "train", ["--address", "headnode"], "--address"),
+    Case("address-port", "train", ["--address", "10.0.0.1:99999"], "--address"),
+    # where results go
+    Case("tracking-folder-missing", "train", ["--tracking-uri", "sqlite:///{in}/missing/m.db"], "tracking URI"),
+    Case("tracking-not-sqlite", "train", ["--tracking-uri", "sqlite:///{made}"], "not a SQLite database",
+         text_file(b"some notes\n")),
+    Case("tracking-is-folder", "train", ["--tracking-uri", "sqlite:///{made}"], "tracking URI", folder),
+    Case("tracking-scheme", "train", ["--tracking-uri", "ftp://example.org/m"], "tracking URI"),
+    Case("tracking-unreachable", "train", ["--tracking-uri", "http://127.0.0.1:9"], "cannot be reached"),
+    Case("tracking-file-store", "train", ["--tracking-uri", "file:///{in}/mlruns"], "no longer writes file stores"),
+    Case("storage-under-file", "train", ["--storage-path", "{made}/ray"], "--storage-path", text_file(b"x")),
+    Case("storage-scheme", "train", ["--storage-path", "ftp://bucket/x"], "--storage-path"),
+    # data: existence, format, shapes, sizes
+    Case("data-root-missing", "train", ["--data-root", "{in}/nonexistent"], "'data.root'"),
+    Case("data-root-empty", "train", ["--data-root", "{made}"], "'fashion_mnist' was not found", folder),
+    Case("gz-truncated", "train", ["--data-root", "{made}"], "not a complete gzip", broken_fashion("truncated")),
+    Case("gz-not-gzip", "train", ["--data-root", "{made}"], "not a complete gzip", broken_fashion("not-gzip")),
+    Case("idx-magic", "train", ["--data-root", "{made}"], "bad magic number", broken_fashion("magic")),
+    Case("idx-shape", "train", ["--data-root", "{made}"], "holds images of shape", broken_fashion("shape")),
+    Case("idx-label-count", "train", ["--data-root", "{made}"], "labels of shape", broken_fashion("labels")),
+    Case("idx-label-range", "train", ["--data-root", "{made}"], "labels outside", broken_fashion("label-range")),
+    Case("image-undecodable", "train", [*DATA, "--data-root", "{made}"], "cannot be decoded",
+         image_folder("undecodable")),
+    Case("image-empty-class", "train", [*DATA, "--data-root", "{made}"], "every class folder",
+         image_folder("empty-class")),
+    Case("image-empty-val", "train", [*DATA, "--data-root", "{made}"], "holds no images", image_folder("empty-val")),
+    Case("cifar-not-a-batch", "train", [*CIFAR, "--data-root", "{made}"], "CIFAR file", bad_cifar),
+    Case("subset-too-big", "train", ["--set", "data.subset=100000"], "'data.subset'"),
+    Case("batch-above-split", "train", ["--set", "optim.batch_size=512"], "'optim.batch_size'"),
+    Case("val-split-empty", "train", ["--set", "data.val_fraction=0.001"], "'data.val_fraction'"),
+    # hamjepa config: the same parsing, without running anything
+    Case("config-cmd-dt-inf", "config", ["--set", "predictor.dt=inf"], "'predictor.dt'"),
+    Case("config-cmd-clip-inf", "config", ["--set", "optim.grad_clip=.inf"], "'optim.grad_clip'"),
+    Case("config-cmd-unparsable", "config", ["--set", "predictor.dt=[1"], "'predictor.dt'"),
+    Case("config-cmd-not-utf8", "config", ["--config", "{made}"], "not UTF-8", text_file(b"\xfe\xff")),
+    Case("config-cmd-duplicate", "config", ["--config", "{made}"], "written twice",
+         text_file(b"optim:\n  lr: 1\noptim:\n  lr: 2\n")),
+    Case("config-cmd-profile", "config", ["--profile", "laptop"], "--profile"),
+    # studies/energy_budget.py
+    Case("study-max-concurrent", "study", ["--max-concurrent", "-1"], "--max-concurrent = -1"),
+    Case("study-num-samples", "study", ["--num-samples", "0"], "--num-samples = 0"),
+    Case("study-seeds", "study", ["--seeds", "-1"], "--seeds = -1"),
+    Case("study-sampler-seed", "study", ["--seed", "-1"], "--seed = -1"),
+    Case("study-workers", "study", ["--workers-per-trial", "0"], "--workers-per-trial = 0"),
+    Case("study-workers-beyond-cpus", "study", ["--workers-per-trial", "4"], "--workers-per-trial = 4"),
+    Case("study-cpus-nan", "study", ["--cpus-per-worker", "nan"], "--cpus-per-worker = nan"),
+    Case("study-gpus-absent", "study", ["--gpus-per-worker", "1"], "--gpus-per-worker = 1"),
+    Case("study-epochs", "study", ["--epochs", "0"], "'optim.epochs'"),
+    Case("study-subset", "study", ["--subset", "-5"], "'data.subset'"),
+    Case("study-dataset", "study", ["--dataset", "mnist"], "--dataset"),
+    Case("study-ablation", "study", ["--ablation", "byol"], "--ablation"),
+    Case("study-no-validation", "study", ["--set", "data.val_fraction=0"], "'data.val_fraction'"),
+    Case("study-experiment", "study", ["--experiment", "it's"], "--experiment"),
+    Case("study-resume-id", "study", ["--resume", "../other"], "--resume"),
+    Case("study-tracking", "study", ["--tracking-uri", "sqlite:///{in}/missing/m.db"], "tracking URI"),
+    Case("study-storage", "study", ["--storage-path", "{made}/ray"], "--storage-path", text_file(b"x")),
+    Case("study-data-root", "study", ["--data-root", "{in}/nonexistent"], "'data.root'"),
+    Case("study-data-truncated", "study", ["--data-root", "{made}"], "gzip", broken_fashion("truncated")),
+    Case("study-address", "study", ["--address", "ray://"], "--address"),
+    Case("study-config-duplicate", "study", ["--config", "{made}"], "written twice",
+         text_file(b"predictor:\n  dt: 0.1\npredictor:\n  dt: 0.2\n")),
+    # studies/reproduce_paper.py
+    Case("reproduce-seeds", "reproduce", ["--seeds", "0"], "--seeds = 0"),
+    Case("reproduce-cpus-inf", "reproduce", ["--cpus-per-worker", "inf"], "--cpus-per-worker = inf"),
+    Case("reproduce-gpu-profile", "reproduce", ["--profile", "cifar100"], "--gpus-per-worker = 1"),
+    Case("reproduce-dt-inf", "reproduce", ["--set", "predictor.dt=inf"], "'predictor.dt'"),
+    Case("reproduce-max-concurrent", "reproduce", ["--max-concurrent", "-2"], "--max-concurrent = -2"),
+    Case("reproduce-idx-magic", "reproduce", ["--data-root", "{made}"], "bad magic", broken_fashion("magic")),
+    Case("reproduce-storage", "reproduce", ["--storage-path", "gopher://x"], "--storage-path"),
+    Case("reproduce-not-utf8", "reproduce", ["--config", "{made}"], "not UTF-8", text_file(b"seed: \xe9\n")),
+]
+
+NEEDS_STUDY_CHECK = [  # refused by hamjepa.study.check_resumable, once study.py has it
+    Case("study-resume-nothing", "study", ["--resume"], "--resume"),
+    Case("study-resume-unknown-id", "study", ["--resume", "20240101-000000-abcd"], "--resume"),
+    Case("reproduce-resume-nothing", "reproduce", ["--resume"], "--resume"),
+]
+
+
+# -- running a command in-process --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def energy_budget_space():
+    spec = importlib.util.spec_from_file_location("energy_budget", ROOT / "studies" / "energy_budget.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.SEARCH_SPACE
+
+
+@pytest.fixture(scope="module")
+def good_data(tmp_path_factory) -> Path:
+    return fashion(tmp_path_factory.mktemp("data") / "fashion-mnist")
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch) -> Path:
+    """An empty working directory, no ambient settings, a 2-CPU machine without GPUs, and tripwires on work."""
+    import mlflow
+    import ray
+
+    import hamjepa.reproduce
+    import hamjepa.run
+    import hamjepa.study
+
+    def tripwire(what: str):
+        def reached(*args, **kwargs):
+            raise Reached(f"{what} was called")
+        return reached
+
+    for name in ("MLFLOW_TRACKING_URI", "HAMJEPA_STORAGE_PATH", "HAMJEPA_DATA", "CUDA_VISIBLE_DEVICES"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(data, "DEBIAN_DIRS", {"fashion_mnist": tmp_path / "no-debian-package"})
+    monkeypatch.setattr("hamjepa.checks.local_cpus", lambda: 2.0)
+    monkeypatch.setattr("hamjepa.checks.local_gpus", lambda: 0)
+    monkeypatch.setattr(ray, "init", tripwire("ray.init"))
+    monkeypatch.setattr(hamjepa.run, "connect_ray", tripwire("hamjepa.run.connect_ray"))
+    monkeypatch.setattr(mlflow.tracking.MlflowClient, "__init__", tripwire("MlflowClient"))
+    for name in ("set_tracking_uri", "start_run", "set_experiment", "log_params", "log_metrics"):
+        monkeypatch.setattr(mlflow, name, tripwire(f"mlflow.{name}"))
+    monkeypatch.setattr(hamjepa.study, "run_study", tripwire("run_study"))
+    monkeypatch.setattr(hamjepa.reproduce, "run_reproduction", tripwire("run_reproduction"))
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    return cwd
+
+
+def base_argv(command: str, good_data: Path) -> list[str]:
+    """Valid arguments: the quick profile on a 200-image Fashion-MNIST, no download, everything else default."""
+    valid = ["--data-root", str(good_data), "--set", "data.download=false", "--set", "optim.batch_size=32"]
+    return {"train": ["train", "--profile", "quick", "--set", "data.subset=0", *valid],
+            "config": ["config", "--profile", "quick"], "study": ["--subset", "0", *valid],
+            "reproduce": ["--profile", "quick", "--subset", "0", *valid]}[command]
+
+
+def invoke(command: str, argv: list[str], space) -> int:
+    try:
+        if command in ("train", "config"):
+            return cli.main(argv)
+        if command == "study":
+            return cli.study_main("energy_budget", space, argv)
+        return cli.reproduce_main(argv)
+    except SystemExit as exit_:  # argparse's refusals
+        return exit_.code
+
+
+def check_refused(case: Case, workdir: Path, good_data: Path, space, capsys) -> None:
+    inputs = workdir.parent / "in"
+    inputs.mkdir()
+    made = case.make(inputs / "made") if case.make else inputs
+    argv = [a.replace("{in}", str(inputs)).replace("{made}", str(made)) for a in case.argv]
+    code = invoke(case.command, [*base_argv(case.command, good_data), *argv], space)
+    out, err = capsys.readouterr()
+    assert code == 2, f"exit {code}; stderr: {err}"
+    assert len(err.splitlines()) == 1 and err.endswith("\n"), err
+    assert "error: " in err and case.words in err, err
+    assert out == ""
+    assert list(workdir.iterdir()) == []  # no mlflow.db, no ray_results, no pointer file
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input_is_one_sentence_before_any_work(case, workdir, good_data, energy_budget_space, capsys):
+    check_refused(case, workdir, good_data, energy_budget_space, capsys)
+
+
+@pytest.mark.parametrize("case", NEEDS_STUDY_CHECK, ids=[c.id for c in NEEDS_STUDY_CHECK])
+def test_resume_needs_something_to_resume(case, workdir, good_data, energy_budget_space, capsys):
+    import hamjepa.study
+
+    if not hasattr(hamjepa.study, "check_resumable"):
+        pytest.skip("hamjepa.study.check_resumable is not there yet")
+    check_refused(case, workdir, good_data, energy_budget_space, capsys)
+
+
+def test_catalogue_is_large_and_covers_every_command():
+    assert len(CASES) >= 50
+    assert {c.command for c in CASES} == {"train", "config", "study", "reproduce"}
+    assert len({c.id for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("command", ["train", "study", "reproduce"])
+def test_base_arguments_get_as_far_as_ray_and_create_nothing(command, workdir, good_data, energy_budget_space):
+    """The control: the entries above differ from a valid command line only in their bad part."""
+    with pytest.raises(Reached, match="connect_ray"):
+        invoke(command, base_argv(command, good_data), energy_budget_space)
+    assert list(workdir.iterdir()) == []
+
+
+def test_config_base_arguments_print_the_config(workdir, good_data, capsys):
+    assert invoke("config", base_argv("config", good_data), None) == 0
+    assert "predictor:" in capsys.readouterr().out

@@ -1,0 +1,90 @@
+"""A study's identity: unique ids, resumable by id, refused when resumed with other settings; compare cells.
+
+No Ray: these are the decisions a resumed study is built on.
+"""
+
+import json
+
+import pytest
+from conftest import tiny_config
+
+from hamjepa.config import ConfigError
+from hamjepa.study import (
+    ARM,
+    CELL,
+    IDENTITY_FILE,
+    StudySettings,
+    check_resumable,
+    comparison_cells,
+    flat_overrides,
+    new_study_id,
+    run_key,
+)
+
+
+def test_resume_refuses_a_changed_command_and_unknown_ids(tmp_path):
+    """Before Ray or MLflow: --resume with no study, an unknown id, or other settings is one sentence."""
+    with pytest.raises(ConfigError, match="found no earlier run of study 'energy_budget'"):
+        check_resumable("energy_budget", str(tmp_path), "latest")
+    study_dir = tmp_path / "energy_budget" / "energy_budget-20261129-120000-abc123"
+    study_dir.mkdir(parents=True)
+    base = tiny_config()
+    (study_dir / IDENTITY_FILE).write_text(json.dumps({"id": study_dir.name, "params": {
+        **{k: str(v) for k, v in base.flatten().items()}, "study.seed": "0"}}))
+    (tmp_path / "energy_budget" / "latest.json").write_text(json.dumps({"id": study_dir.name}))
+    check_resumable("energy_budget", str(tmp_path), "latest", base)  # the same config: fine
+    check_resumable("energy_budget", str(tmp_path), study_dir.name, base)
+    with pytest.raises(ConfigError, match="no such study"):
+        check_resumable("energy_budget", str(tmp_path), "energy_budget-20200101-000000-ffffff", base)
+    with pytest.raises(ConfigError, match=r"optim.epochs was 2, now 5"):
+        check_resumable("energy_budget", str(tmp_path), "latest", base.override({"optim.epochs": 5}))
+
+
+
+def test_study_ids_are_unique_within_one_second():
+    ids = {new_study_id("energy_budget") for _ in range(200)}
+    assert len(ids) == 200 and all(i.startswith("energy_budget-20") for i in ids)
+
+
+def test_compare_cells_pair_every_arm_on_every_fresh_seed_and_are_named_by_method_and_seed():
+    settings = StudySettings(name="s", base=tiny_config(), seeds=2, ablation="mlp")
+    cells = comparison_cells(settings, {"predictor.dt": 0.1})
+    # seed by seed, so an interrupted comparison has whole pairs first; never the search's seed (0)
+    assert [(c[ARM]["method"], c["seed"]) for c in cells] == [
+        ("hamjepa", 1), ("sigreg", 1), ("mlp", 1), ("hamjepa", 2), ("sigreg", 2), ("mlp", 2)]
+    assert [run_key({CELL: c}, "ignored") for c in cells[:2]] == ["hamjepa-seed1", "sigreg-seed1"]
+    assert run_key({"predictor.dt": 0.1}, "a1b2c3d4") == "a1b2c3d4"  # a search trial keeps Tune's id
+    assert flat_overrides({CELL: cells[2]}) == {"predictor.dt": 0.1, "method": "mlp", "seed": 1}
+    assert [c[ARM] for c in comparison_cells(settings, None)] == [{"method": "sigreg"}] * 2  # nothing selected
+
+
+def test_the_old_resume_flag_means_the_latest_study():
+    assert StudySettings(name="s", base=tiny_config(), resume=True).resume == "latest"
+    assert StudySettings(name="s", base=tiny_config(), resume=False).resume == ""
+
+
+def test_any_error_closes_the_study_and_its_runs_as_failed_with_the_reason(tmp_path):
+    """Not Ctrl-C but an error (MLflow, disk, a bug): nothing is left RUNNING, and the parent says why."""
+    from mlflow.tracking import MlflowClient
+
+    from hamjepa.study import Invocation
+    from hamjepa.tracking import PARENT_TAG, ROLE_TAG, RunLogger
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    settings = StudySettings(name="s", base=tiny_config(), tracking_uri=uri, storage_path=str(tmp_path / "state"))
+    with pytest.raises(OSError, match="No space left"):
+        with Invocation(settings, {"study.seed": 0}) as study:
+            child = RunLogger(uri, settings.experiment_name, key="child", parent_run_id=study.parent_id,
+                              tags={ROLE_TAG: "trial"})
+            child.start()
+            raise OSError(28, "No space left on device")
+    client = MlflowClient(uri)
+    parent = client.get_run(study.parent_id)
+    assert parent.info.status == "FAILED" and parent.data.tags["hamjepa.status"] == "failed"
+    assert parent.data.tags["hamjepa.reason"] == "OSError: [Errno 28] No space left on device"
+    run = client.get_run(child.run_id)
+    assert run.info.status == "FAILED" and run.data.tags[PARENT_TAG] == study.parent_id
+    assert run.data.tags["hamjepa.reason"].startswith("the study stopped: OSError")
+    # and the stopped study can be resumed: its identity was stored before any work
+    assert (tmp_path / "state" / "s" / study.study_id / IDENTITY_FILE).is_file()
+    check_resumable("s", str(tmp_path / "state"), "latest", settings.base)
