@@ -84,8 +84,8 @@ def select_trial(records: Sequence[RunRecord], objective: str) -> RunRecord | No
 
 
 @dataclass
-class Row:
-    """One metric of the paired comparison."""
+class PairedRow:
+    """One metric, HamJEPA beside SIGReg over the seeds both have."""
 
     label: str
     metric: str
@@ -93,22 +93,22 @@ class Row:
     hamjepa: Estimate
     sigreg: Estimate
     delta: Estimate  # HamJEPA - SIGReg, paired by seed
-    gains: dict[str, Estimate]  # side -> final minus initialisation, per seed
-    verdict: str
+
+
+@dataclass
+class Row(PairedRow):
+    """One metric of the paired comparison, with each side's gain over initialisation and the verdict."""
+
+    gains: dict[str, Estimate] = field(default_factory=dict)  # side -> final minus initialisation, per seed
+    verdict: str = ""
     ablation: Estimate | None = None
 
 
 @dataclass
-class TheoryRow:
+class TheoryRow(PairedRow):
     """One theory quantity of one readout, paired by seed."""
 
-    label: str
-    readout: str
-    metric: str
-    seeds: list[int]  # the seeds where both sides have the metric
-    hamjepa: Estimate
-    sigreg: Estimate
-    delta: Estimate  # HamJEPA - SIGReg, paired by seed
+    readout: str = ""
 
 
 @dataclass
@@ -183,8 +183,8 @@ def theory_rows(hamjepa: dict[int, RunRecord], sigreg: dict[int, RunRecord]) -> 
         for kind in names.THEORY:
             metric = names.theory(kind, readout)
             seeds, h, g = _paired(hamjepa, sigreg, metric)
-            rows.append(TheoryRow(THEORY_LABELS[kind], readout, metric, seeds, estimate(h), estimate(g),
-                                  estimate(paired_differences(h, g))))
+            rows.append(TheoryRow(THEORY_LABELS[kind], metric, seeds, estimate(h), estimate(g),
+                                  estimate(paired_differences(h, g)), readout=readout))
     return rows
 
 

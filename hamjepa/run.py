@@ -98,7 +98,9 @@ def connect_ray(address: str | None, verbose: bool = False, worker_logs: bool = 
     quiet = {} if verbose else {"logging_level": logging.WARNING, "log_to_driver": worker_logs,
                                 "runtime_env": {"env_vars": {QUIET_WORKERS: "1"}}}
     if not verbose:
-        for name in ("ray.tune", "ray.train"):  # this process's share of the same messages
+        # This process's share of the same messages, and MLflow's and Optuna's routine ones (store creation,
+        # "a new study created"); their warnings and errors still show.
+        for name in ("ray.tune", "ray.train", "mlflow", "optuna"):
             logging.getLogger(name).setLevel(logging.WARNING)
     try:
         if address:

@@ -173,7 +173,10 @@ def run_key(trial_config: Mapping[str, Any], trial_id: str) -> str:
     return cell_key(cell[ARM]["method"], cell["seed"]) if cell else trial_id
 
 
-def first_line(error: BaseException, limit: int = 300) -> str:
+REASON_CHARS = 300  # a failure's reason, as one line in a run's tag and the summary
+
+
+def first_line(error: BaseException, limit: int = REASON_CHARS) -> str:
     """An error as one short line for a run's reason tag, credentials masked."""
     text = str(error).strip()
     return mask_text(f"{type(error).__name__}: {text.splitlines()[0][:limit]}" if text else type(error).__name__)
@@ -199,7 +202,7 @@ def trial_driver(overrides: dict[str, Any], *, base: dict[str, Any], resources: 
     try:
         trainer.fit()
     except TrainingFailedError as error:
-        reason = str(error).strip().splitlines()[-1][:300] if str(error).strip() else type(error).__name__
+        reason = str(error).strip().splitlines()[-1][:REASON_CHARS] if str(error).strip() else type(error).__name__
         tune.report({names.EPOCH: cfg.optim.epochs, names.FAILED: 1, names.FAILURE_REASON: reason,
                      names.objective(cfg.eval.knn_k): 0.0})
 
@@ -310,7 +313,7 @@ def _error_reason(trial) -> str:
     path = getattr(trial, "error_file", None)
     text = Path(path).read_text(errors="replace") if path and Path(path).is_file() else ""
     lines = [line for line in text.strip().splitlines() if line.strip()]
-    return lines[-1][:500] if lines else "the trial raised an error"
+    return lines[-1][:REASON_CHARS] if lines else "the trial raised an error"
 
 
 # -- running a phase ----------------------------------------------------------------------------------
@@ -406,8 +409,9 @@ def _console(settings: StudySettings, param_space: Mapping[str, Any]) -> dict[st
     else:
         parameters = short_names(list(param_space))
     metrics = {names.EPOCH: "epoch", settings.objective: settings.objective.removesuffix("_top1")}
+    # Tables every time, explicitly: the default follows Tune's global verbosity, which the previous phase lowered.
     reporter = CLIReporter(metric_columns=metrics, parameter_columns=parameters, max_report_frequency=TABLE_EVERY_S,
-                           max_column_length=12)
+                           max_column_length=12, print_intermediate_tables=True)
     return {"progress_reporter": reporter, "verbose": 1}
 
 
@@ -636,6 +640,12 @@ def _search_algorithm(settings: StudySettings, space: Mapping[str, Any], study_i
                                  epochs=settings.base.optim.epochs)
 
 
+# ASHA's rungs: the first after a quarter of the epochs (earlier, a trial's objective is mostly its
+# initialisation), and half the trials continue at each rung.
+ASHA_FIRST_RUNG_DIVISOR = 4
+ASHA_KEEP_ONE_IN = 2
+
+
 def _scheduler(settings: StudySettings):
     if not settings.early_stopping:
         return None
@@ -643,7 +653,8 @@ def _scheduler(settings: StudySettings):
 
     epochs = settings.base.optim.epochs
     # Driver retries restart Tune's training_iteration, so the time axis is our own `epoch` metric.
-    return ASHAScheduler(time_attr=names.EPOCH, max_t=epochs, grace_period=max(1, epochs // 4), reduction_factor=2)
+    return ASHAScheduler(time_attr=names.EPOCH, max_t=epochs, grace_period=max(1, epochs // ASHA_FIRST_RUNG_DIVISOR),
+                         reduction_factor=ASHA_KEEP_ONE_IN)
 
 
 def comparison_cells(settings: StudySettings, selected: Mapping[str, Any] | None) -> list[dict[str, Any]]:

@@ -32,6 +32,8 @@ REASON_TAG = "hamjepa.reason"
 DATASET_TAG = "hamjepa.dataset"  # the dataset input's name (log_dataset)
 PARENT_TAG = "mlflow.parentRunId"
 _BATCH = 100  # MLflow's limit on params per log_batch call
+_METRICS_PER_BATCH = 1000  # MLflow's limit on metrics per log_batch call
+PARAM_CHARS, TAG_CHARS = 6000, 5000  # MLflow's longest param and tag values (characters); longer ones are cut
 
 
 # MLflow 3's UI opens an experiment on the view its kind names (the experiment tag below); without it, it infers
@@ -109,13 +111,13 @@ class RunLogger:
     def log_params(self, params: Mapping[str, Any]) -> None:
         run_id = self._ensure_started()
         logged = self.client.get_run(run_id).data.params
-        items = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in logged]
+        items = [Param(k, str(v)[:PARAM_CHARS]) for k, v in params.items() if k not in logged]
         for start in range(0, len(items), _BATCH):
             self.client.log_batch(run_id, params=items[start:start + _BATCH])
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         run_id = self._ensure_started()
-        self.client.log_batch(run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)[:TAG_CHARS]) for k, v in tags.items()])
 
     def last_logged_epoch(self) -> int:
         if self._last_epoch is None:
@@ -129,8 +131,8 @@ class RunLogger:
         timestamp = _now_ms()
         numeric = [Metric(k, float(v), timestamp, step) for k, v in metrics.items()
                    if _is_number(v) and math.isfinite(float(v))]
-        for start in range(0, len(numeric), 1000):
-            self.client.log_batch(run_id, metrics=numeric[start:start + 1000])
+        for start in range(0, len(numeric), _METRICS_PER_BATCH):
+            self.client.log_batch(run_id, metrics=numeric[start:start + _METRICS_PER_BATCH])
         strings = {f"hamjepa.{k}": v for k, v in metrics.items() if isinstance(v, str)}
         if strings:
             self.set_tags(strings)
