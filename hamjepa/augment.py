@@ -10,7 +10,15 @@ here when applied image by image (Python overhead; about 230 two-view images/s p
 batch they draw ONE crop for the whole batch (docs/design.md "Pitfalls we measured"). So every random
 choice - crop box, flip, jitter factors and their order, grayscale, blur sigma, solarize - is drawn per sample
 and applied with tensor ops over the batch: `python -m hamjepa.bench augment` measures the throughput. The
-same code runs in DataLoader workers on the CPU or on a GPU.
+same code runs in DataLoader workers on the CPU or in the training loop on the training device
+(data.augment_on, data.py).
+
+Parameters first, pixels second: `Augmentation.sample` draws every random choice of a batch (a ViewParams)
+on the generator's device, and `apply` applies them. On the CPU a random-applied step touches only its chosen
+images (gathered by index: no work for the rest). On a GPU that gather would need the chosen count on the
+host, a synchronisation per step; there every step runs on the whole batch and a per-image mask keeps or
+drops its result (`sync_free`), which costs more arithmetic, cheap on a GPU, and never waits for the device.
+Both modes give the same views from the same parameters (tests/test_augment.py).
 
 Semantics are torchvision's for float images in [0, 1]: brightness scales, contrast blends with the
 image's mean grey level, saturation blends with the grey image, hue rotates the HSV hue, each clamped to
@@ -30,6 +38,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -41,8 +50,9 @@ CROP_ATTEMPTS = 10  # draws per sample before falling back to the whole image, a
 GREY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R BT.601 luma
 
 
-def _uniform(n: int, low: float, high: float, generator: torch.Generator | None) -> torch.Tensor:
-    return low + (high - low) * torch.rand(n, generator=generator)
+def _uniform(n: int, low: float, high: float, generator: torch.Generator | None,
+             device: torch.device | None = None) -> torch.Tensor:
+    return low + (high - low) * torch.rand(n, generator=generator, device=device)
 
 
 def _column(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -54,16 +64,18 @@ def _column(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 def sample_crops(n: int, height: int, width: int, scale: tuple[float, float],
                  ratio: tuple[float, float] = CROP_RATIO,
-                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, ...]:
-    """RandomResizedCrop boxes for n images: (top, left, h, w), int64 (n,) each.
+                 generator: torch.Generator | None = None,
+                 device: torch.device | None = None) -> tuple[torch.Tensor, ...]:
+    """RandomResizedCrop boxes for n images: (top, left, h, w), int64 (n,) each, drawn on `device`.
 
     Area fraction ~ U(scale), log aspect ratio ~ U(log ratio); the first of CROP_ATTEMPTS draws that fits
     the image is kept, else the whole image (clipped to the ratio range), centred. The offset is uniform.
     """
     area = height * width
-    target = area * (scale[0] + (scale[1] - scale[0]) * torch.rand(n, CROP_ATTEMPTS, generator=generator))
+    draw = dict(generator=generator, device=device)
+    target = area * (scale[0] + (scale[1] - scale[0]) * torch.rand(n, CROP_ATTEMPTS, **draw))
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    aspect = torch.exp(log_lo + (log_hi - log_lo) * torch.rand(n, CROP_ATTEMPTS, generator=generator))
+    aspect = torch.exp(log_lo + (log_hi - log_lo) * torch.rand(n, CROP_ATTEMPTS, **draw))
     w = torch.round(torch.sqrt(target * aspect)).long()  # (n, attempts)
     h = torch.round(torch.sqrt(target / aspect)).long()
     fits = (w >= 1) & (w <= width) & (h >= 1) & (h <= height)
@@ -78,8 +90,8 @@ def sample_crops(n: int, height: int, width: int, scale: tuple[float, float],
     none_fits = ~fits.any(dim=1)
     w = torch.where(none_fits, fallback_w, w)
     h = torch.where(none_fits, fallback_h, h)
-    top = (torch.rand(n, generator=generator) * (height - h + 1)).long()
-    left = (torch.rand(n, generator=generator) * (width - w + 1)).long()
+    top = (torch.rand(n, **draw) * (height - h + 1)).long()
+    left = (torch.rand(n, **draw) * (width - w + 1)).long()
     top = torch.where(none_fits, (height - h) // 2, top)
     left = torch.where(none_fits, (width - w) // 2, left)
     return top, left, h, w
@@ -93,13 +105,14 @@ def crop_flip_resize(x: torch.Tensor, top: torch.Tensor, left: torch.Tensor, h: 
     reads the input at centre + half-extent * u (negated x-extent for a flip), align_corners=False.
     """
     batch, channels, height, width = x.shape
-    theta = torch.zeros(batch, 2, 3, dtype=x.dtype)  # (B, 2, 3)
+    theta = torch.zeros(batch, 2, 3, dtype=x.dtype, device=x.device)  # (B, 2, 3)
+    top, left, h, w, flip = (v.to(x.device) for v in (top, left, h, w, flip))
     sign = 1.0 - 2.0 * flip.to(x.dtype)
     theta[:, 0, 0] = sign * w.to(x.dtype) / width
     theta[:, 0, 2] = (2 * left + w).to(x.dtype) / width - 1
     theta[:, 1, 1] = h.to(x.dtype) / height
     theta[:, 1, 2] = (2 * top + h).to(x.dtype) / height - 1
-    grid = F.affine_grid(theta.to(x.device), [batch, channels, size, size], align_corners=False)  # (B, S, S, 2)
+    grid = F.affine_grid(theta, [batch, channels, size, size], align_corners=False)  # (B, S, S, 2)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
@@ -109,8 +122,9 @@ def grey(x: torch.Tensor) -> torch.Tensor:
     """Luma of (B, 3, H, W) RGB, or the image itself for one channel: (B, 1, H, W)."""
     if x.shape[1] == 1:
         return x
-    weights = torch.tensor(GREY_WEIGHTS, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    return (x * weights).sum(dim=1, keepdim=True)
+    # Python-scalar weights: no small tensor copied to the device on every call
+    red, green, blue = GREY_WEIGHTS
+    return (x[:, 0:1] * red).add_(x[:, 1:2] * green).add_(x[:, 2:3] * blue)
 
 
 def adjust_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -147,7 +161,7 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     h_red, h_green, h_blue = (g - b) * inverse, (b - r) * inverse + 2, (r - g) * inverse + 4
     h6 = h_blue + green * (h_green - h_blue) + red * (h_red - h_blue)  # in [-1, 5)
     h6 += 6 * shift.to(x.device, x.dtype).view(-1, 1, 1)
-    n = torch.tensor((5.0, 3.0, 1.0), dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    n = torch.arange(5.0, 0.0, -2.0, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)  # (5, 3, 1), made on the device
     k = n + h6.unsqueeze(1)  # (B, 3, H, W)
     k -= torch.floor(k / 6) * 6
     weight = (k - 2).abs_().neg_().add_(2).clamp_(0, 1)
@@ -163,9 +177,9 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel: int) -> torch.Te
     half = kernel // 2
     if half == 0:
         return x
-    offsets = torch.arange(-half, half + 1, dtype=x.dtype)  # (k,)
-    weights = torch.exp(-0.5 * (offsets / sigma.to(x.dtype)[:, None]) ** 2)  # (B, k)
-    weights = (weights / weights.sum(dim=1, keepdim=True)).to(x.device).view(-1, 1, 1, 1, kernel)
+    offsets = torch.arange(-half, half + 1, dtype=x.dtype, device=x.device)  # (k,)
+    weights = torch.exp(-0.5 * (offsets / sigma.to(x.device, x.dtype)[:, None]) ** 2)  # (B, k)
+    weights = (weights / weights.sum(dim=1, keepdim=True)).view(-1, 1, 1, 1, kernel)
     height, width = x.shape[-2:]
     padded = F.pad(x, (half, half, half, half), mode="reflect")  # (B, C, H + 2 half, W + 2 half)
     rows = padded[..., 0:height, :] * weights[..., 0]
@@ -183,15 +197,38 @@ def solarize(x: torch.Tensor, threshold: float) -> torch.Tensor:
 
 
 def _where(x: torch.Tensor, chosen: torch.Tensor, fn, *args: torch.Tensor) -> torch.Tensor:
-    """Apply fn(x[i], *args[i]) to the chosen images only, in place in x; chosen is bool (B,) on the CPU.
+    """Apply fn(x[i], *args[i]) to the chosen images only, in place in x; chosen is bool (B,) on x's device.
 
     Random-applied steps touch only their images: no work, and no slow full-batch torch.where, for the rest.
+    Needs the chosen count on the host (torch.nonzero), so on a GPU it would wait for the device: see _blend.
     """
     index = torch.nonzero(chosen).squeeze(1)
     if len(index):
-        on_device = index.to(x.device)
-        x[on_device] = fn(x[on_device], *(a[index] for a in args))
+        x[index] = fn(x[index], *(a[index] for a in args))
     return x
+
+
+def _blend(x: torch.Tensor, chosen: torch.Tensor, fn, *args: torch.Tensor) -> torch.Tensor:
+    """fn on the whole batch, kept where chosen (bool (B,)): _where's result without asking the device anything."""
+    return torch.where(chosen.view(-1, 1, 1, 1), fn(x, *args), x)
+
+
+@dataclass
+class ViewParams:
+    """Every random choice of one view of a batch of B images; (B,) tensors on one device unless noted."""
+
+    top: torch.Tensor  # crop box, int64 pixels
+    left: torch.Tensor
+    h: torch.Tensor
+    w: torch.Tensor
+    flip: torch.Tensor  # bool
+    jitter: torch.Tensor  # bool: colour jitter applied
+    factors: list[torch.Tensor]  # one per jitter op (Augmentation.jitters): factor, or hue shift in turns
+    order: torch.Tensor  # int64 (B, ops): each image's order of the jitter ops, a permutation
+    grey: torch.Tensor  # bool (all False for one channel)
+    sigma: torch.Tensor  # blur sigma
+    blur: torch.Tensor  # bool
+    solarize: torch.Tensor  # bool
 
 
 # -- the pipeline -----------------------------------------------------------------------------------------
@@ -200,11 +237,13 @@ class Augmentation:
     """One random view of every image in a batch: uint8 (B, C, H, W) -> float32 (B, C, S, S), normalised.
 
     S = image_size. Call it twice on the same batch for the two views. Randomness comes from `generator`
-    when given, else torch's global RNG (seeded per DataLoader worker by torch, so runs are reproducible).
+    when given (drawn on its device), else torch's global RNG of the images' device (seeded per DataLoader
+    worker by torch, so runs are reproducible). `sync_free`: apply random-applied steps by mask (_blend)
+    rather than by index (_where); None = by mask on any device but the CPU (module docstring).
     """
 
     def __init__(self, cfg: AugmentConfig, image_size: int, channels: int, mean: Sequence[float],
-                 std: Sequence[float]):
+                 std: Sequence[float], sync_free: bool | None = None):
         if channels not in (1, 3):
             raise ValueError(f"augmentation needs 1 or 3 channels, got {channels}.")
         if len(mean) != channels or len(std) != channels:
@@ -212,7 +251,7 @@ class Augmentation:
         if cfg.blur_kernel // 2 >= image_size:
             raise ConfigError(f"config field 'augment.blur_kernel' = {cfg.blur_kernel} is invalid: must be below "
                               f"2 * image_size = {2 * image_size} (reflect padding).")
-        self.cfg, self.size, self.channels = cfg, image_size, channels
+        self.cfg, self.size, self.channels, self.sync_free = cfg, image_size, channels, sync_free
         self.normalise = Normalise(mean, std)
         jitters = [("brightness", adjust_brightness, cfg.brightness), ("contrast", adjust_contrast, cfg.contrast)]
         if channels == 3:
@@ -220,32 +259,52 @@ class Augmentation:
         self.jitters = [(name, fn, strength) for name, fn, strength in jitters if strength > 0]
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        cfg, n = self.cfg, images.shape[0]
+        device = generator.device if generator is not None else images.device
+        return self.apply(images, self.sample(images.shape[0], images.shape[-2], images.shape[-1], generator, device))
+
+    def sample(self, n: int, height: int, width: int, generator: torch.Generator | None = None,
+               device: torch.device | str | None = None) -> ViewParams:
+        """Every random choice for n images of height x width, drawn on `device` (the generator's, if given).
+
+        The draws come in a fixed order (crops, flip, jitter, grayscale, blur, solarize), so a seeded
+        generator gives the same parameters whatever is done with them.
+        """
+        cfg = self.cfg
+        draw = dict(generator=generator, device=device)
+        top, left, h, w = sample_crops(n, height, width, (cfg.crop_scale_min, cfg.crop_scale_max), **draw)
+        flip = torch.rand(n, **draw) < cfg.flip_p
+        jitter = torch.rand(n, **draw) < cfg.jitter_p
+        factors = [_uniform(n, -s, s, **draw) if name == "hue" else _uniform(n, max(0.0, 1 - s), 1 + s, **draw)
+                   for name, _, s in self.jitters]
+        order = torch.rand(n, len(self.jitters), **draw).argsort(dim=1)  # (B, ops): a permutation per image
+        grey_ = (torch.rand(n, **draw) < cfg.grayscale_p if self.channels == 3
+                 else torch.zeros(n, dtype=torch.bool, device=flip.device))
+        sigma = _uniform(n, cfg.blur_sigma_min, cfg.blur_sigma_max, **draw)
+        blur = torch.rand(n, **draw) < cfg.blur_p
+        solarize_ = torch.rand(n, **draw) < cfg.solarize_p
+        return ViewParams(top, left, h, w, flip, jitter, factors, order, grey_, sigma, blur, solarize_)
+
+    def apply(self, images: torch.Tensor, params: ViewParams) -> torch.Tensor:
+        """The view of uint8 images (B, C, H, W) that params describe; params are moved to the images' device."""
+        sync_free = images.device.type != "cpu" if self.sync_free is None else self.sync_free
+        select = _blend if sync_free else _where
+        p = ViewParams(**{k: ([f.to(images.device) for f in v] if isinstance(v, list) else v.to(images.device))
+                          for k, v in vars(params).items()})
         x = _unit_floats(images)  # (B, C, H, W) in [0, 1]
-        top, left, h, w = sample_crops(n, x.shape[-2], x.shape[-1], (cfg.crop_scale_min, cfg.crop_scale_max),
-                                       generator=generator)
-        flip = torch.rand(n, generator=generator) < cfg.flip_p
-        x = crop_flip_resize(x, top, left, h, w, flip, self.size)  # (B, C, S, S), a fresh tensor we own
-        x = self._jitter(x, generator)
+        x = crop_flip_resize(x, p.top, p.left, p.h, p.w, p.flip, self.size)  # (B, C, S, S), a fresh tensor we own
+        x = self._jitter(x, p, select)
         if self.channels == 3:
-            x = _where(x, torch.rand(n, generator=generator) < cfg.grayscale_p, lambda v: grey(v).expand_as(v))
-        sigma = _uniform(n, cfg.blur_sigma_min, cfg.blur_sigma_max, generator)
-        blur = lambda v, s: gaussian_blur(v, s, cfg.blur_kernel)
-        x = _where(x, torch.rand(n, generator=generator) < cfg.blur_p, blur, sigma)
-        threshold = cfg.solarize_threshold / 255
-        x = _where(x, torch.rand(n, generator=generator) < cfg.solarize_p, lambda v: solarize(v, threshold))
+            x = select(x, p.grey, lambda v: grey(v).expand_as(v))
+        kernel, threshold = self.cfg.blur_kernel, self.cfg.solarize_threshold / 255
+        x = select(x, p.blur, lambda v, s: gaussian_blur(v, s, kernel), p.sigma)
+        x = select(x, p.solarize, lambda v: solarize(v, threshold))
         return self.normalise.floats(x)
 
-    def _jitter(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        """Colour jitter with probability jitter_p; each jittered image applies its factors in its own order."""
-        n = x.shape[0]
-        active = torch.rand(n, generator=generator) < self.cfg.jitter_p
-        factors = [_uniform(n, -s, s, generator) if name == "hue" else _uniform(n, max(0.0, 1 - s), 1 + s, generator)
-                   for name, _, s in self.jitters]
-        order = torch.rand(n, len(self.jitters), generator=generator).argsort(dim=1)  # (B, ops): a permutation
+    def _jitter(self, x: torch.Tensor, p: ViewParams, select=_where) -> torch.Tensor:
+        """Colour jitter where p.jitter; each jittered image applies its factors in its own order p.order."""
         for slot in range(len(self.jitters)):
             for op, (_, fn, _) in enumerate(self.jitters):
-                x = _where(x, active & (order[:, slot] == op), fn, factors[op])
+                x = select(x, p.jitter & (p.order[:, slot] == op), fn, p.factors[op])
         return x
 
 
@@ -269,7 +328,9 @@ class Normalise:
 
     def floats(self, x: torch.Tensor) -> torch.Tensor:
         """Normalise float images already in [0, 1]."""
-        return (x - self.mean.to(x.device)).div_(self.std.to(x.device))
+        if self.mean.device != x.device:  # moved once, not copied to the device with every batch
+            self.mean, self.std = self.mean.to(x.device), self.std.to(x.device)
+        return (x - self.mean).div_(self.std)
 
 
 def _unit_floats(images: torch.Tensor) -> torch.Tensor:

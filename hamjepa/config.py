@@ -28,6 +28,7 @@ MAX_SEED = 2**32 - 1  # numpy's and Optuna's seeds are 32-bit; a run derives its
 # The protocol's gradient clipping per method (docs/method.md §5), applied when optim.grad_clip is null.
 PROTOCOL_GRAD_CLIP = {"hamjepa": 1.0, "mlp": 1.0, "sigreg": 0.0}
 DATASETS = ("fashion_mnist", "cifar10", "cifar100", "imagefolder", "synthetic")
+AUGMENT_PLACEMENTS = ("auto", "device", "loader")  # data.augment_on
 # Channel count of the datasets whose format we know, and what choosing one (--dataset) implies.
 DATASET_CHANNELS = {"fashion_mnist": 1, "cifar10": 3, "cifar100": 3}
 DATASET_OVERRIDES = {
@@ -187,11 +188,19 @@ class DataConfig(_Section):
     image_size: int = 32
     subset: int = 0  # number of training images (stratified, seeded); 0 = all
     val_fraction: float = 0.1  # held out from the training set, stratified, for tuning
-    num_workers: int = 2  # DataLoader worker processes per training worker
+    num_workers: int = 2  # DataLoader worker processes per training worker (loader placement, image folders)
     seed: int = 0  # subset and split seed (independent of the training seed, so splits stay fixed)
+    # Where the two-view augmentation runs: "device" = in the training loop on the training device (in-memory
+    # datasets held there as uint8), "loader" = in DataLoader worker processes, "auto" = device on a GPU and,
+    # on a CPU, the placement measured faster there (data.CPU_AUTO_PLACEMENT, with the figures).
+    augment_on: str = "auto"
+    # How the device computes, beside how it is fed; off unless measured to help (README "GPU"):
+    channels_last: bool = False  # NHWC memory format for the model and its input views
+    compile_encoder: bool = False  # torch.compile the encoder's forward (nn.Module.compile: state_dict keys stay)
 
     def __post_init__(self) -> None:
         self._one_of("dataset", DATASETS)
+        self._one_of("augment_on", AUGMENT_PLACEMENTS)
         self._require("image_size", self.image_size >= 8, "must be an integer >= 8 (pixels)")
         self._non_negative("subset", "num_workers")
         self._require("val_fraction", 0 <= self.val_fraction < 1, "must be in [0, 1)")

@@ -27,6 +27,8 @@ FAILED = "failed"  # 0/1: the run failed beyond its worker restarts
 FAILURE_REASON = "failure_reason"
 RESUMED_FROM = "resumed_from_epoch"
 IMAGES_PER_S = "train/images_per_s"
+# Seconds the step loop waited for its next batch / seconds of the epoch: near 0 when the device is the bottleneck
+DATA_WAIT_FRACTION = "train/data_wait_fraction"
 TRAIN = "train/"  # training-mode averages over an epoch of what the objective saw
 STATE = "state/"  # end-of-epoch diagnostics of the states in eval mode (one batch, fixed coordinates)
 INIT = "init/"  # final readouts of the encoder at initialisation

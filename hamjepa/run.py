@@ -35,6 +35,8 @@ def progress_line(metrics: Mapping[str, Any], epochs: int) -> str:
               key.removeprefix("val_knn").removesuffix("_top1")]
     if names.IMAGES_PER_S in metrics:
         parts.append(f"{metrics[names.IMAGES_PER_S]:.0f} images/s")
+    if names.DATA_WAIT_FRACTION in metrics:
+        parts.append(f"data wait {100 * metrics[names.DATA_WAIT_FRACTION]:.1f}%")
     if metrics.get(names.DIVERGED):
         parts.append(f"diverged: {metrics.get(names.DIVERGED_REASON, '')}")
     return "  ".join(parts)

@@ -1,11 +1,13 @@
 """One training run: the per-worker loop (Ray Train) and the TorchTrainer wrapper around it.
 
-Per worker: build the method, shard the data with a DistributedSampler, train with AdamW + warm-up/cosine,
+Per worker: build the method, feed it its shard of each epoch (data.two_view_feed: DistributedSampler's order,
+augmented on the device or in DataLoader workers, data.augment_on), train with AdamW + warm-up/cosine,
 report once per epoch (rank 0's metrics reach Ray), checkpoint every epoch, resume from the latest
 checkpoint. Batch statistics are global because the objectives all-reduce their sufficient statistics.
 
 Reported metrics (names from metrics.py): `epoch`, `train/<loss term or diagnostic>`, `train/images_per_s`,
-`train/lr`, the objective `val_knn{k}_top1` (percent), `diverged` (0/1), `resumed_from_epoch`, and where it ran
+`train/data_wait_fraction` (seconds the step loop waited for its next batch / seconds of the epoch), `train/lr`,
+the objective `val_knn{k}_top1` (percent), `diverged` (0/1), `resumed_from_epoch`, and where it ran
 (`nodes`, `device`, strings that MLflow keeps as tags `hamjepa.nodes`, `hamjepa.device`); after the last epoch
 also the final metrics of `readouts.final_metrics`. Before the first step a fresh run reports epoch 0: the
 objective and the final metrics (under `init/`) of the encoder at initialisation, so every run can show what
@@ -22,17 +24,16 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
 
 from . import checkpoints, readouts, storage, theory
 from . import metrics as names
 from .config import Config, ConfigError, from_dict
-from .data import load_splits, two_view_dataset
+from .data import load_splits, two_view_feed
 from .distributed import local_statistics
 from .divergence import divergence_reason, worst_case
 from .encoder import split_state
@@ -194,19 +195,17 @@ class _Worker:
     world: int
     device: torch.device
     splits: Any
-    loader: DataLoader
-    sampler: DistributedSampler
-    loader_generator: torch.Generator
+    feed: Any  # data.ResidentFeed | StreamFeed | LoaderFeed: set_epoch(epoch, seed), len, (view_a, view_b) batches
     model: JEPAModel
     optimizer: Any
     scheduler: Any
-    where: dict[str, str]
+    where: dict[str, str] = field(default_factory=dict)
     failure: FailureInjection | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def iters_per_epoch(self) -> int:
-        return len(self.loader)
+        return len(self.feed)
 
     def report(self, metrics: dict[str, Any], epoch: int) -> None:
         """Report an epoch (rank 0 with the checkpoint of the training state after it)."""
@@ -233,31 +232,39 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
 
 def _set_up(cfg: Config, failure: FailureInjection | None) -> _Worker:
-    """This worker's data (its shard of each epoch), model, optimiser and schedule."""
+    """This Ray Train worker's run: its rank and device from Ray, then build_worker."""
     import ray.train
     import ray.train.torch
 
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
+    worker = build_worker(cfg, rank, world, device, failure)
+    worker.where = placement(world, device)
+    return worker
+
+
+def build_worker(cfg: Config, rank: int, world: int, device: torch.device | str,
+                 failure: FailureInjection | None = None) -> _Worker:
+    """One worker's data (its shard of each epoch), model, optimiser and schedule; no Ray (benchmarks, tests)."""
+    device = torch.device(device)
     use_cuda = device.type == "cuda"
+    if use_cuda:  # fixed input shapes: let cuDNN time its kernels once and keep the fastest (GPU runs are then
+        torch.backends.cudnn.benchmark = True  # not bit-reproducible, which bf16 autocast already gives up)
     torch.manual_seed(cfg.seed)  # identical initial weights on every worker
 
     splits = load_splits(cfg.data, channels=cfg.encoder.in_channels)
-    dataset = two_view_dataset(splits, cfg.augment)
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed,
-                                 drop_last=True)
-    loader_generator = torch.Generator()
-    loader = DataLoader(dataset, batch_size=cfg.optim.batch_size // world, sampler=sampler, drop_last=True,
-                        num_workers=cfg.data.num_workers, pin_memory=use_cuda, generator=loader_generator,
-                        persistent_workers=False)
+    feed = two_view_feed(splits, cfg.augment, cfg.data, cfg.optim.batch_size // world, world, rank, cfg.seed, device)
     model = JEPAModel(cfg).to(device)
+    if cfg.data.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     if world > 1 and use_cuda:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # encoder BN over the global batch too
+    if cfg.data.compile_encoder:
+        model.encoder.compile()  # in place: the module and its state_dict keys stay, so checkpoints do not change
     optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, len(loader), cfg.optim)
-    return _Worker(cfg, rank, world, device, splits, loader, sampler, loader_generator, model, optimizer, scheduler,
-                   placement(world, device), failure)
+    scheduler = build_scheduler(optimizer, len(feed), cfg.optim)
+    return _Worker(cfg, rank, world, device, splits, feed, model, optimizer, scheduler, failure=failure)
 
 
 def _start_or_resume(worker: _Worker) -> int | None:
@@ -286,18 +293,22 @@ def _start_or_resume(worker: _Worker) -> int | None:
     return last_epoch
 
 
-def _run_epoch(worker: _Worker, net: nn.Module, epoch: int, resumed_from: int) -> bool:
-    """Train one epoch, evaluate (rank 0), report with a checkpoint; False when the run diverged."""
+def train_one_epoch(worker: _Worker, net: nn.Module, epoch: int) -> EpochOutcome:
+    """Seed the epoch, then optimise over it (no evaluation, no report)."""
     cfg, rank = worker.cfg, worker.rank
     # Augmentation randomness is a function of (seed, epoch, rank): a resumed epoch replays exactly, and
     # two methods run on the same seed see the same sample order and augmentation stream (paired seeds).
     torch.manual_seed(_mix_seed(cfg.seed, epoch, rank))
-    worker.loader_generator.manual_seed(_mix_seed(cfg.seed, epoch, rank, 1))
-    worker.sampler.set_epoch(epoch)
+    worker.feed.set_epoch(epoch, _mix_seed(cfg.seed, epoch, rank, 1))
     worker.model.set_epoch(epoch)
-    sums, reason, elapsed, last_views = _train_epoch(net, worker.model, worker.loader, worker.optimizer,
-                                                     worker.scheduler, cfg, epoch, worker.iters_per_epoch,
-                                                     worker.device, worker.failure)
+    return _train_epoch(net, worker.model, worker.feed, worker.optimizer, worker.scheduler, cfg, epoch,
+                        worker.iters_per_epoch, worker.device, worker.failure)
+
+
+def _run_epoch(worker: _Worker, net: nn.Module, epoch: int, resumed_from: int) -> bool:
+    """Train one epoch, evaluate (rank 0), report with a checkpoint; False when the run diverged."""
+    cfg, rank = worker.cfg, worker.rank
+    sums, reason, elapsed, waited, last_views = train_one_epoch(worker, net, epoch)
     if reason is not None:
         metrics = {names.EPOCH: epoch, names.DIVERGED: 1, names.DIVERGED_REASON: f"epoch {epoch}: {reason}",
                    names.RESUMED_FROM: resumed_from, **worst_case(names.final_accuracies(cfg.method, cfg.eval.knn_k))}
@@ -306,7 +317,8 @@ def _run_epoch(worker: _Worker, net: nn.Module, epoch: int, resumed_from: int) -
     steps = worker.iters_per_epoch
     metrics: dict[str, Any] = {names.EPOCH: epoch, names.DIVERGED: 0, names.RESUMED_FROM: resumed_from,
                                **worker.where, f"{names.TRAIN}lr": worker.scheduler.get_last_lr()[0],
-                               names.IMAGES_PER_S: steps * cfg.optim.batch_size / elapsed}
+                               names.IMAGES_PER_S: steps * cfg.optim.batch_size / elapsed,
+                               names.DATA_WAIT_FRACTION: waited / elapsed}
     metrics.update({f"{names.TRAIN}{k}": (v / steps).item() for k, v in sums.items()})
     if rank == 0:
         metrics.update(_evaluate_epoch(worker.model, last_views, worker.splits, cfg, worker.device,
@@ -315,25 +327,55 @@ def _run_epoch(worker: _Worker, net: nn.Module, epoch: int, resumed_from: int) -
     return True
 
 
-def _train_epoch(net, model: JEPAModel, loader, optimizer, scheduler, cfg: Config, epoch: int, iters_per_epoch: int,
-                 device: torch.device, failure: FailureInjection | None = None):
-    """One epoch of optimisation: (sums of the step stats, divergence reason or None, seconds, last view)."""
+class EpochOutcome(NamedTuple):
+    """What one epoch of optimisation returns."""
+
+    sums: dict[str, torch.Tensor]  # per-step stats summed over the epoch's steps
+    reason: str | None  # why the run diverged, or None
+    seconds: float  # wall time of the epoch, from before its first batch to after its last step
+    waited: float  # of which the step loop waited for its next batch (loading, augmenting, copying)
+    last_views: torch.Tensor | None  # the last step's first view, for the end-of-epoch diagnostics
+
+
+class _Waiting:
+    """Iterate batches, adding the seconds each `next` took to `seconds`: the time the step loop waited for input.
+
+    On a GPU the device path's `next` only queues the augmentation's kernels (no host-device synchronisation),
+    so a batch the device is still augmenting costs the loop no wait here; that time shows in images/s.
+    """
+
+    def __init__(self, batches):
+        self.iterator, self.seconds = iter(batches), 0.0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        started = time.perf_counter()
+        try:
+            return next(self.iterator)
+        finally:
+            self.seconds += time.perf_counter() - started
+
+
+def _train_epoch(net, model: JEPAModel, feed, optimizer, scheduler, cfg: Config, epoch: int, iters_per_epoch: int,
+                 device: torch.device, failure: FailureInjection | None = None) -> EpochOutcome:
+    """One epoch of optimisation over `feed`'s (view_a, view_b) batches, already on `device`."""
     use_cuda = device.type == "cuda"
     net.train()
     sums: dict[str, torch.Tensor] = {}
     started = time.perf_counter()
     view_a = None
-    for iteration, (view_a, view_b) in enumerate(loader):
+    batches = _Waiting(feed)
+    for iteration, (view_a, view_b) in enumerate(batches):
         if failure is not None:
             failure.maybe_fail(epoch, iteration)
-        view_a = view_a.to(device, non_blocking=True)
-        view_b = view_b.to(device, non_blocking=True)
         step = (epoch - 1) * iters_per_epoch + iteration
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_cuda):
             loss, stats = net(view_a, view_b, step)
         reason = divergence_reason(loss.item(), {k: stats[k].item() for k in ("q_energy", "p_energy") if k in stats})
         if reason is not None:  # every worker sees the same global loss, so all stop together
-            return sums, reason, time.perf_counter() - started, view_a
+            return EpochOutcome(sums, reason, time.perf_counter() - started, batches.seconds, view_a)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:  # the method's protocol: HamJEPA clipped, SIGReg not (docs/method.md §5)
@@ -342,7 +384,7 @@ def _train_epoch(net, model: JEPAModel, loader, optimizer, scheduler, cfg: Confi
         scheduler.step()
         for key, value in stats.items():
             sums[key] = sums.get(key, 0.0) + value
-    return sums, None, time.perf_counter() - started, view_a
+    return EpochOutcome(sums, None, time.perf_counter() - started, batches.seconds, view_a)
 
 
 def _evaluate_epoch(model: JEPAModel, views: torch.Tensor, splits, cfg: Config, device: torch.device,

@@ -182,8 +182,89 @@ def test_jitter_order_is_a_random_permutation_per_image():
     aug = A.Augmentation(dataclasses.replace(IDENTITY, jitter_p=1.0), 4, 3, *unit(3))
     # Stand-in ops that write their own index as the next decimal digit: the value spells the order.
     aug.jitters = [(name, lambda x, factor, op=op: x * 10 + op, s) for op, (name, _, s) in enumerate(aug.jitters)]
-    spelled = aug._jitter(torch.zeros(2400, 1, 1, 1), torch.Generator().manual_seed(0)).flatten().long()
+    params = aug.sample(2400, 1, 1, torch.Generator().manual_seed(0))
+    spelled = aug._jitter(torch.zeros(2400, 1, 1, 1), params).flatten().long()
     orders = [tuple(int(d) for d in f"{v:04d}") for v in spelled.tolist()]
     assert all(sorted(order) == [0, 1, 2, 3] for order in orders)
     counts = torch.tensor(list(collections.Counter(orders).values()))
     assert len(counts) == 24 and counts.min() > 60 and counts.max() < 140  # uniform: 100 each
+
+
+# -- on the device: parameters drawn there, random-applied steps by mask (data.augment_on = device) ------------
+
+def test_mask_and_index_modes_give_the_same_views_from_the_same_parameters():
+    """sync_free (the GPU mode: whole batch, then a per-image mask) is the index mode's result, image for image."""
+    for channels in (3, 1):
+        x = images(n=64, channels=channels, size=16, seed=channels)
+        by_index = A.Augmentation(AugmentConfig(), 16, channels, (0.4,) * channels, (0.2,) * channels, sync_free=False)
+        by_mask = A.Augmentation(AugmentConfig(), 16, channels, (0.4,) * channels, (0.2,) * channels, sync_free=True)
+        params = by_index.sample(64, 16, 16, torch.Generator().manual_seed(3))
+        assert params.blur.any() and not params.blur.all() and params.jitter.any() and not params.jitter.all()
+        assert torch.allclose(by_index.apply(x, params), by_mask.apply(x, params), atol=1e-5)
+
+
+def test_a_seeded_generator_gives_the_same_parameters_and_views_in_both_modes():
+    x = images(n=32)
+    views = [A.Augmentation(AugmentConfig(), 32, 3, *unit(3), sync_free=mode)(x, torch.Generator().manual_seed(9))
+             for mode in (False, True)]
+    assert torch.allclose(views[0], views[1], atol=1e-5)
+
+
+class _Recording(A.Augmentation):
+    """An Augmentation that keeps every ViewParams it draws, to read the parameter distribution of a path."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.drawn = []
+
+    def sample(self, *args, **kwargs):
+        params = super().sample(*args, **kwargs)
+        self.drawn.append(params)
+        return params
+
+
+def _statistics(drawn, size):
+    """Per-parameter means over every drawn view: the quantities whose distribution the two paths must share."""
+    def cat(name):
+        return torch.cat([getattr(p, name) for p in drawn]).double()
+
+    area = cat("h") * cat("w") / size ** 2
+    stats = {"area": area.mean(), "aspect": (cat("w") / cat("h")).log().mean(), "sigma": cat("sigma").mean()}
+    stats.update({name: cat(name).mean() for name in ("flip", "jitter", "grey", "blur", "solarize")})
+    for op in range(4):
+        stats[f"factor{op}"] = torch.cat([p.factors[op] for p in drawn]).double().mean()
+        stats[f"first_op{op}"] = (torch.cat([p.order[:, 0] for p in drawn]) == op).double().mean()
+    return stats
+
+
+def test_device_and_loader_paths_draw_views_from_the_same_distribution():
+    """The same images through the device-resident feed (mask mode, its own generator) and the loader feed
+    (DataLoader, torch's global RNG): every parameter's mean agrees with the other path and with its law."""
+    from hamjepa.data import ImageSet, LoaderFeed, ResidentFeed
+
+    n, size = 4096, 8
+    x = images(n=n, size=size, seed=1)
+    image_set = ImageSet(torch.zeros(n, dtype=torch.long), images=x)
+    stats, pixels = {}, {}
+    for name in ("device", "loader"):
+        aug = _Recording(AugmentConfig(), size, 3, *unit(3), sync_free=name == "device")
+        feed = (ResidentFeed(image_set, aug, 512, 1, 0, seed=0, device=torch.device("cpu")) if name == "device" else
+                LoaderFeed(image_set, aug, 512, 1, 0, seed=0, num_workers=0, device=torch.device("cpu")))
+        torch.manual_seed(123)
+        feed.set_epoch(1, augment_seed=77)
+        views = [v for pair in feed for v in pair]  # (512, 3, S, S) each
+        stats[name] = _statistics(aug.drawn, size)
+        pixels[name] = torch.cat([v.mean(dim=(1, 2, 3)) for v in views]).double()  # per-view mean intensity
+    views_drawn = 2 * n
+    law = {"flip": 0.5, "jitter": 0.8, "grey": 0.2, "blur": 0.5, "solarize": 0.2, "sigma": 1.05, "aspect": 0.0,
+           "factor0": 1.0, "factor1": 1.0, "factor2": 1.0, "factor3": 0.0}
+    law.update({f"first_op{op}": 0.25 for op in range(4)})
+    for key, expected in law.items():
+        for name in ("device", "loader"):
+            assert stats[name][key].item() == pytest.approx(expected, abs=0.03), (name, key)
+    for key in stats["device"]:  # and the two paths agree with each other within sampling noise
+        assert abs(stats["device"][key] - stats["loader"][key]).item() < 0.03, key
+    assert 0.55 < stats["device"]["area"] < 0.75
+    assert len(pixels["device"]) == len(pixels["loader"]) == views_drawn
+    for q in (0.1, 0.5, 0.9):
+        assert pixels["device"].quantile(q).item() == pytest.approx(pixels["loader"].quantile(q).item(), abs=0.01)

@@ -320,3 +320,113 @@ def test_a_split_digest_names_exactly_which_images_train_and_validate():
     assert base == split_digest("fashion_mnist", torch.tensor([3, 1, 2]), torch.tensor([0]))  # type-independent
     assert len({base, split_digest("fashion_mnist", [1, 2, 3], [0]), split_digest("fashion_mnist", [3, 1], [2, 0]),
                 split_digest("cifar10", [3, 1, 2], [0])}) == 4  # order, membership and dataset all count
+
+
+# -- feeds: how training batches reach the device (data.augment_on) -----------------------------------------
+
+# Every random step off and whole-image crops: a view is the image on the [0, 1] scale, so it names its image.
+IDENTITY = AugmentConfig(crop_scale_min=1.0, crop_scale_max=1.0, flip_p=0.0, jitter_p=0.0, grayscale_p=0.0,
+                         blur_p=0.0, solarize_p=0.0)
+
+
+def _numbered(n, size=4):
+    """ImageSet whose image i is filled with the value i (n <= 256), one channel."""
+    pixels = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 1, size, size).contiguous()
+    return ImageSet(torch.arange(n) % 10, images=pixels)
+
+
+def _which(view):
+    """Image indices of identity views (B, 1, S, S) normalised with mean 0, std 1."""
+    return (view[:, 0, 0, 0] * 255).round().long().tolist()
+
+
+@pytest.mark.parametrize("n,world,seed,epoch", [(100, 2, 0, 1), (101, 2, 5, 3), (37, 3, 1, 0), (64, 1, 2, 7)])
+def test_shard_indices_are_distributed_samplers(n, world, seed, epoch):
+    shards = []
+    for rank in range(world):
+        sampler = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        sampler.set_epoch(epoch)
+        shard = data.shard_indices(n, world, rank, seed, epoch)
+        assert shard.tolist() == list(sampler)
+        shards.append(set(shard.tolist()))
+    assert sum(len(s) for s in shards) == n // world * world == len(set().union(*shards))  # disjoint
+    assert not torch.equal(data.shard_indices(n, world, 0, seed, epoch), data.shard_indices(n, world, 0, seed,
+                                                                                              epoch + 1))
+
+
+def test_device_resident_feed_has_the_loader_paths_batches_under_two_ranks():
+    """Two simulated ranks: the resident feed's batches hold exactly the images of the DataLoader path's batches, in
+    the same order, and the ranks' images are disjoint."""
+    images, cpu = _numbered(203), torch.device("cpu")
+    seen = {}
+    for rank in (0, 1):
+        batches = {}
+        for name, cls in (("device", data.ResidentFeed), ("loader", data.LoaderFeed)):
+            aug = data.Augmentation(IDENTITY, 4, 1, (0.0,), (1.0,))
+            extra = {} if cls is data.ResidentFeed else {"num_workers": 0}
+            feed = cls(images, aug, 16, 2, rank, seed=3, device=cpu, **extra)
+            feed.set_epoch(2, augment_seed=11)
+            assert len(feed) == 101 // 16
+            batches[name] = [(_which(a), _which(b)) for a, b in feed]
+        assert batches["device"] == batches["loader"]
+        assert all(a == b for a, b in batches["device"])  # the two views of one step show the same images
+        seen[rank] = {i for a, _ in batches["device"] for i in a}
+    assert len(seen[0]) == len(seen[1]) == 6 * 16 and not seen[0] & seen[1]
+
+
+def test_a_seeded_device_resident_epoch_replays_exactly():
+    splits = load_splits(DataConfig(dataset="synthetic", image_size=16, subset=300), channels=3)
+    cfg = DataConfig(dataset="synthetic", augment_on="device")
+
+    def epoch_views(epoch, augment_seed):
+        feed = data.two_view_feed(splits, AugmentConfig(), cfg, 32, 1, 0, seed=0, device="cpu")
+        assert isinstance(feed, data.ResidentFeed)
+        feed.set_epoch(epoch, augment_seed)
+        return torch.cat([torch.cat(pair) for pair in feed])
+
+    first = epoch_views(1, 5)
+    assert first.shape == (8 * 64, 3, 16, 16)
+    assert torch.equal(first, epoch_views(1, 5))
+    assert not torch.allclose(first, epoch_views(1, 6))  # another augmentation seed: other views
+    assert not torch.allclose(first, epoch_views(2, 5))  # another epoch: another order
+
+
+def test_which_feed_each_placement_and_dataset_takes(tmp_path):
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for cls in ("ant", "bee"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(10):
+                Image.fromarray(np.full((12, 14, 3), 20 * i, dtype=np.uint8)).save(tmp_path / split / cls / f"{i}.png")
+    folder = load_splits(DataConfig(dataset="imagefolder", root=str(tmp_path), image_size=8, val_fraction=0.2),
+                         channels=3)
+    memory = load_splits(DataConfig(dataset="synthetic", image_size=8, subset=100), channels=3)
+    expected = {("device", "memory"): data.ResidentFeed, ("device", "folder"): data.StreamFeed,
+                ("loader", "memory"): data.LoaderFeed, ("loader", "folder"): data.LoaderFeed}
+    for (placement, kind), cls in expected.items():
+        splits = memory if kind == "memory" else folder
+        feed = data.two_view_feed(splits, AugmentConfig(), DataConfig(augment_on=placement, num_workers=0), 4, 1, 0,
+                                  seed=0, device="cpu")
+        assert type(feed) is cls
+        feed.set_epoch(1, 7)
+        view_a, view_b = next(iter(feed))
+        assert view_a.shape == view_b.shape == (4, 3, 8, 8) and view_a.dtype == torch.float32
+    # ImageFolder on the device path: decoded in the loader, augmented after it, seeded like the rest
+    stream = data.two_view_feed(folder, IDENTITY, DataConfig(augment_on="device", num_workers=0), 4, 1, 0, 0, "cpu")
+    stream.set_epoch(1, 7)
+    batches = list(stream)
+    assert len(batches) == len(stream) == 16 // 4
+    order = data.shard_indices(16, 1, 0, 0, 1)[:4]
+    expected_first = Normalise(folder.mean, folder.std)(folder.train.load(order))
+    assert torch.allclose(batches[0][0], expected_first, atol=1e-5)  # the sampler's first four images
+
+
+def test_placement_auto_and_its_config_key():
+    assert data.augment_placement("auto", "cpu") == data.CPU_AUTO_PLACEMENT
+    assert data.augment_placement("auto", torch.device("cuda")) == "device"
+    assert data.augment_placement("loader", torch.device("cuda")) == "loader"
+    with pytest.raises(ConfigError) as caught:
+        DataConfig(augment_on="gpu")
+    message = str(caught.value)
+    assert message == "config field 'data.augment_on' = 'gpu' is invalid: must be one of auto, device, loader."

@@ -6,7 +6,8 @@ import sys
 BENCHMARKS = {
     "predictor": "leapfrog predictor forward+backward: closed-form grad V vs autograd double backward",
     "augment": "two-view augmentation throughput (images/s) through the training DataLoader",
-    "step": "time per training step, HamJEPA vs SIGReg with the same encoder and batch",
+    "step": "time per training step, HamJEPA vs SIGReg; images/s and data wait, augmentation on device vs loader",
+    "gpu": "the one check to run on a CUDA machine: NCCL, bf16 steps, on-device augmentation, data wait; JSON + table",
 }
 
 

@@ -1,35 +1,37 @@
-"""Time per training step (forward, backward, AdamW) of HamJEPA and SIGReg with the same encoder and batch.
+"""Training-step throughput, in two side-by-side comparisons from one run:
 
-The paper leaves HamJEPA's overhead over SIGReg unmeasured: the leapfrog rollout, the floors' eigen-
-decompositions and the extra statistics. The ratio printed here is that overhead, measured side by side.
+1. methods: time per step (forward, backward, AdamW) of HamJEPA and SIGReg with the same encoder and batch. The
+   paper leaves HamJEPA's overhead over SIGReg unmeasured: the leapfrog rollout, the floors' eigendecompositions
+   and the extra statistics. The ratio printed is that overhead.
+2. placement: whole training epochs through the real loop (training.train_one_epoch) with the augmentation in
+   the training loop on the training device (data.augment_on = device) and in DataLoader workers (loader), on
+   the profile's data (its real epoch: the loader's per-epoch worker start-up counts as in training), or on
+   synthetic images of its size with --data synthetic (also the fallback when the data is not on this machine):
+   images/s and the fraction of the epoch the step loop waited for input. Epochs alternate between the
+   placements so machine noise hits both alike; the medians decide data.CPU_AUTO_PLACEMENT (README "Where
+   augmentation runs").
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 
 import torch
 
-from ..config import PROFILES, parse_overrides, profile
+from ..config import PROFILES, Config, ConfigError, parse_overrides, profile
 from ..methods import JEPAModel
 from ..optim import build_optimizer
 from .timing import interleaved_medians
 
+PLACEMENTS = ("device", "loader")
 
-def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="python -m hamjepa.bench step", description=__doc__)
-    parser.add_argument("--profile", choices=sorted(PROFILES), default="quick")
-    parser.add_argument("--batch", type=int, help="images per step (two views each); default: the profile's")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--rounds", type=int, default=10)
-    args = parser.parse_args(argv)
 
-    overrides = parse_overrides(args.overrides)
-    if args.batch:
-        overrides["optim.batch_size"] = args.batch
+def method_steps(overrides: dict, profile_name: str, rounds: int) -> tuple[Config, dict[str, float]]:
+    """(the last config, median seconds per step of each method) on random views."""
     steps = {}
     for method in ("hamjepa", "sigreg"):
-        cfg = profile(args.profile, {**overrides, "method": method})
+        cfg = profile(profile_name, {**overrides, "method": method})
         torch.manual_seed(0)
         model = JEPAModel(cfg)
         model.set_epoch(cfg.predictor.residual_scale_warmup_epochs)
@@ -44,10 +46,75 @@ def main(argv: list[str]) -> None:
             optimizer.step()
 
         steps[method] = step
-    medians = interleaved_medians(steps, args.rounds, warmup=1)
-    batch = cfg.optim.batch_size
-    print(f"training step, profile {args.profile}: batch {batch} x 2 views, {cfg.data.image_size} px, encoder width "
-          f"{cfg.encoder.width}, {torch.get_num_threads()} threads, median of {args.rounds}")
-    for method, seconds in medians.items():
-        print(f"  {method:8s} {seconds * 1e3:8.1f} ms/step  {batch / seconds:8.0f} images/s")
-    print(f"  HamJEPA / SIGReg time per step: {medians['hamjepa'] / medians['sigreg']:.2f}x")
+    return cfg, interleaved_medians(steps, rounds, warmup=1)
+
+
+def placement_epochs(cfg: Config, epochs: int, device: torch.device | str = "cpu",
+                     placements: tuple[str, ...] = PLACEMENTS) -> dict[str, dict[str, float]]:
+    """{placement: {'images_per_s', 'data_wait_fraction', 'images'}}: medians over `epochs` alternating epochs.
+
+    cfg's data must be in memory (synthetic here) so both placements apply; each placement trains its own copy
+    of the same initial model, epoch after epoch, through the real training loop.
+    """
+    from ..training import build_worker, train_one_epoch  # the loop under test; no Ray is started
+
+    workers = {p: build_worker(cfg.override({"data.augment_on": p}), 0, 1, device) for p in placements}
+    figures: dict[str, list[tuple[float, float]]] = {p: [] for p in placements}
+    for epoch in range(1, epochs + 1):
+        for p in placements if epoch % 2 else reversed(placements):
+            outcome = train_one_epoch(workers[p], workers[p].model, epoch)
+            if outcome.reason is not None:
+                raise RuntimeError(f"the {p} placement diverged in the benchmark: {outcome.reason}")
+            images = workers[p].iters_per_epoch * cfg.optim.batch_size
+            figures[p].append((images / outcome.seconds, outcome.waited / outcome.seconds))
+    return {p: {"images_per_s": statistics.median(v[0] for v in values),
+                "data_wait_fraction": statistics.median(v[1] for v in values),
+                "images": workers[p].iters_per_epoch * cfg.optim.batch_size}
+            for p, values in figures.items()}
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m hamjepa.bench step", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="quick")
+    parser.add_argument("--batch", type=int, help="images per step (two views each); default: the profile's")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--rounds", type=int, default=10, help="method steps timed per method")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs timed per placement")
+    parser.add_argument("--data", choices=("profile", "synthetic"), default="profile",
+                        help="placement part: the profile's dataset, or synthetic images of its size")
+    parser.add_argument("--images", type=int, default=2000, help="synthetic: training images, at most 2000 "
+                                                                 "(10%% held out for validation)")
+    parser.add_argument("--part", choices=("all", "methods", "placement"), default="all")
+    args = parser.parse_args(argv)
+
+    overrides = parse_overrides(args.overrides)
+    if args.batch:
+        overrides["optim.batch_size"] = args.batch
+    if args.part in ("all", "methods"):
+        cfg, medians = method_steps(overrides, args.profile, args.rounds)
+        batch = cfg.optim.batch_size
+        print(f"training step, profile {args.profile}: batch {batch} x 2 views, {cfg.data.image_size} px, encoder "
+              f"width {cfg.encoder.width}, {torch.get_num_threads()} threads, median of {args.rounds}")
+        for method, seconds in medians.items():
+            print(f"  {method:8s} {seconds * 1e3:8.1f} ms/step  {batch / seconds:8.0f} images/s")
+        print(f"  HamJEPA / SIGReg time per step: {medians['hamjepa'] / medians['sigreg']:.2f}x")
+    if args.part in ("all", "placement"):
+        cfg = profile(args.profile, overrides)
+        synthetic = cfg.override({"data.dataset": "synthetic", "data.subset": min(args.images, 2000)})
+        try:
+            figures = placement_epochs(synthetic if args.data == "synthetic" else cfg, args.epochs)
+        except ConfigError as error:  # the profile's data is not here
+            print(f"{error} Timing synthetic images instead.")
+            cfg = synthetic
+            figures = placement_epochs(cfg, args.epochs)
+        cfg = synthetic if args.data == "synthetic" else cfg
+        print(f"input placement, profile {args.profile} on {cfg.data.dataset}: {figures['device']['images']} images "
+              f"per epoch, batch {cfg.optim.batch_size}, {cfg.data.image_size} px x {cfg.encoder.in_channels}, "
+              f"loader with {cfg.data.num_workers} worker(s), {torch.get_num_threads()} threads, median of "
+              f"{args.epochs} epochs")
+        for p, f in figures.items():
+            print(f"  {p:8s} {f['images_per_s']:8.0f} images/s  data wait {100 * f['data_wait_fraction']:5.1f}% "
+                  "of the epoch")
+        ratio = figures["device"]["images_per_s"] / figures["loader"]["images_per_s"]
+        print(f"  device / loader images/s: {ratio:.2f}x")
