@@ -34,3 +34,11 @@ def test_an_unwritable_location_is_one_sentence(tmp_path):
         storage.write_text(storage.join(str(blocker), "sub", "latest.json"), "{}")
     with pytest.raises(ConfigError, match="--storage-path cannot be read at"):
         storage.read_text("nosuchscheme://bucket/latest.json")
+
+
+def test_an_atomic_write_replaces_the_file_and_leaves_nothing_beside_it(tmp_path):
+    path = str(tmp_path / "study" / "latest.json")
+    storage.write_text(path, '{"id": "first"}', atomic=True)
+    storage.write_text(path, '{"id": "second"}', atomic=True)
+    assert storage.read_text(path) == '{"id": "second"}'
+    assert [p.name for p in (tmp_path / "study").iterdir()] == ["latest.json"]  # no staged copy left behind
