@@ -208,6 +208,9 @@ def _guarded(parser: argparse.ArgumentParser, work) -> int:
     except ConfigError as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # one that got past the phases: the study's runs are closed, resumable
+        print(f"{parser.prog}: interrupted; continue with the same command and --resume", file=sys.stderr)
+        return 130
 
 
 def study_main(name: str, space: dict, argv: list[str] | None = None, initial_points: list[dict] | None = None) -> int:

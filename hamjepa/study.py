@@ -551,12 +551,17 @@ class Invocation:
         return self
 
     def __exit__(self, kind, error, traceback) -> bool:
-        """Any error closes the study's runs, FAILED with the error's first line: none is left RUNNING."""
-        if error is not None and not isinstance(error, KeyboardInterrupt):
-            reason = first_line(error)
-            self._close_open_children(f"the study stopped: {reason}", status="FAILED")
-            self.parent.set_tags({STATUS_TAG: RunStatus.FAILED.value, REASON_TAG: reason})
-            self.parent.finish("FAILED")
+        """Any error closes the study's runs, FAILED with the error's first line (KILLED for a Ctrl-C that got
+        past the phases, e.g. while summarising): none is left RUNNING."""
+        if error is None:
+            return False
+        interrupted = isinstance(error, KeyboardInterrupt)
+        reason = "interrupted" if interrupted else first_line(error)
+        status = "KILLED" if interrupted else "FAILED"
+        self._close_open_children(f"the study stopped: {reason}", status=status)
+        self.parent.set_tags({STATUS_TAG: "interrupted" if interrupted else RunStatus.FAILED.value,
+                              REASON_TAG: reason})
+        self.parent.finish(status)
         return False
 
     def phase_done(self, name: str, expected: int) -> bool:

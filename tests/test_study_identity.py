@@ -88,3 +88,17 @@ def test_any_error_closes_the_study_and_its_runs_as_failed_with_the_reason(tmp_p
     # and the stopped study can be resumed: its identity was stored before any work
     assert (tmp_path / "state" / "s" / study.study_id / IDENTITY_FILE).is_file()
     check_resumable("s", str(tmp_path / "state"), "latest", settings.base)
+
+
+def test_a_ctrl_c_outside_the_phases_still_closes_the_study_as_killed(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from hamjepa.study import Invocation
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    settings = StudySettings(name="s", base=tiny_config(), tracking_uri=uri, storage_path=str(tmp_path / "state"))
+    with pytest.raises(KeyboardInterrupt):
+        with Invocation(settings, {"study.seed": 0}) as study:
+            raise KeyboardInterrupt  # e.g. while the summary is built
+    parent = MlflowClient(uri).get_run(study.parent_id)
+    assert parent.info.status == "KILLED" and parent.data.tags["hamjepa.status"] == "interrupted"
