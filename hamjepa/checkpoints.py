@@ -11,6 +11,7 @@ No Ray import: the same code reads a checkpoint in a Ray Train worker and in a t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -102,7 +103,7 @@ def read_newest_usable(candidates: list[str], config: Mapping[str, Any],
     `fetch(candidate)` is a context manager giving a local folder (Ray's `Checkpoint.as_directory`); by
     default candidates are local folders. A config mismatch is not skipped: it fails the run at once.
     """
-    fetch = fetch or _local
+    fetch = fetch or contextlib.nullcontext  # local folders need no fetching
     reasons = []
     for candidate in candidates:
         try:
@@ -116,17 +117,6 @@ def read_newest_usable(candidates: list[str], config: Mapping[str, Any],
             print(f"hamjepa: warning: skipping checkpoint {reasons[-1]}", file=sys.stderr)
     raise CheckpointError(f"no checkpoint of this run is usable ({'; '.join(reasons) or 'none found'}); start it "
                           "again under a new name.")
-
-
-class _local:
-    def __init__(self, path: str):
-        self.path = path
-
-    def __enter__(self) -> str:
-        return self.path
-
-    def __exit__(self, *exc) -> bool:
-        return False
 
 
 def siblings_newest_first(latest: str, listing: list[str]) -> list[str]:
