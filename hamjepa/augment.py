@@ -196,11 +196,11 @@ def solarize(x: torch.Tensor, threshold: float) -> torch.Tensor:
     return torch.where(x >= threshold, 1 - x, x)
 
 
-def _where(x: torch.Tensor, chosen: torch.Tensor, fn, *args: torch.Tensor) -> torch.Tensor:
+def _apply_to_chosen(x: torch.Tensor, chosen: torch.Tensor, fn, *args: torch.Tensor) -> torch.Tensor:
     """Apply fn(x[i], *args[i]) to the chosen images only, in place in x; chosen is bool (B,) on x's device.
 
     Random-applied steps touch only their images: no work, and no slow full-batch torch.where, for the rest.
-    Needs the chosen count on the host (torch.nonzero), so on a GPU it would wait for the device: see _blend.
+    Needs the chosen count on the host (torch.nonzero), so on a GPU it would wait for the device: see _blend_chosen.
     """
     index = torch.nonzero(chosen).squeeze(1)
     if len(index):
@@ -208,8 +208,8 @@ def _where(x: torch.Tensor, chosen: torch.Tensor, fn, *args: torch.Tensor) -> to
     return x
 
 
-def _blend(x: torch.Tensor, chosen: torch.Tensor, fn, *args: torch.Tensor) -> torch.Tensor:
-    """fn on the whole batch, kept where chosen (bool (B,)): _where's result without asking the device anything."""
+def _blend_chosen(x: torch.Tensor, chosen: torch.Tensor, fn, *args: torch.Tensor) -> torch.Tensor:
+    """fn on the whole batch, kept where chosen (bool (B,)): _apply_to_chosen's result, never waiting for the device."""
     return torch.where(chosen.view(-1, 1, 1, 1), fn(x, *args), x)
 
 
@@ -238,8 +238,8 @@ class Augmentation:
 
     S = image_size. Call it twice on the same batch for the two views. Randomness comes from `generator`
     when given (drawn on its device), else torch's global RNG of the images' device (seeded per DataLoader
-    worker by torch, so runs are reproducible). `sync_free`: apply random-applied steps by mask (_blend)
-    rather than by index (_where); None = by mask on any device but the CPU (module docstring).
+    worker by torch, so runs are reproducible). `sync_free`: apply random-applied steps by mask (_blend_chosen)
+    rather than by index (_apply_to_chosen); None = by mask on any device but the CPU (module docstring).
     """
 
     def __init__(self, cfg: AugmentConfig, image_size: int, channels: int, mean: Sequence[float],
@@ -287,7 +287,7 @@ class Augmentation:
     def apply(self, images: torch.Tensor, params: ViewParams) -> torch.Tensor:
         """The view of uint8 images (B, C, H, W) that params describe; params are moved to the images' device."""
         sync_free = images.device.type != "cpu" if self.sync_free is None else self.sync_free
-        select = _blend if sync_free else _where
+        select = _blend_chosen if sync_free else _apply_to_chosen
         p = ViewParams(**{k: ([f.to(images.device) for f in v] if isinstance(v, list) else v.to(images.device))
                           for k, v in vars(params).items()})
         x = _unit_floats(images)  # (B, C, H, W) in [0, 1]
@@ -300,7 +300,7 @@ class Augmentation:
         x = select(x, p.solarize, lambda v: solarize(v, threshold))
         return self.normalise.floats(x)
 
-    def _jitter(self, x: torch.Tensor, p: ViewParams, select=_where) -> torch.Tensor:
+    def _jitter(self, x: torch.Tensor, p: ViewParams, select=_apply_to_chosen) -> torch.Tensor:
         """Colour jitter where p.jitter; each jittered image applies its factors in its own order p.order."""
         for slot in range(len(self.jitters)):
             for op, (_, fn, _) in enumerate(self.jitters):

@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from .config import canonical_tree, legacy_tree
+
 STATE_FILE = "state.pt"
 MANIFEST_FILE = "manifest.json"
 FOLDER_PREFIX = "checkpoint_"  # how Ray Train names the checkpoint folders of a run
@@ -64,12 +66,18 @@ def read(directory: str, config: Mapping[str, Any], device: torch.device | str =
         raise CheckpointError(f"it cannot be read ({type(error).__name__}: {error})") from None
     if digest != manifest.get("sha256"):
         raise CheckpointError("its state file does not match its checksum (a torn or corrupted write)")
-    if manifest.get("config_hash") != config_hash(config):
+    if manifest.get("config_hash") not in _config_hashes(config):
         raise ConfigMismatch(_differences(directory, config, device))
     try:
         return torch.load(state_path, map_location=device, weights_only=True)
     except Exception as error:  # noqa: BLE001 - any unpickling failure means the same: unusable
         raise CheckpointError(f"its state does not load ({type(error).__name__})") from None
+
+
+def _config_hashes(config: Mapping[str, Any]) -> tuple[str, str]:
+    """The hashes a checkpoint of `config` may carry: of the tree as it is, and of the tree as laid out before
+    config.RENAMED_KEYS (a run checkpointed by that version resumes under the new names)."""
+    return config_hash(config), config_hash(legacy_tree(config))
 
 
 class ConfigMismatch(CheckpointError):
@@ -81,7 +89,7 @@ def _differences(directory: str, config: Mapping[str, Any], device) -> str:
         stored = torch.load(os.path.join(directory, STATE_FILE), map_location=device, weights_only=True)["config"]
     except Exception:  # noqa: BLE001 - the hashes differ; which keys is a courtesy
         return "it was written by a different config"
-    before, now = _flat(stored), _flat(config)
+    before, now = _flat(canonical_tree(stored)), _flat(config)
     keys = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
     return f"it was written by a different config (differs in {', '.join(keys[:6])})"
 

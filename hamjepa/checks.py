@@ -1,6 +1,6 @@
 """Checks of the command-line inputs that need no heavy import (no torch, Ray or MLflow), run before any work.
 
-Each check raises ConfigError with one sentence that names the flag, quotes the value and says what is valid,
+Each check raises UserError with one sentence that names the flag, quotes the value and says what is valid,
 so `hamjepa train` refuses a bad flag as fast as `hamjepa config` refuses a bad key. What the checks cover:
 numbers (type, range, finiteness), names that end up in MLflow filter strings and in folder names, the Ray
 address's form, the MLflow tracking URI (a SQLite file must be writable: its folder, or the file if it exists),
@@ -17,7 +17,8 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
-from .config import MAX_SEED, ConfigError  # noqa: F401 - MAX_SEED: the CLI checks --seed against it
+from .config import MAX_SEED  # noqa: F401 - MAX_SEED: the CLI checks --seed against it
+from .errors import UserError
 from .redact import mask_text, mask_uri
 
 # Run names, study ids: they become MLflow filter values and folder names, so letters, digits and . _ - only.
@@ -25,10 +26,11 @@ SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 # Experiment names: anything printable, except the quotes MLflow's filter strings use.
 HOSTILE_CHARACTERS = re.compile(r"['\"`\\]|[^\x20-\x7e\u00a0-\uffff]")
 ADDRESS = re.compile(r"(ray://)?[A-Za-z0-9.\-\[\]:]+:(\d{1,5})")
+SERVER_TIMEOUT_S = 5  # seconds an MLflow server has to answer /health before the study is refused
 
 
 def _refuse(flag: str, value, valid: str) -> None:
-    raise ConfigError(f"{flag} = {value!r} is invalid: {valid}.")
+    raise UserError(f"{flag} = {value!r} is invalid: {valid}.")
 
 
 def integer(flag: str, value: int, low: int, high: int | None = None) -> None:
@@ -97,11 +99,11 @@ def local_capacity(workers_flag: str, workers: int, cpus: float, gpus: float) ->
     """One run's workers must fit on this machine (no --address: Ray starts here and has nothing else)."""
     have_cpus, have_gpus = local_cpus(), local_gpus()
     if workers * cpus > have_cpus:
-        raise ConfigError(f"{workers_flag} = {workers} x --cpus-per-worker = {cpus:g} needs {workers * cpus:g} CPUs "
-                          f"but this machine has {have_cpus:g}; lower them, or pass --address of a larger cluster.")
+        raise UserError(f"{workers_flag} = {workers} x --cpus-per-worker = {cpus:g} needs {workers * cpus:g} CPUs "
+                        f"but this machine has {have_cpus:g}; lower them, or pass --address of a larger cluster.")
     if workers * gpus > have_gpus:
-        raise ConfigError(f"--gpus-per-worker = {gpus:g} needs {workers * gpus:g} GPUs for {workers} worker(s) but "
-                          f"this machine has {have_gpus}; pass --gpus-per-worker 0, or --address of a GPU cluster.")
+        raise UserError(f"--gpus-per-worker = {gpus:g} needs {workers * gpus:g} GPUs for {workers} worker(s) but "
+                        f"this machine has {have_gpus}; pass --gpus-per-worker 0, or --address of a GPU cluster.")
 
 
 # -- writable places -------------------------------------------------------------------------------------------
@@ -140,13 +142,13 @@ def _writable_file(uri: str, path: Path) -> None:
     """The file, when it exists, opens for writing, and its folder takes new files (SQLite's journal, or the file)."""
     fix = "pass --tracking-uri sqlite:///<writable path>/mlflow.db"
     if path.exists() and (not path.is_file() or not _opens_for_writing(path)):
-        raise ConfigError(f"tracking URI '{mask_uri(uri)}' is not writable: '{path}' is not a file this user can "
-                          f"read and write; {fix}.")
+        raise UserError(f"tracking URI '{mask_uri(uri)}' is not writable: '{path}' is not a file this user can "
+                        f"read and write; {fix}.")
     if path.is_file() and not _is_sqlite(path):
-        raise ConfigError(f"tracking URI '{mask_uri(uri)}' names '{path}', which is not a SQLite database; {fix}.")
+        raise UserError(f"tracking URI '{mask_uri(uri)}' names '{path}', which is not a SQLite database; {fix}.")
     if not path.parent.is_dir() or not can_write_in(path.parent):  # SQLite writes its journal beside the file
-        raise ConfigError(f"tracking URI '{mask_uri(uri)}' is not writable: folder '{path.parent}' does not exist or "
-                          f"is read-only; {fix}.")
+        raise UserError(f"tracking URI '{mask_uri(uri)}' is not writable: folder '{path.parent}' does not exist or "
+                        f"is read-only; {fix}.")
 
 
 def _is_sqlite(path: Path) -> bool:
@@ -177,10 +179,10 @@ def check_tracking_uri(uri: str) -> None:
                 "or an MLflow server's http(s):// address")
     elif uri.startswith(("http://", "https://")):
         try:
-            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5).close()
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=SERVER_TIMEOUT_S).close()
         except (OSError, ValueError) as error:
-            raise ConfigError(f"tracking URI '{mask_uri(uri)}' cannot be reached ({mask_text(str(error))}); start "
-                              "the MLflow server or pass --tracking-uri.") from None
+            raise UserError(f"tracking URI '{mask_uri(uri)}' cannot be reached ({mask_text(str(error))}); start "
+                            "the MLflow server or pass --tracking-uri.") from None
     elif not uri.startswith(("databricks", "postgresql", "mysql", "mssql")):
-        raise ConfigError(f"tracking URI '{mask_uri(uri)}' is not supported: use sqlite:///path, "
-                          "http(s)://host:port or a database URI.")
+        raise UserError(f"tracking URI '{mask_uri(uri)}' is not supported: use sqlite:///path, "
+                        "http(s)://host:port or a database URI.")

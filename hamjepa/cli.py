@@ -3,18 +3,32 @@
 Every input is checked before any work, in this order: the flags and the config (no heavy import, so a typo
 costs what `hamjepa config` costs), the tracking store and the storage folder, what one run asks of this
 machine when Ray is local, then the data files (preflight); only then is Ray connected and MLflow written.
-Each refusal is one line on stderr, `<prog>: error: <sentence>`, and exit code 2.
+Each refusal (a UserError, hamjepa/errors.py) is one line on stderr, `<prog>: error: <sentence>`, and exit
+code 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+import warnings
 from pathlib import Path
 
 from . import checks, storage
-from .config import DATASET_OVERRIDES, DATASETS, PROFILES, SMOKE_OVERRIDES, ConfigError, build_config, parse_overrides
+from .config import (
+    DATASET_OVERRIDES,
+    DATASETS,
+    GPU_PROFILES,
+    PROFILES,
+    SMOKE_OVERRIDES,
+    RenamedKeyWarning,
+    build_config,
+    parse_overrides,
+)
+from .errors import UserError
 from .redact import mask_uri
+from .resources import Resources
 
 # A study's defaults. On CPUs they fit the quick profile's 15 minutes on 2 cores: 4 search trials (ASHA stops
 # some) + 3 paired seeds x 2 methods, two runs at a time, ~2.5 minutes a run. Three paired seeds everywhere:
@@ -48,16 +62,16 @@ def config_from_args(args: argparse.Namespace):
     return build_config(args.profile, args.config, overrides)
 
 
-def _check_where(workers_flag: str, workers: int, cpus: float, gpus: float, args: argparse.Namespace) -> str:
-    """The resources, tracking store, storage folder and Ray address of a run or study; returns the tracking URI."""
-    checks.resources(workers_flag, workers, cpus, gpus)
+def _check_destinations(resources: Resources, args: argparse.Namespace) -> str:
+    """The tracking store, storage folder and Ray address of a run or study, and whether its resources fit here
+    when Ray is local; returns the tracking URI."""
     checks.ray_address(args.address)
     checks.experiment_name("--experiment", args.experiment)
     tracking_uri = checks.resolve_tracking_uri(args.tracking_uri)
     checks.check_tracking_uri(tracking_uri)
     storage.check_writable(args.storage_path)
     if not args.address:  # Ray will start here, so this machine is the whole cluster
-        checks.local_capacity(workers_flag, workers, cpus, gpus)
+        resources.check_local_capacity()
     return tracking_uri
 
 
@@ -65,15 +79,13 @@ def _train(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     checks.integer("--max-failures", args.max_failures, 0)
     checks.run_name("--name", args.name)
-    tracking_uri = _check_where("--workers", args.workers, args.cpus_per_worker, args.gpus_per_worker, args)
+    resources = Resources(args.workers, args.cpus_per_worker, args.gpus_per_worker, flag="--workers")
+    tracking_uri = _check_destinations(resources, args)
 
     from . import run  # torch, Ray and MLflow load from here on
     from .metrics import RunStatus
-    from .training import Resources
 
-    resources = Resources(args.workers, args.cpus_per_worker, args.gpus_per_worker)
-    resources.validate(cfg)
-    run.preflight(cfg)
+    run.preflight(cfg, resources)
     run.check_rerun(tracking_uri, args.experiment, args.name, cfg)
     run.connect_ray(args.address, verbose=args.verbose)
     outcome = run.train_and_log(cfg, resources, experiment=args.experiment, run_name=args.name,
@@ -92,7 +104,7 @@ def _add_study_arguments(parser: argparse.ArgumentParser, name: str, default_pro
     parser.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers per trial")
     parser.add_argument("--cpus-per-worker", type=float, default=1.0)
     parser.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (default 0; 1 with --profile "
-                                                              "cifar100/imagenet100)")
+                                                              f"{'/'.join(GPU_PROFILES)})")
     parser.add_argument("--max-concurrent", type=int, default=0, help="trials at once (0 = as many as fit)")
     parser.add_argument("--tracking-uri", help="MLflow URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     parser.add_argument("--experiment", help=f"MLflow experiment (default hamjepa-{name})")
@@ -134,17 +146,17 @@ def _study_settings(name: str, args: argparse.Namespace, protocol: dict | None =
     overrides.update(parse_overrides(args.overrides))
     base = build_config(args.profile, args.config, overrides)
     gpus = args.gpus_per_worker if args.gpus_per_worker is not None else (
-        1.0 if args.profile in ("cifar100", "imagenet100") else 0.0)
-    tracking_uri = _check_where("--workers-per-trial", args.workers_per_trial, args.cpus_per_worker, gpus, args)
+        1.0 if args.profile in GPU_PROFILES else 0.0)
+    resources = Resources(args.workers_per_trial, args.cpus_per_worker, gpus, flag="--workers-per-trial")
+    tracking_uri = _check_destinations(resources, args)
 
     from . import run  # torch, Ray and MLflow load from here on
     from .study import StudySettings
-    from .training import Resources
 
     if fields.get("num_samples", 0) is None:  # search trials: the quick study's 15 minutes on 2 cores
         fields["num_samples"] = DEFAULT_GPU_TRIALS if gpus > 0 else DEFAULT_CPU_TRIALS
     settings = StudySettings(
-        name=name, base=base, resources=Resources(args.workers_per_trial, args.cpus_per_worker, gpus),
+        name=name, base=base, resources=resources,
         max_concurrent=args.max_concurrent, tracking_uri=tracking_uri,
         experiment=args.experiment or "", storage_path=args.storage_path or "", resume=args.resume,
         verbose=args.verbose, **fields)
@@ -202,10 +214,29 @@ def _warn_about_store_backups(status_file: Path | None = None) -> str | None:
     return warning
 
 
+@contextlib.contextmanager
+def _one_line_warnings(prog: str):
+    """A renamed config key's warning as `<prog>: warning: <sentence>`, like our errors (no source location)."""
+    show = warnings.showwarning
+
+    def one_line(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, RenamedKeyWarning):
+            print(f"{prog}: warning: {message}", file=sys.stderr)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = one_line
+    try:
+        yield
+    finally:
+        warnings.showwarning = show
+
+
 def _guarded(parser: argparse.ArgumentParser, work) -> int:
     try:
-        return work()
-    except ConfigError as error:
+        with _one_line_warnings(parser.prog):
+            return work()
+    except UserError as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # one that got past the phases: the study's runs are closed, resumable
@@ -259,7 +290,7 @@ def reproduce_main(argv: list[str] | None = None) -> int:
 
         seeds = args.seeds if args.seeds is not None else (1 if args.smoke_test else 3)
         if seeds < 1:
-            raise ConfigError(f"--seeds = {seeds} is invalid: must be an integer >= 1.")
+            raise UserError(f"--seeds = {seeds} is invalid: must be an integer >= 1.")
         # The paper's protocol: train, and take kNN neighbours, on the whole training split (docs/method.md §10).
         settings = _study_settings("reproduce_paper", args, protocol={"data.val_fraction": 0}, seeds=seeds,
                                    early_stopping=False, searches=False)
@@ -282,15 +313,15 @@ def _readable_store(uri: str) -> None:
     if uri.startswith("sqlite:///"):
         path = Path(uri[len("sqlite:///"):].split("?", 1)[0])
         if not path.is_file():
-            raise ConfigError(f"tracking URI '{mask_uri(uri)}' names no file ('{path}' does not exist); {fix}.")
+            raise UserError(f"tracking URI '{mask_uri(uri)}' names no file ('{path}' does not exist); {fix}.")
         with path.open("rb") as handle:
             header = handle.read(len(SQLITE_HEADER))
         if header and header != SQLITE_HEADER:
-            raise ConfigError(f"tracking URI '{mask_uri(uri)}' names '{path}', which is not a SQLite database; {fix}.")
+            raise UserError(f"tracking URI '{mask_uri(uri)}' names '{path}', which is not a SQLite database; {fix}.")
     elif uri.startswith("file:"):
         folder = Path(uri[len("file://"):] if uri.startswith("file://") else uri[len("file:"):])
         if not folder.is_dir():
-            raise ConfigError(f"tracking URI '{mask_uri(uri)}' names no folder ('{folder}' does not exist); {fix}.")
+            raise UserError(f"tracking URI '{mask_uri(uri)}' names no folder ('{folder}' does not exist); {fix}.")
     else:
         checks.check_tracking_uri(uri)  # a server must answer; an unsupported scheme is refused
 
@@ -370,8 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.run(args)
-    except ConfigError as error:  # our one-sentence errors: no traceback for a bad input
+        with _one_line_warnings("hamjepa"):
+            return args.run(args)
+    except UserError as error:  # our one-sentence errors (ConfigError too): no traceback for a bad input
         print(f"hamjepa: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

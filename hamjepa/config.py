@@ -7,6 +7,12 @@ profile can never introduce a knob that the tree does not have.
 Validation happens at construction: a bad value raises ``ConfigError`` (a ValueError) with one sentence that names the
 dotted field, quotes the value and says what would be valid. Unknown keys (in YAML or overrides) are
 errors too, with the closest valid key suggested.
+
+Renamed keys (``RENAMED_KEYS``: the section ``hamjepa`` is now ``hamjepa_loss``; ``data.channels_last`` and
+``data.compile_encoder`` are now in ``compute``) keep working until 0.3: ``canonical_key`` gives a key's current
+name wherever a key enters (``--set`` and ``Config.override``, YAML files, search spaces, and the params or
+config trees an earlier version stored). A key the user wrote warns once (FutureWarning, naming the new key);
+a stored one is translated silently.
 """
 
 from __future__ import annotations
@@ -16,12 +22,15 @@ import difflib
 import math
 import types
 import typing
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 import yaml
+
+from .errors import UserError
 
 METHODS = ("hamjepa", "sigreg", "mlp")
 MAX_SEED = 2**32 - 1  # numpy's and Optuna's seeds are 32-bit; a run derives its seeds from these
@@ -38,8 +47,22 @@ DATASET_OVERRIDES = {
 }
 
 
-class ConfigError(ValueError):
-    """A bad input, explained in one sentence that names the field and what would be valid."""
+# Deprecated key -> its current name: a section prefix ("hamjepa": every "hamjepa.*" key) or one whole dotted key.
+RENAMED_KEYS = {
+    "hamjepa": "hamjepa_loss",  # the section of the HamJEPA objective, not the method nor the package
+    "data.channels_last": "compute.channels_last",  # how the device computes, not data
+    "data.compile_encoder": "compute.compile_encoder",
+}
+RENAMED_KEYS_REMOVED_IN = "0.3"  # the release that stops accepting the old names
+
+
+class RenamedKeyWarning(FutureWarning):
+    """A renamed config key was used (RENAMED_KEYS); the command line prints it as one line, `<prog>: warning: ...`.
+    A FutureWarning, so Python shows it to users by default (DeprecationWarning is hidden outside __main__)."""
+
+
+class ConfigError(UserError):
+    """The config tree's kind of UserError: one sentence that names the config field or key and what would be valid."""
 
 
 def _fail(path: str, value: Any, valid: str) -> None:
@@ -110,7 +133,7 @@ class PredictorConfig(_Section):
     residual_scale: float = 0.02  # s, reached after the warm-up
     residual_scale_warmup_epochs: int = 10  # s(epoch) = s * min(1, epoch / warmup), epochs from 1
     steps: int = 2  # leapfrog steps K
-    dt: float = 0.05  # leapfrog step size
+    dt: float = 0.05  # leapfrog step size, in time units per step (the prediction horizon is K * dt)
     curriculum_epochs: int = 0  # horizon curriculum: K rises linearly 1 -> steps over these epochs; 0 = off
     gradient: str = "closed_form"  # grad V: "closed_form" (one backward) or "autograd" (double backward)
 
@@ -125,22 +148,27 @@ class PredictorConfig(_Section):
 
 @dataclass(frozen=True)
 class HamJEPALossConfig(_Section):
-    """HamJEPA objective (docs/method.md §3)."""
+    """HamJEPA objective: weights, floors and energy budget (docs/method.md §3); the `mlp` ablation uses it too.
 
-    section: ClassVar[str] = "hamjepa"
+    Its section is `hamjepa_loss` (formerly `hamjepa`, the method's and the package's name too: RENAMED_KEYS).
+    """
+
+    section: ClassVar[str] = "hamjepa_loss"
     match: str = "q"  # "q": MSE on q + p_weight * MSE on p;  "qp": MSE on the whole state
-    p_weight: float = 0.2
+    p_weight: float = 0.2  # weight of the p term of the prediction loss (match "q")
     q_target: float = 1.0  # energy budget: target of E|q|^2/d
     p_target: float = 1.0  # energy budget: target of E|p|^2/d
-    std_floor: float = 0.2  # gamma of the variance floor
-    logdet_floor: float = -1.5  # tau
-    pr_floor_q: float = 0.12  # r0 for q
+    std_floor: float = 0.2  # gamma of the variance floor: the least std of each coordinate of q and of p
+    logdet_floor: float = -1.5  # tau: the floor of logdet(C)/k, C the projected covariance (k dims)
+    pr_floor_q: float = 0.12  # r0 for q: the floor of the participation ratio PR(C)/k
     pr_floor_p: float = 0.16  # r0 for p
-    eigmax_ceiling_q: float = 0.35  # e_max for q
+    eigmax_ceiling_q: float = 0.35  # e_max for q: the ceiling of the top eigenvalue's share of trace(C)
     eigmax_ceiling_p: float = 0.30  # e_max for p
     spectral_dim: int = 128  # k = min(spectral_dim, d, 2B - 1): B images give 2B pooled states
-    spectral_redraw_every: int = 16  # steps between fresh random projections
-    spectral_eps: float = 1e-4
+    spectral_redraw_every: int = 16  # training steps between fresh random projections
+    spectral_eps: float = 1e-4  # epsilon added to the projected covariance's diagonal
+    # Weights of the five terms: L = w_pred L_pred + w_budget L_budget + w_var L_var + w_spectral L_spectral
+    # + w_mean L_mean.
     w_pred: float = 1.0
     w_budget: float = 0.2
     w_var: float = 0.5
@@ -165,9 +193,9 @@ class SIGRegConfig(_Section):
     """LeJEPA's SIGReg baseline (docs/method.md §4)."""
 
     section: ClassVar[str] = "sigreg"
-    num_directions: int = 64
-    t_max: float = 3.0
-    n_points: int = 9
+    num_directions: int = 64  # random unit directions per step, each a 1-D Epps-Pulley test
+    t_max: float = 3.0  # the Epps-Pulley knots span t in [0, t_max] (t: the characteristic function's argument)
+    n_points: int = 9  # knots on [0, t_max], trapezoid rule
     weight: float = 0.02  # lambda
 
     def __post_init__(self) -> None:
@@ -185,7 +213,7 @@ class DataConfig(_Section):
     dataset: str = "cifar100"
     root: str = ""  # "" = search --data-root, $HAMJEPA_DATA, Debian's dataset packages, then download
     download: bool = True  # let torchvision download when the files are missing and the network allows
-    image_size: int = 32
+    image_size: int = 32  # side of the stored and augmented images, in pixels
     subset: int = 0  # number of training images (stratified, seeded); 0 = all
     val_fraction: float = 0.1  # held out from the training set, stratified, for tuning
     num_workers: int = 2  # DataLoader worker processes per training worker (loader placement, image folders)
@@ -194,9 +222,6 @@ class DataConfig(_Section):
     # datasets held there as uint8), "loader" = in DataLoader worker processes, "auto" = device on a GPU and,
     # on a CPU, the placement measured faster there (data.CPU_AUTO_PLACEMENT, with the figures).
     augment_on: str = "auto"
-    # How the device computes, beside how it is fed; off unless measured to help (README "GPU"):
-    channels_last: bool = False  # NHWC memory format for the model and its input views
-    compile_encoder: bool = False  # torch.compile the encoder's forward (nn.Module.compile: state_dict keys stay)
 
     def __post_init__(self) -> None:
         self._one_of("dataset", DATASETS)
@@ -212,20 +237,23 @@ class AugmentConfig(_Section):
     """Two-view augmentation (docs/method.md §6)."""
 
     section: ClassVar[str] = "augment"
+    # RandomResizedCrop's scale: a crop covers a fraction of the image's area drawn uniformly from [min, max].
     crop_scale_min: float = 0.3
     crop_scale_max: float = 1.0
-    flip_p: float = 0.5
+    flip_p: float = 0.5  # probability of a horizontal flip
+    # Colour jitter strengths, with ColorJitter's meaning: a factor drawn uniformly from [max(0, 1 - s), 1 + s]
+    # scales brightness, contrast and saturation; the hue shifts by a draw from [-hue, hue] turns of the colour wheel.
     brightness: float = 0.4
     contrast: float = 0.4
     saturation: float = 0.2  # ignored for one-channel images (no colour to saturate)
     hue: float = 0.1  # ignored for one-channel images
-    jitter_p: float = 0.8
+    jitter_p: float = 0.8  # probability that a view is colour-jittered at all
     grayscale_p: float = 0.2  # a no-op on one-channel images
-    blur_kernel: int = 3  # 23 at 224 px
-    blur_sigma_min: float = 0.1
+    blur_kernel: int = 3  # side of the Gaussian kernel, in pixels of the output view (odd); 23 at 224 px
+    blur_sigma_min: float = 0.1  # the blur's sigma is drawn uniformly from [min, max], in pixels of the output view
     blur_sigma_max: float = 2.0
     blur_p: float = 0.5
-    solarize_threshold: float = 128.0  # on the 0-255 scale
+    solarize_threshold: float = 128.0  # pixels at or above it are inverted; on the 0-255 scale
     solarize_p: float = 0.2
 
     def __post_init__(self) -> None:
@@ -248,15 +276,15 @@ class EvalConfig(_Section):
     """Frozen-encoder evaluation (docs/method.md §7)."""
 
     section: ClassVar[str] = "eval"
-    knn_k: int = 20
+    knn_k: int = 20  # neighbours that vote in kNN@k (the objective is val kNN@k)
     knn_train_limit: int = 5000  # per-epoch validation kNN uses at most this many training images
-    probe_epochs: int = 50
-    probe_lr: float = 1e-3
-    probe_weight_decay: float = 1e-6
-    probe_batch_size: int = 256
-    spectrum_samples: int = 5000
-    spectrum_top: int = 256
-    batch_size: int = 512  # feature extraction batch
+    probe_epochs: int = 50  # epochs of the linear probe over the training split's features
+    probe_lr: float = 1e-3  # AdamW's learning rate of the probe at its first step, cosine-decayed to 0 per step
+    probe_weight_decay: float = 1e-6  # AdamW's decoupled weight decay of the probe
+    probe_batch_size: int = 256  # images (feature vectors) per probe step
+    spectrum_samples: int = 5000  # training images (a seeded subsample) whose features give the covariance spectrum
+    spectrum_top: int = 256  # the largest eigenvalues kept for effective rank and participation ratio
+    batch_size: int = 512  # images per feature-extraction batch
 
     def __post_init__(self) -> None:
         for name in ("knn_k", "knn_train_limit", "probe_epochs", "probe_batch_size", "spectrum_samples",
@@ -271,11 +299,13 @@ class OptimConfig(_Section):
     """AdamW with linear warm-up and cosine decay, per iteration (docs/method.md §5)."""
 
     section: ClassVar[str] = "optim"
+    # Peak learning rate, reached at the end of the warm-up, for the global batch optim.batch_size (not rescaled
+    # when the batch or the worker count changes).
     lr: float = 5e-4
-    weight_decay: float = 5e-4
-    batch_size: int = 512  # global batch (all workers together), drop last
-    epochs: int = 30
-    warmup_epochs: int = 10
+    weight_decay: float = 5e-4  # AdamW's decoupled decay on every parameter: each step scales weights by 1 - lr_t * wd
+    batch_size: int = 512  # global batch in images (all workers together), drop last
+    epochs: int = 30  # epochs of the training split (after data.subset and the validation hold-out)
+    warmup_epochs: int = 10  # linear warm-up to lr, in epochs of the training split (stepped per iteration)
     warmup_start_ratio: float = 0.01  # warm-up starts at 0.01 * lr
     final_lr_ratio: float = 1e-3  # cosine ends at 1e-3 * lr
     # Max grad norm; 0 = off; null = the method's protocol (PROTOCOL_GRAD_CLIP: 1.0 for HamJEPA and MLP-HJEPA,
@@ -294,6 +324,16 @@ class OptimConfig(_Section):
 
 
 @dataclass(frozen=True)
+class ComputeConfig(_Section):
+    """How the training device computes (not what it learns): each switch is off unless measured to help there
+    (README "On a GPU": `python -m hamjepa.bench gpu` measures both)."""
+
+    section: ClassVar[str] = "compute"
+    channels_last: bool = False  # NHWC memory format for the model and its input views
+    compile_encoder: bool = False  # torch.compile the encoder's forward (nn.Module.compile: state_dict keys stay)
+
+
+@dataclass(frozen=True)
 class Config(_Section):
     """The whole resolved configuration of one training run."""
 
@@ -301,12 +341,13 @@ class Config(_Section):
     seed: int = 0
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     predictor: PredictorConfig = field(default_factory=PredictorConfig)
-    hamjepa: HamJEPALossConfig = field(default_factory=HamJEPALossConfig)
+    hamjepa_loss: HamJEPALossConfig = field(default_factory=HamJEPALossConfig)
     sigreg: SIGRegConfig = field(default_factory=SIGRegConfig)
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
 
     def __post_init__(self) -> None:
         self._one_of("method", METHODS)
@@ -342,9 +383,10 @@ class Config(_Section):
         return flatten_dict(self.resolved().to_dict())
 
     def override(self, overrides: Mapping[str, Any]) -> Config:
-        """A new Config with dotted-key overrides applied; string values are parsed as YAML scalars."""
+        """A new Config with dotted-key overrides applied; string values are parsed as YAML scalars. A deprecated
+        key (RENAMED_KEYS) applies under its new name, with a FutureWarning."""
         tree = self.to_dict()
-        for key, value in overrides.items():
+        for key, value in canonical_keys(overrides, stacklevel=3).items():
             _set_dotted(tree, key, value)
         return from_dict(tree)
 
@@ -367,6 +409,74 @@ def flatten_dict(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value
     return flat
+
+
+# -- renamed keys (RENAMED_KEYS) ------------------------------------------------------------------------------
+
+def _renamed_entry(key: str, table: Mapping[str, str]) -> tuple[str, str] | None:
+    """The (old, new) entry of `table` that renames `key`: the key itself, or a section prefix of it."""
+    for old, new in table.items():
+        if key == old or key.startswith(old + "."):
+            return old, new
+    return None
+
+
+def canonical_key(key: str) -> str:
+    """A config key's current name: 'hamjepa.std_floor' -> 'hamjepa_loss.std_floor', 'data.channels_last' ->
+    'compute.channels_last'; any other key (valid or not) unchanged."""
+    entry = _renamed_entry(key, RENAMED_KEYS)
+    return key if entry is None else entry[1] + key[len(entry[0]):]
+
+
+def _legacy_key(key: str) -> str:
+    """The inverse of canonical_key: the name a key had before RENAMED_KEYS."""
+    entry = _renamed_entry(key, {new: old for old, new in RENAMED_KEYS.items()})
+    return key if entry is None else entry[1] + key[len(entry[0]):]
+
+
+def deprecation_message(key: str, where: str = "") -> str:
+    """The one sentence a deprecated key warns with, e.g. "config key 'hamjepa.std_floor' is deprecated: the section
+    is now 'hamjepa_loss' (write 'hamjepa_loss.std_floor'); the old name will be removed in 0.3."."""
+    old, new = _renamed_entry(key, RENAMED_KEYS)
+    how = f"the section is now '{new}'" if "." not in old else f"it moved to section '{new.rsplit('.', 1)[0]}'"
+    return (f"config key '{key}'{where} is deprecated: {how} (write '{canonical_key(key)}'); the old name will be "
+            f"removed in {RENAMED_KEYS_REMOVED_IN}.")
+
+
+def canonical_keys(mapping: Mapping[str, Any], *, warn: bool = True, stacklevel: int = 2) -> dict[str, Any]:
+    """`mapping` with its keys under their current names (canonical_key), in order. With `warn` (keys a user
+    wrote: --set, Config.override, a search space), one FutureWarning per deprecated key, attributed `stacklevel`
+    frames up as warnings.warn counts them from here; without (stored params), silently."""
+    renamed = {}
+    for key, value in mapping.items():
+        new = canonical_key(key) if isinstance(key, str) else key
+        if warn and new != key:
+            warnings.warn(deprecation_message(key), RenamedKeyWarning, stacklevel=stacklevel)
+        renamed[new] = value
+    return renamed
+
+
+def _renamed_tree(tree: Mapping[str, Any], rename) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for key, value in flatten_dict(tree).items():
+        node = nested
+        *sections, name = rename(key).split(".")
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[name] = value
+    return nested
+
+
+def canonical_tree(tree: Mapping[str, Any]) -> dict[str, Any]:
+    """A stored config tree (a checkpoint's, an encoder artifact's) with its keys under their current names,
+    silently: what an older version wrote loads with from_dict."""
+    return _renamed_tree(tree, canonical_key)
+
+
+def legacy_tree(tree: Mapping[str, Any]) -> dict[str, Any]:
+    """A config tree as the version before RENAMED_KEYS laid it out (`hamjepa`, `data.channels_last`, ...): the
+    tree whose hash that version's checkpoints carry."""
+    return _renamed_tree(tree, _legacy_key)
 
 
 def _unknown_key(path: str, key: str, valid: list[str]) -> ConfigError:
@@ -521,6 +631,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         "augment.crop_scale_min": 0.4, "augment.blur_kernel": 23,
     },
 }
+# Profiles sized for a GPU: a study of one reserves 1 GPU per worker unless --gpus-per-worker says otherwise.
+GPU_PROFILES = ("cifar100", "imagenet100")
 
 
 # --smoke-test: on top of any profile, the smallest run that still exercises every code path (CI).
@@ -535,18 +647,36 @@ def profile(name: str, overrides: Mapping[str, Any] | None = None) -> Config:
     """The defaults with a profile's overrides, then the caller's."""
     return build_config(name, overrides=overrides)
 
-def _merge(tree: dict[str, Any], update: Mapping[str, Any], path: str = "") -> None:
-    """Deep-merge a (partial) YAML tree into a full config tree; unknown keys are errors."""
+def _merge(tree: dict[str, Any], update: Mapping[str, Any], path: str = "", renamed: list[str] | None = None,
+           root: dict[str, Any] | None = None) -> None:
+    """Deep-merge a (partial) YAML tree into a full config tree (`root`; `tree` is its node at `path`); unknown
+    keys are errors. A deprecated key (a `hamjepa:` section, `channels_last` under `data:`) lands under its new
+    name (canonical_key) and is appended to `renamed`."""
+    root = tree if root is None else root
     if not isinstance(update, Mapping):
         _fail(path or "<root>", update, "must be a mapping of config keys")
     for key, value in update.items():
-        if key not in tree:
-            raise _unknown_key(path, str(key), sorted(tree))
         sub = f"{path}.{key}" if path else str(key)
-        if isinstance(tree[key], dict):
-            _merge(tree[key], value, sub)
+        node, name = tree, key
+        if canonical_key(sub) != sub:
+            if renamed is not None:
+                renamed.append(sub)
+            sub = canonical_key(sub)
+            node, name = _parent(root, sub)
+        if name not in node:
+            raise _unknown_key(path, str(key), sorted(tree))
+        if isinstance(node[name], dict):
+            _merge(node[name], value, sub, renamed, root)
         else:
-            tree[key] = value
+            node[name] = value
+
+
+def _parent(root: dict[str, Any], key: str) -> tuple[dict[str, Any], str]:
+    """The node of a (valid) dotted key's section in a full config tree, and its last name."""
+    *sections, name = key.split(".")
+    for section in sections:
+        root = root[section]
+    return root, name
 
 
 def build_config(profile_name: str | None = None, config_file: str | Path | None = None,
@@ -559,8 +689,12 @@ def build_config(profile_name: str | None = None, config_file: str | Path | None
         for key, value in PROFILES[profile_name].items():
             _set_dotted(tree, key, value)
     if config_file is not None:
-        _merge(tree, read_yaml_file(config_file) or {})
-    for key, value in (overrides or {}).items():
+        renamed: list[str] = []
+        _merge(tree, read_yaml_file(config_file) or {}, renamed=renamed)
+        for key in renamed:
+            warnings.warn(deprecation_message(key, f" (in config file '{config_file}')"), RenamedKeyWarning,
+                          stacklevel=2)
+    for key, value in canonical_keys(overrides or {}, stacklevel=3).items():
         _set_dotted(tree, key, value)
     return from_dict(tree)
 

@@ -15,7 +15,7 @@ exist; a typo never falls back to another copy); else, in order, $HAMJEPA_DATA, 
 `data.download` allows, into the first of: root, $HAMJEPA_DATA, the download folder. When nothing works,
 DatasetNotFoundError says in one sentence where we looked and what fixes it. Files that are there but broken
 (not gzip, truncated, a bad idx magic number, the wrong shapes or labels, an undecodable image, a class folder
-without images) are one sentence too (ConfigError), raised while loading, so preflight refuses them before Ray.
+without images) are one sentence too (UserError), raised while loading, so preflight refuses them before Ray.
 
 Images are uint8 (N, C, S, S) tensors stored at the run's size S = data.image_size: in-memory datasets of
 another native size are resized once on load (shorter side to S, antialiased, centred square crop), and
@@ -66,6 +66,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .augment import Augmentation, Normalise, resize_square
 from .config import AugmentConfig, ConfigError, DataConfig
+from .errors import UserError
 
 try:  # CIFAR's pickled arrays; numpy 2 (numpy.core is a deprecated alias there)
     from numpy._core.multiarray import _reconstruct as _np_reconstruct
@@ -97,7 +98,7 @@ FIXES = {
 }
 
 
-class DatasetNotFoundError(ConfigError):
+class DatasetNotFoundError(UserError):
     """The dataset is not on disk and could not be downloaded; the message says where we looked and the fix."""
 
 
@@ -191,13 +192,13 @@ class Splits:
         return Normalise(self.mean, self.std, self.image_size)
 
 
-def _undecodable(path: str, error: Exception) -> ConfigError:
-    return ConfigError(f"image file '{path}' cannot be decoded ({type(error).__name__}); remove or replace it.")
+def _undecodable(path: str, error: Exception) -> UserError:
+    return UserError(f"image file '{path}' cannot be decoded ({type(error).__name__}); remove or replace it.")
 
 
-def _corrupt(path: Path | str, what: str) -> ConfigError:
-    return ConfigError(f"data file '{path}' {what}; replace it with a good copy (or delete it and let the download "
-                       "fetch it again).")
+def _corrupt(path: Path | str, what: str) -> UserError:
+    return UserError(f"data file '{path}' {what}; replace it with a good copy (or delete it and let the download "
+                     "fetch it again).")
 
 
 # -- readers ------------------------------------------------------------------------------------------
@@ -310,19 +311,19 @@ class _CifarUnpickler(pickle.Unpickler):
 
 
 def _unpickle(path: Path) -> dict:
-    """A CIFAR batch as a dict, or one sentence (ConfigError) when the file is anything else."""
+    """A CIFAR batch as a dict, or one sentence (UserError) when the file is anything else."""
     fix = "delete the folder and let the download (data.download = true) fetch the dataset again"
     try:
         with open(path, "rb") as handle:
             batch = _CifarUnpickler(handle, encoding="bytes").load()
     except _RefusedGlobal as refused:
-        raise ConfigError(f"CIFAR file '{path}' was refused without running it: it asks for "
-                          f"'{refused.qualified}', which a CIFAR batch never contains; {fix}.") from None
+        raise UserError(f"CIFAR file '{path}' was refused without running it: it asks for "
+                        f"'{refused.qualified}', which a CIFAR batch never contains; {fix}.") from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
             KeyError) as error:
-        raise ConfigError(f"CIFAR file '{path}' is not a CIFAR batch ({type(error).__name__}); {fix}.") from None
+        raise UserError(f"CIFAR file '{path}' is not a CIFAR batch ({type(error).__name__}); {fix}.") from None
     if not isinstance(batch, dict) or not isinstance(batch.get(b"data"), np.ndarray):
-        raise ConfigError(f"CIFAR file '{path}' is not a CIFAR batch (no b'data' array in a dict); {fix}.")
+        raise UserError(f"CIFAR file '{path}' is not a CIFAR batch (no b'data' array in a dict); {fix}.")
     return batch
 
 
@@ -358,12 +359,12 @@ def read_imagefolder(folder: Path, image_size: int, channels: int) -> tuple[Imag
         train = ImageFolder(str(folder / "train"))
     except OSError as error:  # e.g. a class folder without images
         first = str(error).splitlines()[0].split(". ")[0] if str(error).strip() else type(error).__name__
-        raise ConfigError(f"image folder '{folder / 'train'}' is not usable ({first}); give every class folder at "
-                          "least one image.") from None
+        raise UserError(f"image folder '{folder / 'train'}' is not usable ({first}); give every class folder at "
+                        "least one image.") from None
     val = make_dataset(str(folder / "val"), train.class_to_idx, IMG_EXTENSIONS, allow_empty=True)
     if not val:
-        raise ConfigError(f"image folder '{folder / 'val'}' holds no images of train/'s classes; it is the test "
-                          "split, so put the held-out images there, one folder per class.")
+        raise UserError(f"image folder '{folder / 'val'}' holds no images of train/'s classes; it is the test "
+                        "split, so put the held-out images there, one folder per class.")
 
     def image_set(samples: list[tuple[str, int]]) -> ImageSet:
         labels = torch.tensor([label for _, label in samples], dtype=torch.long)
@@ -768,14 +769,16 @@ class LoaderFeed(_Loaded):
 
 
 def two_view_feed(splits: Splits, augment: AugmentConfig, data_cfg: DataConfig, batch_size: int, world: int,
-                  rank: int, seed: int, device: torch.device | str) -> ResidentFeed | StreamFeed | LoaderFeed:
+                  rank: int, seed: int, device: torch.device | str,
+                  channels_last: bool = False) -> ResidentFeed | StreamFeed | LoaderFeed:
     """The training batches of one worker: batch_size images (two views each) per step, on `device`.
 
     Which feed follows data_cfg.augment_on (module docstring); seed fixes the sample order with the epoch.
+    `channels_last` (compute.channels_last) gives the views in NHWC memory format.
     """
     device = torch.device(device)
     augmentation = Augmentation(augment, splits.image_size, splits.channels, splits.mean, splits.std)
-    memory_format = torch.channels_last if data_cfg.channels_last else torch.contiguous_format
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     common = dict(batch_size=batch_size, world=world, rank=rank, seed=seed, device=device,
                   memory_format=memory_format)
     if augment_placement(data_cfg.augment_on, device) == "loader":

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from . import checkpoints, storage
-from .config import Config, from_dict
+from .config import Config, canonical_tree, from_dict
 from .encoder import TokenEncoder
 from .redact import mask_uri
 
@@ -36,7 +36,7 @@ def payload(state: dict[str, Any]) -> dict[str, Any]:
 def load_encoder(path: str, device: torch.device | str = "cpu") -> tuple[TokenEncoder, Config]:
     """The trained encoder (eval mode) and its run's config from an `encoder.pt` artifact."""
     saved = torch.load(path, map_location=device, weights_only=True)
-    cfg = from_dict(saved["config"])
+    cfg = from_dict(canonical_tree(saved["config"]))  # an older version's key names load too
     encoder = TokenEncoder(cfg.encoder).to(device)
     encoder.load_state_dict(saved["encoder"])
     return encoder.eval(), cfg

@@ -15,6 +15,7 @@ from .distributed import global_count
 from .encoder import TokenEncoder
 from .objectives import ProjectionSchedule, Stats, hamjepa_objective, sigreg_directions, sigreg_objective
 from .predictors import apply_schedules, build_predictor
+from .seeds import Stream, derive
 
 
 class JEPAModel(nn.Module):
@@ -29,10 +30,10 @@ class JEPAModel(nn.Module):
         self.predictor = build_predictor(cfg.predictor, self.q_dim, cfg.method)
         # Draw k = min(128, d) columns; forward() keeps the first 2B - 1 for a global batch of B images (the
         # floors see both views pooled: 2B states).
-        k = min(cfg.hamjepa.spectral_dim, self.q_dim)
-        every = cfg.hamjepa.spectral_redraw_every
-        self.projection_q = ProjectionSchedule(self.q_dim, k, every, seed=2 * cfg.seed)
-        self.projection_p = ProjectionSchedule(self.q_dim, k, every, seed=2 * cfg.seed + 1)
+        k = min(cfg.hamjepa_loss.spectral_dim, self.q_dim)
+        every = cfg.hamjepa_loss.spectral_redraw_every
+        self.projection_q = ProjectionSchedule(self.q_dim, k, every, seed=derive(cfg.seed, Stream.PROJECTION_Q))
+        self.projection_p = ProjectionSchedule(self.q_dim, k, every, seed=derive(cfg.seed, Stream.PROJECTION_P))
 
     def set_epoch(self, epoch: int) -> None:
         """Per-epoch schedules of the predictor (residual-scale warm-up, horizon curriculum)."""
@@ -57,4 +58,5 @@ class JEPAModel(nn.Module):
         projection_q = self.projection_q(step, z.device)[:, :k]
         projection_p = self.projection_p(step, z.device)[:, :k]
         with torch.autocast(z.device.type, enabled=False):
-            return hamjepa_objective(z[:n], z[n:], pred[:n], pred[n:], self.cfg.hamjepa, projection_q, projection_p)
+            return hamjepa_objective(z[:n], z[n:], pred[:n], pred[n:], self.cfg.hamjepa_loss, projection_q,
+                                     projection_p)

@@ -119,6 +119,15 @@ class RunStatus(enum.StrEnum):
         return {"finished": "FINISHED", "stopped": "FINISHED", "running": "RUNNING"}.get(self.value, "FAILED")
 
 
+REASON_CHARS = 300  # a failure's reason: one line in a run's tag, the summary and Tune's table
+
+
+def failure_reason(error: BaseException) -> str:
+    """Why a run failed beyond its restarts: the last line of Ray Train's error (the worker's exception)."""
+    lines = str(error).strip().splitlines()
+    return lines[-1][:REASON_CHARS] if lines else type(error).__name__
+
+
 def classify(last: Mapping[str, Any], epochs: int) -> tuple[RunStatus, str]:
     """(status, reason) of an ended run from its last report; the one place a run's status is decided."""
     if last.get(FAILED):

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from .config import HamJEPALossConfig, SIGRegConfig
 from .distributed import all_reduce_sum, global_count, global_mean
+from .seeds import Stream, derive
 
 Stats = dict[str, torch.Tensor]
 
@@ -169,14 +170,9 @@ class ProjectionSchedule:
     def __call__(self, step: int, device: torch.device | str = "cpu") -> torch.Tensor:
         key = (step // self.every, str(device))
         if key != self._key:
-            self._matrix = random_orthonormal(self.dim, self.k, _mix(self.seed, step // self.every), device)
+            self._matrix = random_orthonormal(self.dim, self.k, derive(self.seed, step // self.every), device)
             self._key = key
         return self._matrix
-
-
-def _mix(seed: int, counter: int) -> int:
-    """A distinct 63-bit seed per (seed, counter) pair."""
-    return (seed * 1_000_003 + counter * 7_919 + 12_345) % (2 ** 63 - 1)
 
 
 # -- SIGReg (LeJEPA) ------------------------------------------------------------------------------
@@ -216,7 +212,7 @@ def random_directions(dim: int, k: int, seed: int, device: torch.device | str = 
 
 def sigreg_directions(dim: int, k: int, seed: int, step: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """SIGReg's directions for a training step: fresh every step, identical on every worker."""
-    return random_directions(dim, k, _mix(seed, step), device)
+    return random_directions(dim, k, derive(seed, Stream.SIGREG_DIRECTIONS, step), device)
 
 
 def sigreg(views: torch.Tensor, directions: torch.Tensor, t_max: float = 3.0, n_points: int = 9) -> torch.Tensor:

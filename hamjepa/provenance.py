@@ -16,12 +16,14 @@ from pathlib import Path
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 LIBRARIES = ("torch", "torchvision", "ray", "optuna", "mlflow")
+GIT_TIMEOUT_S = 10  # seconds for one git query; a hung git (a network mount) leaves provenance "unknown"
 UNKNOWN = "unknown"  # not a git checkout (an installed wheel), or git is not installed
 
 
 def _git(*args: str) -> str | None:
     try:
-        done = subprocess.run(["git", "-C", str(REPOSITORY), *args], capture_output=True, text=True, timeout=10)
+        done = subprocess.run(["git", "-C", str(REPOSITORY), *args], capture_output=True, text=True,
+                              timeout=GIT_TIMEOUT_S)
     except (OSError, subprocess.TimeoutExpired):
         return None
     return done.stdout.strip() if done.returncode == 0 else None

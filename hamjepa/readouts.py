@@ -38,7 +38,6 @@ def validation_knn(model, splits: Splits, cfg: Config, device) -> float:
 def final_metrics(model, splits: Splits, cfg: Config, device) -> dict[str, float]:
     """kNN and linear probe (percent) on validation and test for every readout, plus spectra."""
     k = cfg.eval.knn_k
-    objective_name = objective(k)
     z = {name: _features(model, getattr(splits, name), splits, cfg, device) for name in ("train", "val", "test")}
     labels = {name: getattr(splits, name).labels for name in ("train", "val", "test")}
     metrics: dict[str, float] = {}
@@ -56,10 +55,15 @@ def final_metrics(model, splits: Splits, cfg: Config, device) -> dict[str, float
         spectra = spectrum(x["train"], cfg.eval.spectrum_top, cfg.eval.spectrum_samples, seed=cfg.seed)
         metrics[f"effective_rank_{r}"] = spectra["effective_rank"]
         metrics[f"participation_ratio_{r}"] = spectra["participation_ratio"]
-    # Unsuffixed names = the default readout. Not val kNN: the objective `val_knn{k}_top1` keeps its per-epoch
-    # definition (bounded reference set) to the end, so every epoch of every trial is measured alike.
-    default = default_readout(cfg.method)
-    for key in [key for key in metrics if key.endswith(f"_{default}") and key.startswith(("val_", "test_"))]:
-        if not key.startswith(objective_name):
-            metrics[key[: -len(default) - 1]] = metrics[key]
-    return metrics
+    return with_default_readout(metrics, cfg.method, k)
+
+
+def with_default_readout(metrics: dict[str, float], method: str, k: int) -> dict[str, float]:
+    """The metrics plus unsuffixed copies of the default readout's accuracies (`test_knn20_top1` =
+    `test_knn20_top1_q` for HamJEPA). Not val kNN: the objective `val_knn{k}_top1` keeps its per-epoch
+    definition (bounded reference set) to the end, so every epoch of every trial is measured alike."""
+    default, objective_name = default_readout(method), objective(k)
+    aliases = {key[: -len(default) - 1]: value for key, value in metrics.items()
+               if key.endswith(f"_{default}") and key.startswith(("val_", "test_"))
+               and not key.startswith(objective_name)}
+    return {**metrics, **aliases}

@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 from mlflow.tracking import MlflowClient
 
 from . import metrics as names
-from .config import Config, ConfigError, build_config
+from .config import Config, build_config
+from .errors import UserError
 from .redact import mask_uri
-from .report import COMPARE, RunRecord, collect_runs, select_trial, summarize, to_markdown
+from .report import COMPARE, RunRecord, collect_runs, select_trial, stored_params, summarize, to_markdown
 from .tracking import REASON_TAG, ROLE_TAG
 
 STUDY_NAME_TAG = "hamjepa.study"  # the study script's name (energy_budget, reproduce_paper, ...)
@@ -78,20 +79,21 @@ def find_studies(client: MlflowClient, experiment: str | None = None) -> list[St
     if experiment is not None:
         experiments = {k: v for k, v in experiments.items() if v == experiment}
         if not experiments:
-            raise ConfigError(f"--experiment '{experiment}' is not in this tracking store; `hamjepa studies` lists "
-                              "the studies of every experiment.")
+            raise UserError(f"--experiment '{experiment}' is not in this tracking store; `hamjepa studies` lists "
+                            "the studies of every experiment.")
     if not experiments:
         return []
     runs = client.search_runs(list(experiments), filter_string=f"tags.`{ROLE_TAG}` = 'study'", max_results=5000,
                               order_by=["attributes.start_time DESC"])
     return [StudyRun(run.info.run_id, run.info.run_name, run.data.tags.get(STUDY_NAME_TAG, ""),
                      run.info.experiment_id, experiments[run.info.experiment_id], run.info.start_time or 0,
-                     run.info.status, dict(run.data.params), run.data.tags.get(REASON_TAG, "")) for run in runs]
+                     run.info.status, stored_params(run.data.params), run.data.tags.get(REASON_TAG, ""))
+            for run in runs]
 
 
-def no_study(where: str) -> ConfigError:
-    return ConfigError(f"the tracking store {where} holds no study; run one first, or pass the --tracking-uri (and "
-                       "--experiment) it logged to.")
+def no_study(where: str) -> UserError:
+    return UserError(f"the tracking store {where} holds no study; run one first, or pass the --tracking-uri (and "
+                     "--experiment) it logged to.")
 
 
 def pick_study(studies: Sequence[StudyRun], study_id: str | None, where: str) -> StudyRun:
@@ -103,15 +105,16 @@ def pick_study(studies: Sequence[StudyRun], study_id: str | None, where: str) ->
     for study in studies:
         if study_id in (study.study_id, study.run_id):
             return study
-    raise ConfigError(f"--study '{study_id}' is not a study in the tracking store {where}; `hamjepa studies` "
-                      "lists the ones it holds.")
+    raise UserError(f"--study '{study_id}' is not a study in the tracking store {where}; `hamjepa studies` "
+                    "lists the ones it holds.")
 
 
 def base_config(params: Mapping[str, str]) -> Config:
-    """The study's base config from its parent run's params (MLflow keeps every value as a string)."""
+    """The study's base config from its parent run's params (MLflow keeps every value as a string; an older
+    version's key names are read under today's, silently)."""
     defaults = Config().flatten()
     overrides: dict[str, object] = {}
-    for key, text in params.items():
+    for key, text in stored_params(params).items():
         if key not in defaults:
             continue
         if isinstance(defaults[key], str):

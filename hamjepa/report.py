@@ -15,19 +15,18 @@ prediction held, and `theory_plots` draws every run's linear-probe-minus-kNN dif
 
 from __future__ import annotations
 
-import csv
-import io
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
 from . import metrics as names
-from .config import Config
+from .config import Config, canonical_key, canonical_keys
 from .metrics import RunStatus
 from .statistics import CONFIDENCE, Estimate, estimate, paired_differences, verdict
+from .tables import csv_number, csv_text, markdown_table
 from .tracking import METHOD_TAG, PARENT_TAG, PHASE_TAG, REASON_TAG, STATUS_TAG
 
 COMPARE = "compare"  # the phase of the paired runs
@@ -42,6 +41,16 @@ THEORY_LABELS = {"rho_probe": "rho (price of isotropy)", "entropy_gap": "entropy
 # optimal worst-case downstream variance.
 RHO_LARGE = 2.0
 THEORY_PLOT = "theory_knn_probe_vs_rho.png"
+SEARCH_KEYS = "study.search_keys"  # a study's param: its searched config keys, comma-separated
+
+
+def stored_params(params: Mapping[str, str]) -> dict[str, str]:
+    """Params an earlier invocation stored (a run's MLflow params, a study's identity) under today's config key
+    names (config.RENAMED_KEYS: an old study logged `hamjepa.*`), silently, the keys in study.search_keys too."""
+    params = canonical_keys(params, warn=False)
+    if SEARCH_KEYS in params:
+        params[SEARCH_KEYS] = ",".join(canonical_key(key) for key in params[SEARCH_KEYS].split(","))
+    return params
 
 
 @dataclass
@@ -72,7 +81,7 @@ def collect_runs(client: MlflowClient, experiment_id: str, parent_run_id: str) -
                               max_results=5000)
     return [RunRecord(run.info.run_id, run.info.run_name, run.data.tags.get(PHASE_TAG, ""),
                       run.data.tags.get(METHOD_TAG, ""), run.data.tags.get(STATUS_TAG, RunStatus.RUNNING.value),
-                      run.data.tags.get(REASON_TAG, ""), dict(run.data.params), dict(run.data.metrics),
+                      run.data.tags.get(REASON_TAG, ""), stored_params(run.data.params), dict(run.data.metrics),
                       run.info.status)
             for run in runs]
 
@@ -245,16 +254,16 @@ def to_markdown(summary: StudySummary) -> str:
         f"encoder initialisation. Cells: mean +/- std over seeds; [{CONFIDENCE:.0%} Student-t interval over the n "
         "paired differences]. Gain = final minus the same run's readout at initialisation (epoch 0).",
         "",
-        "| metric (%) | HamJEPA | SIGReg | HamJEPA - SIGReg | gain: HamJEPA | gain: SIGReg | verdict |"
-        + (" MLP-HJEPA |" if with_ablation else ""),
-        "|---" * (8 if with_ablation else 7) + "|",
     ]
+    header = ["metric (%)", "HamJEPA", "SIGReg", "HamJEPA - SIGReg", "gain: HamJEPA", "gain: SIGReg", "verdict"]
+    rows = []
     for row in summary.rows:
         cells = [row.label, _spread(row.hamjepa), _spread(row.sigreg), row.delta.text(signed=True),
                  row.gains["HamJEPA"].text(signed=True), row.gains["SIGReg"].text(signed=True), row.verdict]
         if with_ablation:
             cells.append(_spread(row.ablation) if row.ablation else "-")
-        lines.append("| " + " | ".join(cells) + " |")
+        rows.append(cells)
+    lines += markdown_table(header + (["MLP-HJEPA"] if with_ablation else []), rows)
     lines += ["", _overall(summary, k), "", *theory_markdown(summary.theory), protocol_line(summary.base)]
     if summary.not_compared:
         lines.append("Not compared (did not finish): " + ", ".join(
@@ -284,10 +293,9 @@ def theory_markdown(rows: Sequence[TheoryRow]) -> list[str]:
             "curvature (ridged), Sigma = the covariance of the probe's input, both on the training split. rho in "
             "[1, D] is what an isotropic covariance pays; the entropy gap is 0 when Sigma is proportional to H^-1.",
             "",
-            "| quantity | readout | HamJEPA | SIGReg | HamJEPA - SIGReg |",
-            "|---|---|---|---|---|",
-            *(f"| {row.label} | {row.readout} | {_spread(row.hamjepa)} | {_spread(row.sigreg)} | "
-              f"{row.delta.text(signed=True)} |" for row in rows),
+            *markdown_table(["quantity", "readout", "HamJEPA", "SIGReg", "HamJEPA - SIGReg"],
+                            [[row.label, row.readout, _spread(row.hamjepa), _spread(row.sigreg),
+                              row.delta.text(signed=True)] for row in rows]),
             "",
         ]
     return [*lines, theory_sentence(rows), ""]
@@ -309,19 +317,13 @@ CSV_COLUMNS = ["metric", "label", "n", "hamjepa_mean", "hamjepa_std", "sigreg_me
 
 def to_csv(summary: StudySummary) -> str:
     """One row per metric (CSV_COLUMNS); empty cells where a value is undefined (no interval at n = 1)."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(CSV_COLUMNS)
+    rows = []
     for row in summary.rows:
         h, g = row.gains["HamJEPA"], row.gains["SIGReg"]
         values = [row.hamjepa.mean, row.hamjepa.std, row.sigreg.mean, row.sigreg.std, row.delta.mean,
                   row.delta.low, row.delta.high, h.mean, h.low, h.high, g.mean, g.low, g.high]
-        writer.writerow([row.metric, row.label, row.delta.n, *map(_fmt, values), row.verdict])
-    return buffer.getvalue()
-
-
-def _fmt(value: float) -> str:
-    return f"{value:.4f}" if math.isfinite(value) else ""
+        rows.append([row.metric, row.label, row.delta.n, *map(csv_number, values), row.verdict])
+    return csv_text(CSV_COLUMNS, rows)
 
 
 # -- theory plot ------------------------------------------------------------------------------------------

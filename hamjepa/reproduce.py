@@ -8,9 +8,6 @@ the paper's own row (docs/method.md §8) under each of ours.
 
 from __future__ import annotations
 
-import csv
-import io
-import math
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,6 +19,7 @@ from .paper import COLUMN_TITLES, COLUMNS, DATASET_TITLES, PaperRow, reference_r
 from .report import RunRecord
 from .statistics import Estimate, estimate
 from .study import ARM, Invocation, StudyResult, StudySettings
+from .tables import csv_number, csv_text, markdown_table
 
 PHASE = "reproduce"
 METHODS = ("sigreg", "hamjepa", "mlp")
@@ -122,25 +120,18 @@ def _cell_text(knn: Estimate, probe: Estimate, seeds: int, source: str) -> str:
 
 
 def to_markdown(table: ReproductionTable, seeds: int) -> str:
+    rows = [[row.label, *(_cell_text(*row.cells[t], seeds, row.source) if t in row.cells else ""
+                          for t in COLUMN_TITLES)] for row in table.rows]
     lines = ["Test kNN@20 / linear probe top-1 (%), mean +/- std over seeds; the paper's numbers in the row below "
-             "ours.", "", "| setting | " + " | ".join(COLUMN_TITLES) + " |", "|---" * (len(COLUMN_TITLES) + 1) + "|"]
-    for row in table.rows:
-        cells = [_cell_text(*row.cells[t], seeds, row.source) if t in row.cells else "" for t in COLUMN_TITLES]
-        lines.append(f"| {row.label} | " + " | ".join(cells) + " |")
+             "ours.", "", *markdown_table(["setting", *COLUMN_TITLES], rows)]
     return "\n".join(lines + [""] + table.notes) + "\n"
 
 
 def to_csv(table: ReproductionTable) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(["setting", "source", "column", "metric", "mean", "std", "n"])
-    for row in table.rows:
-        for title, (knn, probe) in row.cells.items():
-            for metric, cell in ((names.accuracy("test", names.knn(table.knn_k)), knn),
-                                 (names.accuracy("test", "linprobe_top1"), probe)):
-                writer.writerow([row.label, row.source, title, metric, *(f"{v:.4f}" if math.isfinite(v) else ""
-                                                                          for v in (cell.mean, cell.std)), cell.n])
-    return buffer.getvalue()
+    metrics = (names.accuracy("test", names.knn(table.knn_k)), names.accuracy("test", "linprobe_top1"))
+    rows = [[row.label, row.source, title, metric, csv_number(cell.mean), csv_number(cell.std), cell.n]
+            for row in table.rows for title, pair in row.cells.items() for metric, cell in zip(metrics, pair)]
+    return csv_text(["setting", "source", "column", "metric", "mean", "std", "n"], rows)
 
 
 def comparison_plot(table: ReproductionTable, path: Path) -> Path:

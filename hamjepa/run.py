@@ -15,12 +15,14 @@ from typing import Any
 
 from . import metrics as names
 from . import provenance, storage
-from .config import Config, ConfigError
+from .config import Config, ConfigError, canonical_keys
 from .encoder_artifact import log_encoder
+from .errors import UserError
 from .metrics import RunStatus
 from .redact import mask_uri
+from .resources import Resources
 from .tracking import DATASET_TAG, METHOD_TAG, REASON_TAG, ROLE_TAG, STATUS_TAG, RunLogger, resolve_tracking_uri
-from .training import QUIET_WORKERS, FailureInjection, Resources, make_trainer
+from .training import QUIET_WORKERS, FailureInjection, make_trainer
 
 DRIVER_RESOURCE = "trial_driver"  # custom resource held by a study's trial drivers (see connect_ray)
 
@@ -63,9 +65,13 @@ class RunOutcome:
     reason: str = ""
 
 
-def preflight(cfg: Config) -> None:
-    """Fail fast, before Ray starts: the data must be there, readable, and large enough for what the run does."""
+def preflight(cfg: Config, resources: Resources | None = None) -> None:
+    """Fail fast, before Ray starts: the batch must split among the workers, and the data must be there,
+    readable, and large enough for what the run does."""
     from .data import check_image_files, load_splits
+
+    if resources is not None:
+        resources.check_batch(cfg)
 
     splits = load_splits(cfg.data, channels=cfg.encoder.in_channels)
     check_image_files(splits)
@@ -79,7 +85,7 @@ def preflight(cfg: Config) -> None:
         raise ConfigError(f"config field 'data.val_fraction' = {cfg.data.val_fraction} is invalid: it holds out no "
                           f"image of {len(splits.train)}; raise it or data.subset.")
     if len(splits.test) == 0:
-        raise ConfigError(f"dataset '{cfg.data.dataset}' has an empty test split; the run could not be evaluated.")
+        raise UserError(f"dataset '{cfg.data.dataset}' has an empty test split; the run could not be evaluated.")
 
 
 def connect_ray(address: str | None, verbose: bool = False, worker_logs: bool = True) -> None:
@@ -114,8 +120,8 @@ def connect_ray(address: str | None, verbose: bool = False, worker_logs: bool = 
             ray.init(resources={DRIVER_RESOURCE: 10_000}, **quiet)
     except (ConnectionError, RuntimeError, ValueError) as error:
         where = f"address '{address}'" if address else "a local Ray instance"
-        raise ConfigError(f"cannot connect to {where} ({str(error).splitlines()[0]}); check --address, or "
-                         "omit it to start a local Ray.") from None
+        raise UserError(f"cannot connect to {where} ({str(error).splitlines()[0]}); check --address, or "
+                        "omit it to start a local Ray.") from None
 
 
 def _refuse_a_second_local_ray() -> None:
@@ -129,10 +135,10 @@ def _refuse_a_second_local_ray() -> None:
     except Exception:  # noqa: BLE001 - a private API: without it, start as before
         return
     if running:
-        raise ConfigError(f"another Ray instance is already running on this machine (at {', '.join(sorted(running))}: "
-                          "another study or `hamjepa train`?); wait for it to end (`ray stop` if it is a leftover), "
-                          f"or run both on one shared Ray: `ray start --head --resources='{{\"{DRIVER_RESOURCE}\": "
-                          "1000}'`, then pass --address auto to each.")
+        raise UserError(f"another Ray instance is already running on this machine (at {', '.join(sorted(running))}: "
+                        "another study or `hamjepa train`?); wait for it to end (`ray stop` if it is a leftover), "
+                        f"or run both on one shared Ray: `ray start --head --resources='{{\"{DRIVER_RESOURCE}\": "
+                        "1000}'`, then pass --address auto to each.")
 
 
 def check_rerun(tracking_uri: str, experiment: str, run_name: str | None, cfg: Config) -> None:
@@ -150,12 +156,12 @@ def check_rerun(tracking_uri: str, experiment: str, run_name: str | None, cfg: C
     if existing is None:
         return
     now = {k: str(v) for k, v in cfg.flatten().items()}
-    before = existing.data.params
+    before = canonical_keys(existing.data.params, warn=False)  # an older version's key names, silently
     changed = sorted(k for k in now if k in before and before[k] != now[k])
     if changed:
         shown = "; ".join(f"{k} was {before[k]}, now {now[k]}" for k in changed[:5])
-        raise ConfigError(f"--name {run_name} is an existing run of experiment '{experiment}' with another config "
-                          f"({shown}); rerunning a name resumes that run, so pick a new --name for this config.")
+        raise UserError(f"--name {run_name} is an existing run of experiment '{experiment}' with another config "
+                        f"({shown}); rerunning a name resumes that run, so pick a new --name for this config.")
 
 
 def train_and_log(cfg: Config, resources: Resources, *, experiment: str, run_name: str | None = None,
@@ -180,7 +186,7 @@ def train_and_log(cfg: Config, resources: Resources, *, experiment: str, run_nam
         # The last report, over everything MLflow logged (the epoch-0 `init/` readouts are only in epoch 0's report).
         metrics = {**logger.client.get_run(logger.run_id).data.metrics, **(result.metrics or {})}
     except TrainingFailedError as error:
-        metrics = {names.FAILED: 1, names.FAILURE_REASON: str(error).strip().splitlines()[-1][:500]}
+        metrics = {names.FAILED: 1, names.FAILURE_REASON: names.failure_reason(error)}
     status, reason = names.classify(metrics, cfg.optim.epochs)
     if status == RunStatus.FINISHED:
         log_encoder(logger, storage.join(storage.resolve(storage_path), run_name), cfg)

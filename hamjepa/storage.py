@@ -12,7 +12,7 @@ import secrets
 from pathlib import Path
 
 from .checks import can_write_in, nearest_existing
-from .config import ConfigError
+from .errors import UserError
 from .redact import mask_text, mask_uri
 
 DEFAULT = "ray_results"
@@ -74,10 +74,10 @@ def write_text(path: str, text: str, atomic: bool = False) -> None:
         raise _unreachable(path, "written", error) from None
 
 
-def _unreachable(path: str, verb: str, error: Exception) -> ConfigError:
+def _unreachable(path: str, verb: str, error: Exception) -> UserError:
     first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return ConfigError(f"--storage-path cannot be {verb} at '{mask_uri(path)}' ({mask_text(first_line)}); pass a "
-                       "folder, or a bucket this machine has credentials for.")
+    return UserError(f"--storage-path cannot be {verb} at '{mask_uri(path)}' ({mask_text(first_line)}); pass a "
+                     "folder, or a bucket this machine has credentials for.")
 
 
 REMOTE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")  # pyarrow's; reached only by Ray's nodes
@@ -95,11 +95,11 @@ def check_writable(path: str | None = None) -> None:
         if scheme == "file":
             return check_writable(location[len("file://"):] or "/")
         if scheme not in REMOTE_SCHEMES:
-            raise ConfigError(f"--storage-path = '{mask_uri(location)}' is invalid: use a folder, file://, or one of "
-                              f"{', '.join(s + '://' for s in REMOTE_SCHEMES)}.")
+            raise UserError(f"--storage-path = '{mask_uri(location)}' is invalid: use a folder, file://, or one of "
+                            f"{', '.join(s + '://' for s in REMOTE_SCHEMES)}.")
         return None
     existing = nearest_existing(Path(location))
     if not existing.is_dir() or not can_write_in(existing):
-        raise ConfigError(f"--storage-path = '{location}' is not writable: '{existing}' is not a folder this user can "
-                          "write; pass a writable folder (or set $HAMJEPA_STORAGE_PATH).")
+        raise UserError(f"--storage-path = '{location}' is not writable: '{existing}' is not a folder this user can "
+                        "write; pass a writable folder (or set $HAMJEPA_STORAGE_PATH).")
     return None

@@ -35,10 +35,12 @@ from ray.tune.search.optuna import OptunaSearch
 
 from . import metrics as names
 from . import provenance, storage
-from .config import Config, ConfigError, from_dict
+from .config import Config, ConfigError, canonical_keys
+from .errors import UserError
 from .metrics import RunStatus
 from .redact import mask_text, mask_uri
-from .report import COMPARE
+from .report import COMPARE, stored_params
+from .resources import Resources
 from .run import DRIVER_RESOURCE
 from .tracking import (
     DATASET_TAG,
@@ -51,7 +53,7 @@ from .tracking import (
     RunLogger,
     experiment_id,
 )
-from .training import Resources, make_trainer
+from .training import make_trainer
 
 # How a trial's end reaches Optuna, written once. A trial ASHA stopped is PRUNED (Optuna records its last
 # intermediate value, and TPE never ranks a truncated value against full-length ones); a diverged trial is
@@ -109,17 +111,17 @@ class StudySettings:
         if isinstance(self.resume, bool):  # the old flag: True meant the latest invocation
             object.__setattr__(self, "resume", LATEST if self.resume else "")
         if self.num_samples < 1:
-            raise ConfigError(f"--num-samples = {self.num_samples} is invalid: must be an integer >= 1.")
+            raise UserError(f"--num-samples = {self.num_samples} is invalid: must be an integer >= 1.")
         if self.seeds < 0:
-            raise ConfigError(f"--seeds = {self.seeds} is invalid: must be an integer >= 0 (0 = search only).")
+            raise UserError(f"--seeds = {self.seeds} is invalid: must be an integer >= 0 (0 = search only).")
         if self.ablation not in ("", "mlp"):
-            raise ConfigError(f"--ablation = {self.ablation!r} is invalid: the only ablation is 'mlp'.")
+            raise UserError(f"--ablation = {self.ablation!r} is invalid: the only ablation is 'mlp'.")
         if self.max_concurrent < 0:
-            raise ConfigError(f"--max-concurrent = {self.max_concurrent} is invalid: must be >= 0 (0 = automatic).")
+            raise UserError(f"--max-concurrent = {self.max_concurrent} is invalid: must be >= 0 (0 = automatic).")
         if self.searches and self.base.data.val_fraction <= 0:
             raise ConfigError("config field 'data.val_fraction' = 0 is invalid for a study: the objective is "
                               "measured on the validation split, so it must be in (0, 1).")
-        self.resources.validate(self.base)
+        self.resources.check_batch(self.base)
 
     @property
     def experiment_name(self) -> str:
@@ -159,7 +161,17 @@ def flat_overrides(trial_config: Mapping[str, Any]) -> dict[str, Any]:
     """A Tune trial's config as dotted config overrides (a compare cell's arm and seed lifted to the top)."""
     cell = trial_config.get(CELL, {})
     rest = {k: v for k, v in trial_config.items() if k != CELL}
-    return {**cell.get(ARM, {}), **({"seed": cell["seed"]} if "seed" in cell else {}), **rest}
+    # Silently under today's key names: a resumed study's Tune may restore trials an older version created.
+    return canonical_keys({**cell.get(ARM, {}), **({"seed": cell["seed"]} if "seed" in cell else {}), **rest},
+                          warn=False)
+
+
+def config_of_trial(base: Config, tune_config: Mapping[str, Any]) -> Config:
+    """The config a Tune trial trains: the study's base with the trial's overrides (validated by Config).
+
+    The trial's driver and the MLflow callback each derive it from the same two values, so they agree.
+    """
+    return base.override(flat_overrides(tune_config))
 
 
 def cell_key(method: str, seed: int) -> str:
@@ -173,10 +185,7 @@ def run_key(trial_config: Mapping[str, Any], trial_id: str) -> str:
     return cell_key(cell[ARM]["method"], cell["seed"]) if cell else trial_id
 
 
-REASON_CHARS = 300  # a failure's reason, as one line in a run's tag and the summary
-
-
-def first_line(error: BaseException, limit: int = REASON_CHARS) -> str:
+def first_line(error: BaseException, limit: int = names.REASON_CHARS) -> str:
     """An error as one short line for a run's reason tag, credentials masked."""
     text = str(error).strip()
     return mask_text(f"{type(error).__name__}: {text.splitlines()[0][:limit]}" if text else type(error).__name__)
@@ -184,7 +193,7 @@ def first_line(error: BaseException, limit: int = REASON_CHARS) -> str:
 
 # -- the trial driver ---------------------------------------------------------------------------------
 
-def trial_driver(overrides: dict[str, Any], *, base: dict[str, Any], resources: Resources,
+def trial_driver(overrides: dict[str, Any], *, base: Config, resources: Resources,
                  storage_path: str, study_id: str) -> None:
     """Tune trainable: one TorchTrainer run of base + overrides, its reports forwarded to Tune.
 
@@ -195,21 +204,20 @@ def trial_driver(overrides: dict[str, Any], *, base: dict[str, Any], resources: 
     from ray.train import TrainingFailedError
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    cfg = from_dict(base).override(flat_overrides(overrides))
+    cfg = config_of_trial(base, overrides)
     key = run_key(overrides, tune.get_context().get_trial_id())
     trainer = make_trainer(cfg, resources, name=f"{study_id}-{key}", storage_path=storage_path,
                            max_failures=1, callbacks=[TuneReportCallback()])
     try:
         trainer.fit()
     except TrainingFailedError as error:
-        reason = str(error).strip().splitlines()[-1][:REASON_CHARS] if str(error).strip() else type(error).__name__
-        tune.report({names.EPOCH: cfg.optim.epochs, names.FAILED: 1, names.FAILURE_REASON: reason,
+        tune.report({names.EPOCH: cfg.optim.epochs, names.FAILED: 1, names.FAILURE_REASON: names.failure_reason(error),
                      names.objective(cfg.eval.knn_k): 0.0})
 
 
 # -- MLflow logging from Tune -------------------------------------------------------------------------
 
-def _ours(result: Mapping[str, Any]) -> dict[str, Any]:
+def _our_metrics(result: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in result.items() if names.is_ours(k)}
 
 
@@ -220,10 +228,13 @@ class MLflowTrialCallback(Callback):
         self.settings, self.parent_run_id, self.study_id, self.phase = settings, parent_run_id, study_id, phase
         self.train_folder = train_folder  # where the trials' Ray Train runs keep their checkpoints
         self.loggers: dict[str, RunLogger] = {}
+        self.configs: dict[str, Config] = {}
         self.last: dict[str, dict[str, Any]] = {}
 
     def trial_config(self, trial) -> Config:
-        return self.settings.base.override(flat_overrides(trial.config))
+        if trial.trial_id not in self.configs:
+            self.configs[trial.trial_id] = config_of_trial(self.settings.base, trial.config)
+        return self.configs[trial.trial_id]
 
     def _logger(self, trial) -> RunLogger:
         if trial.trial_id not in self.loggers:
@@ -244,7 +255,7 @@ class MLflowTrialCallback(Callback):
         self._logger(trial).set_tags({STATUS_TAG: RunStatus.RUNNING.value})
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        metrics = _ours(result)
+        metrics = _our_metrics(result)
         if metrics.get(names.FAILED):  # the driver's placeholder objective (Tune needs one) is not a result
             metrics.pop(self.settings.objective, None)
         self.last[trial.trial_id] = metrics
@@ -252,7 +263,7 @@ class MLflowTrialCallback(Callback):
             self._logger(trial).log_epoch(metrics)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        last = self.last.get(trial.trial_id) or _ours(trial.last_result or {})
+        last = self.last.get(trial.trial_id) or _our_metrics(trial.last_result or {})
         self._close(trial, *names.classify(last, self.trial_config(trial).optim.epochs))
 
     def on_trial_error(self, iteration, trials, trial, **info):
@@ -313,7 +324,7 @@ def _error_reason(trial) -> str:
     path = getattr(trial, "error_file", None)
     text = Path(path).read_text(errors="replace") if path and Path(path).is_file() else ""
     lines = [line for line in text.strip().splitlines() if line.strip()]
-    return lines[-1][:REASON_CHARS] if lines else "the trial raised an error"
+    return lines[-1][:names.REASON_CHARS] if lines else "the trial raised an error"
 
 
 # -- running a phase ----------------------------------------------------------------------------------
@@ -336,16 +347,16 @@ def _cluster_concurrency(settings: StudySettings) -> int:
     """How many trials fit at once: workers' CPUs (and GPUs) against the cluster's capacity."""
     total = cluster_capacity()
     if DRIVER_RESOURCE not in total:
-        raise ConfigError(f"the Ray cluster has no '{DRIVER_RESOURCE}' resource for trial drivers; start its head "
-                          f"with --resources='{{\"{DRIVER_RESOURCE}\": 1000}}' (cluster/aws.yaml does).")
+        raise UserError(f"the Ray cluster has no '{DRIVER_RESOURCE}' resource for trial drivers; start its head "
+                        f"with --resources='{{\"{DRIVER_RESOURCE}\": 1000}}' (cluster/aws.yaml does).")
     r = settings.resources
     fits = int(total.get("CPU", 0) // (r.workers * r.cpus_per_worker))
     if r.gpus_per_worker > 0:
         fits = min(fits, int(total.get("GPU", 0) // (r.workers * r.gpus_per_worker)))
     if fits < 1:
-        raise ConfigError(f"one trial needs {r.workers} x {r.cpus_per_worker} CPUs and {r.workers} x "
-                          f"{r.gpus_per_worker} GPUs but the cluster has at most {total.get('CPU', 0):g} CPUs and "
-                          f"{total.get('GPU', 0):g} GPUs; lower --workers-per-trial or the per-worker resources.")
+        raise UserError(f"one trial needs {r.workers} x {r.cpus_per_worker} CPUs and {r.workers} x "
+                        f"{r.gpus_per_worker} GPUs but the cluster has at most {total.get('CPU', 0):g} CPUs and "
+                        f"{total.get('GPU', 0):g} GPUs; lower --workers-per-trial or the per-worker resources.")
     return min(fits, settings.max_concurrent) if settings.max_concurrent else fits
 
 
@@ -357,7 +368,7 @@ def run_phase(settings: StudySettings, phase: str, param_space: dict[str, Any], 
 
     train_folder = storage.join(study_dir, "train")
     driver = tune.with_resources(
-        tune.with_parameters(trial_driver, base=settings.base.to_dict(), resources=settings.resources,
+        tune.with_parameters(trial_driver, base=settings.base, resources=settings.resources,
                              storage_path=train_folder, study_id=study_id),
         {DRIVER_RESOURCE: 1},
     )
@@ -453,15 +464,17 @@ def _stored_identity(name: str, storage_path: str, resume: str) -> dict[str, Any
     if resume == LATEST:
         pointer = storage.read_text(storage.join(root, POINTER_FILE))
         if pointer is None:
-            raise ConfigError(f"--resume found no earlier run of study '{name}' under '{mask_uri(root)}'; run it "
-                              "once without --resume, or pass the --storage-path it used.")
+            raise UserError(f"--resume found no earlier run of study '{name}' under '{mask_uri(root)}'; run it "
+                            "once without --resume, or pass the --storage-path it used.")
         study_id = json.loads(pointer)["id"]
     text = storage.read_text(storage.join(root, study_id, IDENTITY_FILE))
     if text is None:
-        raise ConfigError(f"--resume {study_id} found no such study of '{name}' under '{mask_uri(root)}'; pass an "
-                          f"id printed by an earlier run (its folders are under that path), or --resume alone for "
-                          "the latest.")
-    return json.loads(text)
+        raise UserError(f"--resume {study_id} found no such study of '{name}' under '{mask_uri(root)}'; pass an "
+                        f"id printed by an earlier run (its folders are under that path), or --resume alone for "
+                        "the latest.")
+    identity = json.loads(text)
+    identity["params"] = stored_params(identity["params"])  # an older version's key names, under today's
+    return identity
 
 
 def _refuse_changes(study_id: str, started: Mapping[str, str], now: Mapping[str, str]) -> None:
@@ -470,9 +483,9 @@ def _refuse_changes(study_id: str, started: Mapping[str, str], now: Mapping[str,
     if changed:
         shown = "; ".join(f"{k} was {started.get(k, '(unset)')}, now {now.get(k, '(unset)')}" for k in changed[:5])
         more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
-        raise ConfigError(f"--resume {study_id}: this command differs from the one that started the study "
-                          f"({shown}{more}); rerun it with the original settings, or start a new study without "
-                          "--resume.")
+        raise UserError(f"--resume {study_id}: this command differs from the one that started the study "
+                        f"({shown}{more}); rerun it with the original settings, or start a new study without "
+                        "--resume.")
 
 
 def check_resumable(name: str, storage_path: str, resume: str, base: Config | None = None) -> None:
@@ -680,12 +693,14 @@ def run_study(settings: StudySettings, space: Mapping[str, Any],
     Optuna evaluates the base config's values first, then `initial_points` (each must set every searched
     key), then its own proposals. A resumed study skips a phase whose runs have all ended.
     """
+    # A study script's deprecated key names (config.RENAMED_KEYS) warn once each and search under the new ones.
+    space = canonical_keys(space, stacklevel=3)
+    initial_points = [canonical_keys(point, stacklevel=3) for point in initial_points or []]
     validate_search_space(space, settings.base)
-    initial_points = list(initial_points or [])
     for point in initial_points:
         if set(point) != set(space):
-            raise ConfigError(f"initial point {point} is invalid: it must set exactly the searched keys "
-                              f"{', '.join(space)}.")
+            raise UserError(f"initial point {point} is invalid: it must set exactly the searched keys "
+                            f"{', '.join(space)}.")
         settings.base.override(point)
     with Invocation(settings, {"study.num_samples": settings.num_samples, "study.seeds": settings.seeds,
                                "study.paired_seeds": ",".join(map(str, settings.paired_seeds)),

@@ -22,6 +22,7 @@ from mlflow.tracking import MlflowClient
 # The URI checks need no MLflow import, so the CLI runs them before loading it; re-exported here.
 from .checks import check_tracking_uri, resolve_tracking_uri  # noqa: F401
 
+DATASET_DIGEST_CHARS = 36  # MLflow stores a dataset digest of at most 36 characters
 KEY_TAG = "hamjepa.key"
 ROLE_TAG = "hamjepa.role"
 METHOD_TAG = "hamjepa.method"
@@ -154,8 +155,8 @@ class RunLogger:
         digest, its sizes."""
         from mlflow.entities import Dataset, DatasetInput, InputTag
 
-        dataset = Dataset(name=name, digest=digest[:36], source_type="local", source=json.dumps({"dataset": name}),
-                          profile=json.dumps(dict(profile)))
+        dataset = Dataset(name=name, digest=digest[:DATASET_DIGEST_CHARS], source_type="local",
+                          source=json.dumps({"dataset": name}), profile=json.dumps(dict(profile)))
         self.client.log_inputs(self._ensure_started(), datasets=[
             DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "training")])])
 

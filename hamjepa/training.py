@@ -32,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoints, readouts, storage, theory
 from . import metrics as names
-from .config import Config, ConfigError, from_dict
+from .config import Config
 from .data import load_splits, two_view_feed
 from .distributed import local_statistics
 from .divergence import divergence_reason, worst_case
@@ -41,6 +41,8 @@ from .evaluation import recording_probes
 from .methods import JEPAModel
 from .objectives import spectral_floor
 from .optim import build_optimizer, build_scheduler
+from .resources import Resources
+from .seeds import Stream, derive
 
 # Set in every worker's environment unless --verbose (run.connect_ray): Ray Train then keeps its per-report
 # and per-checkpoint info messages to the worker's own log instead of the user's console.
@@ -77,13 +79,6 @@ class FailureInjection:
 
 
 # -- helpers of the loop ------------------------------------------------------------------------------
-
-def _mix_seed(*parts: int) -> int:
-    seed = 0
-    for part in parts:
-        seed = (seed * 1_000_003 + part + 1) % (2 ** 31 - 1)
-    return seed
-
 
 @torch.no_grad()
 def diagnostics(model: JEPAModel, z: torch.Tensor) -> dict[str, float]:
@@ -199,7 +194,7 @@ class _Worker:
     model: JEPAModel
     optimizer: Any
     scheduler: Any
-    where: dict[str, str] = field(default_factory=dict)
+    placement: dict[str, str] = field(default_factory=dict)  # the Ray nodes and device it trains on (metrics.WHERE)
     failure: FailureInjection | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
 
@@ -216,10 +211,10 @@ class _Worker:
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """Ray Train entry point; loop_config = {"cfg": Config.to_dict(), optional "failure": FailureInjection}."""
+    """Ray Train entry point; loop_config = {"cfg": Config, optional "failure": FailureInjection}."""
     if os.environ.get(QUIET_WORKERS):
         logging.getLogger("ray.train").setLevel(logging.WARNING)
-    worker = _set_up(from_dict(loop_config["cfg"]), loop_config.get("failure"))
+    worker = _set_up(loop_config["cfg"], loop_config.get("failure"))
     last_epoch = _start_or_resume(worker)
     if last_epoch is None:  # a diverged run stays diverged when it is run again
         return
@@ -240,7 +235,7 @@ def _set_up(cfg: Config, failure: FailureInjection | None) -> _Worker:
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     worker = build_worker(cfg, rank, world, device, failure)
-    worker.where = placement(world, device)
+    worker.placement = placement(world, device)
     return worker
 
 
@@ -254,13 +249,15 @@ def build_worker(cfg: Config, rank: int, world: int, device: torch.device | str,
     torch.manual_seed(cfg.seed)  # identical initial weights on every worker
 
     splits = load_splits(cfg.data, channels=cfg.encoder.in_channels)
-    feed = two_view_feed(splits, cfg.augment, cfg.data, cfg.optim.batch_size // world, world, rank, cfg.seed, device)
+    feed = two_view_feed(splits, cfg.augment, cfg.data, cfg.optim.batch_size // world, world, rank,
+                         derive(cfg.seed, Stream.SAMPLE_ORDER), device,
+                         channels_last=cfg.compute.channels_last)
     model = JEPAModel(cfg).to(device)
-    if cfg.data.channels_last:
+    if cfg.compute.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if world > 1 and use_cuda:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # encoder BN over the global batch too
-    if cfg.data.compile_encoder:
+    if cfg.compute.compile_encoder:
         model.encoder.compile()  # in place: the module and its state_dict keys stay, so checkpoints do not change
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, len(feed), cfg.optim)
@@ -274,7 +271,7 @@ def _start_or_resume(worker: _Worker) -> int | None:
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        metrics = {names.EPOCH: 0, names.DIVERGED: 0, names.RESUMED_FROM: 0, **worker.where,
+        metrics = {names.EPOCH: 0, names.DIVERGED: 0, names.RESUMED_FROM: 0, **worker.placement,
                    names.DATA_DIGEST: worker.splits.digest, names.DATA_SIZES: worker.splits.sizes}
         if worker.rank == 0:
             metrics.update(initial_readouts(worker.model, worker.splits, worker.cfg, worker.device))
@@ -298,8 +295,8 @@ def train_one_epoch(worker: _Worker, net: nn.Module, epoch: int) -> EpochOutcome
     cfg, rank = worker.cfg, worker.rank
     # Augmentation randomness is a function of (seed, epoch, rank): a resumed epoch replays exactly, and
     # two methods run on the same seed see the same sample order and augmentation stream (paired seeds).
-    torch.manual_seed(_mix_seed(cfg.seed, epoch, rank))
-    worker.feed.set_epoch(epoch, _mix_seed(cfg.seed, epoch, rank, 1))
+    torch.manual_seed(derive(cfg.seed, Stream.TORCH_GLOBAL, epoch, rank))
+    worker.feed.set_epoch(epoch, derive(cfg.seed, Stream.AUGMENT, epoch, rank))
     worker.model.set_epoch(epoch)
     return _train_epoch(net, worker.model, worker.feed, worker.optimizer, worker.scheduler, cfg, epoch,
                         worker.iters_per_epoch, worker.device, worker.failure)
@@ -316,7 +313,7 @@ def _run_epoch(worker: _Worker, net: nn.Module, epoch: int, resumed_from: int) -
         return False
     steps = worker.iters_per_epoch
     metrics: dict[str, Any] = {names.EPOCH: epoch, names.DIVERGED: 0, names.RESUMED_FROM: resumed_from,
-                               **worker.where, f"{names.TRAIN}lr": worker.scheduler.get_last_lr()[0],
+                               **worker.placement, f"{names.TRAIN}lr": worker.scheduler.get_last_lr()[0],
                                names.IMAGES_PER_S: steps * cfg.optim.batch_size / elapsed,
                                names.DATA_WAIT_FRACTION: waited / elapsed}
     metrics.update({f"{names.TRAIN}{k}": (v / steps).item() for k, v in sums.items()})
@@ -422,27 +419,6 @@ def initial_readouts(model: JEPAModel, splits, cfg: Config, device: torch.device
 
 # -- the TorchTrainer wrapper -------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Resources:
-    """How one training run is spread: workers, and what each worker reserves."""
-
-    workers: int = 1
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 0.0
-
-    def validate(self, cfg: Config) -> None:
-        """Finite, in range (checks.resources), and a global batch that splits evenly into >= 2 per worker."""
-        from . import checks
-
-        checks.resources("--workers", self.workers, self.cpus_per_worker, self.gpus_per_worker)
-        if cfg.optim.batch_size % self.workers:
-            raise ConfigError(f"config field 'optim.batch_size' = {cfg.optim.batch_size} is invalid: it is the "
-                             f"global batch and must divide evenly among {self.workers} workers.")
-        if cfg.optim.batch_size // self.workers < 2:
-            raise ConfigError(f"config field 'optim.batch_size' = {cfg.optim.batch_size} is invalid: each of "
-                             f"{self.workers} workers needs at least 2 samples.")
-
-
 # Ray Train retries a controller that cannot start its workers without limit by default: a run whose placement
 # group can never be scheduled (another Ray instance holding the machine, a node gone) would hang forever.
 # Three tries, each bounded by Ray's worker-group start timeout, then the run fails with the reason.
@@ -451,23 +427,22 @@ CONTROLLER_FAILURE_LIMIT = 3
 
 def make_trainer(cfg: Config, resources: Resources, name: str, storage_path: str | None = None,
                  max_failures: int = 2, callbacks: Sequence[Any] = (), failure: FailureInjection | None = None):
-    """A TorchTrainer for one run of `cfg`: gloo on CPU, nccl on GPU, restarts from the last checkpoint."""
+    """A TorchTrainer for one run of `cfg`: gloo on CPU, nccl on GPU, restarts from the last checkpoint.
+
+    The caller has checked `resources` against `cfg` (Resources.check_batch) before Ray started.
+    """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    resources.validate(cfg)
-    use_gpu = resources.gpus_per_worker > 0
-    per_worker = {"CPU": resources.cpus_per_worker}
-    if use_gpu:
-        per_worker["GPU"] = resources.gpus_per_worker
-    loop_config: dict[str, Any] = {"cfg": cfg.to_dict()}
+    loop_config: dict[str, Any] = {"cfg": cfg}  # a frozen dataclass travels through Ray as it is
     if failure is not None:
         loop_config["failure"] = failure
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=resources.workers, use_gpu=use_gpu, resources_per_worker=per_worker),
+        torch_config=TorchConfig(backend="nccl" if resources.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=resources.workers, use_gpu=resources.use_gpu,
+                                     resources_per_worker=resources.per_worker),
         run_config=RunConfig(
             name=name,
             storage_path=storage.resolve(storage_path),

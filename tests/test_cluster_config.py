@@ -1,7 +1,10 @@
 """cluster/aws.yaml: Ray's own offline validation, and the properties a safe, cheap, working cluster needs.
 
-aws.yaml is read as data (yaml.safe_load); where a property lives inside a shell command, the command is
-found by its role and its words are parsed (shlex), never the file's text.
+aws.yaml is read as data (yaml.safe_load). Every command list (setup_commands, head_start_ray_commands, ...)
+is parsed, never matched as text: each entry is split into words (shlex, POSIX quoting) and at the shell's
+operators (&&, ||, ;, |, &) into simple commands, each with its NAME=value prefixes, its argv, its
+redirections and its $( ) substitutions. Shell code that a command carries (`echo '...' >> ~/.hamjepa_env`,
+which later shells source, and `sh -c '...'`) is parsed the same way. The assertions are about those argvs.
 """
 
 import copy
@@ -11,12 +14,14 @@ import json
 import re
 import shlex
 import tomllib
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import yaml
 from packaging.requirements import Requirement
 from packaging.version import Version
+from ray._private.ray_constants import RESOURCES_ENVIRONMENT_VARIABLE
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 from hamjepa.run import DRIVER_RESOURCE
@@ -27,6 +32,12 @@ TEXT = (ROOT / "cluster" / "aws.yaml").read_text()
 CONFIG = yaml.safe_load(TEXT)
 KEY_LINE = re.compile(r"^\s*(- )?[A-Za-z_\"~][^:#]*:( |$)")
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+COMMAND_SECTIONS = ("initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands",
+                    "head_start_ray_commands", "worker_start_ray_commands")
+SETUP_SECTIONS = ("setup_commands", "head_setup_commands", "worker_setup_commands")
+START_SECTIONS = ("head_start_ray_commands", "worker_start_ray_commands")
+ENV_FILE = "~/.hamjepa_env"
+CONSTRAINTS = "~/hamjepa-studies/cluster/constraints.txt"
 
 
 def _module(name):
@@ -37,7 +48,239 @@ def _module(name):
 
 
 SETUP = _module("aws_setup")
+STORE = _module("mlflow_store")
 
+
+# -- a small shell parser -------------------------------------------------------------------------------------
+
+SEPARATORS = ("&&", "||", ";", "|", "&")
+REDIRECTIONS = (">", ">>", "<", ">&", "<&", ">|", "&>")
+ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
+WRAPPERS = ("nohup",)  # run the rest of the words as the command
+
+
+@dataclass
+class Simple:
+    """One simple command of a shell line."""
+
+    env: dict = field(default_factory=dict)  # NAME=value words before the command
+    argv: list = field(default_factory=list)
+    redirects: list = field(default_factory=list)  # (fd or "", operator, target)
+    substitutions: list = field(default_factory=list)  # each $( ... ) in its words, parsed: a list of Simple
+    then: str = ""  # the operator after it: one of SEPARATORS, "" at the end of the line
+
+    @property
+    def run(self):
+        """argv without a leading `nohup`."""
+        argv = list(self.argv)
+        while argv[:1] and argv[0] in WRAPPERS:
+            argv.pop(0)
+        return argv
+
+    def writes(self, path):
+        """The operator (> or >>) with which the command sends its standard output to `path`, else None."""
+        found = [op for fd, op, target in self.redirects if fd in ("", "1") and op in (">", ">>") and target == path]
+        return found[-1] if found else None
+
+
+OPERATOR = re.compile(r"&&|\|\||>>|>&|<&|>\||&>|[;|&<>()]")
+
+
+def _tokens(line):
+    """Words and operators; shlex glues a run of operator characters (`);`, `)&&`) into one token: split it."""
+    lexer = shlex.shlex(line, posix=True, punctuation_chars="();<>|&")
+    lexer.whitespace_split = True
+    lexer.commenters = ""
+    tokens = []
+    for token in lexer:
+        pieces = OPERATOR.findall(token)
+        tokens += pieces if token and "".join(pieces) == token else [token]
+    return tokens
+
+
+def _parse(tokens):
+    """Simple commands of a token list. Quoted operators are not told apart from real ones (none here), and a
+    digit word right before a redirection is taken as its file descriptor (as in 2>&1)."""
+    commands, current, i = [], Simple(), 0
+    while i < len(tokens):
+        token = tokens[i]
+        if token in SEPARATORS:
+            current.then = token
+            commands.append(current)
+            current, i = Simple(), i + 1
+        elif token in REDIRECTIONS:
+            fd = current.argv.pop() if current.argv and current.argv[-1].isdigit() and tokens[i - 1].isdigit() else ""
+            assert i + 1 < len(tokens) and tokens[i + 1] not in SEPARATORS + REDIRECTIONS, tokens
+            current.redirects.append((fd, token, tokens[i + 1]))
+            i += 2
+        elif token in ("(", ")"):
+            raise ValueError(f"unsupported shell syntax (subshell) in {tokens}")
+        else:
+            word, i = token, i + 1
+            if word.endswith("$") and i < len(tokens) and tokens[i] == "(":  # $( ... ): parse what it runs
+                depth, j = 1, i + 1
+                while depth:
+                    depth += {"(": 1, ")": -1}.get(tokens[j], 0)
+                    j += 1
+                inner = tokens[i + 1:j - 1]
+                current.substitutions.append(_parse(inner))
+                word, i = f"{word}({shlex.join(inner)})", j
+            if not current.argv and ASSIGNMENT.match(word):
+                name, _, value = word.partition("=")
+                current.env[name] = value
+            else:
+                current.argv.append(word)
+    if current.env or current.argv or current.redirects:
+        commands.append(current)
+    return commands
+
+
+def _line(command):
+    """The simple commands of one shell command line."""
+    return _parse(_tokens(command))
+
+
+def _lines(section):
+    """Each command of a section, parsed."""
+    return [_line(command) for command in CONFIG.get(section, [])]
+
+
+def _carried(command):
+    """Shell code that `command` carries and some shell runs: its $( ) substitutions, an `sh -c` script, and
+    what it echoes into ~/.hamjepa_env or ~/.bashrc (sourced by every later shell)."""
+    yield from command.substitutions
+    run = command.run
+    if run[:2] in (["sh", "-c"], ["bash", "-c"]):
+        yield _line(run[2])
+    if run[:1] == ["echo"] and (command.writes(ENV_FILE) or command.writes("~/.bashrc")):
+        yield _line(" ".join(run[1:]))
+
+
+def _every(commands):
+    """`commands` and, recursively, every simple command in the code they carry."""
+    for command in commands:
+        yield command
+        for carried in _carried(command):
+            yield from _every(carried)
+
+
+def _all(*sections):
+    return [c for section in sections for line in _lines(section) for c in _every(line)]
+
+
+def _find(section, *prefix):
+    """[(line number, line, position)] of the simple commands of `section` whose words (after nohup) start
+    with `prefix`."""
+    return [(n, line, k) for n, line in enumerate(_lines(section)) for k, command in enumerate(line)
+            if command.run[:len(prefix)] == list(prefix)]
+
+
+def _locate(section, *prefix):
+    found = _find(section, *prefix)
+    assert len(found) == 1, (section, prefix, found)
+    return found[0]
+
+
+def _one(section, *prefix):
+    """The one simple command of `section` whose words start with `prefix`."""
+    _, line, k = _locate(section, *prefix)
+    return line[k]
+
+
+def _options(argv):
+    """{--flag: value} of --flag=value and --flag value words; a flag followed by another option or by nothing is
+    True. A flag given twice is refused (the later one would silently win)."""
+    options = {}
+    for i, word in enumerate(argv):
+        if not word.startswith("--"):
+            continue
+        name, equals, value = word.partition("=")
+        if not equals:
+            following = argv[i + 1] if i + 1 < len(argv) else None
+            value = True if following is None or following.startswith("-") else following
+        assert name not in options, (name, argv)
+        options[name] = value
+    return options
+
+
+def _env_writes(section):
+    """[(line number, > or >>, parsed code)] for every `echo CODE >(>) ~/.hamjepa_env` in `section`."""
+    writes = []
+    for n, line in enumerate(_lines(section)):
+        for command in line:
+            operator = command.writes(ENV_FILE)
+            if operator:
+                assert command.run[:1] == ["echo"] and len(command.run) == 2, command  # one quoted piece of code
+                writes.append((n, operator, _line(command.run[1])))
+    return writes
+
+
+def _exports(code):
+    """{NAME: value} of the `export NAME=value ...` commands of parsed code."""
+    variables = {}
+    for command in code:
+        if command.run[:1] == ["export"]:
+            for item in command.run[1:]:
+                name, equals, value = item.partition("=")
+                assert equals and ASSIGNMENT.match(item), item
+                variables[name] = value
+    return variables
+
+
+def _env(section):
+    """(variables exported, other commands' argvs) of the code that `section` appends to ~/.hamjepa_env."""
+    variables, statements = {}, []
+    for _, _, code in _env_writes(section):
+        variables.update(_exports(code))
+        statements += [command.argv for command in code if command.run[:1] != ["export"]]
+    return variables, statements
+
+
+def _ray_start(section):
+    return _one(section, "ray", "start")
+
+
+def _pip_install(command):
+    """(options, requirements) of a `pip install` simple command; options maps -c/-e/... to their values."""
+    run = command.run
+    assert run[:2] == ["pip", "install"], run
+    takes_value = {"-c", "--constraint", "-e", "--editable", "-r", "--requirement", "-i", "--index-url",
+                   "--extra-index-url", "-t", "--target", "-f", "--find-links"}
+    options, requirements, words = {}, [], iter(run[2:])
+    for word in words:
+        if word in takes_value:
+            options.setdefault(word, []).append(next(words))
+        elif word.startswith("-"):
+            options.setdefault(word, []).append(True)
+        else:
+            requirements.append(Requirement(word))
+    return options, requirements
+
+
+def _ports(rules):
+    return sorted((rule["FromPort"], rule["ToPort"]) for rule in rules)
+
+
+def test_the_shell_parser_splits_operators_redirections_and_substitutions():
+    """The helper the other tests rely on, on lines whose structure is known."""
+    first, second = _line('A=$(python x.py ip) && echo "export B=$A" >> ~/.f')
+    assert (first.env, first.argv, first.then) == ({"A": "$(python x.py ip)"}, [], "&&")
+    assert [c.argv for c in first.substitutions[0]] == [["python", "x.py", "ip"]]
+    assert (second.argv, second.redirects, second.writes("~/.f")) == (["echo", "export B=$A"],
+                                                                      [("", ">>", "~/.f")], ">>")
+    served = _line("nohup sh -c 'while sleep 1; do x; done' > log 2>&1 &")
+    assert len(served) == 1 and served[0].then == "&" and served[0].run[:2] == ["sh", "-c"]
+    assert served[0].redirects == [("", ">", "log"), ("2", ">&", "1")]
+    assert [c.argv for c in _every(served)][1:] == [["while", "sleep", "1"], ["do", "x"], ["done"]]
+    assert [(c.argv, c.then) for c in _line("a -f 'p|q' || true; b")] == [
+        (["a", "-f", "p|q"], "||"), (["true"], ";"), (["b"], "")]
+    assert _options(["ray", "start", "--head", "--port=6379", "--x", "1"]) == {"--head": True, "--port": "6379",
+                                                                              "--x": "1"}
+    with pytest.raises(AssertionError):
+        _options(["--port=1", "--port=2"])
+    assert [(c.argv, c.then) for c in _line("A=$(x);y")] == [([], ";"), (["y"], "")]
+    with pytest.raises(ValueError):
+        _line("(cd x && y)")
 
 def _prepared(config):
     prepared = prepare_config(copy.deepcopy(config))
@@ -47,55 +290,6 @@ def _prepared(config):
 
 def _workers(config):
     return {name: t for name, t in config["available_node_types"].items() if name != config["head_node_type"]}
-
-
-def _commands(*sections):
-    return [command for section in sections for command in CONFIG.get(section, [])]
-
-
-def _words(command):
-    return shlex.split(command.replace(";", " ; "))
-
-
-def _options(command):
-    """{--flag: value} of a command line's --flag=value and --flag value words."""
-    words, options = _words(command), {}
-    for i, word in enumerate(words):
-        if word.startswith("--"):
-            name, _, value = word.partition("=")
-            options[name] = value if value else (words[i + 1] if i + 1 < len(words) else "")
-    return options
-
-
-def _one(section, *needles):
-    """The one command of `section` that has all `needles` among its words (split at blanks, quotes, $( ) and ;)."""
-    found = [c for c in CONFIG[section] if set(needles) <= set(re.split(r"[\s()$;'\"]+", c))]
-    assert len(found) == 1, (section, needles, found)
-    return found[0]
-
-
-def _env(section):
-    """(variables, other statements) that `section` appends to ~/.hamjepa_env with `echo '...' >> ~/.hamjepa_env`."""
-    variables, statements = {}, []
-    for command in CONFIG[section]:
-        words = _words(command)
-        if "echo" not in words or "~/.hamjepa_env" not in words:
-            continue
-        payload = words[words.index("echo") + 1]
-        for statement in (part.strip() for part in payload.split(";")):
-            if statement.startswith("export "):
-                variables.update(item.split("=", 1) for item in statement[len("export "):].split())
-            elif statement:
-                statements.append(statement)
-    return variables, statements
-
-
-def _ray_start(section):
-    return _one(section, "ray", "start")
-
-
-def _ports(rules):
-    return sorted((rule["FromPort"], rule["ToPort"]) for rule in rules)
 
 
 def test_ray_validates_the_config_offline():
@@ -167,13 +361,33 @@ def test_the_security_group_lets_in_only_ssh_from_one_edited_cidr_and_cluster_po
     assert _ports(inside) == [(22, 22), (5000, 5000), (6379, 6379), (8076, 8079), (10002, 19999), (32768, 60999)]
 
 
+def test_the_head_ray_start_keeps_the_trial_driver_resource_of_its_node_type():
+    """The launcher hands `ray start` the node type's resources in RAY_OVERRIDE_RESOURCES (JSON), which win over a
+    --resources flag: what the head's Ray offers is that merge, and it must hold the trial drivers."""
+    start = _ray_start("head_start_ray_commands")
+    options = _options(start.run)
+    assert options["--head"] is True
+    assert options["--autoscaling-config"] == SETUP.BOOTSTRAP  # the file aws_setup.py reads on the head
+    node_type = CONFIG["available_node_types"][CONFIG["head_node_type"]]
+    launcher = json.loads(json.dumps(node_type["resources"]))
+    flag = json.loads(options["--resources"]) if "--resources" in options else {}
+    offered = {**flag, **launcher}  # the launcher's RAY_OVERRIDE_RESOURCES wins key by key over the flag
+    assert offered.get(DRIVER_RESOURCE, 0) >= 100 and not offered.get("GPU")
+    # Nothing on the way drops the launcher's value: not the command's own environment, not an export or unset.
+    for command in _all(*COMMAND_SECTIONS):
+        assert RESOURCES_ENVIRONMENT_VARIABLE not in command.env, command
+        assert RESOURCES_ENVIRONMENT_VARIABLE not in _exports([command])
+        assert not (command.run[:1] == ["unset"] and RESOURCES_ENVIRONMENT_VARIABLE in command.run), command
+
+
 CROSS_NODE_PORTS = ("--object-manager-port", "--node-manager-port", "--dashboard-agent-grpc-port",
                     "--dashboard-agent-listen-port")
 NODE_LOCAL_PORTS = ("--runtime-env-agent-port", "--metrics-export-port")
 
 
 def test_every_port_another_node_uses_is_pinned_and_opened_inside_the_group_and_nothing_more():
-    head, worker = _options(_ray_start("head_start_ray_commands")), _options(_ray_start("worker_start_ray_commands"))
+    head = _options(_ray_start("head_start_ray_commands").run)
+    worker = _options(_ray_start("worker_start_ray_commands").run)
     inside = [(r["FromPort"], r["ToPort"]) for r in CONFIG["provider"]["security_group"]["IpPermissions"]
               if "UserIdGroupPairs" in r]
 
@@ -185,9 +399,11 @@ def test_every_port_another_node_uses_is_pinned_and_opened_inside_the_group_and_
     assert all(opened(int(head[flag])) for flag in CROSS_NODE_PORTS)
     assert not any(opened(int(head[flag])) for flag in NODE_LOCAL_PORTS)
     assert (int(head["--min-worker-port"]), int(head["--max-worker-port"])) in inside
+    assert "--head" not in worker and "--port" not in worker  # a worker joins; it serves no GCS
     assert opened(int(head["--port"])) and worker["--address"] == f"$RAY_HEAD_IP:{head['--port']}"
-    assert head["--dashboard-host"] == "127.0.0.1" and not opened(8265)  # the dashboard: SSH tunnel only
-    server = _options(_one("head_start_ray_commands", "mlflow", "server"))
+    dashboard = int(head.get("--dashboard-port", 8265))  # Ray's default port unless pinned
+    assert head["--dashboard-host"] == "127.0.0.1" and not opened(dashboard)  # the dashboard: SSH tunnel only
+    server = _options(_one("head_start_ray_commands", "mlflow", "server").run)
     assert opened(int(server["--port"]))
 
 
@@ -281,64 +497,111 @@ def test_the_readme_shows_exactly_the_iam_documents_that_apply_installs():
 # -- token authentication, MLflow ---------------------------------------------------------------------------
 
 def test_ray_token_authentication_is_on_for_the_head_and_every_worker():
-    for section in ("head_start_ray_commands", "worker_start_ray_commands"):
-        words = _words(_ray_start(section))
-        assert words[words.index("ray") - 1] == "RAY_AUTH_MODE=token", section  # set for `ray start` itself
+    for section in START_SECTIONS:
+        assert _ray_start(section).env.get("RAY_AUTH_MODE") == "token", section  # set for `ray start` itself
     assert _env("setup_commands")[0]["RAY_AUTH_MODE"] == "token"  # and for every later shell, Ray client and job
-    local = CONFIG["file_mounts"]["~/.ray/auth_token"]  # Ray's default token path on every node
+    local = CONFIG["file_mounts"][SETUP.TOKEN_MOUNT]  # Ray's default token path on every node
+    assert SETUP.TOKEN_MOUNT == "~/.ray/auth_token"
     assert local.startswith("~/") and not local.startswith("~/hamjepa")  # from your home folder, not the repo
     assert SETUP.token_file(CONFIG, Path("/home/me")) == Path("/home/me") / local[2:]
 
 
+def test_the_env_file_is_created_once_by_every_node_and_only_appended_to_after():
+    """setup_commands start ~/.hamjepa_env (>) and everything later appends (>>): a second > would drop the bucket,
+    the storage path and token authentication that every later shell and job reads from it."""
+    setup = [operator for _, operator, _ in _env_writes("setup_commands")]
+    assert setup[0] == ">" and set(setup[1:]) == {">>"}
+    for section in ("head_setup_commands", "worker_setup_commands"):
+        assert {operator for _, operator, _ in _env_writes(section)} == {">>"}, section
+
+
 def test_mlflow_listens_on_the_private_address_from_imds_with_basic_auth():
-    server = _one("head_start_ray_commands", "mlflow", "server")
-    options, words = _options(server), _words(server)
+    _, line, k = _locate("head_start_ray_commands", "mlflow", "server")
+    server = line[k]
+    options = _options(server.run)
+    host, port = options["--host"], options["--port"]
     assert options["--app-name"] == "basic-auth"
-    assert options["--host"] == "$HAMJEPA_HEAD_IP"
-    assert options["--allowed-hosts"].split(",") == ["$HAMJEPA_HEAD_IP:5000", "127.0.0.1:*", "localhost:*"]
+    assert host == "$HAMJEPA_HEAD_IP"
+    assert options["--allowed-hosts"].split(",") == [f"{host}:{port}", "127.0.0.1:*", "localhost:*"]
     assert options["--artifacts-destination"].startswith("s3://$HAMJEPA_BUCKET/")
+    assert options["--backend-store-uri"] == "sqlite:///$HOME/mlflow/mlflow.db"  # mlflow_store.py's default --store
+    # Detached (nohup, &, output to a log), so `ray up` goes on to start Ray.
+    assert server.argv[0] == "nohup" and server.then == "&" and server.writes("~/mlflow/server.log") == ">"
     # The admin login comes from the generated credentials through the environment, never a literal.
-    assert "MLFLOW_AUTH_ADMIN_PASSWORD=$MLFLOW_TRACKING_PASSWORD" in words
-    assert words[words.index("&&") + 1:words.index("&&") + 3] == ["source", "~/mlflow/server.env"]
-    head_install = _words(_one("head_setup_commands", "pip", "install"))
-    assert "mlflow[auth]" in head_install  # Flask-WTF: the basic-auth app does not start without it
-    address = _one("head_setup_commands", "~/hamjepa-studies/cluster/head.py", "private-ip")
-    assert address.startswith("HEAD_IP=$(") and "&&" in _words(address)  # no address, no server
-    assert "hostname" not in address
+    assert server.env == {"MLFLOW_AUTH_ADMIN_USERNAME": "$MLFLOW_TRACKING_USERNAME",
+                          "MLFLOW_AUTH_ADMIN_PASSWORD": "$MLFLOW_TRACKING_PASSWORD"}
+    # The server's settings are sourced first, and it starts only if everything before it succeeded.
+    assert k >= 1 and line[k - 1].argv == ["source", "~/mlflow/server.env"]
+    assert [c.then for c in line[:k]] == ["&&"] * k
+    _, requirements = _pip_install(_one("head_setup_commands", "pip", "install"))
+    mlflow = [r for r in requirements if r.name == "mlflow"]
+    assert len(mlflow) == 1 and "auth" in mlflow[0].extras  # Flask-WTF: the basic-auth app needs it
+    assert "boto3" in {r.name for r in requirements}  # artifacts to S3, instances for the autoscaler
+    # The head's address comes from head.py (IMDS); the export runs only if that succeeded.
+    private_ip = [["python", "~/hamjepa-studies/cluster/head.py", "private-ip"]]
+    found = [line for line in _lines("head_setup_commands")
+             if any([c.run for c in s] == private_ip for c in line for s in c.substitutions)]
+    assert len(found) == 1 and len(found[0]) == 2
+    assign, export = found[0]
+    assert (assign.argv, list(assign.env), assign.then) == ([], ["HEAD_IP"], "&&")  # no address, no server
+    assert [[c.run for c in s] for s in assign.substitutions] == [private_ip]
+    assert export.writes(ENV_FILE) == ">>" and _exports(_line(export.run[1])) == {"HAMJEPA_HEAD_IP": "$HEAD_IP"}
+    assert not [c for c in _all(*COMMAND_SECTIONS) if c.run[:1] == ["hostname"]]  # may list Docker's bridge first
     head, sourced = _env("head_setup_commands")
-    assert head["HAMJEPA_HEAD_IP"] == "$HEAD_IP" and head["MLFLOW_TRACKING_URI"] == "http://$HAMJEPA_HEAD_IP:5000"
-    assert sourced == ["source ~/mlflow/credentials"]  # study drivers on the head log in with the generated login
-    setup = CONFIG["head_setup_commands"]
-    generated = setup.index(_one("head_setup_commands", "~/hamjepa-studies/cluster/head.py", "mlflow-auth"))
-    assert generated < next(i for i, c in enumerate(setup) if "MLFLOW_TRACKING_URI" in c)
+    assert head["HAMJEPA_HEAD_IP"] == "$HEAD_IP" and head["MLFLOW_TRACKING_URI"] == f"http://{host}:{port}"
+    assert sourced == [["source", "~/mlflow/credentials"]]  # study drivers on the head log in with the login
+    generated, _, _ = _locate("head_setup_commands", "python", "~/hamjepa-studies/cluster/head.py", "mlflow-auth")
+    uri = [n for n, _, code in _env_writes("head_setup_commands") if "MLFLOW_TRACKING_URI" in _exports(code)]
+    assert len(uri) == 1 and generated < uri[0]
     # Workers find the server but hold no login: only the head's processes log to MLflow.
     worker, sourced = _env("worker_setup_commands")
-    assert worker == {"MLFLOW_TRACKING_URI": "http://$RAY_HEAD_IP:5000"} and sourced == []
+    assert worker == {"MLFLOW_TRACKING_URI": f"http://$RAY_HEAD_IP:{port}"} and sourced == []
     every_node = _env("setup_commands")[0]
     assert every_node[ENVIRONMENT_VARIABLE] == "s3://$HAMJEPA_BUCKET/ray"
     # trials wait for GPU nodes to boot (minutes) rather than time out after Ray Train's default minute
     assert int(every_node["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"]) >= 600
 
 
+LISTEN_FLAGS = ("--host", "--dashboard-host", "--node-ip-address", "--bind")
+
+
 def test_no_service_listens_on_every_interface():
-    for command in _commands("head_start_ray_commands", "worker_start_ray_commands"):
-        assert not {"0.0.0.0", "::", "--host=0.0.0.0", "--dashboard-host=0.0.0.0"} & set(_words(command))
+    checked = set()
+    for command in _all(*START_SECTIONS):
+        for name, value in _options(command.run).items():
+            if name in LISTEN_FLAGS:
+                checked.add(name)
+                assert isinstance(value, str) and (value.startswith("$") or ipaddress.ip_address(value).is_loopback), \
+                    (name, value)
+        assert not {"0.0.0.0", "::", "[::]"} & set(command.argv), command.argv
+    assert {"--host", "--dashboard-host"} <= checked  # MLflow's address and the dashboard's were both seen
 
 
 def test_a_second_ray_up_replaces_the_mlflow_server_and_a_new_head_restores_its_store():
-    commands = CONFIG["head_start_ray_commands"]
-    kill = next(c for c in commands if c.startswith("pkill"))
-    pattern = re.search(r'pkill -f "([^"]+)"', kill).group(1)
+    section = "head_start_ray_commands"
+    n_kill, line, k = _locate(section, "pkill")
+    kill = line[k]
+    assert kill.run[:2] == ["pkill", "-f"] and len(kill.run) == 3
+    assert kill.then == "||" and line[k + 1].argv == ["true"]  # nothing left to stop is not a failure
+    pattern = kill.run[2]
+    server, loop = _one(section, "mlflow", "server"), _one(section, "sh", "-c")
     server_processes = [
-        "/usr/bin/python3 /home/ray/anaconda3/bin/mlflow server --app-name basic-auth --host 10.0.1.5 --port 5000",
+        " ".join(["/usr/bin/python3", "/home/ray/anaconda3/bin/mlflow", *server.run[1:]]),
         "python -m uvicorn --host 10.0.1.5 --port 5000 --factory mlflow.server.auth:create_app",
-        "sh -c while sleep 600; do python ~/hamjepa-studies/cluster/mlflow_store.py backup; done"]
+        " ".join(loop.run)]
     assert all(re.search(pattern, process) for process in server_processes)
-    assert not re.search(pattern, f"bash --login -c -i 'source ~/.bashrc; ({kill})'")  # not the shell running it
-    position = {name: next(i for i, c in enumerate(commands) if name in c)
-                for name in ("pkill", "mlflow_store.py restore", "mlflow server", "mlflow_store.py backup")}
-    assert position["pkill"] < position["mlflow_store.py restore"] < position["mlflow server"]
-    assert "while sleep" in commands[position["mlflow_store.py backup"]]
+    shell = f"bash --login -c -i 'source ~/.bashrc; ({CONFIG[section][n_kill]})'"
+    assert not re.search(pattern, shell)  # not the shell running it
+    n_restore, line, _ = _locate(section, "python", "~/hamjepa-studies/cluster/mlflow_store.py", "restore")
+    assert len(line) == 1 and line[0].run == ["python", "~/hamjepa-studies/cluster/mlflow_store.py", "restore"]
+    # ... alone on its line, so a restore that fails fails `ray up` (no `|| true`), and of the default store
+    n_server, _, _ = _locate(section, "mlflow", "server")
+    assert n_kill < n_restore < n_server
+    body = _line(loop.run[2])
+    assert [c.argv[:2] for c in body] == [["while", "sleep"], ["do", "python"], ["done"]]
+    assert body[1].argv == ["do", "python", "~/hamjepa-studies/cluster/mlflow_store.py", "backup"]
+    assert 3 * int(body[0].argv[2]) <= STORE.STALE.total_seconds()  # `status` calls three missed backups stale
+    assert loop.argv[0] == "nohup" and loop.then == "&" and loop.writes("~/mlflow/backup.log") == ">"
     assert (ROOT / "cluster" / "mlflow_store.py").is_file()
 
 
@@ -351,22 +614,49 @@ def test_the_shipped_placeholders_are_refused_before_anything_is_installed_or_st
     assert message.endswith(".") and ". " not in message and "EDIT" in message
     assert "CIDR" in SETUP.problem("my-study-bucket", ssh)
     assert SETUP.problem("my-study-bucket", ["203.0.113.7/32"]) is None
-    setup = CONFIG["setup_commands"]
-    check = next(i for i, c in enumerate(setup) if "aws_setup.py" in c)
-    assert _words(setup[check])[-2:] == ["check", "--node"]
-    bucket_line = next(i for i, c in enumerate(setup) if "HAMJEPA_BUCKET=" in c)
-    sourced = next(i for i, c in enumerate(setup) if "bashrc" in c)
-    assert bucket_line < sourced < check  # the check sees $HAMJEPA_BUCKET ...
-    assert all("pip" not in c and "locate" not in c for c in setup[:check])  # ... and runs before any work
+    setup = _lines("setup_commands")
+    check, line, _ = _locate("setup_commands", "python", "~/hamjepa-studies/cluster/aws_setup.py")
+    assert len(line) == 1 and line[0].run == ["python", "~/hamjepa-studies/cluster/aws_setup.py", "check", "--node"]
+    bucket_line = [n for n, _, code in _env_writes("setup_commands") if "HAMJEPA_BUCKET" in _exports(code)]
+    sourced = [n for n, line in enumerate(setup) for c in line
+               if c.run[:1] == ["echo"] and c.writes("~/.bashrc") == ">>"
+               and [s.argv for s in _line(c.run[1])] == [["source", ENV_FILE]]]
+    assert len(bucket_line) == 1 and len(sourced) == 1
+    guard = setup[sourced[0]][0]
+    assert guard.run[:2] == ["grep", "-q"] and guard.run[-1] == "~/.bashrc" and guard.then == "||"  # once
+    assert bucket_line[0] < sourced[0] < check  # the check sees $HAMJEPA_BUCKET ...
+    assert {c.run[0] for line in setup[:check] for c in line} <= {"echo", "grep"}  # ... and runs before any work
+
+
+def _values(command):
+    """Every value a simple command spells: its words, its NAME=value values and --flag=value values."""
+    for word in command.argv:
+        yield word
+        if "=" in word:
+            yield word.partition("=")[2]
+    yield from command.env.values()
+
+
+SECRET_NAME = re.compile(r"password|token|secret|key", re.IGNORECASE)
 
 
 def test_the_bucket_is_named_once_and_no_secret_is_in_the_file():
     bucket = SETUP.bucket_of(CONFIG)
-    assert TEXT.count(bucket) == 1
-    dumped = json.dumps(CONFIG)
-    assert all(uri.startswith("s3://$HAMJEPA_BUCKET") for uri in re.findall(r"s3://[^\s\"']+", dumped))
-    values = re.findall(r"\b(\w*(?:PASSWORD|TOKEN|SECRET|KEY)\w*)=(\S+)", dumped, re.IGNORECASE)
-    assert values and all(value.startswith("$") for _, value in values)  # secrets only from the environment
+    assert TEXT.count(bucket) == 1  # comments included
+    named = [(section, _exports(code)["HAMJEPA_BUCKET"]) for section in COMMAND_SECTIONS
+             for _, _, code in _env_writes(section) if "HAMJEPA_BUCKET" in _exports(code)]
+    assert named == [("setup_commands", bucket)]
+    commands = _all(*COMMAND_SECTIONS)
+    uris = {value for command in commands for value in _values(command) if value.startswith("s3://")}
+    assert {"s3://$HAMJEPA_BUCKET/mlflow", "s3://$HAMJEPA_BUCKET/ray"} <= uris
+    assert all(uri.startswith("s3://$HAMJEPA_BUCKET/") for uri in uris)
+    secrets = {}
+    for command in commands:
+        assigned = {**command.env, **_exports([command]),
+                    **{name: value for name, value in _options(command.run).items() if isinstance(value, str)}}
+        secrets.update((name, value) for name, value in assigned.items() if SECRET_NAME.search(name))
+    assert "MLFLOW_AUTH_ADMIN_PASSWORD" in secrets  # the one the server reads ...
+    assert all(value.startswith("$") for value in secrets.values()), secrets  # ... all only from the environment
     secret_like = [r"AKIA[0-9A-Z]{16}", r"(?i)aws_secret_access_key", r"-----BEGIN", r"[A-Za-z0-9/+]{40}",
                    r"\b[0-9a-f]{32,}\b", r"ssh_private_key"]
     assert not [pattern for pattern in secret_like if re.search(pattern, TEXT)]
@@ -402,12 +692,16 @@ def test_image_constraints_and_pyproject_agree_on_ray_and_every_install_is_const
     assert CONFIG["docker"]["image"] == f"rayproject/ray:{tested}-py311-gpu"
     assert CONFIG["docker"]["pull_before_run"] is False  # the tag on the host is the one pulled for it
     assert _constraints()["ray"] == Version(tested)
-    installs = [c for c in _commands("setup_commands", "head_setup_commands", "worker_setup_commands")
-                if "pip" in _words(c)]
-    assert installs
+    commands = _all(*COMMAND_SECTIONS)
+    assert not [c.run for c in commands if c.run[:1] in (["pip3"], ["uv"], ["conda"]) or c.run[1:3] == ["-m", "pip"]]
+    installs = [c for c in commands if c.run[:1] == ["pip"]]
+    assert installs and all(c.run[1] == "install" for c in installs)
+    installed = set()
     for command in installs:
-        options = _options(command)
-        assert options.get("-c") or "-c" in _words(command)
-        words = _words(command)
-        assert words[words.index("-c") + 1] == "~/hamjepa-studies/cluster/constraints.txt"
-        assert not any(op in w for w in words for op in ("==", ">=", "<="))  # versions come from the file only
+        options, requirements = _pip_install(command)
+        assert options.get("-c") == [CONSTRAINTS], command.run
+        assert not [r for r in requirements if r.specifier or r.url], command.run  # versions from the file only
+        installed |= {r.name for r in requirements}
+    assert {"ray", "boto3", "mlflow"} <= installed  # ray at the image's version: constraints.txt pins it
+    editable = [value for c in installs for value in _pip_install(c)[0].get("-e", [])]
+    assert editable == ["~/hamjepa-studies"] and CONFIG["file_mounts"]["~/hamjepa-studies"] == "."  # this repo

@@ -14,6 +14,6 @@ def test_an_epoch_line_says_where_the_run_is_its_loss_objective_speed_and_data_w
 
 
 def test_table_headers_are_the_last_part_of_a_key_unless_two_share_it():
-    assert short_names(["predictor.dt", "predictor.steps", "hamjepa.w_budget"]) == {
-        "predictor.dt": "dt", "predictor.steps": "steps", "hamjepa.w_budget": "w_budget"}
+    assert short_names(["predictor.dt", "predictor.steps", "hamjepa_loss.w_budget"]) == {
+        "predictor.dt": "dt", "predictor.steps": "steps", "hamjepa_loss.w_budget": "w_budget"}
     assert short_names(["predictor.dt", "optim.dt"]) == {"predictor.dt": "predictor.dt", "optim.dt": "optim.dt"}

@@ -14,6 +14,7 @@ from hamjepa import data
 from hamjepa.augment import Normalise
 from hamjepa.config import AugmentConfig, ConfigError, DataConfig
 from hamjepa.data import DatasetNotFoundError, ImageSet, load_splits
+from hamjepa.errors import UserError
 
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
 
@@ -152,7 +153,7 @@ def test_missing_dataset_without_download_names_the_fix(tmp_path):
     _assert_one_sentence(message)
     assert "'fashion_mnist'" in message and str(tmp_path / "empty") in message
     assert "apt-get install dataset-fashion-mnist" in message and "--data-root DIR" in message
-    assert isinstance(caught.value, ConfigError)  # the CLI prints ConfigErrors without a traceback
+    assert isinstance(caught.value, UserError)  # the CLI prints UserErrors without a traceback
 
 
 @pytest.mark.parametrize("dataset", ["fashion_mnist", "cifar100"])
@@ -195,7 +196,7 @@ def test_a_given_root_is_the_only_place_looked(tmp_path, monkeypatch):
 def test_broken_idx_files_are_one_sentence(tmp_path, content, words):
     path = tmp_path / "x-idx1-ubyte.gz"
     path.write_bytes(content)
-    with pytest.raises(ConfigError, match=words) as caught:
+    with pytest.raises(UserError, match=words) as caught:
         data.read_idx(path)
     message = str(caught.value)
     assert str(path) in message and message.endswith(".") and "\n" not in message
@@ -204,7 +205,7 @@ def test_broken_idx_files_are_one_sentence(tmp_path, content, words):
 def test_fashion_files_of_the_wrong_shape_are_refused(tmp_path):
     write_fashion(tmp_path)
     write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.arange(19) % 10)  # 20 test images, 19 labels
-    with pytest.raises(ConfigError, match=r"labels of shape \(19,\)"):
+    with pytest.raises(UserError, match=r"labels of shape \(19,\)"):
         data.read_fashion_mnist(tmp_path)
 
 
@@ -219,7 +220,7 @@ def test_image_files_are_checked_before_the_run(tmp_path):
     (tmp_path / "val" / "ant" / "2.png").write_bytes(b"GIF89a but not really")
     splits = load_splits(DataConfig(dataset="imagefolder", root=str(tmp_path), image_size=8, val_fraction=0),
                          channels=3)
-    with pytest.raises(ConfigError, match="'.*val/ant/2.png' cannot be decoded"):
+    with pytest.raises(UserError, match="'.*val/ant/2.png' cannot be decoded"):
         data.check_image_files(splits)
 
 

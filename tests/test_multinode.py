@@ -13,9 +13,9 @@ from conftest import HEAD_NODE_RESOURCE, WORKER_NODE_RESOURCE, tiny_config
 from mlflow.tracking import MlflowClient
 
 from hamjepa.cli import study_main
-from hamjepa.config import ConfigError
+from hamjepa.errors import UserError
+from hamjepa.resources import Resources
 from hamjepa.study import StudySettings, _cluster_concurrency
-from hamjepa.training import Resources
 
 ROOT = Path(__file__).resolve().parents[1]
 SEARCH_SPACE = runpy.run_path(str(ROOT / "studies" / "energy_budget.py"))["SEARCH_SPACE"]
@@ -62,7 +62,7 @@ def test_trials_are_planned_for_an_autoscaling_clusters_maximum(ray_cluster, mon
     from ray._private.state import state
 
     settings = StudySettings("planning", tiny_config(), resources=Resources(1, 1.0, 1.0))
-    with pytest.raises(ConfigError, match="at most 2 CPUs and 0 GPUs"):  # this fixed-size cluster: refused
+    with pytest.raises(UserError, match="at most 2 CPUs and 0 GPUs"):  # this fixed-size cluster: refused
         _cluster_concurrency(settings)
     monkeypatch.setattr(state, "get_max_resources_from_cluster_config", lambda: {"CPU": 136.0, "GPU": 16.0})
     assert _cluster_concurrency(settings) == 16  # cluster/aws.yaml at full size: 8 x 1 + 2 x 4 GPUs

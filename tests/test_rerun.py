@@ -3,7 +3,7 @@
 import pytest
 from conftest import tiny_config
 
-from hamjepa.config import ConfigError
+from hamjepa.errors import UserError
 from hamjepa.run import check_rerun
 from hamjepa.tracking import RunLogger
 
@@ -19,6 +19,6 @@ def test_a_name_reused_with_another_config_is_refused_naming_the_keys(tmp_path):
     check_rerun(uri, "train", "baseline", cfg)  # the same config: it resumes, fine
     check_rerun(uri, "train", "another-name", cfg.override({"optim.epochs": 9}))  # a new name: fine
     check_rerun(uri, "other-experiment", "baseline", cfg.override({"optim.epochs": 9}))
-    with pytest.raises(ConfigError, match=r"--name baseline is an existing run .*optim.epochs was 2, now 9.*"
+    with pytest.raises(UserError, match=r"--name baseline is an existing run .*optim.epochs was 2, now 9.*"
                                           r"predictor.dt was 0.05, now 0.1"):
         check_rerun(uri, "train", "baseline", cfg.override({"optim.epochs": 9, "predictor.dt": 0.1}))

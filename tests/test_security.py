@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from hamjepa import data, storage
-from hamjepa.config import Config, ConfigError, DataConfig
+from hamjepa.config import Config, DataConfig
+from hamjepa.errors import UserError
 from hamjepa.metrics import RunStatus
 from hamjepa.redact import mask_text, mask_uri
 from hamjepa.run import RunOutcome, summary
@@ -53,7 +54,7 @@ def test_a_crafted_cifar_file_is_refused_in_one_sentence_and_runs_nothing(tmp_pa
 
     batch = payload if where == "whole file" else {b"data": np.zeros((4, 3072), np.uint8), b"fine_labels": payload}
     folder = _cifar100(tmp_path / "data", batch)
-    with pytest.raises(ConfigError) as refused:
+    with pytest.raises(UserError) as refused:
         data.read_cifar(folder, "cifar100")
     message = str(refused.value)
     _one_sentence(message)
@@ -61,7 +62,7 @@ def test_a_crafted_cifar_file_is_refused_in_one_sentence_and_runs_nothing(tmp_pa
     assert "'io.open'" in message  # builtins.open is io.open
     assert not target.exists()
     # Through the normal entry point (--data-root) too.
-    with pytest.raises(ConfigError):
+    with pytest.raises(UserError):
         data.load_splits(DataConfig(dataset="cifar100", root=str(tmp_path / "data"), download=False), channels=3)
     assert not target.exists()
 
@@ -72,7 +73,7 @@ def test_only_the_globals_cifar_files_contain_are_resolved(tmp_path, module, nam
     crafted = b"\x80\x02c" + f"{module}\n{name}\n".encode() + b"."  # PROTO 2, GLOBAL module name, STOP
     path = tmp_path / "batch"
     path.write_bytes(crafted)
-    with pytest.raises(ConfigError, match=f"'{module}.{name}'"):
+    with pytest.raises(UserError, match=f"'{module}.{name}'"):
         data._unpickle(path)
 
 
@@ -106,7 +107,7 @@ def test_a_python2_cifar_batch_loads():
 def test_a_broken_cifar_file_is_one_sentence(tmp_path, content):
     path = tmp_path / "test_batch"
     path.write_bytes(content)
-    with pytest.raises(ConfigError, match="is not a CIFAR batch") as refused:
+    with pytest.raises(UserError, match="is not a CIFAR batch") as refused:
         data._unpickle(path)
     _one_sentence(str(refused.value))
 
@@ -142,10 +143,10 @@ def test_mask_text_masks_every_uri_in_a_message_and_keeps_its_punctuation():
 def test_errors_and_summaries_show_uris_without_their_credentials(tmp_path):
     for uri in ("http://user:secret@127.0.0.1:9", "http://127.0.0.1:9/?token=secret", "ftp://user:secret@host/x",
                 f"sqlite:///{tmp_path}/missing/dir/mlflow.db?password=secret"):
-        with pytest.raises(ConfigError) as caught:
+        with pytest.raises(UserError) as caught:
             check_tracking_uri(uri)
         assert "secret" not in str(caught.value) and "***" in str(caught.value)
-    with pytest.raises(ConfigError) as caught:  # pyarrow's own message repeats the URI: masked as well
+    with pytest.raises(UserError) as caught:  # pyarrow's own message repeats the URI: masked as well
         storage.write_text("s3://AKIAEXAMPLE:se/cret@bucket/study/latest", "x")
     assert "cret" not in str(caught.value) and "s3://AKIAEXAMPLE:***@bucket/study/latest" in str(caught.value)
     text = summary(Config(), RunOutcome(RunStatus.FAILED, {}, "run1"), "http://user:secret@host:5000")

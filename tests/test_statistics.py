@@ -1,8 +1,9 @@
-"""Paired statistics: t-intervals against hand-computed values, n = 1, identical pairs, verdicts."""
+"""Paired statistics: t-intervals against hand-computed, textbook and scipy values, n = 1, identical pairs, verdicts."""
 
 import math
 
 import pytest
+from scipy import stats
 
 from hamjepa.statistics import estimate, paired_differences, verdict
 
@@ -25,6 +26,34 @@ def test_two_pairs_use_one_degree_of_freedom():
     assert value.mean == pytest.approx(1.75)
     sd = math.sqrt(((3.0 - 1.75) ** 2 + (0.5 - 1.75) ** 2) / 1)
     assert value.high - value.mean == pytest.approx(T_975_DOF1 * sd / math.sqrt(2))
+
+
+# Student's sleep data (Cushny and Peebles 1905; R's `sleep`): extra hours of sleep of 10 patients on two drugs.
+SLEEP_DRUG_1 = [0.7, -1.6, -0.2, -1.2, -0.1, 3.4, 3.7, 0.8, 0.0, 2.0]
+SLEEP_DRUG_2 = [1.9, 0.8, 1.1, 0.1, -0.1, 4.4, 5.5, 1.6, 4.6, 3.4]
+
+
+def test_paired_interval_reproduces_the_textbook_sleep_data_result():
+    """R: t.test(extra ~ group, data = sleep, paired = TRUE): mean difference -1.58, t = -4.0621, df = 9,
+    95 percent confidence interval -2.4598858 -0.7001142."""
+    value = estimate(paired_differences(SLEEP_DRUG_2, SLEEP_DRUG_1))
+    assert value.n == 10 and value.mean == pytest.approx(1.58, abs=1e-12)
+    assert value.std == pytest.approx(1.2299955, abs=1e-7)
+    assert (value.low, value.high) == pytest.approx((0.7001142, 2.4598858), abs=1e-7)
+    assert value.mean / (value.std / math.sqrt(value.n)) == pytest.approx(4.0621, abs=1e-4)
+    assert value.above_zero and value.text(signed=True) == "+1.58 [+0.70, +2.46]"
+    reverse = estimate(paired_differences(SLEEP_DRUG_1, SLEEP_DRUG_2))
+    assert (reverse.low, reverse.high) == pytest.approx((-2.4598858, -0.7001142), abs=1e-7)
+    assert reverse.below_zero and not reverse.above_zero
+
+
+@pytest.mark.parametrize("confidence", [0.8, 0.95, 0.99])
+@pytest.mark.parametrize("values", [[0.3, -1.2, 2.5, 0.9], [10.0, 10.5], [-3.0, -2.9, -3.4, -2.2, -3.1, -2.8]])
+def test_intervals_agree_with_scipys_one_sample_t_test(values, confidence):
+    value = estimate(values, confidence=confidence)
+    interval = stats.ttest_1samp(values, 0.0).confidence_interval(confidence_level=confidence)
+    assert (value.low, value.high) == pytest.approx((interval.low, interval.high), rel=1e-10, abs=1e-12)
+    assert value.std / math.sqrt(len(values)) == pytest.approx(stats.sem(values), rel=1e-12)
 
 
 def test_one_value_has_no_interval():

@@ -3,7 +3,7 @@
 import pytest
 
 from hamjepa import storage
-from hamjepa.config import ConfigError
+from hamjepa.errors import UserError
 
 
 def test_local_paths_become_absolute_and_uris_stay_as_given(tmp_path, monkeypatch):
@@ -30,9 +30,9 @@ def test_text_round_trips_through_a_folder_or_a_file_uri(tmp_path, as_uri):
 def test_an_unwritable_location_is_one_sentence(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    with pytest.raises(ConfigError, match="--storage-path cannot be written at"):
+    with pytest.raises(UserError, match="--storage-path cannot be written at"):
         storage.write_text(storage.join(str(blocker), "sub", "latest.json"), "{}")
-    with pytest.raises(ConfigError, match="--storage-path cannot be read at"):
+    with pytest.raises(UserError, match="--storage-path cannot be read at"):
         storage.read_text("nosuchscheme://bucket/latest.json")
 
 

@@ -8,7 +8,7 @@ import json
 import pytest
 from conftest import tiny_config
 
-from hamjepa.config import ConfigError
+from hamjepa.errors import UserError
 from hamjepa.study import (
     ARM,
     CELL,
@@ -24,7 +24,7 @@ from hamjepa.study import (
 
 def test_resume_refuses_a_changed_command_and_unknown_ids(tmp_path):
     """Before Ray or MLflow: --resume with no study, an unknown id, or other settings is one sentence."""
-    with pytest.raises(ConfigError, match="found no earlier run of study 'energy_budget'"):
+    with pytest.raises(UserError, match="found no earlier run of study 'energy_budget'"):
         check_resumable("energy_budget", str(tmp_path), "latest")
     study_dir = tmp_path / "energy_budget" / "energy_budget-20261129-120000-abc123"
     study_dir.mkdir(parents=True)
@@ -34,9 +34,9 @@ def test_resume_refuses_a_changed_command_and_unknown_ids(tmp_path):
     (tmp_path / "energy_budget" / "latest.json").write_text(json.dumps({"id": study_dir.name}))
     check_resumable("energy_budget", str(tmp_path), "latest", base)  # the same config: fine
     check_resumable("energy_budget", str(tmp_path), study_dir.name, base)
-    with pytest.raises(ConfigError, match="no such study"):
+    with pytest.raises(UserError, match="no such study"):
         check_resumable("energy_budget", str(tmp_path), "energy_budget-20200101-000000-ffffff", base)
-    with pytest.raises(ConfigError, match=r"optim.epochs was 2, now 5"):
+    with pytest.raises(UserError, match=r"optim.epochs was 2, now 5"):
         check_resumable("energy_budget", str(tmp_path), "latest", base.override({"optim.epochs": 5}))
 
 

@@ -3,7 +3,7 @@
 import pytest
 from mlflow.tracking import MlflowClient
 
-from hamjepa.config import ConfigError
+from hamjepa.errors import UserError
 from hamjepa.tracking import RunLogger, check_tracking_uri, resolve_tracking_uri
 
 
@@ -59,11 +59,11 @@ def test_relative_sqlite_uri_is_made_absolute(tmp_path, monkeypatch):
 
 
 def test_unwritable_or_unreachable_tracking_uri_is_one_sentence(tmp_path):
-    with pytest.raises(ConfigError, match="not writable"):
+    with pytest.raises(UserError, match="not writable"):
         check_tracking_uri(f"sqlite:///{tmp_path}/missing/folder/mlflow.db")
-    with pytest.raises(ConfigError, match="cannot be reached"):
+    with pytest.raises(UserError, match="cannot be reached"):
         check_tracking_uri("http://127.0.0.1:9/")  # the discard port: nothing listens
-    with pytest.raises(ConfigError, match="not supported"):
+    with pytest.raises(UserError, match="not supported"):
         check_tracking_uri("ftp://example/mlflow")
 
 

@@ -18,8 +18,9 @@ from hamjepa.data import load_splits
 from hamjepa.encoder_artifact import load_encoder
 from hamjepa.evaluation import knn_top1
 from hamjepa.methods import JEPAModel
+from hamjepa.resources import Resources
 from hamjepa.run import train_and_log
-from hamjepa.training import FailureInjection, Resources
+from hamjepa.training import FailureInjection
 
 pytestmark = pytest.mark.slow
 
@@ -129,9 +130,11 @@ def test_same_seed_same_first_epoch_loss(ray_cluster, tmp_path):
     cfg = tiny_config(**{"optim.epochs": 1, "data.subset": 400})
     first, _ = _run(tmp_path, cfg, "seed-a")
     second, _ = _run(tmp_path, cfg, "seed-b")
-    assert first.metrics["train/loss"] == second.metrics["train/loss"]
+    # Equal up to float reassociation (a thread pool may sum in another order), not bit for bit; another
+    # seed (other data order, views, weights) moves the loss by far more than that tolerance.
+    assert second.metrics["train/loss"] == pytest.approx(first.metrics["train/loss"], rel=1e-5)
     other, _ = _run(tmp_path, cfg.override({"seed": 1}), "seed-c")
-    assert other.metrics["train/loss"] != first.metrics["train/loss"]
+    assert other.metrics["train/loss"] != pytest.approx(first.metrics["train/loss"], rel=1e-3)
 
 
 def test_a_second_local_ray_on_one_machine_is_refused_before_it_starts(ray_cluster, tmp_path):

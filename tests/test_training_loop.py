@@ -50,9 +50,9 @@ def test_a_resumed_device_resident_epoch_replays_exactly():
 
 
 def test_channels_last_trains_the_same_model():
-    """data.channels_last changes the memory layout only: the first epoch's loss agrees with the default layout."""
+    """compute.channels_last changes the memory layout only: the first epoch's loss agrees with the default layout."""
     plain = _losses(build_worker(_cfg("device"), 0, 1, "cpu"), (1,))
-    worker = build_worker(_cfg("device", **{"data.channels_last": True}), 0, 1, "cpu")
+    worker = build_worker(_cfg("device", **{"compute.channels_last": True}), 0, 1, "cpu")
     kernels = [w for w in worker.model.encoder.parameters() if w.dim() == 4 and w.shape[-1] == 3]  # 3x3 convs
     assert kernels and all(w.is_contiguous(memory_format=torch.channels_last) for w in kernels)
     assert _losses(worker, (1,)) == pytest.approx(plain, rel=1e-4)

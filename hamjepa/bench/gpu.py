@@ -6,7 +6,7 @@ writes them as `gpu_check.json` and `gpu_check.md` (one table) in --out:
    one GPU both processes share it; NCCL may refuse two ranks on one device, and the record then says so.
 2. training step: bf16-autocast steps (forward, backward, AdamW) of HamJEPA and SIGReg at the cifar100
    profile's sizes (ResNet-18 width 1, batch 512, 32 px), eager and with channels_last and/or torch.compile
-   of the encoder: which of data.channels_last / data.compile_encoder to switch on, and the HamJEPA / SIGReg
+   of the encoder: which of compute.channels_last / compute.compile_encoder to switch on, and the HamJEPA / SIGReg
    ratio (target: at most 1.10x).
 3. augmentation: two-view images/s of the on-device augmentation (data.augment_on = device) at 32 px RGB.
 4. data wait: two short epochs of the real training loop (training.train_one_epoch, no Ray) on synthetic
@@ -44,6 +44,7 @@ NO_CUDA = ("python -m hamjepa.bench gpu needs a CUDA device and torch sees none 
            f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); run it on a GPU machine.")
 STEP_VARIANTS = (("eager", False, False), ("channels_last", False, True), ("compile", True, False),
                  ("compile+channels_last", True, True))  # (name, compile the encoder, channels_last)
+ERROR_CHARS = 300  # an error, as one cell of the table
 PROCESS_GROUP_TIMEOUT_S = 120  # NCCL's first init on a cold machine takes tens of seconds
 
 
@@ -256,7 +257,7 @@ def _attempt(results: dict[str, Any], name: str, fn: Callable[..., Any], *args: 
     try:
         return fn(*args)
     except Exception as error:  # noqa: BLE001 - recorded, reported in the table
-        results["errors"][name] = f"{type(error).__name__}: {str(error).strip()[:300]}"
+        results["errors"][name] = f"{type(error).__name__}: {str(error).strip()[:ERROR_CHARS]}"
         return None
 
 

@@ -19,7 +19,8 @@ import statistics
 
 import torch
 
-from ..config import PROFILES, Config, ConfigError, parse_overrides, profile
+from ..config import PROFILES, Config, parse_overrides, profile
+from ..errors import UserError
 from ..methods import JEPAModel
 from ..optim import build_optimizer
 from .timing import interleaved_medians
@@ -104,7 +105,7 @@ def main(argv: list[str]) -> None:
         synthetic = cfg.override({"data.dataset": "synthetic", "data.subset": min(args.images, 2000)})
         try:
             figures = placement_epochs(synthetic if args.data == "synthetic" else cfg, args.epochs)
-        except ConfigError as error:  # the profile's data is not here
+        except UserError as error:  # the profile's data is not here (DatasetNotFoundError is a UserError)
             print(f"{error} Timing synthetic images instead.")
             cfg = synthetic
             figures = placement_epochs(cfg, args.epochs)
