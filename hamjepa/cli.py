@@ -82,16 +82,16 @@ def _train(args: argparse.Namespace) -> int:
     resources = Resources(args.workers, args.cpus_per_worker, args.gpus_per_worker, flag="--workers")
     tracking_uri = _check_destinations(resources, args)
 
-    from . import run  # torch, Ray and MLflow load from here on
+    from . import launch  # torch, Ray and MLflow load from here on
     from .metrics import RunStatus
 
-    run.preflight(cfg, resources)
-    run.check_rerun(tracking_uri, args.experiment, args.name, cfg)
-    run.connect_ray(args.address, verbose=args.verbose)
-    outcome = run.train_and_log(cfg, resources, experiment=args.experiment, run_name=args.name,
+    launch.preflight(cfg, resources)
+    launch.check_rerun(tracking_uri, args.experiment, args.name, cfg)
+    launch.connect_ray(args.address, verbose=args.verbose)
+    outcome = launch.train_and_log(cfg, resources, experiment=args.experiment, run_name=args.name,
                                 tracking_uri=tracking_uri, storage_path=args.storage_path,
                                 max_failures=args.max_failures)
-    print(run.summary(cfg, outcome, tracking_uri))
+    print(launch.summary(cfg, outcome, tracking_uri))
     return 0 if outcome.status == RunStatus.FINISHED else 1
 
 
@@ -150,7 +150,7 @@ def _study_settings(name: str, args: argparse.Namespace, protocol: dict | None =
     resources = Resources(args.workers_per_trial, args.cpus_per_worker, gpus, flag="--workers-per-trial")
     tracking_uri = _check_destinations(resources, args)
 
-    from . import run  # torch, Ray and MLflow load from here on
+    from . import launch  # torch, Ray and MLflow load from here on
     from .study import StudySettings
 
     if fields.get("num_samples", 0) is None:  # search trials: the quick study's 15 minutes on 2 cores
@@ -161,8 +161,8 @@ def _study_settings(name: str, args: argparse.Namespace, protocol: dict | None =
         experiment=args.experiment or "", storage_path=args.storage_path or "", resume=args.resume,
         verbose=args.verbose, **fields)
     _check_resumable(settings)
-    run.preflight(base)
-    run.connect_ray(args.address, verbose=args.verbose, worker_logs=False)  # the console is Tune's table
+    launch.preflight(base)
+    launch.connect_ray(args.address, verbose=args.verbose, worker_logs=False)  # the console is Tune's table
     _warn_about_store_backups()
     return settings
 

@@ -37,11 +37,11 @@ from . import metrics as names
 from . import provenance, storage
 from .config import Config, ConfigError, canonical_keys
 from .errors import UserError
+from .launch import DRIVER_RESOURCE
 from .metrics import RunStatus
 from .redact import mask_text, mask_uri
 from .report import COMPARE, stored_params
 from .resources import Resources
-from .run import DRIVER_RESOURCE
 from .tracking import (
     DATASET_TAG,
     METHOD_TAG,

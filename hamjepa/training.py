@@ -38,13 +38,13 @@ from .distributed import local_statistics
 from .divergence import divergence_reason, worst_case
 from .encoder import split_state
 from .evaluation import recording_probes
-from .methods import JEPAModel
+from .model import JEPAModel
 from .objectives import spectral_floor
 from .optim import build_optimizer, build_scheduler
 from .resources import Resources
 from .seeds import Stream, derive
 
-# Set in every worker's environment unless --verbose (run.connect_ray): Ray Train then keeps its per-report
+# Set in every worker's environment unless --verbose (launch.connect_ray): Ray Train then keeps its per-report
 # and per-checkpoint info messages to the worker's own log instead of the user's console.
 QUIET_WORKERS = "HAMJEPA_QUIET_WORKERS"
 

@@ -2,7 +2,7 @@
 
 Each entry runs in-process, in an empty working directory, and must end with exit code 2, exactly one line on
 stderr that names the field, nothing on stdout, nothing created in the working directory (no MLflow store, no
-pointer file, no ray_results), and neither Ray nor MLflow reached: `ray.init`, `hamjepa.run.connect_ray`,
+pointer file, no ray_results), and neither Ray nor MLflow reached: `ray.init`, `hamjepa.launch.connect_ray`,
 MLflow's client and fluent entry points, and the study runners all fail the test when called. A control test
 runs each command's base arguments (valid) and sees it get as far as connecting Ray, so every entry is refused
 for its own bad part. The machine is pinned at 2 CPUs and no GPU, so capacity entries mean the same everywhere.
@@ -278,8 +278,8 @@ def workdir(tmp_path, monkeypatch) -> Path:
     import mlflow
     import ray
 
+    import hamjepa.launch
     import hamjepa.reproduce
-    import hamjepa.run
     import hamjepa.study
 
     def tripwire(what: str):
@@ -294,7 +294,7 @@ def workdir(tmp_path, monkeypatch) -> Path:
     monkeypatch.setattr("hamjepa.checks.local_cpus", lambda: 2.0)
     monkeypatch.setattr("hamjepa.checks.local_gpus", lambda: 0)
     monkeypatch.setattr(ray, "init", tripwire("ray.init"))
-    monkeypatch.setattr(hamjepa.run, "connect_ray", tripwire("hamjepa.run.connect_ray"))
+    monkeypatch.setattr(hamjepa.launch, "connect_ray", tripwire("hamjepa.launch.connect_ray"))
     monkeypatch.setattr(mlflow.tracking.MlflowClient, "__init__", tripwire("MlflowClient"))
     for name in ("set_tracking_uri", "start_run", "set_experiment", "log_params", "log_metrics"):
         monkeypatch.setattr(mlflow, name, tripwire(f"mlflow.{name}"))

@@ -24,7 +24,7 @@ from packaging.version import Version
 from ray._private.ray_constants import RESOURCES_ENVIRONMENT_VARIABLE
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-from hamjepa.run import DRIVER_RESOURCE
+from hamjepa.launch import DRIVER_RESOURCE
 from hamjepa.storage import ENVIRONMENT_VARIABLE
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,6 +1,6 @@
 """What the console shows: one line per epoch for `hamjepa train`, short table headers for a study."""
 
-from hamjepa.run import progress_line
+from hamjepa.launch import progress_line
 from hamjepa.study import short_names
 
 

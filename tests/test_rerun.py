@@ -4,7 +4,7 @@ import pytest
 from conftest import tiny_config
 
 from hamjepa.errors import UserError
-from hamjepa.run import check_rerun
+from hamjepa.launch import check_rerun
 from hamjepa.tracking import RunLogger
 
 

@@ -11,9 +11,9 @@ import pytest
 from hamjepa import data, storage
 from hamjepa.config import Config, DataConfig
 from hamjepa.errors import UserError
+from hamjepa.launch import RunOutcome, summary
 from hamjepa.metrics import RunStatus
 from hamjepa.redact import mask_text, mask_uri
-from hamjepa.run import RunOutcome, summary
 from hamjepa.tracking import check_tracking_uri
 
 

@@ -285,7 +285,7 @@ def test_the_last_evaluation_of_a_run_reports_the_theory_check(method):
     from conftest import tiny_config
 
     from hamjepa.data import load_splits
-    from hamjepa.methods import JEPAModel
+    from hamjepa.model import JEPAModel
     from hamjepa.training import _evaluate_epoch
 
     cfg = tiny_config(method=method, **{"data.subset": 300, "eval.probe_epochs": 1})

@@ -17,9 +17,9 @@ from hamjepa.config import profile
 from hamjepa.data import load_splits
 from hamjepa.encoder_artifact import load_encoder
 from hamjepa.evaluation import knn_top1
-from hamjepa.methods import JEPAModel
+from hamjepa.launch import train_and_log
+from hamjepa.model import JEPAModel
 from hamjepa.resources import Resources
-from hamjepa.run import train_and_log
 from hamjepa.training import FailureInjection
 
 pytestmark = pytest.mark.slow

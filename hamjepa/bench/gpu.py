@@ -37,7 +37,7 @@ import torch
 from ..augment import Augmentation
 from ..config import AugmentConfig, Config, profile
 from ..data import CIFAR_FILES, CIFAR_FOLDERS, augment_placement
-from ..methods import JEPAModel
+from ..model import JEPAModel
 from ..optim import build_optimizer
 
 NO_CUDA = ("python -m hamjepa.bench gpu needs a CUDA device and torch sees none here "

@@ -21,7 +21,7 @@ import torch
 
 from ..config import PROFILES, Config, parse_overrides, profile
 from ..errors import UserError
-from ..methods import JEPAModel
+from ..model import JEPAModel
 from ..optim import build_optimizer
 from .timing import interleaved_medians
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from hamjepa.config import profile
-from hamjepa.methods import JEPAModel
+from hamjepa.model import JEPAModel
 
 
 @pytest.mark.parametrize("method", ["hamjepa", "sigreg", "mlp"])

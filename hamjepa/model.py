@@ -1,4 +1,4 @@
-"""A method = encoder + predictor + objective: two augmented views in, (loss, stats) out.
+"""The model of a method (`JEPAModel`) = encoder + predictor + objective: two augmented views in, (loss, stats) out.
 
 - hamjepa: leapfrog predictor, HamJEPA objective.
 - mlp: the MLP-HJEPA ablation, residual MLP predictor, same objective.
