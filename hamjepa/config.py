@@ -369,6 +369,19 @@ class Config(_Section):
         """The max grad norm a run of this config applies (0 = off): optim.grad_clip, else the method's."""
         return PROTOCOL_GRAD_CLIP[self.method] if self.optim.grad_clip is None else self.optim.grad_clip
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickling (Tune restores a study's pickled settings): a Config pickled before RENAMED_KEYS comes back
+        in today's layout, its `hamjepa` section as `hamjepa_loss` and its data.channels_last/compile_encoder in
+        `compute`."""
+        state = dict(state)
+        if "hamjepa" in state:
+            state["hamjepa_loss"] = state.pop("hamjepa")
+        if "compute" not in state:
+            data_state = vars(state["data"])
+            moved = {name: data_state.pop(name) for name in ("channels_last", "compile_encoder") if name in data_state}
+            state["compute"] = ComputeConfig(**moved)
+        self.__dict__.update(state)
+
     def resolved(self) -> Config:
         """This config with every method-dependent default (null) replaced by the value a run applies."""
         return dataclasses.replace(self, optim=dataclasses.replace(self.optim, grad_clip=self.grad_clip))

@@ -205,6 +205,7 @@ def trial_driver(overrides: dict[str, Any], *, base: Config, resources: Resource
     from ray.tune.integration.ray_train import TuneReportCallback
 
     cfg = config_of_trial(base, overrides)
+    resources.check_batch(cfg)  # a searched optim.batch_size must split among the workers too (a failed trial)
     key = run_key(overrides, tune.get_context().get_trial_id())
     trainer = make_trainer(cfg, resources, name=f"{study_id}-{key}", storage_path=storage_path,
                            max_failures=1, callbacks=[TuneReportCallback()])
@@ -230,6 +231,11 @@ class MLflowTrialCallback(Callback):
         self.loggers: dict[str, RunLogger] = {}
         self.configs: dict[str, Config] = {}
         self.last: dict[str, dict[str, Any]] = {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Tune restores this callback from its experiment's pickle: one pickled by an earlier version lacks the
+        attributes added since."""
+        self.__dict__.update({"configs": {}, **state})
 
     def trial_config(self, trial) -> Config:
         if trial.trial_id not in self.configs:
@@ -376,8 +382,10 @@ def run_phase(settings: StudySettings, phase: str, param_space: dict[str, Any], 
     tune_name = tune_name or phase
     path = storage.join(study_dir, tune_name)
     if settings.resume and tune.Tuner.can_restore(path):
-        tuner = tune.Tuner.restore(path, trainable=driver, param_space=param_space, resume_unfinished=True,
-                                   resume_errored=True)
+        # Tune keeps the experiment's own param_space: one re-specified here must match it key for key, which a
+        # study begun before a config key was renamed (config.RENAMED_KEYS) would not; its trials' old keys are
+        # translated where a trial's config is built (flat_overrides).
+        tuner = tune.Tuner.restore(path, trainable=driver, resume_unfinished=True, resume_errored=True)
     else:
         tuner = tune.Tuner(
             driver,

@@ -41,7 +41,7 @@ from .evaluation import recording_probes
 from .model import JEPAModel
 from .objectives import spectral_floor
 from .optim import build_optimizer, build_scheduler
-from .resources import Resources
+from .resources import Resources  # also the name Tune experiments pickled before resources.py find it under
 from .seeds import Stream, derive
 
 # Set in every worker's environment unless --verbose (launch.connect_ray): Ray Train then keeps its per-report
@@ -429,7 +429,8 @@ def make_trainer(cfg: Config, resources: Resources, name: str, storage_path: str
                  max_failures: int = 2, callbacks: Sequence[Any] = (), failure: FailureInjection | None = None):
     """A TorchTrainer for one run of `cfg`: gloo on CPU, nccl on GPU, restarts from the last checkpoint.
 
-    The caller has checked `resources` against `cfg` (Resources.check_batch) before Ray started.
+    The caller has checked `resources` against `cfg` (Resources.check_batch): `hamjepa train` and a study's base
+    before Ray starts, a study's trial in its driver.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer

@@ -21,6 +21,9 @@ def test_every_seed_stream_and_counter_gets_its_own_seed():
     # The arithmetic mixers this replaced collided on neighbours: (s, e + 1) vs (s + 1, e) must not.
     assert derive(1, Stream.AUGMENT, 2) != derive(2, Stream.AUGMENT, 1)
     assert derive(1, 2) != derive(2, 1) and derive(0, 1) != derive(1)
+    # SeedSequence pads with zero words and splits big integers into 32-bit words: neither may collide here.
+    assert derive(5, Stream.AUGMENT) != derive(5, Stream.AUGMENT, 0) != derive(5, Stream.AUGMENT, 0, 0)
+    assert derive(0, 1) != derive(2 ** 32) and derive(2 ** 40, 3) != derive(0, 256, 3)
 
 
 def test_paired_seeds_do_not_share_an_epochs_sample_order():

@@ -55,4 +55,6 @@ def test_channels_last_trains_the_same_model():
     worker = build_worker(_cfg("device", **{"compute.channels_last": True}), 0, 1, "cpu")
     kernels = [w for w in worker.model.encoder.parameters() if w.dim() == 4 and w.shape[-1] == 3]  # 3x3 convs
     assert kernels and all(w.is_contiguous(memory_format=torch.channels_last) for w in kernels)
-    assert _losses(worker, (1,)) == pytest.approx(plain, rel=1e-4)
+    # An epoch of steps compounds the convolutions' reordered sums (1.1e-4 relative seen on one seed's streams);
+    # another seed moves this loss by percents.
+    assert _losses(worker, (1,)) == pytest.approx(plain, rel=1e-3)
