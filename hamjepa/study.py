@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import secrets
 import tempfile
 import time
@@ -381,6 +382,10 @@ def run_phase(settings: StudySettings, phase: str, param_space: dict[str, Any], 
     callback = MLflowTrialCallback(settings, parent_run_id, study_id, phase, train_folder)
     tune_name = tune_name or phase
     path = storage.join(study_dir, tune_name)
+    if not settings.verbose:
+        # Tune's newer console ignores a custom reporter (ours, or the one a restored experiment pickled) and prints
+        # every result; the classic one honours it.
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     if settings.resume and tune.Tuner.can_restore(path):
         # Tune keeps the experiment's own param_space: one re-specified here must match it key for key, which a
         # study begun before a config key was renamed (config.RENAMED_KEYS) would not; its trials' old keys are
@@ -417,12 +422,8 @@ def _console(settings: StudySettings, param_space: Mapping[str, Any]) -> dict[st
     objective and its parameters under short names (a compare cell's method and seed); Ray's default else."""
     if settings.verbose:
         return {}
-    import os
-
     from ray.tune import CLIReporter
 
-    # Tune's newer console ignores a custom reporter and prints every result; the classic one honours it.
-    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     if CELL in param_space:
         parameters = {f"{CELL}/{ARM}/method": "method", f"{CELL}/seed": "seed"}
     else:

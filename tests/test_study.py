@@ -226,6 +226,7 @@ def test_a_stopped_study_resumes_exactly_once_per_run(ray_cluster, tmp_path, pha
     resumed = subprocess.run([*command, "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True,
                              timeout=900)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "ignoring passed-in ProgressReporter" not in resumed.stderr  # a restored search keeps our console table
     _, after, children = _runs(uri)
     assert [p.info.run_id for p in after] == [parents[0].info.run_id] and after[0].info.status == "FINISHED"
     keys = [c.data.tags["hamjepa.key"] for c in children]
