@@ -17,9 +17,9 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
-from .config import MAX_SEED  # noqa: F401 - MAX_SEED: the CLI checks --seed against it
-from .errors import UserError
-from .redact import mask_text, mask_uri
+from hamjepa.config import MAX_SEED  # noqa: F401 - MAX_SEED: the CLI checks --seed against it
+from hamjepa.errors import UserError
+from hamjepa.redact import mask_text, mask_uri
 
 # Run names, study ids: they become MLflow filter values and folder names, so letters, digits and . _ - only.
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")

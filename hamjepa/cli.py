@@ -15,8 +15,8 @@ import sys
 import warnings
 from pathlib import Path
 
-from . import checks, storage
-from .config import (
+from hamjepa import checks, storage
+from hamjepa.config import (
     DATASET_OVERRIDES,
     DATASETS,
     GPU_PROFILES,
@@ -26,9 +26,9 @@ from .config import (
     build_config,
     parse_overrides,
 )
-from .errors import UserError
-from .redact import mask_uri
-from .resources import Resources
+from hamjepa.errors import UserError
+from hamjepa.redact import mask_uri
+from hamjepa.train.resources import Resources
 
 # A study's defaults. On CPUs they fit the quick profile's 15 minutes on 2 cores: 4 search trials (ASHA stops
 # some) + 3 paired seeds x 2 methods, two runs at a time, ~2.5 minutes a run. Three paired seeds everywhere:
@@ -82,8 +82,8 @@ def _train(args: argparse.Namespace) -> int:
     resources = Resources(args.workers, args.cpus_per_worker, args.gpus_per_worker, flag="--workers")
     tracking_uri = _check_destinations(resources, args)
 
-    from . import launch  # torch, Ray and MLflow load from here on
-    from .metrics import RunStatus
+    from hamjepa.metrics import RunStatus
+    from hamjepa.train import launch  # torch, Ray and MLflow load from here on
 
     launch.preflight(cfg, resources)
     launch.check_rerun(tracking_uri, args.experiment, args.name, cfg)
@@ -119,7 +119,7 @@ def _add_study_arguments(parser: argparse.ArgumentParser, name: str, default_pro
 
 def _check_resumable(settings) -> None:
     """--resume must find what it continues (hamjepa.study.check_resumable, where that exists), before Ray starts."""
-    from . import study
+    from hamjepa.study import phases as study
 
     if settings.resume not in ("", "latest"):
         checks.run_name("--resume", settings.resume)
@@ -150,8 +150,8 @@ def _study_settings(name: str, args: argparse.Namespace, protocol: dict | None =
     resources = Resources(args.workers_per_trial, args.cpus_per_worker, gpus, flag="--workers-per-trial")
     tracking_uri = _check_destinations(resources, args)
 
-    from . import launch  # torch, Ray and MLflow load from here on
-    from .study import StudySettings
+    from hamjepa.study.phases import StudySettings
+    from hamjepa.train import launch  # torch, Ray and MLflow load from here on
 
     if fields.get("num_samples", 0) is None:  # search trials: the quick study's 15 minutes on 2 cores
         fields["num_samples"] = DEFAULT_GPU_TRIALS if gpus > 0 else DEFAULT_CPU_TRIALS
@@ -182,7 +182,7 @@ def _print_result(settings, result) -> int:
 
 def _runs_url(settings, result) -> str:
     """The MLflow UI's runs table of the study's experiment; "" where its id is not known without a network call."""
-    from .reopen import runs_url
+    from hamjepa.study.reopen import runs_url
 
     experiment = getattr(result, "experiment_id", "")
     if not experiment and not settings.tracking_uri.startswith(("http://", "https://")):
@@ -262,7 +262,7 @@ def study_main(name: str, space: dict, argv: list[str] | None = None, initial_po
 
     def work() -> int:
         checks.integer("--seed", args.seed, 0, checks.MAX_SEED)
-        from .study import run_study
+        from hamjepa.study.phases import run_study
 
         trials = args.num_samples if args.num_samples is not None else (2 if args.smoke_test else None)
         seeds = args.seeds if args.seeds is not None else (2 if args.smoke_test else DEFAULT_SEEDS)
@@ -286,7 +286,7 @@ def reproduce_main(argv: list[str] | None = None) -> int:
         args.profile = "quick" if args.smoke_test else "cifar100"
 
     def work() -> int:
-        from .reproduce import run_reproduction
+        from hamjepa.study.reproduce import run_reproduction
 
         seeds = args.seeds if args.seeds is not None else (1 if args.smoke_test else 3)
         if seeds < 1:
@@ -339,7 +339,7 @@ def _report(args: argparse.Namespace) -> int:
         checks.run_name("--study", args.study)
     tracking_uri = _store_to_read(args)
 
-    from .reopen import report  # MLflow loads from here on
+    from hamjepa.study.reopen import report  # MLflow loads from here on
 
     print(report(tracking_uri, args.study, args.experiment), end="")
     return 0
@@ -348,7 +348,7 @@ def _report(args: argparse.Namespace) -> int:
 def _studies(args: argparse.Namespace) -> int:
     tracking_uri = _store_to_read(args)
 
-    from .reopen import studies_table  # MLflow loads from here on
+    from hamjepa.study.reopen import studies_table  # MLflow loads from here on
 
     print(studies_table(tracking_uri, args.experiment), end="")
     return 0

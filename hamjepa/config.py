@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 
 import yaml
 
-from .errors import UserError
+from hamjepa.errors import UserError
 
 METHODS = ("hamjepa", "sigreg", "mlp")
 MAX_SEED = 2**32 - 1  # numpy's and Optuna's seeds are 32-bit; a run derives its seeds from these

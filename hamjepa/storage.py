@@ -11,9 +11,9 @@ import os
 import secrets
 from pathlib import Path
 
-from .checks import can_write_in, nearest_existing
-from .errors import UserError
-from .redact import mask_text, mask_uri
+from hamjepa.checks import can_write_in, nearest_existing
+from hamjepa.errors import UserError
+from hamjepa.redact import mask_text, mask_uri
 
 DEFAULT = "ray_results"
 ENVIRONMENT_VARIABLE = "HAMJEPA_STORAGE_PATH"  # cluster/aws.yaml sets it to s3://<bucket>/ray

@@ -20,7 +20,7 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 
 # The URI checks need no MLflow import, so the CLI runs them before loading it; re-exported here.
-from .checks import check_tracking_uri, resolve_tracking_uri  # noqa: F401
+from hamjepa.checks import check_tracking_uri, resolve_tracking_uri  # noqa: F401
 
 DATASET_DIGEST_CHARS = 36  # MLflow stores a dataset digest of at most 36 characters
 KEY_TAG = "hamjepa.key"

@@ -37,7 +37,7 @@ def ray_test_cluster():
     import ray
     from ray.cluster_utils import Cluster
 
-    from hamjepa.launch import DRIVER_RESOURCE
+    from hamjepa.train.launch import DRIVER_RESOURCE
 
     os.environ["RAY_AUTH_MODE"] = "disabled"
     node = {"num_cpus": 1, "object_store_memory": 400 * 1024**2}

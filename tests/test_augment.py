@@ -7,8 +7,8 @@ import pytest
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from hamjepa import augment as A
 from hamjepa.config import AugmentConfig, ConfigError
+from hamjepa.data import augment as A
 
 # Every random step switched off and crops of the whole image: the pipeline is then only normalisation.
 IDENTITY = AugmentConfig(crop_scale_min=1.0, crop_scale_max=1.0, flip_p=0.0, jitter_p=0.0, grayscale_p=0.0,
@@ -240,7 +240,7 @@ def _statistics(drawn, size):
 def test_device_and_loader_paths_draw_views_from_the_same_distribution():
     """The same images through the device-resident feed (mask mode, its own generator) and the loader feed
     (DataLoader, torch's global RNG): every parameter's mean agrees with the other path and with its law."""
-    from hamjepa.data import ImageSet, LoaderFeed, ResidentFeed
+    from hamjepa.data.sources import ImageSet, LoaderFeed, ResidentFeed
 
     n, size = 4096, 8
     x = images(n=n, size=size, seed=1)

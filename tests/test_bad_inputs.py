@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hamjepa import cli, data
+from hamjepa import cli
+from hamjepa.data import sources as data
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -278,9 +279,9 @@ def workdir(tmp_path, monkeypatch) -> Path:
     import mlflow
     import ray
 
-    import hamjepa.launch
-    import hamjepa.reproduce
-    import hamjepa.study
+    import hamjepa.study.phases
+    import hamjepa.study.reproduce
+    import hamjepa.train.launch
 
     def tripwire(what: str):
         def reached(*args, **kwargs):
@@ -294,12 +295,12 @@ def workdir(tmp_path, monkeypatch) -> Path:
     monkeypatch.setattr("hamjepa.checks.local_cpus", lambda: 2.0)
     monkeypatch.setattr("hamjepa.checks.local_gpus", lambda: 0)
     monkeypatch.setattr(ray, "init", tripwire("ray.init"))
-    monkeypatch.setattr(hamjepa.launch, "connect_ray", tripwire("hamjepa.launch.connect_ray"))
+    monkeypatch.setattr(hamjepa.train.launch, "connect_ray", tripwire("hamjepa.train.launch.connect_ray"))
     monkeypatch.setattr(mlflow.tracking.MlflowClient, "__init__", tripwire("MlflowClient"))
     for name in ("set_tracking_uri", "start_run", "set_experiment", "log_params", "log_metrics"):
         monkeypatch.setattr(mlflow, name, tripwire(f"mlflow.{name}"))
-    monkeypatch.setattr(hamjepa.study, "run_study", tripwire("run_study"))
-    monkeypatch.setattr(hamjepa.reproduce, "run_reproduction", tripwire("run_reproduction"))
+    monkeypatch.setattr(hamjepa.study.phases, "run_study", tripwire("run_study"))
+    monkeypatch.setattr(hamjepa.study.reproduce, "run_reproduction", tripwire("run_reproduction"))
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     monkeypatch.chdir(cwd)
@@ -346,10 +347,10 @@ def test_bad_input_is_one_sentence_before_any_work(case, workdir, good_data, ene
 
 @pytest.mark.parametrize("case", NEEDS_STUDY_CHECK, ids=[c.id for c in NEEDS_STUDY_CHECK])
 def test_resume_needs_something_to_resume(case, workdir, good_data, energy_budget_space, capsys):
-    import hamjepa.study
+    import hamjepa.study.phases
 
-    if not hasattr(hamjepa.study, "check_resumable"):
-        pytest.skip("hamjepa.study.check_resumable is not there yet")
+    if not hasattr(hamjepa.study.phases, "check_resumable"):
+        pytest.skip("hamjepa.study.phases.check_resumable is not there yet")
     check_refused(case, workdir, good_data, energy_budget_space, capsys)
 
 

@@ -7,7 +7,7 @@ import torch
 
 from hamjepa.bench import gpu, step
 from hamjepa.config import SMOKE_OVERRIDES, profile
-from hamjepa.data import read_cifar
+from hamjepa.data.sources import read_cifar
 
 TINY = {"encoder.width": 0.125, "optim.batch_size": 8, "data.image_size": 16}
 

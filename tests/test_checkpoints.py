@@ -6,8 +6,8 @@ import os
 import pytest
 import torch
 
-from hamjepa import checkpoints
-from hamjepa.checkpoints import CheckpointError
+from hamjepa.train import checkpoints
+from hamjepa.train.checkpoints import CheckpointError
 
 CONFIG = {"method": "hamjepa", "optim": {"epochs": 4, "lr": 0.004}, "seed": 0}
 

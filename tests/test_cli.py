@@ -37,7 +37,7 @@ def test_study_refuses_bad_input_in_one_sentence(argv, words, capsys, tmp_path):
 
 
 def test_resume_without_an_earlier_study_is_one_sentence(capsys, tmp_path, monkeypatch):
-    monkeypatch.setattr("hamjepa.launch.connect_ray", lambda address, **console: None)  # fails before Ray matters
+    monkeypatch.setattr("hamjepa.train.launch.connect_ray", lambda address, **console: None)  # fails before Ray matters
     argv = ["--resume", "--smoke-test", "--storage-path", str(tmp_path), "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]
     assert study_main("energy_budget", SPACE, argv) == 2
     assert "--resume found no earlier run" in capsys.readouterr().err
@@ -54,10 +54,10 @@ def test_config_command_prints_the_resolved_yaml(capsys):
 def test_paired_seeds_default_to_at_least_three_on_gpus(argv, seeds, tmp_path, monkeypatch):
     from hamjepa import cli
 
-    monkeypatch.setattr("hamjepa.launch.connect_ray", lambda address, **console: None)
+    monkeypatch.setattr("hamjepa.train.launch.connect_ray", lambda address, **console: None)
     monkeypatch.setattr("hamjepa.checks.local_gpus", lambda: 1)  # a local Ray on a machine with one GPU
     captured = {}
-    monkeypatch.setattr("hamjepa.study.run_study", lambda settings, space, points: captured.setdefault("s", settings))
+    monkeypatch.setattr("hamjepa.study.phases.run_study", lambda settings, space, points: captured.setdefault("s", settings))
     monkeypatch.setattr(cli, "_print_result", lambda settings, result: 0)
     argv = [*argv, "--storage-path", str(tmp_path), "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]
     assert study_main("energy_budget", SPACE, argv) == 0

@@ -24,8 +24,8 @@ from packaging.version import Version
 from ray._private.ray_constants import RESOURCES_ENVIRONMENT_VARIABLE
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-from hamjepa.launch import DRIVER_RESOURCE
 from hamjepa.storage import ENVIRONMENT_VARIABLE
+from hamjepa.train.launch import DRIVER_RESOURCE
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = (ROOT / "cluster" / "aws.yaml").read_text()

@@ -252,9 +252,9 @@ def test_unknown_keys_still_suggest_the_closest():
 def test_stored_params_with_old_keys_read_back_silently():
     """What an older version logged (MLflow params, a study's identity, a checkpoint's tree) reads under the new
     names, without a warning."""
-    from hamjepa.reopen import base_config
-    from hamjepa.report import stored_params
-    from hamjepa.study import flat_overrides
+    from hamjepa.report.summary import stored_params
+    from hamjepa.study.phases import flat_overrides
+    from hamjepa.study.reopen import base_config
 
     cfg = Config().override(NEW_KEYS)
     logged = {canonical_key_inverse(k): str(v) for k, v in cfg.flatten().items()}
@@ -272,7 +272,7 @@ def test_stored_params_with_old_keys_read_back_silently():
 def test_a_study_started_with_old_keys_still_resumes(tmp_path):
     import json
 
-    from hamjepa.study import IDENTITY_FILE, check_resumable
+    from hamjepa.study.phases import IDENTITY_FILE, check_resumable
 
     base = Config().override(NEW_KEYS)
     study_dir = tmp_path / "energy_budget" / "energy_budget-20260101-000000-abc123"
@@ -288,7 +288,7 @@ def test_a_study_started_with_old_keys_still_resumes(tmp_path):
 
 
 def test_a_checkpoint_written_before_the_rename_still_resumes(tmp_path):
-    from hamjepa import checkpoints
+    from hamjepa.train import checkpoints
 
     cfg = Config().override(NEW_KEYS)
     checkpoints.write(str(tmp_path), {"config": legacy_tree(cfg.to_dict()), "epoch": 3})

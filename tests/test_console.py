@@ -1,7 +1,7 @@
 """What the console shows: one line per epoch for `hamjepa train`, short table headers for a study."""
 
-from hamjepa.launch import progress_line
-from hamjepa.study import short_names
+from hamjepa.study.phases import short_names
+from hamjepa.train.launch import progress_line
 
 
 def test_an_epoch_line_says_where_the_run_is_its_loss_objective_speed_and_data_wait():

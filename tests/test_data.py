@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from hamjepa import data
-from hamjepa.augment import Normalise
 from hamjepa.config import AugmentConfig, ConfigError, DataConfig
-from hamjepa.data import DatasetNotFoundError, ImageSet, load_splits
+from hamjepa.data import sources as data
+from hamjepa.data.augment import Normalise
+from hamjepa.data.sources import DatasetNotFoundError, ImageSet, load_splits
 from hamjepa.errors import UserError
 
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -315,7 +315,7 @@ def test_image_set_needs_one_source():
 
 
 def test_a_split_digest_names_exactly_which_images_train_and_validate():
-    from hamjepa.data import split_digest
+    from hamjepa.data.sources import split_digest
 
     base = split_digest("fashion_mnist", [3, 1, 2], [0])
     assert base == split_digest("fashion_mnist", torch.tensor([3, 1, 2]), torch.tensor([0]))  # type-independent

@@ -9,8 +9,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from hamjepa.config import HamJEPALossConfig, SIGRegConfig
-from hamjepa.objectives import hamjepa_objective, random_orthonormal, sigreg_directions, sigreg_objective
-from hamjepa.predictors import HamiltonianPredictor
+from hamjepa.method.objectives import hamjepa_objective, random_orthonormal, sigreg_directions, sigreg_objective
+from hamjepa.method.predictors import HamiltonianPredictor
 
 N, Q_DIM, WORLD = 64, 12, 2
 

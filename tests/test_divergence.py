@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from hamjepa.divergence import MAX_LOSS, MAX_STATE_ENERGY, divergence_reason, worst_case
+from hamjepa.train.divergence import MAX_LOSS, MAX_STATE_ENERGY, divergence_reason, worst_case
 
 
 @pytest.mark.parametrize("loss, stats, says", [

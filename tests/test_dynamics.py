@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from hamjepa.dynamics import euler, leapfrog
-from hamjepa.predictors import HamiltonianPredictor
+from hamjepa.method.dynamics import euler, leapfrog
+from hamjepa.method.predictors import HamiltonianPredictor
 
 D = 8
 
@@ -109,7 +109,7 @@ def test_closed_form_rollout_matches_the_textbook_reference(direction):
 
 
 def test_gelu_and_derivative_backward_matches_autograd():
-    from hamjepa.dynamics import gelu_and_derivative, gelu_derivative
+    from hamjepa.method.dynamics import gelu_and_derivative, gelu_derivative
 
     a = torch.randn(50, dtype=torch.float64, requires_grad=True)
     value, slope = gelu_and_derivative(a)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from hamjepa.config import EncoderConfig
-from hamjepa.encoder import TokenEncoder, split_state
+from hamjepa.method.encoder import TokenEncoder, split_state
 
 
 def test_q_and_p_are_the_halves_of_each_token_in_row_column_channel_order():

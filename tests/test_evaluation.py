@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from hamjepa.augment import Normalise
 from hamjepa.config import EvalConfig
-from hamjepa.data import ImageSet, LabelledDataset
-from hamjepa.evaluation import (
+from hamjepa.data.augment import Normalise
+from hamjepa.data.sources import ImageSet, LabelledDataset
+from hamjepa.evaluation.probes import (
     covariance_eigenvalues,
     effective_rank,
     extract_features,

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from hamjepa.config import profile
-from hamjepa.model import JEPAModel
+from hamjepa.method.model import JEPAModel
 
 
 @pytest.mark.parametrize("method", ["hamjepa", "sigreg", "mlp"])

@@ -14,8 +14,8 @@ from mlflow.tracking import MlflowClient
 
 from hamjepa.cli import study_main
 from hamjepa.errors import UserError
-from hamjepa.resources import Resources
-from hamjepa.study import StudySettings, _cluster_concurrency
+from hamjepa.study.phases import StudySettings, _cluster_concurrency
+from hamjepa.train.resources import Resources
 
 ROOT = Path(__file__).resolve().parents[1]
 SEARCH_SPACE = runpy.run_path(str(ROOT / "studies" / "energy_budget.py"))["SEARCH_SPACE"]

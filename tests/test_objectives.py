@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from hamjepa.config import HamJEPALossConfig, SIGRegConfig
-from hamjepa.objectives import (
+from hamjepa.method.objectives import (
     ProjectionSchedule,
     energy_budget,
     epps_pulley,

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from hamjepa.config import OptimConfig
-from hamjepa.optim import build_optimizer, build_scheduler, lr_multiplier
+from hamjepa.train.optim import build_optimizer, build_scheduler, lr_multiplier
 
 
 def test_schedule_values():

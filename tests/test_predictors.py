@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from hamjepa.config import PredictorConfig
-from hamjepa.predictors import (
+from hamjepa.method.predictors import (
     HamiltonianPredictor,
     ResidualMLPPredictor,
     build_predictor,

@@ -1,6 +1,6 @@
 """Which readout a method's unsuffixed metrics mean (no model needed: the naming decision alone)."""
 
-from hamjepa.readouts import with_default_readout
+from hamjepa.evaluation.readouts import with_default_readout
 
 VALUE = {"q": 1.0, "p": 2.0, "qp": 3.0}
 

@@ -9,7 +9,7 @@ from mlflow.tracking import MlflowClient
 from hamjepa import cli
 from hamjepa import metrics as names
 from hamjepa.config import profile
-from hamjepa.reopen import Gaps, base_config, runs_url
+from hamjepa.study.reopen import Gaps, base_config, runs_url
 from hamjepa.tracking import (
     EXPERIMENT_KIND,
     EXPERIMENT_KIND_TAG,
@@ -246,7 +246,7 @@ def test_the_runs_url_is_the_ui_runs_table(store, capsys):
 
 
 def test_a_study_that_did_not_finish_says_how_to_continue_it():
-    from hamjepa.reopen import StudyRun, _how_it_ended
+    from hamjepa.study.reopen import StudyRun, _how_it_ended
 
     def study(status, reason=""):
         return StudyRun("r", "s-1", "energy_budget", "1", EXPERIMENT, 0, status, {}, reason)

@@ -8,7 +8,8 @@ import pytest
 
 from hamjepa import metrics as names
 from hamjepa.config import profile
-from hamjepa.report import (
+from hamjepa.report.paired import estimate
+from hamjepa.report.summary import (
     CSV_COLUMNS,
     THEORY_PLOT,
     RunRecord,
@@ -18,7 +19,6 @@ from hamjepa.report import (
     to_csv,
     to_markdown,
 )
-from hamjepa.statistics import estimate
 
 BASE = profile("quick")
 KEYS = ["predictor.dt"]

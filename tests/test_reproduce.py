@@ -11,9 +11,9 @@ from mlflow.tracking import MlflowClient
 
 from hamjepa.cli import reproduce_main
 from hamjepa.config import profile
-from hamjepa.paper import PAPER_ROWS, reference_row
-from hamjepa.report import RunRecord
-from hamjepa.reproduce import PHASE, build_table, to_csv, to_markdown
+from hamjepa.report.paper import PAPER_ROWS, reference_row
+from hamjepa.report.summary import RunRecord
+from hamjepa.study.reproduce import PHASE, build_table, to_csv, to_markdown
 
 
 def _record(method, seed, knn, probe, status="finished"):

@@ -4,8 +4,8 @@ import pytest
 from conftest import tiny_config
 
 from hamjepa.errors import UserError
-from hamjepa.launch import check_rerun
 from hamjepa.tracking import RunLogger
+from hamjepa.train.launch import check_rerun
 
 
 def test_a_name_reused_with_another_config_is_refused_naming_the_keys(tmp_path):

@@ -7,7 +7,7 @@ import pytest
 from ray import tune
 
 from hamjepa.metrics import RunStatus, classify
-from hamjepa.study import OPTUNA_STATES, FullTrialOptunaSearch, optuna_outcome
+from hamjepa.study.phases import OPTUNA_STATES, FullTrialOptunaSearch, optuna_outcome
 
 OBJECTIVE = "val_knn20_top1"
 State = optuna.trial.TrialState

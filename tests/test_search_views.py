@@ -6,8 +6,8 @@ import optuna
 from ray import tune
 
 from hamjepa.config import profile
-from hamjepa.report import RunRecord
-from hamjepa.search_views import IMPORTANCE_MIN_COMPLETE, search_views
+from hamjepa.report.search_views import IMPORTANCE_MIN_COMPLETE, search_views
+from hamjepa.report.summary import RunRecord
 
 BASE = profile("quick")
 SPACE = {"predictor.dt": tune.loguniform(0.01, 0.2), "predictor.steps": tune.randint(1, 5)}

@@ -8,13 +8,14 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from hamjepa import data, storage
+from hamjepa import storage
 from hamjepa.config import Config, DataConfig
+from hamjepa.data import sources as data
 from hamjepa.errors import UserError
-from hamjepa.launch import RunOutcome, summary
 from hamjepa.metrics import RunStatus
 from hamjepa.redact import mask_text, mask_uri
 from hamjepa.tracking import check_tracking_uri
+from hamjepa.train.launch import RunOutcome, summary
 
 
 def _one_sentence(message):

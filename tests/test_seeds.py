@@ -4,7 +4,7 @@ import itertools
 
 import torch
 
-from hamjepa import data
+from hamjepa.data import sources as data
 from hamjepa.seeds import Stream, derive
 
 

@@ -5,7 +5,7 @@ import math
 import pytest
 from scipy import stats
 
-from hamjepa.statistics import estimate, paired_differences, verdict
+from hamjepa.report.paired import estimate, paired_differences, verdict
 
 T_975_DOF2 = 4.302652729911275  # Student t quantile, 97.5%, 2 degrees of freedom (tables)
 T_975_DOF1 = 12.706204736174703

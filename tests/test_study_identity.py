@@ -9,7 +9,7 @@ import pytest
 from conftest import tiny_config
 
 from hamjepa.errors import UserError
-from hamjepa.study import (
+from hamjepa.study.phases import (
     ARM,
     CELL,
     IDENTITY_FILE,
@@ -67,7 +67,7 @@ def test_any_error_closes_the_study_and_its_runs_as_failed_with_the_reason(tmp_p
     """Not Ctrl-C but an error (MLflow, disk, a bug): nothing is left RUNNING, and the parent says why."""
     from mlflow.tracking import MlflowClient
 
-    from hamjepa.study import Invocation
+    from hamjepa.study.phases import Invocation
     from hamjepa.tracking import PARENT_TAG, ROLE_TAG, RunLogger
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -93,7 +93,7 @@ def test_any_error_closes_the_study_and_its_runs_as_failed_with_the_reason(tmp_p
 def test_a_ctrl_c_outside_the_phases_still_closes_the_study_as_killed(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from hamjepa.study import Invocation
+    from hamjepa.study.phases import Invocation
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     settings = StudySettings(name="s", base=tiny_config(), tracking_uri=uri, storage_path=str(tmp_path / "state"))

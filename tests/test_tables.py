@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from hamjepa.tables import csv_number, csv_text, markdown_table
+from hamjepa.report.tables import csv_number, csv_text, markdown_table
 
 
 def test_markdown_table_has_one_rule_and_a_line_per_row():

@@ -9,11 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from hamjepa import metrics as names
-from hamjepa import theory
-from hamjepa.dynamics import euler
-from hamjepa.evaluation import TrainedProbe
-from hamjepa.predictors import HamiltonianPredictor, ResidualMLPPredictor
-from hamjepa.theory import (
+from hamjepa.evaluation import theory
+from hamjepa.evaluation.probes import TrainedProbe
+from hamjepa.evaluation.theory import (
     covariance,
     entropy_gap,
     flow_geometry,
@@ -26,6 +24,8 @@ from hamjepa.theory import (
     symplecticity_defect,
     with_ridge,
 )
+from hamjepa.method.dynamics import euler
+from hamjepa.method.predictors import HamiltonianPredictor, ResidualMLPPredictor
 
 D = 8
 
@@ -284,9 +284,9 @@ def test_the_last_evaluation_of_a_run_reports_the_theory_check(method):
     """training's end-of-run evaluation, without Ray, at the smoke size: the probes it trains are measured."""
     from conftest import tiny_config
 
-    from hamjepa.data import load_splits
-    from hamjepa.model import JEPAModel
-    from hamjepa.training import _evaluate_epoch
+    from hamjepa.data.sources import load_splits
+    from hamjepa.method.model import JEPAModel
+    from hamjepa.train.loop import _evaluate_epoch
 
     cfg = tiny_config(method=method, **{"data.subset": 300, "eval.probe_epochs": 1})
     splits = load_splits(cfg.data, channels=cfg.encoder.in_channels)

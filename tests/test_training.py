@@ -12,15 +12,15 @@ from conftest import tiny_config
 from mlflow.tracking import MlflowClient
 
 from hamjepa import metrics as names
-from hamjepa import readouts
 from hamjepa.config import profile
-from hamjepa.data import load_splits
-from hamjepa.encoder_artifact import load_encoder
-from hamjepa.evaluation import knn_top1
-from hamjepa.launch import train_and_log
-from hamjepa.model import JEPAModel
-from hamjepa.resources import Resources
-from hamjepa.training import FailureInjection
+from hamjepa.data.sources import load_splits
+from hamjepa.evaluation import readouts
+from hamjepa.evaluation.probes import knn_top1
+from hamjepa.method.model import JEPAModel
+from hamjepa.train.encoder_artifact import load_encoder
+from hamjepa.train.launch import train_and_log
+from hamjepa.train.loop import FailureInjection
+from hamjepa.train.resources import Resources
 
 pytestmark = pytest.mark.slow
 

@@ -6,8 +6,8 @@ import torch
 
 from hamjepa import metrics as names
 from hamjepa.config import SMOKE_OVERRIDES, profile
-from hamjepa.data import LoaderFeed, ResidentFeed
-from hamjepa.training import _restore, _training_state, build_worker, train_one_epoch
+from hamjepa.data.sources import LoaderFeed, ResidentFeed
+from hamjepa.train.loop import _restore, _training_state, build_worker, train_one_epoch
 
 
 def _cfg(placement, **overrides):

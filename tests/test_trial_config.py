@@ -6,9 +6,9 @@ import pickle
 import pytest
 
 from hamjepa.config import Config, ConfigError, profile
-from hamjepa.resources import Resources
-from hamjepa.study import CELL, MLflowTrialCallback, StudySettings, config_of_trial
-from hamjepa.training import make_trainer
+from hamjepa.study.phases import CELL, MLflowTrialCallback, StudySettings, config_of_trial
+from hamjepa.train.loop import make_trainer
+from hamjepa.train.resources import Resources
 
 
 def test_a_search_trials_values_reach_the_predictor_config():
@@ -75,7 +75,7 @@ def test_a_study_callback_pickled_by_an_earlier_version_gets_todays_attributes()
 
 def test_a_trial_whose_batch_does_not_split_among_its_workers_fails_before_training(tmp_path):
     """The study's base batch was checked before Ray; a searched optim.batch_size is checked in its trial's driver."""
-    from hamjepa.study import trial_driver
+    from hamjepa.study.phases import trial_driver
 
     with pytest.raises(ConfigError, match="must divide evenly among 3 workers"):
         trial_driver({"optim.batch_size": 128}, base=profile("quick").override({"optim.batch_size": 96}),

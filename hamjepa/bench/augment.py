@@ -15,9 +15,9 @@ import time
 import torch
 from torch.utils.data import DataLoader
 
-from ..augment import Augmentation
-from ..config import AugmentConfig, DataConfig
-from ..data import ImageSet, TwoViewDataset
+from hamjepa.config import AugmentConfig, DataConfig
+from hamjepa.data.augment import Augmentation
+from hamjepa.data.sources import ImageSet, TwoViewDataset
 
 SETTINGS = (("32 px RGB (CIFAR)", 3, 32), ("28 px grey (Fashion-MNIST)", 1, 28))
 

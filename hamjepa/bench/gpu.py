@@ -34,11 +34,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..augment import Augmentation
-from ..config import AugmentConfig, Config, profile
-from ..data import CIFAR_FILES, CIFAR_FOLDERS, augment_placement
-from ..model import JEPAModel
-from ..optim import build_optimizer
+from hamjepa.config import AugmentConfig, Config, profile
+from hamjepa.data.augment import Augmentation
+from hamjepa.data.sources import CIFAR_FILES, CIFAR_FOLDERS, augment_placement
+from hamjepa.method.model import JEPAModel
+from hamjepa.train.optim import build_optimizer
 
 NO_CUDA = ("python -m hamjepa.bench gpu needs a CUDA device and torch sees none here "
            f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); run it on a GPU machine.")
@@ -199,7 +199,7 @@ def write_cifar100_files(root: Path, n_train: int, n_test: int, seed: int = 0) -
 def epoch_wait(root: Path, device: torch.device | str, placement: str, overrides: dict[str, Any] | None = None,
                epochs: int = 2) -> dict[str, Any]:
     """`epochs` epochs of the training loop on the CIFAR-100 files under root; the last one's figures."""
-    from ..training import build_worker, train_one_epoch  # the loop itself; no Ray is started
+    from hamjepa.train.loop import build_worker, train_one_epoch  # the loop itself; no Ray is started
 
     device = torch.device(device)
     cfg = profile("cifar100", {"data.root": str(root), "data.download": False, "data.augment_on": placement,

@@ -10,8 +10,8 @@ import argparse
 
 import torch
 
-from ..predictors import HamiltonianPredictor
-from .timing import interleaved_medians
+from hamjepa.bench.timing import interleaved_medians
+from hamjepa.method.predictors import HamiltonianPredictor
 
 
 def main(argv: list[str]) -> None:

@@ -19,11 +19,11 @@ import statistics
 
 import torch
 
-from ..config import PROFILES, Config, parse_overrides, profile
-from ..errors import UserError
-from ..model import JEPAModel
-from ..optim import build_optimizer
-from .timing import interleaved_medians
+from hamjepa.bench.timing import interleaved_medians
+from hamjepa.config import PROFILES, Config, parse_overrides, profile
+from hamjepa.errors import UserError
+from hamjepa.method.model import JEPAModel
+from hamjepa.train.optim import build_optimizer
 
 PLACEMENTS = ("device", "loader")
 
@@ -57,7 +57,7 @@ def placement_epochs(cfg: Config, epochs: int, device: torch.device | str = "cpu
     cfg's data must be in memory (synthetic here) so both placements apply; each placement trains its own copy
     of the same initial model, epoch after epoch, through the real training loop.
     """
-    from ..training import build_worker, train_one_epoch  # the loop under test; no Ray is started
+    from hamjepa.train.loop import build_worker, train_one_epoch  # the loop under test; no Ray is started
 
     workers = {p: build_worker(cfg.override({"data.augment_on": p}), 0, 1, device) for p in placements}
     figures: dict[str, list[tuple[float, float]]] = {p: [] for p in placements}

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from .config import Config
-from .data import Splits
-from .evaluation import extract_features, knn_top1, linear_probe, spectrum
-from .metrics import READOUTS, accuracy, default_readout, knn, objective
+from hamjepa.config import Config
+from hamjepa.data.sources import Splits
+from hamjepa.evaluation.probes import extract_features, knn_top1, linear_probe, spectrum
+from hamjepa.metrics import READOUTS, accuracy, default_readout, knn, objective
 
 
 def _features(model, images, splits: Splits, cfg: Config, device) -> dict[str, torch.Tensor]:

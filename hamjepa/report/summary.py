@@ -22,12 +22,12 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from . import metrics as names
-from .config import Config, canonical_key, canonical_keys
-from .metrics import RunStatus
-from .statistics import CONFIDENCE, Estimate, estimate, paired_differences, verdict
-from .tables import csv_number, csv_text, markdown_table
-from .tracking import METHOD_TAG, PARENT_TAG, PHASE_TAG, REASON_TAG, STATUS_TAG
+from hamjepa import metrics as names
+from hamjepa.config import Config, canonical_key, canonical_keys
+from hamjepa.metrics import RunStatus
+from hamjepa.report.paired import CONFIDENCE, Estimate, estimate, paired_differences, verdict
+from hamjepa.report.tables import csv_number, csv_text, markdown_table
+from hamjepa.tracking import METHOD_TAG, PARENT_TAG, PHASE_TAG, REASON_TAG, STATUS_TAG
 
 COMPARE = "compare"  # the phase of the paired runs
 # Method -> the label of the group its paired runs fill.

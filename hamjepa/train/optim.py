@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from .config import OptimConfig
+from hamjepa.config import OptimConfig
 
 
 def lr_multiplier(iteration: int, iters_per_epoch: int, cfg: OptimConfig) -> float:

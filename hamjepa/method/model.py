@@ -10,12 +10,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import Config
-from .distributed import global_count
-from .encoder import TokenEncoder
-from .objectives import ProjectionSchedule, Stats, hamjepa_objective, sigreg_directions, sigreg_objective
-from .predictors import apply_schedules, build_predictor
-from .seeds import Stream, derive
+from hamjepa.config import Config
+from hamjepa.method.distributed import global_count
+from hamjepa.method.encoder import TokenEncoder
+from hamjepa.method.objectives import ProjectionSchedule, Stats, hamjepa_objective, sigreg_directions, sigreg_objective
+from hamjepa.method.predictors import apply_schedules, build_predictor
+from hamjepa.seeds import Stream, derive
 
 
 class JEPAModel(nn.Module):

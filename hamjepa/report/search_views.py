@@ -19,9 +19,9 @@ from typing import Any
 import optuna
 from mlflow.tracking import MlflowClient
 
-from .config import Config
-from .metrics import RunStatus
-from .report import RunRecord
+from hamjepa.config import Config
+from hamjepa.metrics import RunStatus
+from hamjepa.report.summary import RunRecord
 
 # fANOVA importance on fewer complete trials ranks noise; below this the views say so instead of drawing it.
 IMPORTANCE_MIN_COMPLETE = 8
@@ -60,7 +60,7 @@ def _covering(distribution, values: Sequence[Any]):
 def build_study(records: Sequence[RunRecord], space: Mapping[str, Any], base: Config, client: MlflowClient,
                 objective: str, name: str, path: Path) -> optuna.Study:
     """A fresh SQLite Optuna study at `path` holding every search trial of `records`."""
-    from .study import optuna_outcome, typed_param
+    from hamjepa.study.phases import optuna_outcome, typed_param
 
     search = sorted((r for r in records if r.phase == "search"), key=lambda r: r.name)
     params = [{key: typed_param(base, key, r.params[key]) for key in space if key in r.params} for r in search]

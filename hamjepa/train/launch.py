@@ -14,16 +14,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from . import metrics as names
-from . import provenance, storage
-from .config import Config, ConfigError, canonical_keys
-from .encoder_artifact import log_encoder
-from .errors import UserError
-from .metrics import RunStatus
-from .redact import mask_uri
-from .resources import Resources
-from .tracking import DATASET_TAG, METHOD_TAG, REASON_TAG, ROLE_TAG, STATUS_TAG, RunLogger, resolve_tracking_uri
-from .training import QUIET_WORKERS, FailureInjection, make_trainer
+from hamjepa import metrics as names
+from hamjepa import provenance, storage
+from hamjepa.config import Config, ConfigError, canonical_keys
+from hamjepa.errors import UserError
+from hamjepa.metrics import RunStatus
+from hamjepa.redact import mask_uri
+from hamjepa.tracking import DATASET_TAG, METHOD_TAG, REASON_TAG, ROLE_TAG, STATUS_TAG, RunLogger, resolve_tracking_uri
+from hamjepa.train.encoder_artifact import log_encoder
+from hamjepa.train.loop import QUIET_WORKERS, FailureInjection, make_trainer
+from hamjepa.train.resources import Resources
 
 DRIVER_RESOURCE = "trial_driver"  # custom resource held by a study's trial drivers (see connect_ray)
 
@@ -69,7 +69,7 @@ class RunOutcome:
 def preflight(cfg: Config, resources: Resources | None = None) -> None:
     """Fail fast, before Ray starts: the batch must split among the workers, and the data must be there,
     readable, and large enough for what the run does."""
-    from .data import check_image_files, load_splits
+    from hamjepa.data.sources import check_image_files, load_splits
 
     if resources is not None:
         resources.check_batch(cfg)
@@ -149,7 +149,7 @@ def check_rerun(tracking_uri: str, experiment: str, run_name: str | None, cfg: C
         return
     from mlflow.tracking import MlflowClient
 
-    from .tracking import find_run
+    from hamjepa.tracking import find_run
 
     client = MlflowClient(tracking_uri)
     found = client.get_experiment_by_name(experiment)

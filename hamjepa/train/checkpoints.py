@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .config import canonical_tree, legacy_tree
+from hamjepa.config import canonical_tree, legacy_tree
 
 STATE_FILE = "state.pt"
 MANIFEST_FILE = "manifest.json"

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import EncoderConfig
+from hamjepa.config import EncoderConfig
 
 _STAGE_CHANNELS = (64, 128, 256, 512)
 _STAGES = ("layer1", "layer2", "layer3", "layer4")

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import EvalConfig
-from .data import ImageSet
+from hamjepa.config import EvalConfig
+from hamjepa.data.sources import ImageSet
 
 KNN_CHUNK_BYTES = 256 * 2 ** 20  # bound on one chunk's float32 (test rows x N_train) similarity matrix
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from . import checks
-from .config import Config, ConfigError
+from hamjepa import checks
+from hamjepa.config import Config, ConfigError
 
 
 @dataclass(frozen=True)

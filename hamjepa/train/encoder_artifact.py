@@ -3,7 +3,7 @@
 A finished comparison run (and every `hamjepa train` run) logs `model/encoder.pt`, taken from the run's newest
 usable checkpoint (checkpoints.py). To use it downstream:
 
-    from hamjepa.encoder_artifact import load_encoder
+    from hamjepa.train.encoder_artifact import load_encoder
     encoder, cfg = load_encoder(mlflow.artifacts.download_artifacts(run_id=..., artifact_path="model/encoder.pt"))
     z = encoder(images)  # (N, 2d) states, (q, p) halves for HamJEPA; normalise images as cfg.data says
 
@@ -17,10 +17,11 @@ from typing import Any
 
 import torch
 
-from . import checkpoints, storage
-from .config import Config, canonical_tree, from_dict
-from .encoder import TokenEncoder
-from .redact import mask_uri
+from hamjepa import storage
+from hamjepa.config import Config, canonical_tree, from_dict
+from hamjepa.method.encoder import TokenEncoder
+from hamjepa.redact import mask_uri
+from hamjepa.train import checkpoints
 
 ARTIFACT_DIR = "model"
 FILE = "encoder.pt"

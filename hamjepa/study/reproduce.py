@@ -13,13 +13,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import metrics as names
-from .config import Config
-from .paper import COLUMN_TITLES, COLUMNS, DATASET_TITLES, PaperRow, reference_row
-from .report import RunRecord
-from .statistics import Estimate, estimate
-from .study import ARM, Invocation, StudyResult, StudySettings
-from .tables import csv_number, csv_text, markdown_table
+from hamjepa import metrics as names
+from hamjepa.config import Config
+from hamjepa.report.paired import Estimate, estimate
+from hamjepa.report.paper import COLUMN_TITLES, COLUMNS, DATASET_TITLES, PaperRow, reference_row
+from hamjepa.report.summary import RunRecord
+from hamjepa.report.tables import csv_number, csv_text, markdown_table
+from hamjepa.study.phases import ARM, Invocation, StudyResult, StudySettings
 
 PHASE = "reproduce"
 METHODS = ("sigreg", "hamjepa", "mlp")

@@ -34,16 +34,14 @@ import optuna
 from ray.tune import Callback
 from ray.tune.search.optuna import OptunaSearch
 
-from . import metrics as names
-from . import provenance, storage
-from .config import Config, ConfigError, canonical_keys
-from .errors import UserError
-from .launch import DRIVER_RESOURCE
-from .metrics import RunStatus
-from .redact import mask_text, mask_uri
-from .report import COMPARE, stored_params
-from .resources import Resources
-from .tracking import (
+from hamjepa import metrics as names
+from hamjepa import provenance, storage
+from hamjepa.config import Config, ConfigError, canonical_keys
+from hamjepa.errors import UserError
+from hamjepa.metrics import RunStatus
+from hamjepa.redact import mask_text, mask_uri
+from hamjepa.report.summary import COMPARE, stored_params
+from hamjepa.tracking import (
     DATASET_TAG,
     METHOD_TAG,
     PHASE_TAG,
@@ -54,7 +52,9 @@ from .tracking import (
     RunLogger,
     experiment_id,
 )
-from .training import make_trainer
+from hamjepa.train.launch import DRIVER_RESOURCE
+from hamjepa.train.loop import make_trainer
+from hamjepa.train.resources import Resources
 
 # How a trial's end reaches Optuna, written once. A trial ASHA stopped is PRUNED (Optuna records its last
 # intermediate value, and TPE never ranks a truncated value against full-length ones); a diverged trial is
@@ -279,7 +279,7 @@ class MLflowTrialCallback(Callback):
     def _close(self, trial, status: RunStatus, reason: str) -> None:
         logger = self._logger(trial)
         if status == RunStatus.FINISHED and CELL in trial.config:  # a compared run: its encoder, for reuse
-            from .encoder_artifact import log_encoder
+            from hamjepa.train.encoder_artifact import log_encoder
 
             key = run_key(trial.config, trial.trial_id)
             log_encoder(logger, storage.join(self.train_folder, f"{self.study_id}-{key}"), self.trial_config(trial))
@@ -625,7 +625,7 @@ class Invocation:
             self.run_phase(phase, {CELL: tune.grid_search(remaining)}, len(cells), tune_name=name)
 
     def records(self):
-        from .report import collect_runs
+        from hamjepa.report.summary import collect_runs
 
         return collect_runs(self.parent.client, self.experiment_id, self.parent_id)
 
@@ -726,7 +726,7 @@ def run_study(settings: StudySettings, space: Mapping[str, Any],
 
 
 def _search_then_compare(study: Invocation, space: Mapping[str, Any], searcher: FullTrialOptunaSearch) -> None:
-    from .report import select_trial
+    from hamjepa.report.summary import select_trial
 
     settings = study.settings
     if not study.phase_done("search", settings.num_samples):
@@ -741,8 +741,8 @@ def _search_then_compare(study: Invocation, space: Mapping[str, Any], searcher: 
 
 def _summarise(study: Invocation, space: Mapping[str, Any]) -> StudyResult:
     """The study's summary (and, once complete, Optuna's views of the search) logged on the parent run."""
-    from .report import summarize, theory_plots, to_csv, to_markdown
-    from .search_views import search_views
+    from hamjepa.report.search_views import search_views
+    from hamjepa.report.summary import summarize, theory_plots, to_csv, to_markdown
 
     settings = study.settings
     records = study.records()

@@ -64,9 +64,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from .augment import Augmentation, Normalise, resize_square
-from .config import AugmentConfig, ConfigError, DataConfig
-from .errors import UserError
+from hamjepa.data.augment import Augmentation, Normalise, resize_square
+from hamjepa.config import AugmentConfig, ConfigError, DataConfig
+from hamjepa.errors import UserError
 
 try:  # CIFAR's pickled arrays; numpy 2 (numpy.core is a deprecated alias there)
     from numpy._core.multiarray import _reconstruct as _np_reconstruct

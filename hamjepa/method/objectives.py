@@ -20,9 +20,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .config import HamJEPALossConfig, SIGRegConfig
-from .distributed import all_reduce_sum, global_count, global_mean
-from .seeds import Stream, derive
+from hamjepa.config import HamJEPALossConfig, SIGRegConfig
+from hamjepa.method.distributed import all_reduce_sum, global_count, global_mean
+from hamjepa.seeds import Stream, derive
 
 Stats = dict[str, torch.Tensor]
 

@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import metrics as names
-from .evaluation import TrainedProbe
+from hamjepa import metrics as names
+from hamjepa.evaluation.probes import TrainedProbe
 
 # H = H0 + CURVATURE_RIDGE * tr(H0)/D * I. H0 has rank <= classes - 1 (softmax has one redundant logit), so
 # it is singular whenever D >= classes. The ridge gives the directions the probe ignores a curvature 1000

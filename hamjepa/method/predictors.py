@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import PredictorConfig
-from .dynamics import gelu_mlp, gelu_mlp_input_grad, gelu_mlp_value, leapfrog
+from hamjepa.config import PredictorConfig
+from hamjepa.method.dynamics import gelu_mlp, gelu_mlp_input_grad, gelu_mlp_value, leapfrog
 
 Direction = int | float | torch.Tensor
 

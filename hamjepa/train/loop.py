@@ -30,19 +30,23 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from . import checkpoints, readouts, storage, theory
-from . import metrics as names
-from .config import Config
-from .data import load_splits, two_view_feed
-from .distributed import local_statistics
-from .divergence import divergence_reason, worst_case
-from .encoder import split_state
-from .evaluation import recording_probes
-from .model import JEPAModel
-from .objectives import spectral_floor
-from .optim import build_optimizer, build_scheduler
-from .resources import Resources  # also the name Tune experiments pickled before resources.py find it under
-from .seeds import Stream, derive
+from hamjepa import metrics as names
+from hamjepa import storage
+from hamjepa.config import Config
+from hamjepa.data.sources import load_splits, two_view_feed
+from hamjepa.evaluation import readouts, theory
+from hamjepa.evaluation.probes import recording_probes
+from hamjepa.method.distributed import local_statistics
+from hamjepa.method.encoder import split_state
+from hamjepa.method.model import JEPAModel
+from hamjepa.method.objectives import spectral_floor
+from hamjepa.seeds import Stream, derive
+from hamjepa.train import checkpoints
+from hamjepa.train.divergence import divergence_reason, worst_case
+from hamjepa.train.optim import build_optimizer, build_scheduler
+from hamjepa.train.resources import (
+    Resources,  # also the name Tune experiments pickled before resources.py find it under
+)
 
 # Set in every worker's environment unless --verbose (launch.connect_ray): Ray Train then keeps its per-report
 # and per-checkpoint info messages to the worker's own log instead of the user's console.

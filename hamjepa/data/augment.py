@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .config import AugmentConfig, ConfigError
+from hamjepa.config import AugmentConfig, ConfigError
 
 CROP_RATIO = (3 / 4, 4 / 3)  # aspect-ratio range of RandomResizedCrop (torchvision's default)
 CROP_ATTEMPTS = 10  # draws per sample before falling back to the whole image, as torchvision does

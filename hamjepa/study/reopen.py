@@ -17,12 +17,12 @@ from dataclasses import dataclass, field
 
 from mlflow.tracking import MlflowClient
 
-from . import metrics as names
-from .config import Config, build_config
-from .errors import UserError
-from .redact import mask_uri
-from .report import COMPARE, RunRecord, collect_runs, select_trial, stored_params, summarize, to_markdown
-from .tracking import REASON_TAG, ROLE_TAG
+from hamjepa import metrics as names
+from hamjepa.config import Config, build_config
+from hamjepa.errors import UserError
+from hamjepa.redact import mask_uri
+from hamjepa.report.summary import COMPARE, RunRecord, collect_runs, select_trial, stored_params, summarize, to_markdown
+from hamjepa.tracking import REASON_TAG, ROLE_TAG
 
 STUDY_NAME_TAG = "hamjepa.study"  # the study script's name (energy_budget, reproduce_paper, ...)
 SEARCH, REPRODUCE = "search", "reproduce"
@@ -168,7 +168,7 @@ def _cut(records: Sequence[RunRecord], key) -> dict[str, str]:
 
 def search_gaps(study: StudyRun, records: Sequence[RunRecord], base: Config) -> Gaps:
     """A search study's gaps: search trials against study.num_samples, compare cells against comparison_cells."""
-    from .study import CELL, StudySettings, cell_key, comparison_cells, run_key
+    from hamjepa.study.phases import CELL, StudySettings, cell_key, comparison_cells, run_key
 
     gaps = Gaps()
     search = [r for r in records if r.phase == SEARCH]
@@ -197,8 +197,8 @@ def search_gaps(study: StudyRun, records: Sequence[RunRecord], base: Config) -> 
 
 def reproduce_gaps(study: StudyRun, records: Sequence[RunRecord]) -> Gaps:
     """The paper's fixed runs: every method of study.methods on seeds 0 .. study.seeds - 1."""
-    from .reproduce import METHODS
-    from .study import cell_key
+    from hamjepa.study.phases import cell_key
+    from hamjepa.study.reproduce import METHODS
 
     methods = [m for m in study.params.get("study.methods", ",".join(METHODS)).split(",") if m]
     seeds = int(study.params.get("study.seeds", 0))
@@ -225,8 +225,8 @@ def reopen(client: MlflowClient, study: StudyRun) -> Reopened:
     records = collect_runs(client, study.experiment_id, study.run_id)
     base = base_config(study.params)
     if study.kind == REPRODUCE:
-        from .reproduce import build_table
-        from .reproduce import to_markdown as table_markdown
+        from hamjepa.study.reproduce import build_table
+        from hamjepa.study.reproduce import to_markdown as table_markdown
 
         seeds = int(study.params.get("study.seeds", 0))
         table = build_table(records, base, seeds)
