@@ -10,9 +10,7 @@ code 2.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
-import warnings
 from pathlib import Path
 
 from hamjepa import checks, storage
@@ -22,11 +20,11 @@ from hamjepa.config import (
     GPU_PROFILES,
     PROFILES,
     SMOKE_OVERRIDES,
-    RenamedKeyWarning,
     build_config,
     parse_overrides,
 )
 from hamjepa.errors import UserError
+from hamjepa.methods import ABLATIONS
 from hamjepa.redact import mask_uri
 from hamjepa.train.resources import Resources
 
@@ -214,28 +212,9 @@ def _warn_about_store_backups(status_file: Path | None = None) -> str | None:
     return warning
 
 
-@contextlib.contextmanager
-def _one_line_warnings(prog: str):
-    """A renamed config key's warning as `<prog>: warning: <sentence>`, like our errors (no source location)."""
-    show = warnings.showwarning
-
-    def one_line(message, category, filename, lineno, file=None, line=None):
-        if issubclass(category, RenamedKeyWarning):
-            print(f"{prog}: warning: {message}", file=sys.stderr)
-        else:
-            show(message, category, filename, lineno, file, line)
-
-    warnings.showwarning = one_line
-    try:
-        yield
-    finally:
-        warnings.showwarning = show
-
-
 def _guarded(parser: argparse.ArgumentParser, work) -> int:
     try:
-        with _one_line_warnings(parser.prog):
-            return work()
+        return work()
     except UserError as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 2
@@ -251,11 +230,11 @@ def study_main(name: str, space: dict, argv: list[str] | None = None, initial_po
     _add_study_arguments(parser, name, default_profile="quick")
     parser.add_argument("--num-samples", type=int, help="HamJEPA trials Optuna proposes (default 4 on CPUs, 6 on "
                                                            "GPUs; smoke 2)")
-    parser.add_argument("--seeds", "--baseline-seeds", dest="seeds", type=int,
+    parser.add_argument("--seeds", type=int,
                         help="paired seeds: the selected HamJEPA configuration and SIGReg are each trained on this "
-                             "many fresh seeds and compared seed by seed (default 3; smoke 2; --baseline-seeds is the "
-                             "old name)")
-    parser.add_argument("--ablation", choices=["mlp"], default="", help="also train MLP-HJEPA (best config)")
+                             "many fresh seeds and compared seed by seed (default 3; smoke 2)")
+    parser.add_argument("--ablation", choices=list(ABLATIONS), default="",
+                        help="also train this ablation with the selected configuration (mlp: MLP-HJEPA)")
     parser.add_argument("--no-early-stopping", action="store_true", help="switch ASHA off")
     parser.add_argument("--seed", type=int, default=0, help="Optuna sampler seed")
     args = parser.parse_args(argv)
@@ -401,8 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        with _one_line_warnings("hamjepa"):
-            return args.run(args)
+        return args.run(args)
     except UserError as error:  # our one-sentence errors (ConfigError too): no traceback for a bad input
         print(f"hamjepa: error: {error}", file=sys.stderr)
         return 2

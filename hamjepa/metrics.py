@@ -20,6 +20,8 @@ import enum
 from collections.abc import Mapping
 from typing import Any
 
+from hamjepa.methods import spec
+
 EPOCH = "epoch"
 DIVERGED = "diverged"  # 0/1
 DIVERGED_REASON = "diverged_reason"
@@ -38,9 +40,6 @@ DATA_DIGEST = "data_digest"  # SHA-256 of the dataset name and the train/val spl
 DATA_SIZES = "data_sizes"  # "train N, val N, test N"
 DATA = (DATA_DIGEST, DATA_SIZES)
 
-# Which readouts a method is judged on; the first is its default (the unsuffixed metric).
-# HamJEPA and MLP-HJEPA: q (HamJEPA-q), p, qp. SIGReg: its full vector, and its halves for comparison.
-READOUTS = {"hamjepa": ("q", "p", "qp"), "mlp": ("q", "p", "qp"), "sigreg": ("qp", "q", "p")}
 SPECTRA = ("effective_rank", "participation_ratio")
 # The theory check per readout (suffix _<readout>): the price of isotropy of the probe's geometry H, the entropy
 # gap of the representation's covariance to the optimal (c/D) H^-1, and the gap of an isotropic covariance.
@@ -52,7 +51,12 @@ FLOW = (FLOW_REVERSIBILITY, FLOW_ENERGY_DRIFT, FLOW_SYMPLECTICITY)
 
 
 def default_readout(method: str) -> str:
-    return READOUTS[method][0]
+    return spec(method).default_readout
+
+
+def readouts(method: str) -> tuple[str, ...]:
+    """The readouts a method is judged on (methods.METHODS), its default first."""
+    return spec(method).readouts
 
 
 def knn(k: int) -> str:
@@ -88,7 +92,7 @@ def final_accuracies(method: str, k: int) -> list[str]:
         for kind in (knn(k), "linprobe_top1", "linprobe_top5"):
             if not (kind == knn(k) and split == "val"):  # unsuffixed val kNN is the objective, named above
                 names.append(accuracy(split, kind))
-            names += [accuracy(split, kind, r) for r in READOUTS[method]]
+            names += [accuracy(split, kind, r) for r in readouts(method)]
     return names
 
 

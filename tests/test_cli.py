@@ -23,7 +23,6 @@ def test_train_refuses_bad_input_in_one_sentence(argv, words, capsys):
 
 @pytest.mark.parametrize("argv,words", [
     (["--num-samples", "0"], "--num-samples = 0"),
-    (["--baseline-seeds", "-1"], "--seeds = -1"),  # the old name of --seeds still works
     (["--seeds", "-2"], "--seeds = -2"),
     (["--set", "data.val_fraction=0"], "data.val_fraction"),
     (["--workers-per-trial", "0"], "--workers"),
@@ -49,7 +48,7 @@ def test_config_command_prints_the_resolved_yaml(capsys):
     assert tree["predictor"]["steps"] == 3 and tree["data"]["dataset"] == "fashion_mnist"
 
 
-@pytest.mark.parametrize("argv,seeds", [([], 3), (["--gpus-per-worker", "1"], 3), (["--baseline-seeds", "4"], 4),
+@pytest.mark.parametrize("argv,seeds", [([], 3), (["--gpus-per-worker", "1"], 3), (["--seeds", "4"], 4),
                                         (["--smoke-test"], 2)])
 def test_paired_seeds_default_to_at_least_three_on_gpus(argv, seeds, tmp_path, monkeypatch):
     from hamjepa import cli
@@ -57,7 +56,8 @@ def test_paired_seeds_default_to_at_least_three_on_gpus(argv, seeds, tmp_path, m
     monkeypatch.setattr("hamjepa.train.launch.connect_ray", lambda address, **console: None)
     monkeypatch.setattr("hamjepa.checks.local_gpus", lambda: 1)  # a local Ray on a machine with one GPU
     captured = {}
-    monkeypatch.setattr("hamjepa.study.phases.run_study", lambda settings, space, points: captured.setdefault("s", settings))
+    monkeypatch.setattr("hamjepa.study.phases.run_study",
+                        lambda settings, space, points: captured.setdefault("s", settings))
     monkeypatch.setattr(cli, "_print_result", lambda settings, result: 0)
     argv = [*argv, "--storage-path", str(tmp_path), "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]
     assert study_main("energy_budget", SPACE, argv) == 0

@@ -482,18 +482,6 @@ def test_only_ec2_may_take_the_roles():
         {"Effect": "Allow", "Principal": {"Service": "ec2.amazonaws.com"}, "Action": "sts:AssumeRole"}]}
 
 
-def _readme_cluster_section():
-    text = (ROOT / "README.md").read_text()
-    start = text.index("## Running on a cluster")
-    end = text.find("\n## ", start + 1)
-    return text[start:end if end >= 0 else len(text)]
-
-
-def test_the_readme_shows_exactly_the_iam_documents_that_apply_installs():
-    blocks = re.findall(r"```json\n(.*?)```", _readme_cluster_section(), re.DOTALL)
-    assert [json.loads(block) for block in blocks] == list(SETUP.documents(CONFIG).values())
-
-
 # -- token authentication, MLflow ---------------------------------------------------------------------------
 
 def test_ray_token_authentication_is_on_for_the_head_and_every_worker():

@@ -1,22 +1,13 @@
 """The config tree: defaults, YAML round trip, overrides, one-sentence errors."""
 
-import warnings
-
 import pytest
 import yaml
 
-from hamjepa.config import (
-    PROFILES,
-    RENAMED_KEYS,
-    Config,
-    build_config,
-    canonical_tree,
-    from_dict,
-    legacy_tree,
-    load_yaml,
-    parse_overrides,
-    profile,
-)
+from hamjepa.config import PROFILES, Config, build_config, profile
+
+
+def load_yaml(path):
+    return build_config(config_file=path)
 
 
 def test_defaults_are_the_papers():
@@ -37,7 +28,7 @@ def test_defaults_are_the_papers():
 def test_yaml_round_trip_and_flatten(tmp_path):
     cfg = profile("quick", {"predictor.steps": 3})
     path = tmp_path / "cfg.yaml"
-    cfg.save(path)
+    path.write_text(cfg.to_yaml())
     assert load_yaml(path) == cfg.resolved()  # a saved config is explicit: what the run applied
     flat = cfg.flatten()
     assert flat["predictor.steps"] == 3 and flat["data.dataset"] == "fashion_mnist"
@@ -165,151 +156,16 @@ def test_a_config_file_is_read_strictly(tmp_path, text, words):
 
 def test_yaml_merge_keys_may_still_override():
     """`<<: *anchor` then an explicit key is YAML's override, not a duplicate."""
-    import yaml
 
-    from hamjepa.config import StrictLoader
+    from hamjepa.config.tree import StrictLoader
 
     text = "base: &b {dt: 0.1, steps: 2}\npredictor:\n  <<: *b\n  dt: 0.2\n"
     assert yaml.load(text, Loader=StrictLoader)["predictor"] == {"dt": 0.2, "steps": 2}
 
 
-# -- renamed keys (config.RENAMED_KEYS): the old names keep working, with one FutureWarning each ----------------
-
-OLD_KEYS = {"hamjepa.std_floor": 0.3, "hamjepa.w_budget": 0.7, "data.channels_last": True,
-            "data.compile_encoder": True}
-NEW_KEYS = {"hamjepa_loss.std_floor": 0.3, "hamjepa_loss.w_budget": 0.7, "compute.channels_last": True,
-            "compute.compile_encoder": True}
-
-
-def _deprecations(caught) -> list[str]:
-    assert all(issubclass(w.category, FutureWarning) for w in caught), [str(w.message) for w in caught]
-    return [str(w.message) for w in caught]
-
-
-def test_flatten_has_the_new_sections_only():
-    flat = Config().flatten()
-    assert {"hamjepa_loss.std_floor", "hamjepa_loss.q_target", "compute.channels_last",
-            "compute.compile_encoder"} <= set(flat)
-    assert not any(k.startswith("hamjepa.") for k in flat)
-    assert "data.channels_last" not in flat and "data.compile_encoder" not in flat
-
-
-def test_old_keys_override_like_the_new_and_warn_once_each():
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        old = Config().override(OLD_KEYS)
-    messages = _deprecations(caught)
-    assert len(messages) == len(OLD_KEYS)  # exactly one sentence per key
-    assert all(w.filename == __file__ for w in caught)  # attributed to the caller of override
-    for (key, new), message in zip(zip(OLD_KEYS, NEW_KEYS, strict=True), messages, strict=True):
-        assert f"'{key}' is deprecated" in message and f"write '{new}'" in message and "removed in 0.3" in message
-        assert message.count(". ") == 0 and "\n" not in message  # one sentence
-    assert old == Config().override(NEW_KEYS)
-    assert old.hamjepa_loss.std_floor == 0.3 and old.compute.channels_last and old.compute.compile_encoder
-
-
-def test_an_old_key_through_set_and_the_cli(capsys):
-    from hamjepa.cli import main
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        cfg = build_config(None, None, parse_overrides(["hamjepa.std_floor=0.3", "data.channels_last=true"]))
-    assert _deprecations(caught) == [
-        "config key 'hamjepa.std_floor' is deprecated: the section is now 'hamjepa_loss' (write "
-        "'hamjepa_loss.std_floor'); the old name will be removed in 0.3.",
-        "config key 'data.channels_last' is deprecated: it moved to section 'compute' (write "
-        "'compute.channels_last'); the old name will be removed in 0.3."]
-    assert all(w.filename == __file__ for w in caught)  # attributed to the caller of build_config
-    assert cfg == Config().override(NEW_KEYS).override({"compute.compile_encoder": False, "hamjepa_loss.w_budget": 0.2})
-    assert main(["config", "--set", "data.channels_last=true"]) == 0
-    out, err = capsys.readouterr()
-    assert "compute:\n  channels_last: true" in out
-    assert "hamjepa: warning: config key 'data.channels_last' is deprecated: it moved to section 'compute'" in err
-
-
-def test_old_keys_in_a_yaml_file(tmp_path):
-    old, new = tmp_path / "old.yaml", tmp_path / "new.yaml"
-    old.write_text("hamjepa:\n  std_floor: 0.3\n  w_budget: 0.7\ndata:\n  subset: 100\n  channels_last: true\n"
-                   "  compile_encoder: true\n")
-    new.write_text("hamjepa_loss:\n  std_floor: 0.3\n  w_budget: 0.7\ndata:\n  subset: 100\ncompute:\n"
-                   "  channels_last: true\n  compile_encoder: true\n")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        from_old = load_yaml(old)
-    messages = _deprecations(caught)  # one per key written: the section, and each moved key
-    assert [m.split("'")[1] for m in messages] == ["hamjepa", "data.channels_last", "data.compile_encoder"]
-    assert all(f"in config file '{old}'" in m for m in messages)
-    assert from_old == load_yaml(new) and from_old.data.subset == 100
-
-
-def test_unknown_keys_still_suggest_the_closest():
-    with pytest.raises(ValueError, match="did you mean 'std_floor'"), pytest.warns(FutureWarning):
-        Config().override({"hamjepa.std_flor": 0.3})
+def test_a_renamed_section_is_unknown_with_its_new_name_suggested():
+    """0.x renames without shims: an old name fails at once, pointing at the new one."""
+    with pytest.raises(ValueError, match="did you mean 'hamjepa_loss'"):
+        Config().override({"hamjepa.std_floor": 0.3})
     with pytest.raises(ValueError, match="did you mean 'hamjepa_loss'"):
         Config().override({"hamjepa_los.std_floor": 0.3})
-
-
-def test_stored_params_with_old_keys_read_back_silently():
-    """What an older version logged (MLflow params, a study's identity, a checkpoint's tree) reads under the new
-    names, without a warning."""
-    from hamjepa.report.summary import stored_params
-    from hamjepa.study.phases import flat_overrides
-    from hamjepa.study.reopen import base_config
-
-    cfg = Config().override(NEW_KEYS)
-    logged = {canonical_key_inverse(k): str(v) for k, v in cfg.flatten().items()}
-    assert "hamjepa.std_floor" in logged and "data.channels_last" in logged
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert base_config(logged).flatten() == cfg.flatten()
-        stored = stored_params({**logged, "study.search_keys": "predictor.dt,hamjepa.w_budget"})
-        assert stored["study.search_keys"] == "predictor.dt,hamjepa_loss.w_budget"
-        assert stored["hamjepa_loss.w_budget"] == "0.7" and "hamjepa.w_budget" not in stored
-        assert from_dict(canonical_tree(legacy_tree(cfg.to_dict()))) == cfg
-        assert flat_overrides({"hamjepa.w_budget": 0.5}) == {"hamjepa_loss.w_budget": 0.5}  # a trial Tune stored
-
-
-def test_a_study_started_with_old_keys_still_resumes(tmp_path):
-    import json
-
-    from hamjepa.study.phases import IDENTITY_FILE, check_resumable
-
-    base = Config().override(NEW_KEYS)
-    study_dir = tmp_path / "energy_budget" / "energy_budget-20260101-000000-abc123"
-    study_dir.mkdir(parents=True)
-    params = {canonical_key_inverse(k): str(v) for k, v in base.flatten().items()}
-    (study_dir / IDENTITY_FILE).write_text(json.dumps({"id": study_dir.name, "params": params}))
-    (tmp_path / "energy_budget" / "latest.json").write_text(json.dumps({"id": study_dir.name}))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        check_resumable("energy_budget", str(tmp_path), "latest", base)
-    with pytest.raises(ValueError, match="hamjepa_loss.std_floor was 0.3, now 0.2"):
-        check_resumable("energy_budget", str(tmp_path), "latest", base.override({"hamjepa_loss.std_floor": 0.2}))
-
-
-def test_a_checkpoint_written_before_the_rename_still_resumes(tmp_path):
-    from hamjepa.train import checkpoints
-
-    cfg = Config().override(NEW_KEYS)
-    checkpoints.write(str(tmp_path), {"config": legacy_tree(cfg.to_dict()), "epoch": 3})
-    assert checkpoints.read(str(tmp_path), cfg.to_dict())["epoch"] == 3
-    with pytest.raises(checkpoints.ConfigMismatch, match="hamjepa_loss.std_floor"):
-        checkpoints.read(str(tmp_path), cfg.override({"hamjepa_loss.std_floor": 0.2}).to_dict())
-
-
-def canonical_key_inverse(key: str) -> str:
-    """The name an older version logged a key under."""
-    for old, new in RENAMED_KEYS.items():
-        if key == new or key.startswith(new + "."):
-            return old + key[len(new):]
-    return key
-
-
-def test_the_command_line_prints_a_renamed_keys_warning_as_one_line(capsys):
-    from hamjepa.cli import main
-
-    assert main(["config", "--profile", "quick", "--set", "hamjepa.std_floor=0.3"]) == 0
-    out, err = capsys.readouterr()
-    assert yaml.safe_load(out)["hamjepa_loss"]["std_floor"] == 0.3
-    assert err.splitlines() == ["hamjepa: warning: config key 'hamjepa.std_floor' is deprecated: the section is now "
-                                "'hamjepa_loss' (write 'hamjepa_loss.std_floor'); the old name will be removed in 0.3."]

@@ -14,6 +14,7 @@ from hamjepa.method.predictors import (
     parameter_count,
     residual_scale_at,
 )
+from hamjepa.methods import spec
 
 
 def test_potential_mlp_is_the_documented_sequential():
@@ -28,7 +29,7 @@ def test_potential_mlp_is_the_documented_sequential():
 def test_matched_mlp_parameter_count_within_5_percent(q_dim, hidden, depth):
     hamiltonian = parameter_count(HamiltonianPredictor(q_dim, hidden_dim=hidden, depth=depth))
     config = PredictorConfig(hidden_dim=hidden, depth=depth)
-    mlp = build_predictor(config, q_dim, "mlp")
+    mlp = build_predictor(config, q_dim, spec("mlp").predictor)
     assert isinstance(mlp, ResidualMLPPredictor)
     assert mlp.mlp[0].out_features == matched_mlp_hidden_dim(q_dim, hidden, depth)
     assert abs(parameter_count(mlp) - hamiltonian) / hamiltonian < 0.05
@@ -44,8 +45,8 @@ def test_mlp_predictor_starts_as_identity_and_uses_direction():
 
 def test_build_predictor_per_method():
     config = PredictorConfig()
-    assert isinstance(build_predictor(config, 32, "hamjepa"), HamiltonianPredictor)
-    assert build_predictor(config, 32, "sigreg") is None
+    assert isinstance(build_predictor(config, 32, spec("hamjepa").predictor), HamiltonianPredictor)
+    assert build_predictor(config, 32, spec("sigreg").predictor) is None
 
 
 @pytest.mark.parametrize("kwargs,field", [({"dt": 0.0}, "dt"), ({"steps": 0}, "steps"), ({"depth": 0}, "depth"),

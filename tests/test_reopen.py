@@ -96,7 +96,7 @@ def _reproduce_study(uri):
                      {"study.seeds": 1, "study.methods": "sigreg,hamjepa,mlp", **base.flatten()})
     for method, knn in (("sigreg", 40.0), ("hamjepa", 44.5)):
         final = {names.accuracy("test", names.knn(20)): knn}
-        for readout in names.READOUTS[method]:
+        for readout in names.readouts(method):
             final[names.accuracy("test", names.knn(20), readout)] = knn
             final[names.accuracy("test", "linprobe_top1", readout)] = knn + 10
         _child(uri, "hamjepa-reproduce_paper", parent, REPRODUCE_ID, "reproduce", f"{method}-seed0",

@@ -115,7 +115,7 @@ def test_metric_names_follow_the_configured_k():
 def _theory_run(method, seed, rho, gap, iso=5000.0, probe=80.0, knn=75.0):
     """A complete paired run carrying the theory metrics (the same on every readout) and per-readout accuracies."""
     run = _run("compare", method, seed, 75.0, 70.0)
-    for readout in names.READOUTS[method]:
+    for readout in names.readouts(method):
         run.metrics.update({names.theory("rho_probe", readout): rho, names.theory("entropy_gap", readout): gap,
                             names.theory("entropy_gap_iso", readout): iso,
                             names.accuracy("test", "linprobe_top1", readout): probe,

@@ -58,11 +58,6 @@ def test_compare_cells_pair_every_arm_on_every_fresh_seed_and_are_named_by_metho
     assert [c[ARM] for c in comparison_cells(settings, None)] == [{"method": "sigreg"}] * 2  # nothing selected
 
 
-def test_the_old_resume_flag_means_the_latest_study():
-    assert StudySettings(name="s", base=tiny_config(), resume=True).resume == "latest"
-    assert StudySettings(name="s", base=tiny_config(), resume=False).resume == ""
-
-
 def test_any_error_closes_the_study_and_its_runs_as_failed_with_the_reason(tmp_path):
     """Not Ctrl-C but an error (MLflow, disk, a bug): nothing is left RUNNING, and the parent says why."""
     from mlflow.tracking import MlflowClient

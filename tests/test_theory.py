@@ -294,7 +294,7 @@ def test_the_last_evaluation_of_a_run_reports_the_theory_check(method):
     model = JEPAModel(cfg)
     views = splits.normalise()(splits.train.load(torch.arange(16)))
     metrics = _evaluate_epoch(model, views, splits, cfg, torch.device("cpu"), final=True)
-    for readout in names.READOUTS[method]:
+    for readout in names.readouts(method):
         state_dim = model.state_dim if readout == "qp" else model.q_dim
         assert 1.0 <= metrics[names.theory("rho_probe", readout)] <= state_dim
         assert metrics[names.theory("entropy_gap", readout)] > 0

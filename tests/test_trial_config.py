@@ -1,12 +1,11 @@
 """A trial's config travels as a Config: from the study's base and the trial's overrides to the workers' loop."""
 
 import dataclasses
-import pickle
 
 import pytest
 
 from hamjepa.config import Config, ConfigError, profile
-from hamjepa.study.phases import CELL, MLflowTrialCallback, StudySettings, config_of_trial
+from hamjepa.study.phases import CELL, config_of_trial
 from hamjepa.train.loop import make_trainer
 from hamjepa.train.resources import Resources
 
@@ -43,34 +42,6 @@ def test_resources_are_checked_once_when_made_and_against_a_batch():
         Resources(3).check_batch(profile("quick"))  # batch 128
     Resources(2).check_batch(profile("quick"))
     assert Resources(2, 1.0, 0.5).per_worker == {"CPU": 1.0, "GPU": 0.5}
-
-
-def _legacy_config(cfg: Config) -> Config:
-    """`cfg` laid out as a version before config.RENAMED_KEYS pickled it: section `hamjepa`, compute keys in data."""
-    data = dataclasses.replace(cfg.data)
-    for name in ("channels_last", "compile_encoder"):
-        object.__setattr__(data, name, getattr(cfg.compute, name))
-    old = object.__new__(Config)
-    state = {**vars(cfg), "data": data, "hamjepa": cfg.hamjepa_loss}
-    del state["hamjepa_loss"], state["compute"]
-    object.__getattribute__(old, "__dict__").update(state)
-    return old
-
-
-def test_a_config_pickled_before_the_renames_unpickles_in_todays_layout():
-    """Tune restores an interrupted study's settings from its pickle, perhaps written by an earlier version."""
-    cfg = profile("quick").override({"hamjepa_loss.std_floor": 0.3, "compute.channels_last": True})
-    restored = pickle.loads(pickle.dumps(_legacy_config(cfg)))
-    assert restored == cfg and restored.hamjepa_loss.std_floor == 0.3 and restored.compute.channels_last
-    assert not hasattr(restored.data, "channels_last")
-    assert config_of_trial(restored, {"hamjepa.w_budget": 0.7}).hamjepa_loss.w_budget == 0.7  # a restored trial
-
-
-def test_a_study_callback_pickled_by_an_earlier_version_gets_todays_attributes():
-    callback = MLflowTrialCallback(StudySettings("old", profile("quick")), "parent", "study-id", "search", "/tmp")
-    del callback.__dict__["configs"]  # what an earlier version pickled
-    restored = pickle.loads(pickle.dumps(callback))
-    assert restored.configs == {} and restored.phase == "search" and restored.settings.base == profile("quick")
 
 
 def test_a_trial_whose_batch_does_not_split_among_its_workers_fails_before_training(tmp_path):

@@ -13,7 +13,7 @@ import torch
 from hamjepa.config import Config
 from hamjepa.data.sources import Splits
 from hamjepa.evaluation.probes import extract_features, knn_top1, linear_probe, spectrum
-from hamjepa.metrics import READOUTS, accuracy, default_readout, knn, objective
+from hamjepa.metrics import accuracy, default_readout, knn, objective, readouts
 
 
 def _features(model, images, splits: Splits, cfg: Config, device) -> dict[str, torch.Tensor]:
@@ -41,7 +41,7 @@ def final_metrics(model, splits: Splits, cfg: Config, device) -> dict[str, float
     z = {name: _features(model, getattr(splits, name), splits, cfg, device) for name in ("train", "val", "test")}
     labels = {name: getattr(splits, name).labels for name in ("train", "val", "test")}
     metrics: dict[str, float] = {}
-    for r in READOUTS[cfg.method]:
+    for r in readouts(cfg.method):
         x = {name: features[r] for name, features in z.items()}
         for split in ("val", "test"):
             if len(x[split]):

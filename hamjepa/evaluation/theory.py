@@ -232,9 +232,9 @@ def readout_geometry(readouts: Sequence[str], probes: Sequence[TrainedProbe]) ->
 
 def final_metrics(method: str, predictor: nn.Module | None, states: torch.Tensor,
                   probes: Sequence[TrainedProbe]) -> dict[str, float]:
-    """A run's theory check: every readout's geometry (probes in metrics.READOUTS[method] order, as
+    """A run's theory check: every readout's geometry (probes in metrics.readouts(method) order, as
     readouts.final_metrics trains them) and, when it has a predictor, the flow's on `states` (N, 2d)."""
-    out = readout_geometry(names.READOUTS[method], probes)
+    out = readout_geometry(names.readouts(method), probes)
     if predictor is not None:
         out.update(flow_geometry(predictor, states))
     return out

@@ -1,8 +1,7 @@
 """The model of a method (`JEPAModel`) = encoder + predictor + objective: two augmented views in, (loss, stats) out.
 
-- hamjepa: leapfrog predictor, HamJEPA objective.
-- mlp: the MLP-HJEPA ablation, residual MLP predictor, same objective.
-- sigreg: LeJEPA, no predictor (views predict their mean), SIGReg.
+Which predictor and objective a method has is methods.METHODS: HamJEPA (leapfrog, HamJEPA objective), the
+MLP-HJEPA ablation (residual MLP, same objective), SIGReg (LeJEPA: no predictor, views predict their mean).
 """
 
 from __future__ import annotations
@@ -15,6 +14,7 @@ from hamjepa.method.distributed import global_count
 from hamjepa.method.encoder import TokenEncoder
 from hamjepa.method.objectives import ProjectionSchedule, Stats, hamjepa_objective, sigreg_directions, sigreg_objective
 from hamjepa.method.predictors import apply_schedules, build_predictor
+from hamjepa.methods import Objective, spec
 from hamjepa.seeds import Stream, derive
 
 
@@ -24,10 +24,11 @@ class JEPAModel(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         self.cfg = cfg
+        self.spec = spec(cfg.method)
         self.encoder = TokenEncoder(cfg.encoder)
         self.state_dim = self.encoder.state_dim(cfg.data.image_size)
         self.q_dim = self.state_dim // 2
-        self.predictor = build_predictor(cfg.predictor, self.q_dim, cfg.method)
+        self.predictor = build_predictor(cfg.predictor, self.q_dim, self.spec.predictor)
         # Draw k = min(128, d) columns; forward() keeps the first 2B - 1 for a global batch of B images (the
         # floors see both views pooled: 2B states).
         k = min(cfg.hamjepa_loss.spectral_dim, self.q_dim)
@@ -45,7 +46,7 @@ class JEPAModel(nn.Module):
         z = self.encoder(torch.cat([view_a, view_b]))  # (2N, 2d), one pass: one set of BN statistics
         if z.dtype in (torch.float16, torch.bfloat16):
             z = z.float()  # objectives and the integrator run in float32 under autocast
-        if self.cfg.method == "sigreg":
+        if self.spec.objective is Objective.SIGREG:
             directions = sigreg_directions(self.state_dim, self.cfg.sigreg.num_directions, self.cfg.seed, step,
                                            z.device)
             with torch.autocast(z.device.type, enabled=False):

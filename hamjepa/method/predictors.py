@@ -16,6 +16,7 @@ from torch import nn
 
 from hamjepa.config import PredictorConfig
 from hamjepa.method.dynamics import gelu_mlp, gelu_mlp_input_grad, gelu_mlp_value, leapfrog
+from hamjepa.methods import Predictor
 
 Direction = int | float | torch.Tensor
 
@@ -149,13 +150,13 @@ def matched_mlp_hidden_dim(q_dim: int, hidden_dim: int, depth: int) -> int:
     return max(1, round((target - 2 * q_dim) / (4 * q_dim + 2)))
 
 
-def build_predictor(cfg: PredictorConfig, q_dim: int, method: str) -> nn.Module | None:
-    """The predictor a method trains: Hamiltonian for HamJEPA, matched MLP for the ablation, none for SIGReg."""
-    if method == "hamjepa":
+def build_predictor(cfg: PredictorConfig, q_dim: int, kind: Predictor) -> nn.Module | None:
+    """The predictor of a method's kind (methods.METHODS): Hamiltonian, matched residual MLP, or none."""
+    if kind is Predictor.LEAPFROG:
         return HamiltonianPredictor(q_dim, hidden_dim=cfg.hidden_dim, depth=cfg.depth,
                                     residual_scale=cfg.residual_scale, base_coeff=cfg.base_coeff, steps=cfg.steps,
                                     dt=cfg.dt, gradient=cfg.gradient)
-    if method == "mlp":
+    if kind is Predictor.RESIDUAL_MLP:
         return ResidualMLPPredictor(2 * q_dim, matched_mlp_hidden_dim(q_dim, cfg.hidden_dim, cfg.depth), cfg.steps)
     return None
 

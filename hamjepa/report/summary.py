@@ -16,14 +16,15 @@ prediction held, and `theory_plots` draws every run's linear-probe-minus-kNN dif
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
 from hamjepa import metrics as names
-from hamjepa.config import Config, canonical_key, canonical_keys
+from hamjepa.config import Config
+from hamjepa.methods import METHODS, spec
 from hamjepa.metrics import RunStatus
 from hamjepa.report.paired import CONFIDENCE, Estimate, estimate, paired_differences, verdict
 from hamjepa.report.tables import csv_number, csv_text, markdown_table
@@ -31,7 +32,6 @@ from hamjepa.tracking import METHOD_TAG, PARENT_TAG, PHASE_TAG, REASON_TAG, STAT
 
 COMPARE = "compare"  # the phase of the paired runs
 # Method -> the label of the group its paired runs fill.
-ARMS = {"hamjepa": "HamJEPA", "sigreg": "SIGReg", "mlp": "MLP-HJEPA"}
 # The theory check compares readouts both methods have; the first, the full vector z (the same size for both,
 # and SIGReg's own readout), carries the sentence.
 THEORY_READOUTS = ("qp", "q")
@@ -40,17 +40,9 @@ THEORY_LABELS = {"rho_probe": "rho (price of isotropy)", "entropy_gap": "entropy
 # The prediction concerns anisotropic tasks: rho >= 2 means an isotropic covariance pays at least twice the
 # optimal worst-case downstream variance.
 RHO_LARGE = 2.0
+_LABELS = {method.value: method_spec.label for method, method_spec in METHODS.items()}
 THEORY_PLOT = "theory_knn_probe_vs_rho.png"
 SEARCH_KEYS = "study.search_keys"  # a study's param: its searched config keys, comma-separated
-
-
-def stored_params(params: Mapping[str, str]) -> dict[str, str]:
-    """Params an earlier invocation stored (a run's MLflow params, a study's identity) under today's config key
-    names (config.RENAMED_KEYS: an old study logged `hamjepa.*`), silently, the keys in study.search_keys too."""
-    params = canonical_keys(params, warn=False)
-    if SEARCH_KEYS in params:
-        params[SEARCH_KEYS] = ",".join(canonical_key(key) for key in params[SEARCH_KEYS].split(","))
-    return params
 
 
 @dataclass
@@ -81,7 +73,7 @@ def collect_runs(client: MlflowClient, experiment_id: str, parent_run_id: str) -
                               max_results=5000)
     return [RunRecord(run.info.run_id, run.info.run_name, run.data.tags.get(PHASE_TAG, ""),
                       run.data.tags.get(METHOD_TAG, ""), run.data.tags.get(STATUS_TAG, RunStatus.RUNNING.value),
-                      run.data.tags.get(REASON_TAG, ""), stored_params(run.data.params), dict(run.data.metrics),
+                      run.data.tags.get(REASON_TAG, ""), dict(run.data.params), dict(run.data.metrics),
                       run.info.status)
             for run in runs]
 
@@ -161,7 +153,8 @@ def summarize(records: Sequence[RunRecord], search_keys: Sequence[str], base: Co
     objective = names.objective(base.eval.knn_k)
     search = [r for r in records if r.phase == "search"]
     paired = [r for r in records if r.phase == COMPARE]
-    arms = {label: {r.seed: r for r in paired if r.method == method and r.complete} for method, label in ARMS.items()}
+    arms = {label: {r.seed: r for r in paired if r.method == method and r.complete}
+            for method, label in _LABELS.items()}
     counts = {"trials": len(search), **{status.value: sum(r.status == status for r in search) for status in RunStatus}}
     not_compared = [r for r in paired if not r.complete]
     summary = StudySummary(base, select_trial(records, objective), arms, list(search_keys), counts, not_compared)
@@ -337,7 +330,7 @@ def knn_probe_points(records: Sequence[RunRecord], base: Config) -> list[tuple[s
         if not record.complete:
             continue
         k = int(record.params.get("eval.knn_k", base.eval.knn_k))
-        for readout in names.READOUTS.get(record.method, ()):
+        for readout in names.readouts(record.method):
             wanted = (names.theory("rho_probe", readout), names.accuracy("test", "linprobe_top1", readout),
                       names.accuracy("test", names.knn(k), readout))
             if all(key in record.metrics and math.isfinite(record.metrics[key]) for key in wanted):
@@ -358,14 +351,13 @@ def theory_plots(records: Sequence[RunRecord], base: Config, folder: str | Path)
     import matplotlib.pyplot as plt
 
     markers = {"q": "o", "p": "s", "qp": "^"}
-    colours = {"hamjepa": "tab:blue", "sigreg": "tab:orange", "mlp": "tab:green"}
     fig, axis = plt.subplots(figsize=(6, 4))
     for method in sorted({p[0] for p in points}):
         for readout in markers:
             chosen = [(rho, gap) for m, r, rho, gap in points if m == method and r == readout]
             if chosen:
-                axis.scatter(*zip(*chosen, strict=True), marker=markers[readout], color=colours.get(method, "tab:gray"),
-                             label=f"{ARMS.get(method, method)} {readout}", alpha=0.8)
+                axis.scatter(*zip(*chosen, strict=True), marker=markers[readout], color=spec(method).colour,
+                             label=f"{spec(method).label} {readout}", alpha=0.8)
     axis.set_xscale("log")
     axis.axhline(0.0, color="black", linewidth=0.8)
     axis.set_xlabel("rho = D lambda_max(H) / tr H (price of isotropy of the probe's geometry)")

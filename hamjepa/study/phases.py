@@ -36,11 +36,12 @@ from ray.tune.search.optuna import OptunaSearch
 
 from hamjepa import metrics as names
 from hamjepa import provenance, storage
-from hamjepa.config import Config, ConfigError, canonical_keys
+from hamjepa.config import Config, ConfigError
 from hamjepa.errors import UserError
+from hamjepa.methods import ABLATIONS, BASELINE, Method
 from hamjepa.metrics import RunStatus
 from hamjepa.redact import mask_text, mask_uri
-from hamjepa.report.summary import COMPARE, stored_params
+from hamjepa.report.summary import COMPARE
 from hamjepa.tracking import (
     DATASET_TAG,
     METHOD_TAG,
@@ -96,7 +97,7 @@ class StudySettings:
     base: Config
     num_samples: int = 6
     seeds: int = 3  # paired seeds per side: the selected HamJEPA configuration and SIGReg on each
-    ablation: str = ""  # "" or "mlp"
+    ablation: str = ""  # "" or one of methods.ABLATIONS
     early_stopping: bool = True
     resources: Resources = field(default_factory=Resources)
     max_concurrent: int = 0  # 0 = as many trials as the cluster's resources allow
@@ -109,14 +110,12 @@ class StudySettings:
     searches: bool = True  # False for fixed runs (reproduce_paper): no objective, so no validation split needed
 
     def __post_init__(self) -> None:
-        if isinstance(self.resume, bool):  # the old flag: True meant the latest invocation
-            object.__setattr__(self, "resume", LATEST if self.resume else "")
         if self.num_samples < 1:
             raise UserError(f"--num-samples = {self.num_samples} is invalid: must be an integer >= 1.")
         if self.seeds < 0:
             raise UserError(f"--seeds = {self.seeds} is invalid: must be an integer >= 0 (0 = search only).")
-        if self.ablation not in ("", "mlp"):
-            raise UserError(f"--ablation = {self.ablation!r} is invalid: the only ablation is 'mlp'.")
+        if self.ablation not in ("", *ABLATIONS):
+            raise UserError(f"--ablation = {self.ablation!r} is invalid: must be one of {', '.join(ABLATIONS)}.")
         if self.max_concurrent < 0:
             raise UserError(f"--max-concurrent = {self.max_concurrent} is invalid: must be >= 0 (0 = automatic).")
         if self.searches and self.base.data.val_fraction <= 0:
@@ -162,9 +161,7 @@ def flat_overrides(trial_config: Mapping[str, Any]) -> dict[str, Any]:
     """A Tune trial's config as dotted config overrides (a compare cell's arm and seed lifted to the top)."""
     cell = trial_config.get(CELL, {})
     rest = {k: v for k, v in trial_config.items() if k != CELL}
-    # Silently under today's key names: a resumed study's Tune may restore trials an older version created.
-    return canonical_keys({**cell.get(ARM, {}), **({"seed": cell["seed"]} if "seed" in cell else {}), **rest},
-                          warn=False)
+    return {**cell.get(ARM, {}), **({"seed": cell["seed"]} if "seed" in cell else {}), **rest}
 
 
 def config_of_trial(base: Config, tune_config: Mapping[str, Any]) -> Config:
@@ -232,11 +229,6 @@ class MLflowTrialCallback(Callback):
         self.loggers: dict[str, RunLogger] = {}
         self.configs: dict[str, Config] = {}
         self.last: dict[str, dict[str, Any]] = {}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        """Tune restores this callback from its experiment's pickle: one pickled by an earlier version lacks the
-        attributes added since."""
-        self.__dict__.update({"configs": {}, **state})
 
     def trial_config(self, trial) -> Config:
         if trial.trial_id not in self.configs:
@@ -387,9 +379,7 @@ def run_phase(settings: StudySettings, phase: str, param_space: dict[str, Any], 
         # every result; the classic one honours it.
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     if settings.resume and tune.Tuner.can_restore(path):
-        # Tune keeps the experiment's own param_space: one re-specified here must match it key for key, which a
-        # study begun before a config key was renamed (config.RENAMED_KEYS) would not; its trials' old keys are
-        # translated where a trial's config is built (flat_overrides).
+        # Tune keeps the experiment's own param_space (it pickled it with the experiment).
         tuner = tune.Tuner.restore(path, trainable=driver, resume_unfinished=True, resume_errored=True)
     else:
         tuner = tune.Tuner(
@@ -482,7 +472,6 @@ def _stored_identity(name: str, storage_path: str, resume: str) -> dict[str, Any
                         f"id printed by an earlier run (its folders are under that path), or --resume alone for "
                         "the latest.")
     identity = json.loads(text)
-    identity["params"] = stored_params(identity["params"])  # an older version's key names, under today's
     return identity
 
 
@@ -687,9 +676,9 @@ def _scheduler(settings: StudySettings):
 def comparison_cells(settings: StudySettings, selected: Mapping[str, Any] | None) -> list[dict[str, Any]]:
     """The compare phase's runs: every arm on every paired seed, seed by seed (an interrupted comparison has
     whole pairs first)."""
-    arms = [{"method": "sigreg"}]
+    arms = [{"method": BASELINE.value}]
     if selected is not None:
-        arms.insert(0, {**selected, "method": "hamjepa"})
+        arms.insert(0, {**selected, "method": Method.HAMJEPA.value})
         if settings.ablation:
             arms.append({**selected, "method": settings.ablation})
     return [{ARM: arm, "seed": seed} for seed in settings.paired_seeds for arm in arms]
@@ -702,9 +691,7 @@ def run_study(settings: StudySettings, space: Mapping[str, Any],
     Optuna evaluates the base config's values first, then `initial_points` (each must set every searched
     key), then its own proposals. A resumed study skips a phase whose runs have all ended.
     """
-    # A study script's deprecated key names (config.RENAMED_KEYS) warn once each and search under the new ones.
-    space = canonical_keys(space, stacklevel=3)
-    initial_points = [canonical_keys(point, stacklevel=3) for point in initial_points or []]
+    initial_points = list(initial_points or [])
     validate_search_space(space, settings.base)
     for point in initial_points:
         if set(point) != set(space):

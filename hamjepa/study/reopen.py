@@ -21,7 +21,7 @@ from hamjepa import metrics as names
 from hamjepa.config import Config, build_config
 from hamjepa.errors import UserError
 from hamjepa.redact import mask_uri
-from hamjepa.report.summary import COMPARE, RunRecord, collect_runs, select_trial, stored_params, summarize, to_markdown
+from hamjepa.report.summary import COMPARE, RunRecord, collect_runs, select_trial, summarize, to_markdown
 from hamjepa.tracking import REASON_TAG, ROLE_TAG
 
 STUDY_NAME_TAG = "hamjepa.study"  # the study script's name (energy_budget, reproduce_paper, ...)
@@ -87,7 +87,7 @@ def find_studies(client: MlflowClient, experiment: str | None = None) -> list[St
                               order_by=["attributes.start_time DESC"])
     return [StudyRun(run.info.run_id, run.info.run_name, run.data.tags.get(STUDY_NAME_TAG, ""),
                      run.info.experiment_id, experiments[run.info.experiment_id], run.info.start_time or 0,
-                     run.info.status, stored_params(run.data.params), run.data.tags.get(REASON_TAG, ""))
+                     run.info.status, dict(run.data.params), run.data.tags.get(REASON_TAG, ""))
             for run in runs]
 
 
@@ -114,7 +114,7 @@ def base_config(params: Mapping[str, str]) -> Config:
     version's key names are read under today's, silently)."""
     defaults = Config().flatten()
     overrides: dict[str, object] = {}
-    for key, text in stored_params(params).items():
+    for key, text in params.items():
         if key not in defaults:
             continue
         if isinstance(defaults[key], str):

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from hamjepa.config import canonical_tree, legacy_tree
+from hamjepa.config import flatten_dict
 
 STATE_FILE = "state.pt"
 MANIFEST_FILE = "manifest.json"
@@ -66,18 +66,12 @@ def read(directory: str, config: Mapping[str, Any], device: torch.device | str =
         raise CheckpointError(f"it cannot be read ({type(error).__name__}: {error})") from None
     if digest != manifest.get("sha256"):
         raise CheckpointError("its state file does not match its checksum (a torn or corrupted write)")
-    if manifest.get("config_hash") not in _config_hashes(config):
+    if manifest.get("config_hash") != config_hash(config):
         raise ConfigMismatch(_differences(directory, config, device))
     try:
         return torch.load(state_path, map_location=device, weights_only=True)
     except Exception as error:  # noqa: BLE001 - any unpickling failure means the same: unusable
         raise CheckpointError(f"its state does not load ({type(error).__name__})") from None
-
-
-def _config_hashes(config: Mapping[str, Any]) -> tuple[str, str]:
-    """The hashes a checkpoint of `config` may carry: of the tree as it is, and of the tree as laid out before
-    config.RENAMED_KEYS (a run checkpointed by that version resumes under the new names)."""
-    return config_hash(config), config_hash(legacy_tree(config))
 
 
 class ConfigMismatch(CheckpointError):
@@ -89,19 +83,9 @@ def _differences(directory: str, config: Mapping[str, Any], device) -> str:
         stored = torch.load(os.path.join(directory, STATE_FILE), map_location=device, weights_only=True)["config"]
     except Exception:  # noqa: BLE001 - the hashes differ; which keys is a courtesy
         return "it was written by a different config"
-    before, now = _flat(canonical_tree(stored)), _flat(config)
+    before, now = flatten_dict(stored), flatten_dict(config)
     keys = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
     return f"it was written by a different config (differs in {', '.join(keys[:6])})"
-
-
-def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def read_newest_usable(candidates: list[str], config: Mapping[str, Any],

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from hamjepa import storage
-from hamjepa.config import Config, canonical_tree, from_dict
+from hamjepa.config import Config
 from hamjepa.method.encoder import TokenEncoder
 from hamjepa.redact import mask_uri
 from hamjepa.train import checkpoints
@@ -37,7 +37,7 @@ def payload(state: dict[str, Any]) -> dict[str, Any]:
 def load_encoder(path: str, device: torch.device | str = "cpu") -> tuple[TokenEncoder, Config]:
     """The trained encoder (eval mode) and its run's config from an `encoder.pt` artifact."""
     saved = torch.load(path, map_location=device, weights_only=True)
-    cfg = from_dict(canonical_tree(saved["config"]))  # an older version's key names load too
+    cfg = Config.from_dict(saved["config"])
     encoder = TokenEncoder(cfg.encoder).to(device)
     encoder.load_state_dict(saved["encoder"])
     return encoder.eval(), cfg

@@ -16,7 +16,7 @@ from typing import Any
 
 from hamjepa import metrics as names
 from hamjepa import provenance, storage
-from hamjepa.config import Config, ConfigError, canonical_keys
+from hamjepa.config import Config, ConfigError
 from hamjepa.errors import UserError
 from hamjepa.metrics import RunStatus
 from hamjepa.redact import mask_uri
@@ -157,7 +157,7 @@ def check_rerun(tracking_uri: str, experiment: str, run_name: str | None, cfg: C
     if existing is None:
         return
     now = {k: str(v) for k, v in cfg.flatten().items()}
-    before = canonical_keys(existing.data.params, warn=False)  # an older version's key names, silently
+    before = existing.data.params
     changed = sorted(k for k in now if k in before and before[k] != now[k])
     if changed:
         shown = "; ".join(f"{k} was {before[k]}, now {now[k]}" for k in changed[:5])
@@ -210,7 +210,7 @@ def summary(cfg: Config, outcome: RunOutcome, tracking_uri: str) -> str:
     columns = [names.accuracy("val", names.knn(k)), names.accuracy("val", "linprobe_top1"),
                names.accuracy("test", names.knn(k)), names.accuracy("test", "linprobe_top1"),
                names.accuracy("test", "linprobe_top5"), "effective_rank"]
-    readouts = names.READOUTS[cfg.method]
+    readouts = names.readouts(cfg.method)
     if any(f"{columns[2]}_{r}" in metrics for r in readouts):
         lines.append("  readout " + "".join(f"{c.replace('_top1', '').replace('_top5', '@5'):>16s}" for c in columns))
         for r in readouts:
