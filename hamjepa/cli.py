@@ -116,14 +116,13 @@ def _add_study_arguments(parser: argparse.ArgumentParser, name: str, default_pro
 
 
 def _check_resumable(settings) -> None:
-    """--resume must find what it continues (hamjepa.study.check_resumable, where that exists), before Ray starts."""
-    from hamjepa.study import phases as study
+    """--resume must find what it continues, started with the same config, before Ray starts."""
+    from hamjepa.study.invocation import check_resumable
 
     if settings.resume not in ("", "latest"):
         checks.run_name("--resume", settings.resume)
-    check = getattr(study, "check_resumable", None)
-    if settings.resume and check is not None:
-        check(settings.name, settings.storage_path, settings.resume, base=settings.base)
+    if settings.resume:
+        check_resumable(settings.name, settings.storage_path, settings.resume, base=settings.base)
 
 
 def _study_settings(name: str, args: argparse.Namespace, protocol: dict | None = None, **fields):
@@ -148,7 +147,7 @@ def _study_settings(name: str, args: argparse.Namespace, protocol: dict | None =
     resources = Resources(args.workers_per_trial, args.cpus_per_worker, gpus, flag="--workers-per-trial")
     tracking_uri = _check_destinations(resources, args)
 
-    from hamjepa.study.phases import StudySettings
+    from hamjepa.study.settings import StudySettings
     from hamjepa.train import launch  # torch, Ray and MLflow load from here on
 
     if fields.get("num_samples", 0) is None:  # search trials: the quick study's 15 minutes on 2 cores
@@ -241,7 +240,7 @@ def study_main(name: str, space: dict, argv: list[str] | None = None, initial_po
 
     def work() -> int:
         checks.integer("--seed", args.seed, 0, checks.MAX_SEED)
-        from hamjepa.study.phases import run_study
+        from hamjepa.study.runner import run_study
 
         trials = args.num_samples if args.num_samples is not None else (2 if args.smoke_test else None)
         seeds = args.seeds if args.seeds is not None else (2 if args.smoke_test else DEFAULT_SEEDS)

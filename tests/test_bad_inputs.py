@@ -251,7 +251,7 @@ CASES = [
     Case("reproduce-not-utf8", "reproduce", ["--config", "{made}"], "not UTF-8", text_file(b"seed: \xe9\n")),
 ]
 
-NEEDS_STUDY_CHECK = [  # refused by hamjepa.study.check_resumable, once study.py has it
+NEEDS_STUDY_CHECK = [  # refused by hamjepa.study.invocation.check_resumable
     Case("study-resume-nothing", "study", ["--resume"], "--resume"),
     Case("study-resume-unknown-id", "study", ["--resume", "20240101-000000-abcd"], "--resume"),
     Case("reproduce-resume-nothing", "reproduce", ["--resume"], "--resume"),
@@ -279,8 +279,9 @@ def workdir(tmp_path, monkeypatch) -> Path:
     import mlflow
     import ray
 
-    import hamjepa.study.phases
+    import hamjepa.study.invocation
     import hamjepa.study.reproduce
+    import hamjepa.study.runner
     import hamjepa.train.launch
 
     def tripwire(what: str):
@@ -299,7 +300,7 @@ def workdir(tmp_path, monkeypatch) -> Path:
     monkeypatch.setattr(mlflow.tracking.MlflowClient, "__init__", tripwire("MlflowClient"))
     for name in ("set_tracking_uri", "start_run", "set_experiment", "log_params", "log_metrics"):
         monkeypatch.setattr(mlflow, name, tripwire(f"mlflow.{name}"))
-    monkeypatch.setattr(hamjepa.study.phases, "run_study", tripwire("run_study"))
+    monkeypatch.setattr(hamjepa.study.runner, "run_study", tripwire("run_study"))
     monkeypatch.setattr(hamjepa.study.reproduce, "run_reproduction", tripwire("run_reproduction"))
     cwd = tmp_path / "cwd"
     cwd.mkdir()
@@ -347,10 +348,6 @@ def test_bad_input_is_one_sentence_before_any_work(case, workdir, good_data, ene
 
 @pytest.mark.parametrize("case", NEEDS_STUDY_CHECK, ids=[c.id for c in NEEDS_STUDY_CHECK])
 def test_resume_needs_something_to_resume(case, workdir, good_data, energy_budget_space, capsys):
-    import hamjepa.study.phases
-
-    if not hasattr(hamjepa.study.phases, "check_resumable"):
-        pytest.skip("hamjepa.study.phases.check_resumable is not there yet")
     check_refused(case, workdir, good_data, energy_budget_space, capsys)
 
 

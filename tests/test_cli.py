@@ -56,7 +56,7 @@ def test_paired_seeds_default_to_at_least_three_on_gpus(argv, seeds, tmp_path, m
     monkeypatch.setattr("hamjepa.train.launch.connect_ray", lambda address, **console: None)
     monkeypatch.setattr("hamjepa.checks.local_gpus", lambda: 1)  # a local Ray on a machine with one GPU
     captured = {}
-    monkeypatch.setattr("hamjepa.study.phases.run_study",
+    monkeypatch.setattr("hamjepa.study.runner.run_study",
                         lambda settings, space, points: captured.setdefault("s", settings))
     monkeypatch.setattr(cli, "_print_result", lambda settings, result: 0)
     argv = [*argv, "--storage-path", str(tmp_path), "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]

@@ -14,7 +14,8 @@ from mlflow.tracking import MlflowClient
 
 from hamjepa.cli import study_main
 from hamjepa.errors import UserError
-from hamjepa.study.phases import StudySettings, _cluster_concurrency
+from hamjepa.study.phases import _cluster_concurrency
+from hamjepa.study.settings import StudySettings
 from hamjepa.train.resources import Resources
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,7 +7,8 @@ import pytest
 from ray import tune
 
 from hamjepa.metrics import RunStatus, classify
-from hamjepa.study.phases import OPTUNA_STATES, FullTrialOptunaSearch, optuna_outcome
+from hamjepa.report.search_views import OPTUNA_STATES, optuna_outcome
+from hamjepa.study.search import FullTrialOptunaSearch
 
 OBJECTIVE = "val_knn20_top1"
 State = optuna.trial.TrialState

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 
 from hamjepa import storage
+from hamjepa.checks import check_tracking_uri
 from hamjepa.config import Config, DataConfig
 from hamjepa.data import sources as data
 from hamjepa.errors import UserError
 from hamjepa.metrics import RunStatus
 from hamjepa.redact import mask_text, mask_uri
-from hamjepa.tracking import check_tracking_uri
 from hamjepa.train.launch import RunOutcome, summary
 
 

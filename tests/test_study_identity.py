@@ -9,17 +9,8 @@ import pytest
 from conftest import tiny_config
 
 from hamjepa.errors import UserError
-from hamjepa.study.phases import (
-    ARM,
-    CELL,
-    IDENTITY_FILE,
-    StudySettings,
-    check_resumable,
-    comparison_cells,
-    flat_overrides,
-    new_study_id,
-    run_key,
-)
+from hamjepa.study.invocation import IDENTITY_FILE, check_resumable, new_study_id
+from hamjepa.study.settings import ARM, CELL, StudySettings, comparison_cells, flat_overrides, run_key
 
 
 def test_resume_refuses_a_changed_command_and_unknown_ids(tmp_path):
@@ -62,7 +53,7 @@ def test_any_error_closes_the_study_and_its_runs_as_failed_with_the_reason(tmp_p
     """Not Ctrl-C but an error (MLflow, disk, a bug): nothing is left RUNNING, and the parent says why."""
     from mlflow.tracking import MlflowClient
 
-    from hamjepa.study.phases import Invocation
+    from hamjepa.study.invocation import Invocation
     from hamjepa.tracking import PARENT_TAG, ROLE_TAG, RunLogger
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -88,7 +79,7 @@ def test_any_error_closes_the_study_and_its_runs_as_failed_with_the_reason(tmp_p
 def test_a_ctrl_c_outside_the_phases_still_closes_the_study_as_killed(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from hamjepa.study.phases import Invocation
+    from hamjepa.study.invocation import Invocation
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     settings = StudySettings(name="s", base=tiny_config(), tracking_uri=uri, storage_path=str(tmp_path / "state"))

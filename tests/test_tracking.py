@@ -3,8 +3,9 @@
 import pytest
 from mlflow.tracking import MlflowClient
 
+from hamjepa.checks import check_tracking_uri, resolve_tracking_uri
 from hamjepa.errors import UserError
-from hamjepa.tracking import RunLogger, check_tracking_uri, resolve_tracking_uri
+from hamjepa.tracking import RunLogger
 
 
 @pytest.fixture()

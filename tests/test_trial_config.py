@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 
 from hamjepa.config import Config, ConfigError, profile
-from hamjepa.study.phases import CELL, config_of_trial
+from hamjepa.study.settings import CELL, config_of_trial
 from hamjepa.train.loop import make_trainer
 from hamjepa.train.resources import Resources
 
@@ -46,7 +46,7 @@ def test_resources_are_checked_once_when_made_and_against_a_batch():
 
 def test_a_trial_whose_batch_does_not_split_among_its_workers_fails_before_training(tmp_path):
     """The study's base batch was checked before Ray; a searched optim.batch_size is checked in its trial's driver."""
-    from hamjepa.study.phases import trial_driver
+    from hamjepa.study.driver import trial_driver
 
     with pytest.raises(ConfigError, match="must divide evenly among 3 workers"):
         trial_driver({"optim.batch_size": 128}, base=profile("quick").override({"optim.batch_size": 96}),

@@ -27,6 +27,38 @@ from hamjepa.report.summary import RunRecord
 IMPORTANCE_MIN_COMPLETE = 8
 
 
+# How a trial's end reaches Optuna, written once. A trial ASHA stopped is PRUNED (Optuna records its last
+# intermediate value, and TPE never ranks a truncated value against full-length ones); a diverged trial is
+# a COMPLETE trial with the worst value (the configuration's fault: TPE learns to avoid its region); a
+# failed one (an error not of the configuration's making) is FAIL and teaches TPE nothing.
+OPTUNA_STATES = {
+    RunStatus.FINISHED: optuna.trial.TrialState.COMPLETE,
+    RunStatus.STOPPED: optuna.trial.TrialState.PRUNED,
+    RunStatus.DIVERGED: optuna.trial.TrialState.COMPLETE,
+    RunStatus.FAILED: optuna.trial.TrialState.FAIL,
+    RunStatus.RUNNING: optuna.trial.TrialState.FAIL,
+}
+
+
+def optuna_outcome(status: RunStatus, value: float | None,
+                   intermediate: Mapping[int, float]) -> tuple[optuna.trial.TrialState, float | None]:
+    """(state, value) Optuna records for a trial that ended with `status` and final objective `value`.
+
+    The value is the objective of a COMPLETE trial and the last intermediate value of a PRUNED one (what
+    `Study.tell` records by itself), else None; a COMPLETE trial without a finite objective is FAIL, because
+    Optuna refuses NaN. The live search (FullTrialOptunaSearch) and the rebuilt study file (search_views) both
+    go through here, so they cannot disagree.
+    """
+    state = OPTUNA_STATES[status]
+    if state == optuna.trial.TrialState.PRUNED:
+        return state, intermediate[max(intermediate)] if intermediate else None
+    if state == optuna.trial.TrialState.COMPLETE:
+        if value is None or not math.isfinite(value):
+            return optuna.trial.TrialState.FAIL, None
+        return state, float(value)
+    return state, None
+
+
 @dataclass
 class SearchViews:
     database: Path
@@ -60,7 +92,7 @@ def _covering(distribution, values: Sequence[Any]):
 def build_study(records: Sequence[RunRecord], space: Mapping[str, Any], base: Config, client: MlflowClient,
                 objective: str, name: str, path: Path) -> optuna.Study:
     """A fresh SQLite Optuna study at `path` holding every search trial of `records`."""
-    from hamjepa.study.phases import optuna_outcome, typed_param
+    from hamjepa.report.summary import typed_param
 
     search = sorted((r for r in records if r.phase == "search"), key=lambda r: r.name)
     params = [{key: typed_param(base, key, r.params[key]) for key in space if key in r.params} for r in search]

@@ -19,6 +19,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from mlflow.tracking import MlflowClient
 
@@ -66,6 +67,11 @@ class RunRecord:
         """Finished all epochs with final test metrics: eligible for the comparison."""
         k = int(self.params.get("eval.knn_k", 20))
         return self.status == RunStatus.FINISHED and names.accuracy("test", names.knn(k)) in self.metrics
+
+
+def typed_param(base: Config, key: str, text: str) -> Any:
+    """An MLflow param (a string) back to the config field's type."""
+    return base.override({key: text}).flatten()[key]
 
 
 def collect_runs(client: MlflowClient, experiment_id: str, parent_run_id: str) -> list[RunRecord]:

@@ -168,7 +168,7 @@ def _cut(records: Sequence[RunRecord], key) -> dict[str, str]:
 
 def search_gaps(study: StudyRun, records: Sequence[RunRecord], base: Config) -> Gaps:
     """A search study's gaps: search trials against study.num_samples, compare cells against comparison_cells."""
-    from hamjepa.study.phases import CELL, StudySettings, cell_key, comparison_cells, run_key
+    from hamjepa.study.settings import CELL, StudySettings, cell_key, comparison_cells, run_key
 
     gaps = Gaps()
     search = [r for r in records if r.phase == SEARCH]
@@ -197,8 +197,8 @@ def search_gaps(study: StudyRun, records: Sequence[RunRecord], base: Config) -> 
 
 def reproduce_gaps(study: StudyRun, records: Sequence[RunRecord]) -> Gaps:
     """The paper's fixed runs: every method of study.methods on seeds 0 .. study.seeds - 1."""
-    from hamjepa.study.phases import cell_key
     from hamjepa.study.reproduce import METHODS
+    from hamjepa.study.settings import cell_key
 
     methods = [m for m in study.params.get("study.methods", ",".join(METHODS)).split(",") if m]
     seeds = int(study.params.get("study.seeds", 0))

@@ -19,7 +19,8 @@ from hamjepa.report.paired import Estimate, estimate
 from hamjepa.report.paper import COLUMN_TITLES, COLUMNS, DATASET_TITLES, PaperRow, reference_row
 from hamjepa.report.summary import RunRecord
 from hamjepa.report.tables import csv_number, csv_text, markdown_table
-from hamjepa.study.phases import ARM, Invocation, StudyResult, StudySettings
+from hamjepa.study.invocation import Invocation, StudyResult
+from hamjepa.study.settings import ARM, StudySettings
 
 PHASE = "reproduce"
 METHODS = ("sigreg", "hamjepa", "mlp")

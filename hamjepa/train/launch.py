@@ -16,11 +16,12 @@ from typing import Any
 
 from hamjepa import metrics as names
 from hamjepa import provenance, storage
+from hamjepa.checks import resolve_tracking_uri
 from hamjepa.config import Config, ConfigError
 from hamjepa.errors import UserError
 from hamjepa.metrics import RunStatus
 from hamjepa.redact import mask_uri
-from hamjepa.tracking import DATASET_TAG, METHOD_TAG, REASON_TAG, ROLE_TAG, STATUS_TAG, RunLogger, resolve_tracking_uri
+from hamjepa.tracking import DATASET_TAG, METHOD_TAG, REASON_TAG, ROLE_TAG, STATUS_TAG, RunLogger
 from hamjepa.train.encoder_artifact import log_encoder
 from hamjepa.train.loop import QUIET_WORKERS, FailureInjection, make_trainer
 from hamjepa.train.resources import Resources
@@ -69,7 +70,7 @@ class RunOutcome:
 def preflight(cfg: Config, resources: Resources | None = None) -> None:
     """Fail fast, before Ray starts: the batch must split among the workers, and the data must be there,
     readable, and large enough for what the run does."""
-    from hamjepa.data.sources import check_image_files, load_splits
+    from hamjepa.data.splits import check_image_files, load_splits
 
     if resources is not None:
         resources.check_batch(cfg)

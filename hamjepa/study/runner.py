@@ -1,0 +1,80 @@
+"""A search study from start to summary: search (Optuna over HamJEPA), select on validation, compare the selected
+configuration with SIGReg on fresh paired seeds, summarise from MLflow.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from hamjepa.errors import UserError
+from hamjepa.report.summary import COMPARE, typed_param
+from hamjepa.study.invocation import Invocation, StudyResult
+from hamjepa.study.search import FullTrialOptunaSearch, asha_scheduler, search_algorithm
+from hamjepa.study.settings import StudySettings, comparison_cells, validate_search_space
+
+
+def run_study(settings: StudySettings, space: Mapping[str, Any],
+              initial_points: list[dict[str, Any]] | None = None) -> StudyResult:
+    """Search, then the paired comparison (selected HamJEPA, SIGReg, optional ablation); log; summarise.
+
+    Optuna evaluates the base config's values first, then `initial_points` (each must set every searched
+    key), then its own proposals. A resumed study skips a phase whose runs have all ended.
+    """
+    initial_points = list(initial_points or [])
+    validate_search_space(space, settings.base)
+    for point in initial_points:
+        if set(point) != set(space):
+            raise UserError(f"initial point {point} is invalid: it must set exactly the searched keys "
+                            f"{', '.join(space)}.")
+        settings.base.override(point)
+    with Invocation(settings, {"study.num_samples": settings.num_samples, "study.seeds": settings.seeds,
+                               "study.paired_seeds": ",".join(map(str, settings.paired_seeds)),
+                               "study.early_stopping": settings.early_stopping, "study.seed": settings.seed,
+                               "study.search_keys": ",".join(space), "study.ablation": settings.ablation}) as study:
+        searcher = search_algorithm(settings, space, study.study_id, initial_points)
+        try:
+            _search_then_compare(study, space, searcher)
+        except KeyboardInterrupt:  # outside a phase (e.g. while the next one is planned): the same as inside
+            study.interrupted = True
+        result = _summarise(study, space)
+    result.optuna_study = searcher.study
+    return result
+
+
+def _search_then_compare(study: Invocation, space: Mapping[str, Any], searcher: FullTrialOptunaSearch) -> None:
+    from hamjepa.report.summary import select_trial
+
+    settings = study.settings
+    if not study.phase_done("search", settings.num_samples):
+        study.run_phase("search", dict(space), settings.num_samples, num_samples=settings.num_samples,
+                        search_alg=searcher, scheduler=asha_scheduler(settings))
+    if study.interrupted:
+        return
+    selected = select_trial(study.records(), settings.objective)
+    overrides = {k: typed_param(settings.base, k, selected.params[k]) for k in space} if selected else None
+    study.run_cells(COMPARE, comparison_cells(settings, overrides))
+
+
+def _summarise(study: Invocation, space: Mapping[str, Any]) -> StudyResult:
+    """The study's summary (and, once complete, Optuna's views of the search) logged on the parent run."""
+    from hamjepa.report.search_views import search_views
+    from hamjepa.report.summary import summarize, theory_plots, to_csv, to_markdown
+
+    settings = study.settings
+    records = study.records()
+    summary = summarize(records, list(space), settings.base)
+    if not study.interrupted:
+        # Optuna's own views of the search, and the search as an Optuna study file, rebuilt from MLflow.
+        with tempfile.TemporaryDirectory() as folder:
+            views = search_views(records, space, settings.base, study.parent.client, settings.objective,
+                                 study.study_id, Path(folder))
+            study.parent.log_artifact(views.database)
+            for path in [*views.plots, *theory_plots(records, settings.base, Path(folder))]:
+                study.parent.log_artifact(path, "plots")
+        summary.notes = views.notes
+        study.parent.log_metrics(summary.parent_metrics(), step=0)
+    text = to_markdown(summary)
+    return study.finish(summary, text, {"summary.md": text, "summary.csv": to_csv(summary)})

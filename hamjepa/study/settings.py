@@ -1,0 +1,120 @@
+"""What a study invocation is asked to do, validated before Ray starts: its settings, its search space (data:
+dotted config keys to Tune domains), and the compare phase's cells (arms x paired seeds) with their stable keys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from hamjepa import metrics as names
+from hamjepa.config import Config, ConfigError
+from hamjepa.errors import UserError
+from hamjepa.methods import ABLATIONS, BASELINE, Method
+from hamjepa.train.resources import Resources
+
+
+@dataclass(frozen=True)
+class StudySettings:
+    """Everything a study invocation needs besides its search space; validated before Ray starts."""
+
+    name: str
+    base: Config
+    num_samples: int = 6
+    seeds: int = 3  # paired seeds per side: the selected HamJEPA configuration and SIGReg on each
+    ablation: str = ""  # "" or one of methods.ABLATIONS
+    early_stopping: bool = True
+    resources: Resources = field(default_factory=Resources)
+    max_concurrent: int = 0  # 0 = as many trials as the cluster's resources allow
+    tracking_uri: str = ""
+    experiment: str = ""
+    storage_path: str = ""  # "" = $HAMJEPA_STORAGE_PATH or ./ray_results
+    seed: int = 0  # Optuna's sampler seed
+    resume: str = ""  # "" = a new study; "latest" = this study's latest invocation; else a study id
+    verbose: bool = False  # Ray's own console output (workers' logs, Tune's full tables) instead of ours
+    searches: bool = True  # False for fixed runs (reproduce_paper): no objective, so no validation split needed
+
+    def __post_init__(self) -> None:
+        if self.num_samples < 1:
+            raise UserError(f"--num-samples = {self.num_samples} is invalid: must be an integer >= 1.")
+        if self.seeds < 0:
+            raise UserError(f"--seeds = {self.seeds} is invalid: must be an integer >= 0 (0 = search only).")
+        if self.ablation not in ("", *ABLATIONS):
+            raise UserError(f"--ablation = {self.ablation!r} is invalid: must be one of {', '.join(ABLATIONS)}.")
+        if self.max_concurrent < 0:
+            raise UserError(f"--max-concurrent = {self.max_concurrent} is invalid: must be >= 0 (0 = automatic).")
+        if self.searches and self.base.data.val_fraction <= 0:
+            raise ConfigError("config field 'data.val_fraction' = 0 is invalid for a study: the objective is "
+                              "measured on the validation split, so it must be in (0, 1).")
+        self.resources.check_batch(self.base)
+
+    @property
+    def experiment_name(self) -> str:
+        return self.experiment or f"hamjepa-{self.name}"
+
+    @property
+    def objective(self) -> str:
+        return names.objective(self.base.eval.knn_k)
+
+    @property
+    def paired_seeds(self) -> list[int]:
+        """Fresh seeds for the paired comparison: never the base seed, which every search trial used."""
+        return [self.base.seed + 1 + i for i in range(self.seeds)]
+
+
+# -- search spaces are data ---------------------------------------------------------------------------
+
+def validate_search_space(space: Mapping[str, Any], base: Config) -> None:
+    """Every key must be a config field, and the base config must accept a value from each domain."""
+    for key, domain in space.items():
+        sample = domain.sample() if hasattr(domain, "sample") else domain
+        base.override({key: sample})  # raises ConfigError naming an unknown or invalid key
+
+
+def defaults_point(space: Mapping[str, Any], base: Config) -> dict[str, Any]:
+    """The base config's values of the searched keys: Optuna evaluates the paper's defaults first."""
+    flat = base.flatten()
+    return {key: flat[key] for key in space}
+
+
+# A compare-phase trial's config: {"cell": {"arm": {overrides of one arm}, "seed": s}}. One grid over
+# cells (not arms x seeds), so a resumed study can run exactly the cells that have not ended.
+CELL, ARM = "cell", "arm"
+
+
+def flat_overrides(trial_config: Mapping[str, Any]) -> dict[str, Any]:
+    """A Tune trial's config as dotted config overrides (a compare cell's arm and seed lifted to the top)."""
+    cell = trial_config.get(CELL, {})
+    rest = {k: v for k, v in trial_config.items() if k != CELL}
+    return {**cell.get(ARM, {}), **({"seed": cell["seed"]} if "seed" in cell else {}), **rest}
+
+
+def config_of_trial(base: Config, tune_config: Mapping[str, Any]) -> Config:
+    """The config a Tune trial trains: the study's base with the trial's overrides (validated by Config).
+
+    The trial's driver and the MLflow callback each derive it from the same two values, so they agree.
+    """
+    return base.override(flat_overrides(tune_config))
+
+
+def cell_key(method: str, seed: int) -> str:
+    return f"{method}-seed{seed}"
+
+
+def run_key(trial_config: Mapping[str, Any], trial_id: str) -> str:
+    """A trial's stable name: a cell's method and seed (the same in every invocation that runs it, so a
+    resumed cell continues its checkpoint and its MLflow run), else Tune's trial id."""
+    cell = trial_config.get(CELL)
+    return cell_key(cell[ARM]["method"], cell["seed"]) if cell else trial_id
+
+
+def comparison_cells(settings: StudySettings, selected: Mapping[str, Any] | None) -> list[dict[str, Any]]:
+    """The compare phase's runs: every arm on every paired seed, seed by seed (an interrupted comparison has
+    whole pairs first)."""
+    arms = [{"method": BASELINE.value}]
+    if selected is not None:
+        arms.insert(0, {**selected, "method": Method.HAMJEPA.value})
+        if settings.ablation:
+            arms.append({**selected, "method": settings.ablation})
+    return [{ARM: arm, "seed": seed} for seed in settings.paired_seeds for arm in arms]
