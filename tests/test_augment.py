@@ -240,7 +240,8 @@ def _statistics(drawn, size):
 def test_device_and_loader_paths_draw_views_from_the_same_distribution():
     """The same images through the device-resident feed (mask mode, its own generator) and the loader feed
     (DataLoader, torch's global RNG): every parameter's mean agrees with the other path and with its law."""
-    from hamjepa.data.sources import ImageSet, LoaderFeed, ResidentFeed
+    from hamjepa.data.feeds import LoaderFeed, ResidentFeed
+    from hamjepa.data.sources import ImageSet
 
     n, size = 4096, 8
     x = images(n=n, size=size, seed=1)

@@ -12,8 +12,27 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from hamjepa.config import AugmentConfig, ConfigError, DataConfig
 from hamjepa.data import sources as data
-from hamjepa.data.augment import Normalise
-from hamjepa.data.sources import DatasetNotFoundError, ImageSet, load_splits
+from hamjepa.data.augment import Augmentation, Normalise
+from hamjepa.data.feeds import (
+    CPU_AUTO_PLACEMENT,
+    LoaderFeed,
+    ResidentFeed,
+    StreamFeed,
+    TwoViewDataset,
+    augment_placement,
+    eval_loader,
+    shard_indices,
+    two_view_feed,
+)
+from hamjepa.data.sources import DatasetNotFoundError, ImageSet
+from hamjepa.data.splits import (
+    KNOWN_STATS,
+    check_image_files,
+    load_splits,
+    split_digest,
+    split_indices,
+    stratified_indices,
+)
 from hamjepa.errors import UserError
 
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -96,7 +115,7 @@ def test_cifar100_through_load_splits(tmp_path):
                          channels=3)
     assert (len(splits.train), len(splits.val), len(splits.test)) == (180, 20, 200)
     assert splits.num_classes == 100 and splits.channels == 3 and splits.image_size == 32
-    assert splits.mean == data.KNOWN_STATS["cifar100"][0]
+    assert splits.mean == KNOWN_STATS["cifar100"][0]
 
 
 def test_fashion_mnist_reader_on_written_idx_files(tmp_path):
@@ -136,7 +155,7 @@ def test_debian_fashion_mnist():
     assert torch.bincount(train.labels).tolist() == [6000] * 10
     assert torch.bincount(test.labels).tolist() == [1000] * 10
     mean = train.images.double().mean().item() / 255
-    assert mean == pytest.approx(data.KNOWN_STATS["fashion_mnist"][0][0], abs=1e-3)
+    assert mean == pytest.approx(KNOWN_STATS["fashion_mnist"][0][0], abs=1e-3)
 
 
 # -- not found ---------------------------------------------------------------------------------------------
@@ -221,7 +240,7 @@ def test_image_files_are_checked_before_the_run(tmp_path):
     splits = load_splits(DataConfig(dataset="imagefolder", root=str(tmp_path), image_size=8, val_fraction=0),
                          channels=3)
     with pytest.raises(UserError, match="'.*val/ant/2.png' cannot be decoded"):
-        data.check_image_files(splits)
+        check_image_files(splits)
 
 
 def test_missing_image_folder_names_the_layout(tmp_path):
@@ -233,26 +252,26 @@ def test_missing_image_folder_names_the_layout(tmp_path):
 
 def test_stratified_subset_keeps_class_proportions_and_is_seeded():
     labels = torch.cat([torch.full((500,), 0), torch.full((300,), 1), torch.full((200,), 2)])[torch.randperm(1000)]
-    chosen = data.stratified_indices(labels, 100, torch.Generator().manual_seed(1))
+    chosen = stratified_indices(labels, 100, torch.Generator().manual_seed(1))
     assert torch.bincount(labels[chosen]).tolist() == [50, 30, 20]
     assert len(set(chosen.tolist())) == 100
-    again = data.stratified_indices(labels, 100, torch.Generator().manual_seed(1))
-    other = data.stratified_indices(labels, 100, torch.Generator().manual_seed(2))
+    again = stratified_indices(labels, 100, torch.Generator().manual_seed(1))
+    other = stratified_indices(labels, 100, torch.Generator().manual_seed(2))
     assert torch.equal(chosen, again) and not torch.equal(chosen, other)
     # largest remainders: 7 of (500, 300, 200) -> exact (3.5, 2.1, 1.4) -> (4, 2, 1)
-    assert torch.bincount(labels[data.stratified_indices(labels, 7, torch.Generator())]).tolist() == [4, 2, 1]
+    assert torch.bincount(labels[stratified_indices(labels, 7, torch.Generator())]).tolist() == [4, 2, 1]
 
 
 def test_subset_then_validation_split():
     labels = torch.arange(10).repeat_interleave(100)  # 10 classes x 100
-    train, val = data.split_indices(labels, subset=400, val_fraction=0.25, seed=3)
+    train, val = split_indices(labels, subset=400, val_fraction=0.25, seed=3)
     assert (len(train), len(val)) == (300, 100)
     assert not set(train.tolist()) & set(val.tolist())
     assert torch.bincount(labels[train]).tolist() == [30] * 10 and torch.bincount(labels[val]).tolist() == [10] * 10
-    same = data.split_indices(labels, subset=400, val_fraction=0.25, seed=3)
-    other = data.split_indices(labels, subset=400, val_fraction=0.25, seed=4)
+    same = split_indices(labels, subset=400, val_fraction=0.25, seed=3)
+    other = split_indices(labels, subset=400, val_fraction=0.25, seed=4)
     assert torch.equal(train, same[0]) and torch.equal(val, same[1]) and not torch.equal(val, other[1])
-    everything, none = data.split_indices(labels, subset=0, val_fraction=0.0, seed=0)
+    everything, none = split_indices(labels, subset=0, val_fraction=0.0, seed=0)
     assert len(everything) == 1000 and len(none) == 0
 
 
@@ -291,7 +310,8 @@ def test_image_folder(tmp_path):
 
 def test_two_view_batches_through_a_distributed_sampler():
     splits = load_splits(DataConfig(dataset="synthetic", image_size=16, subset=200), channels=1)
-    dataset = data.two_view_dataset(splits, AugmentConfig())
+    augmentation = Augmentation(AugmentConfig(), splits.image_size, splits.channels, splits.mean, splits.std)
+    dataset = TwoViewDataset(splits.train, augmentation)
     sampler = DistributedSampler(dataset, num_replicas=2, rank=1, shuffle=True, seed=0, drop_last=True)
     batches = list(DataLoader(dataset, batch_size=32, sampler=sampler, drop_last=True))
     assert len(batches) == 90 // 32
@@ -304,7 +324,7 @@ def test_two_view_batches_through_a_distributed_sampler():
 
 def test_eval_loader_is_the_normalised_images_in_order():
     splits = load_splits(DataConfig(dataset="synthetic", image_size=16, subset=100), channels=3)
-    x, y = next(iter(data.eval_loader(splits.val, splits, batch_size=8)))
+    x, y = next(iter(eval_loader(splits.val, splits, batch_size=8)))
     expected = Normalise(splits.mean, splits.std)(splits.val.images[:8])
     assert torch.equal(x, expected) and torch.equal(y, splits.val.labels[:8])
 
@@ -315,8 +335,6 @@ def test_image_set_needs_one_source():
 
 
 def test_a_split_digest_names_exactly_which_images_train_and_validate():
-    from hamjepa.data.sources import split_digest
-
     base = split_digest("fashion_mnist", [3, 1, 2], [0])
     assert base == split_digest("fashion_mnist", torch.tensor([3, 1, 2]), torch.tensor([0]))  # type-independent
     assert len({base, split_digest("fashion_mnist", [1, 2, 3], [0]), split_digest("fashion_mnist", [3, 1], [2, 0]),
@@ -347,11 +365,11 @@ def test_shard_indices_are_distributed_samplers(n, world, seed, epoch):
     for rank in range(world):
         sampler = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
         sampler.set_epoch(epoch)
-        shard = data.shard_indices(n, world, rank, seed, epoch)
+        shard = shard_indices(n, world, rank, seed, epoch)
         assert shard.tolist() == list(sampler)
         shards.append(set(shard.tolist()))
     assert sum(len(s) for s in shards) == n // world * world == len(set().union(*shards))  # disjoint
-    assert not torch.equal(data.shard_indices(n, world, 0, seed, epoch), data.shard_indices(n, world, 0, seed,
+    assert not torch.equal(shard_indices(n, world, 0, seed, epoch), shard_indices(n, world, 0, seed,
                                                                                               epoch + 1))
 
 
@@ -362,9 +380,9 @@ def test_device_resident_feed_has_the_loader_paths_batches_under_two_ranks():
     seen = {}
     for rank in (0, 1):
         batches = {}
-        for name, cls in (("device", data.ResidentFeed), ("loader", data.LoaderFeed)):
-            aug = data.Augmentation(IDENTITY, 4, 1, (0.0,), (1.0,))
-            extra = {} if cls is data.ResidentFeed else {"num_workers": 0}
+        for name, cls in (("device", ResidentFeed), ("loader", LoaderFeed)):
+            aug = Augmentation(IDENTITY, 4, 1, (0.0,), (1.0,))
+            extra = {} if cls is ResidentFeed else {"num_workers": 0}
             feed = cls(images, aug, 16, 2, rank, seed=3, device=cpu, **extra)
             feed.set_epoch(2, augment_seed=11)
             assert len(feed) == 101 // 16
@@ -380,8 +398,8 @@ def test_a_seeded_device_resident_epoch_replays_exactly():
     cfg = DataConfig(dataset="synthetic", augment_on="device")
 
     def epoch_views(epoch, augment_seed):
-        feed = data.two_view_feed(splits, AugmentConfig(), cfg, 32, 1, 0, seed=0, device="cpu")
-        assert isinstance(feed, data.ResidentFeed)
+        feed = two_view_feed(splits, AugmentConfig(), cfg, 32, 1, 0, seed=0, device="cpu")
+        assert isinstance(feed, ResidentFeed)
         feed.set_epoch(epoch, augment_seed)
         return torch.cat([torch.cat(pair) for pair in feed])
 
@@ -403,30 +421,30 @@ def test_which_feed_each_placement_and_dataset_takes(tmp_path):
     folder = load_splits(DataConfig(dataset="imagefolder", root=str(tmp_path), image_size=8, val_fraction=0.2),
                          channels=3)
     memory = load_splits(DataConfig(dataset="synthetic", image_size=8, subset=100), channels=3)
-    expected = {("device", "memory"): data.ResidentFeed, ("device", "folder"): data.StreamFeed,
-                ("loader", "memory"): data.LoaderFeed, ("loader", "folder"): data.LoaderFeed}
+    expected = {("device", "memory"): ResidentFeed, ("device", "folder"): StreamFeed,
+                ("loader", "memory"): LoaderFeed, ("loader", "folder"): LoaderFeed}
     for (placement, kind), cls in expected.items():
         splits = memory if kind == "memory" else folder
-        feed = data.two_view_feed(splits, AugmentConfig(), DataConfig(augment_on=placement, num_workers=0), 4, 1, 0,
+        feed = two_view_feed(splits, AugmentConfig(), DataConfig(augment_on=placement, num_workers=0), 4, 1, 0,
                                   seed=0, device="cpu")
         assert type(feed) is cls
         feed.set_epoch(1, 7)
         view_a, view_b = next(iter(feed))
         assert view_a.shape == view_b.shape == (4, 3, 8, 8) and view_a.dtype == torch.float32
     # ImageFolder on the device path: decoded in the loader, augmented after it, seeded like the rest
-    stream = data.two_view_feed(folder, IDENTITY, DataConfig(augment_on="device", num_workers=0), 4, 1, 0, 0, "cpu")
+    stream = two_view_feed(folder, IDENTITY, DataConfig(augment_on="device", num_workers=0), 4, 1, 0, 0, "cpu")
     stream.set_epoch(1, 7)
     batches = list(stream)
     assert len(batches) == len(stream) == 16 // 4
-    order = data.shard_indices(16, 1, 0, 0, 1)[:4]
+    order = shard_indices(16, 1, 0, 0, 1)[:4]
     expected_first = Normalise(folder.mean, folder.std)(folder.train.load(order))
     assert torch.allclose(batches[0][0], expected_first, atol=1e-5)  # the sampler's first four images
 
 
 def test_placement_auto_and_its_config_key():
-    assert data.augment_placement("auto", "cpu") == data.CPU_AUTO_PLACEMENT
-    assert data.augment_placement("auto", torch.device("cuda")) == "device"
-    assert data.augment_placement("loader", torch.device("cuda")) == "loader"
+    assert augment_placement("auto", "cpu") == CPU_AUTO_PLACEMENT
+    assert augment_placement("auto", torch.device("cuda")) == "device"
+    assert augment_placement("loader", torch.device("cuda")) == "loader"
     with pytest.raises(ConfigError) as caught:
         DataConfig(augment_on="gpu")
     message = str(caught.value)

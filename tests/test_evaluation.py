@@ -8,7 +8,8 @@ from torch import nn
 
 from hamjepa.config import EvalConfig
 from hamjepa.data.augment import Normalise
-from hamjepa.data.sources import ImageSet, LabelledDataset
+from hamjepa.data.feeds import LabelledDataset
+from hamjepa.data.sources import ImageSet
 from hamjepa.evaluation.probes import (
     covariance_eigenvalues,
     effective_rank,

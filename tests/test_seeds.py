@@ -4,7 +4,7 @@ import itertools
 
 import torch
 
-from hamjepa.data import sources as data
+from hamjepa.data import feeds as data
 from hamjepa.seeds import Stream, derive
 
 

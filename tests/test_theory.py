@@ -284,7 +284,7 @@ def test_the_last_evaluation_of_a_run_reports_the_theory_check(method):
     """training's end-of-run evaluation, without Ray, at the smoke size: the probes it trains are measured."""
     from conftest import tiny_config
 
-    from hamjepa.data.sources import load_splits
+    from hamjepa.data.splits import load_splits
     from hamjepa.method.model import JEPAModel
     from hamjepa.train.loop import _evaluate_epoch
 

@@ -13,13 +13,12 @@ from mlflow.tracking import MlflowClient
 
 from hamjepa import metrics as names
 from hamjepa.config import profile
-from hamjepa.data.sources import load_splits
+from hamjepa.data.splits import load_splits
 from hamjepa.evaluation import readouts
 from hamjepa.evaluation.probes import knn_top1
 from hamjepa.method.model import JEPAModel
 from hamjepa.train.encoder_artifact import load_encoder
 from hamjepa.train.launch import train_and_log
-from hamjepa.train.loop import FailureInjection
 from hamjepa.train.resources import Resources
 
 pytestmark = pytest.mark.slow
@@ -93,13 +92,57 @@ def test_training_beats_the_encoder_at_initialisation(ray_cluster, tmp_path, met
     assert losses[-1] < losses[0]
 
 
-def test_a_killed_worker_resumes_from_the_last_checkpoint_and_replays_exactly(ray_cluster, tmp_path):
+def _loop_killed_once(marker: str, epoch: int, batch: int, delay_s: float = 3.0):
+    """The real worker loop, with its data feed made to SIGKILL the worker once, as a real crash does (no exception,
+    no cleanup, no report), just before batch `batch` of `epoch`, unless `marker` exists (then creating it).
+
+    The fault is installed from outside: make_trainer reads the module's loop function when called, and this
+    closure travels to the Ray worker by value. The delay lets Ray Train register the previous report's
+    checkpoint (it does so asynchronously), so the resume point is the one the test expects.
+    """
+    def killed_once(loop_config):  # runs in the Ray worker, whose module holds the real loop and feed
+        import os
+        import signal
+        import time
+        from pathlib import Path
+
+        import hamjepa.train.loop as loop
+
+        real_feed = loop.two_view_feed
+
+        class KillingFeed:
+            def __init__(self, feed):
+                self.feed, self.epoch = feed, 0
+
+            def __len__(self):
+                return len(self.feed)
+
+            def set_epoch(self, epoch, seed):
+                self.epoch = epoch
+                self.feed.set_epoch(epoch, seed)
+
+            def __iter__(self):
+                for index, views in enumerate(self.feed):
+                    if (self.epoch, index) == (epoch, batch) and not os.path.exists(marker):
+                        Path(marker).touch()
+                        time.sleep(delay_s)
+                        os.kill(os.getpid(), signal.SIGKILL)
+                    yield views
+
+        loop.two_view_feed = lambda *args, **kwargs: KillingFeed(real_feed(*args, **kwargs))
+        loop.train_loop_per_worker(loop_config)
+
+    return killed_once
+
+
+def test_a_killed_worker_resumes_from_the_last_checkpoint_and_replays_exactly(ray_cluster, tmp_path, monkeypatch):
     """SIGKILL the worker process at epoch 2's third batch: Ray Train restarts it from epoch 1's checkpoint, the
     run ends with one MLflow run, every epoch logged once, and the same per-epoch losses as a run never killed."""
     cfg = tiny_config(**{"optim.epochs": 3})
     marker = tmp_path / "killed-once"
-    outcome, client = _run(tmp_path, cfg, "killed",
-                           failure=FailureInjection(epoch=2, marker=str(marker), batch=2, kill=True, kill_delay_s=3.0))
+    monkeypatch.setattr("hamjepa.train.loop.train_loop_per_worker", _loop_killed_once(str(marker), epoch=2, batch=2))
+    outcome, client = _run(tmp_path, cfg, "killed")
+    monkeypatch.undo()
     assert marker.exists()  # the kill did happen
     assert outcome.status == "finished" and outcome.metrics["epoch"] == 3
     assert outcome.metrics["resumed_from_epoch"] == 1  # restarted from epoch 1's checkpoint, not from scratch

@@ -6,7 +6,7 @@ import torch
 
 from hamjepa import metrics as names
 from hamjepa.config import SMOKE_OVERRIDES, profile
-from hamjepa.data.sources import LoaderFeed, ResidentFeed
+from hamjepa.data.feeds import LoaderFeed, ResidentFeed
 from hamjepa.train.loop import _restore, _training_state, build_worker, train_one_epoch
 
 

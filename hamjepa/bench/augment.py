@@ -17,7 +17,8 @@ from torch.utils.data import DataLoader
 
 from hamjepa.config import AugmentConfig, DataConfig
 from hamjepa.data.augment import Augmentation
-from hamjepa.data.sources import ImageSet, TwoViewDataset
+from hamjepa.data.feeds import TwoViewDataset
+from hamjepa.data.sources import ImageSet
 
 SETTINGS = (("32 px RGB (CIFAR)", 3, 32), ("28 px grey (Fashion-MNIST)", 1, 28))
 

@@ -36,7 +36,8 @@ import torch
 
 from hamjepa.config import AugmentConfig, Config, profile
 from hamjepa.data.augment import Augmentation
-from hamjepa.data.sources import CIFAR_FILES, CIFAR_FOLDERS, augment_placement
+from hamjepa.data.feeds import augment_placement
+from hamjepa.data.sources import CIFAR_FILES, CIFAR_FOLDERS
 from hamjepa.method.model import JEPAModel
 from hamjepa.train.optim import build_optimizer
 

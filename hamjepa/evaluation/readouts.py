@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from hamjepa.config import Config
-from hamjepa.data.sources import Splits
+from hamjepa.data.splits import Splits
 from hamjepa.evaluation.probes import extract_features, knn_top1, linear_probe, spectrum
 from hamjepa.metrics import accuracy, default_readout, knn, objective, readouts
 

@@ -191,6 +191,9 @@ def epps_pulley_knots(t_max: float, n_points: int, device=None,
 def epps_pulley(x: torch.Tensor, t_max: float = 3.0, n_points: int = 17) -> torch.Tensor:
     """Epps-Pulley normality statistic per direction; x (..., N, K) already projected -> (..., K).
 
+    The defaults are the stand-alone test's (17 knots on [0, 3]); the SIGReg objective passes its own
+    (`sigreg.t_max`, `sigreg.n_points`: 9 knots, docs/method.md §4), so a run's knots have one source: the config.
+
     N * sum_j w_j [(mean cos(t_j x) - exp(-t_j^2/2))^2 + (mean sin(t_j x))^2], N and the means taken
     over the global batch (cos and sin sums all-reduced).
     """
@@ -215,7 +218,7 @@ def sigreg_directions(dim: int, k: int, seed: int, step: int, device: torch.devi
     return random_directions(dim, k, derive(seed, Stream.SIGREG_DIRECTIONS, step), device)
 
 
-def sigreg(views: torch.Tensor, directions: torch.Tensor, t_max: float = 3.0, n_points: int = 9) -> torch.Tensor:
+def sigreg(views: torch.Tensor, directions: torch.Tensor, t_max: float, n_points: int) -> torch.Tensor:
     """Mean Epps-Pulley statistic over directions and views; views (V, N, D), directions (D, K)."""
     projected = views @ directions.to(views.dtype)  # (V, N, K)
     return epps_pulley(projected, t_max, n_points).mean()

@@ -40,17 +40,16 @@ class HamiltonianPredictor(nn.Module):
     The potential MLP phi is `potential_mlp`, a Sequential of Linear/GELU layers ending in Linear(hidden, 1).
     """
 
-    def __init__(self, q_dim: int, hidden_dim: int = 256, depth: int = 2, residual_scale: float = 0.02,
-                 base_coeff: float = 0.1, steps: int = 2, dt: float = 0.05, gradient: str = "closed_form"):
+    # The defaults and their rules are PredictorConfig's: one source (the config tree), checked by building one.
+    def __init__(self, q_dim: int, hidden_dim: int = PredictorConfig.hidden_dim, depth: int = PredictorConfig.depth,
+                 residual_scale: float = PredictorConfig.residual_scale, base_coeff: float = PredictorConfig.base_coeff,
+                 steps: int = PredictorConfig.steps, dt: float = PredictorConfig.dt,
+                 gradient: str = PredictorConfig.gradient):
         super().__init__()
-        for name, value in (("q_dim", q_dim), ("hidden_dim", hidden_dim), ("depth", depth), ("steps", steps)):
-            if int(value) != value or value < 1:
-                raise ValueError(f"HamiltonianPredictor {name} = {value!r} is invalid: must be an integer >= 1.")
-        if dt <= 0:
-            raise ValueError(f"HamiltonianPredictor dt = {dt!r} is invalid: must be > 0.")
-        if gradient not in ("closed_form", "autograd"):
-            raise ValueError(f"HamiltonianPredictor gradient = {gradient!r} is invalid: "
-                             "must be 'closed_form' or 'autograd'.")
+        if int(q_dim) != q_dim or q_dim < 1:
+            raise ValueError(f"HamiltonianPredictor q_dim = {q_dim!r} is invalid: must be an integer >= 1.")
+        PredictorConfig(hidden_dim=hidden_dim, depth=depth, residual_scale=residual_scale, base_coeff=base_coeff,
+                        steps=steps, dt=dt, gradient=gradient)
         self.q_dim = q_dim
         self.potential_mlp = gelu_mlp(depth, q_dim, hidden_dim)
         self.residual_scale = float(residual_scale)

@@ -23,7 +23,7 @@ from hamjepa.metrics import RunStatus
 from hamjepa.redact import mask_uri
 from hamjepa.tracking import DATASET_TAG, METHOD_TAG, REASON_TAG, ROLE_TAG, STATUS_TAG, RunLogger
 from hamjepa.train.encoder_artifact import log_encoder
-from hamjepa.train.loop import QUIET_WORKERS, FailureInjection, make_trainer
+from hamjepa.train.loop import QUIET_WORKERS, make_trainer
 from hamjepa.train.resources import Resources
 
 DRIVER_RESOURCE = "trial_driver"  # custom resource held by a study's trial drivers (see connect_ray)
@@ -168,7 +168,7 @@ def check_rerun(tracking_uri: str, experiment: str, run_name: str | None, cfg: C
 
 def train_and_log(cfg: Config, resources: Resources, *, experiment: str, run_name: str | None = None,
                   tracking_uri: str | None = None, storage_path: str | None = None, max_failures: int = 2,
-                  tags: Mapping[str, str] | None = None, failure: FailureInjection | None = None) -> RunOutcome:
+                  tags: Mapping[str, str] | None = None) -> RunOutcome:
     """Train once under Ray Train and log it as one MLflow run (found again by its name on a rerun)."""
     from ray.train import TrainingFailedError
 
@@ -182,7 +182,7 @@ def train_and_log(cfg: Config, resources: Resources, *, experiment: str, run_nam
     logger.log_params(cfg.flatten())
     logger.log_text(cfg.to_yaml(), "config.yaml")
     trainer = make_trainer(cfg, resources, name=run_name, storage_path=storage_path, max_failures=max_failures,
-                           callbacks=[mlflow_epoch_callback(logger, cfg.optim.epochs)], failure=failure)
+                           callbacks=[mlflow_epoch_callback(logger, cfg.optim.epochs)])
     try:
         result = trainer.fit()
         # The last report, over everything MLflow logged (the epoch-0 `init/` readouts are only in epoch 0's report).

@@ -23,7 +23,6 @@ import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
@@ -33,7 +32,8 @@ from torch.nn.parallel import DistributedDataParallel
 from hamjepa import metrics as names
 from hamjepa import storage
 from hamjepa.config import Config
-from hamjepa.data.sources import load_splits, two_view_feed
+from hamjepa.data.feeds import two_view_feed
+from hamjepa.data.splits import load_splits
 from hamjepa.evaluation import readouts, theory
 from hamjepa.evaluation.probes import recording_probes
 from hamjepa.method.distributed import local_statistics
@@ -51,35 +51,6 @@ from hamjepa.train.resources import (
 # Set in every worker's environment unless --verbose (launch.connect_ray): Ray Train then keeps its per-report
 # and per-checkpoint info messages to the worker's own log instead of the user's console.
 QUIET_WORKERS = "HAMJEPA_QUIET_WORKERS"
-
-
-@dataclass(frozen=True)
-class FailureInjection:
-    """Testing aid: fail once, at batch `batch` of `epoch`, unless `marker` exists (then create it first).
-
-    `kill` False raises an exception; True SIGKILLs the worker process, as a real crash does: no exception,
-    no cleanup, no report.
-    """
-
-    epoch: int
-    marker: str
-    batch: int = 0
-    kill: bool = False
-    # Seconds to wait before the kill: Ray Train registers a report's checkpoint asynchronously, so a kill just
-    # after a report may find the previous checkpoint the latest (a correct resume, but not the one a test
-    # expects).
-    kill_delay_s: float = 0.0
-
-    def maybe_fail(self, epoch: int, batch: int) -> None:
-        if (epoch, batch) != (self.epoch, self.batch) or os.path.exists(self.marker):
-            return
-        Path(self.marker).touch()
-        if self.kill:
-            import signal
-
-            time.sleep(self.kill_delay_s)
-            os.kill(os.getpid(), signal.SIGKILL)
-        raise RuntimeError(f"injected failure at epoch {epoch}, batch {batch}")
 
 
 # -- helpers of the loop ------------------------------------------------------------------------------
@@ -199,7 +170,6 @@ class _Worker:
     optimizer: Any
     scheduler: Any
     placement: dict[str, str] = field(default_factory=dict)  # the Ray nodes and device it trains on (metrics.WHERE)
-    failure: FailureInjection | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -215,10 +185,10 @@ class _Worker:
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """Ray Train entry point; loop_config = {"cfg": Config, optional "failure": FailureInjection}."""
+    """Ray Train entry point; loop_config = {"cfg": Config}."""
     if os.environ.get(QUIET_WORKERS):
         logging.getLogger("ray.train").setLevel(logging.WARNING)
-    worker = _set_up(loop_config["cfg"], loop_config.get("failure"))
+    worker = _set_up(loop_config["cfg"])
     last_epoch = _start_or_resume(worker)
     if last_epoch is None:  # a diverged run stays diverged when it is run again
         return
@@ -230,7 +200,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             return
 
 
-def _set_up(cfg: Config, failure: FailureInjection | None) -> _Worker:
+def _set_up(cfg: Config) -> _Worker:
     """This Ray Train worker's run: its rank and device from Ray, then build_worker."""
     import ray.train
     import ray.train.torch
@@ -238,13 +208,12 @@ def _set_up(cfg: Config, failure: FailureInjection | None) -> _Worker:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
-    worker = build_worker(cfg, rank, world, device, failure)
+    worker = build_worker(cfg, rank, world, device)
     worker.placement = placement(world, device)
     return worker
 
 
-def build_worker(cfg: Config, rank: int, world: int, device: torch.device | str,
-                 failure: FailureInjection | None = None) -> _Worker:
+def build_worker(cfg: Config, rank: int, world: int, device: torch.device | str) -> _Worker:
     """One worker's data (its shard of each epoch), model, optimiser and schedule; no Ray (benchmarks, tests)."""
     device = torch.device(device)
     use_cuda = device.type == "cuda"
@@ -265,7 +234,7 @@ def build_worker(cfg: Config, rank: int, world: int, device: torch.device | str,
         model.encoder.compile()  # in place: the module and its state_dict keys stay, so checkpoints do not change
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, len(feed), cfg.optim)
-    return _Worker(cfg, rank, world, device, splits, feed, model, optimizer, scheduler, failure=failure)
+    return _Worker(cfg, rank, world, device, splits, feed, model, optimizer, scheduler)
 
 
 def _start_or_resume(worker: _Worker) -> int | None:
@@ -303,7 +272,7 @@ def train_one_epoch(worker: _Worker, net: nn.Module, epoch: int) -> EpochOutcome
     worker.feed.set_epoch(epoch, derive(cfg.seed, Stream.AUGMENT, epoch, rank))
     worker.model.set_epoch(epoch)
     return _train_epoch(net, worker.model, worker.feed, worker.optimizer, worker.scheduler, cfg, epoch,
-                        worker.iters_per_epoch, worker.device, worker.failure)
+                        worker.iters_per_epoch, worker.device)
 
 
 def _run_epoch(worker: _Worker, net: nn.Module, epoch: int, resumed_from: int) -> bool:
@@ -360,7 +329,7 @@ class _Waiting:
 
 
 def _train_epoch(net, model: JEPAModel, feed, optimizer, scheduler, cfg: Config, epoch: int, iters_per_epoch: int,
-                 device: torch.device, failure: FailureInjection | None = None) -> EpochOutcome:
+                 device: torch.device) -> EpochOutcome:
     """One epoch of optimisation over `feed`'s (view_a, view_b) batches, already on `device`."""
     use_cuda = device.type == "cuda"
     net.train()
@@ -369,8 +338,6 @@ def _train_epoch(net, model: JEPAModel, feed, optimizer, scheduler, cfg: Config,
     view_a = None
     batches = _Waiting(feed)
     for iteration, (view_a, view_b) in enumerate(batches):
-        if failure is not None:
-            failure.maybe_fail(epoch, iteration)
         step = (epoch - 1) * iters_per_epoch + iteration
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_cuda):
             loss, stats = net(view_a, view_b, step)
@@ -430,7 +397,7 @@ CONTROLLER_FAILURE_LIMIT = 3
 
 
 def make_trainer(cfg: Config, resources: Resources, name: str, storage_path: str | None = None,
-                 max_failures: int = 2, callbacks: Sequence[Any] = (), failure: FailureInjection | None = None):
+                 max_failures: int = 2, callbacks: Sequence[Any] = ()):
     """A TorchTrainer for one run of `cfg`: gloo on CPU, nccl on GPU, restarts from the last checkpoint.
 
     The caller has checked `resources` against `cfg` (Resources.check_batch): `hamjepa train` and a study's base
@@ -440,8 +407,6 @@ def make_trainer(cfg: Config, resources: Resources, name: str, storage_path: str
     from ray.train.torch import TorchConfig, TorchTrainer
 
     loop_config: dict[str, Any] = {"cfg": cfg}  # a frozen dataclass travels through Ray as it is
-    if failure is not None:
-        loop_config["failure"] = failure
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
