@@ -1,7 +1,7 @@
 """One-time AWS setup for cluster/aws.yaml (security group, IAM roles, Ray's token), and its placeholder check.
 
     python cluster/aws_setup.py apply              # before the first `ray up`; again after editing aws.yaml
-    python cluster/aws_setup.py policies           # print the IAM documents apply installs (README.md shows them)
+    python cluster/aws_setup.py policies           # print the IAM documents apply installs (see cluster/README.md)
     python cluster/aws_setup.py check              # refuse the placeholders in aws.yaml, with one sentence
     python cluster/aws_setup.py check --node       # the same on a node (aws.yaml's setup_commands run it)
 

@@ -41,11 +41,11 @@ import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
+from hamjepa.backup_log import STATUS_FILE, age_of, last_line, record
+
 KEEP = 5  # dated versions kept in the bucket; identical snapshots are not uploaded, so idle hours use none
 DATED = re.compile(r"^mlflow-\d{8}T\d{6}Z\.db$")  # fixed width, so the names sort in time order
 MANIFEST = "manifest.json"
-STATUS_FILE = "backup-status.log"  # beside the store: one dated line per backup or restore
-STALE = dt.timedelta(minutes=30)  # aws.yaml's loop records a backup every 10 minutes; three missed means it stopped
 FORCE_HINT = "pass --force to upload it anyway"
 
 
@@ -354,49 +354,14 @@ def restore(store: Path, remote: str) -> Outcome:
 
 # -- status ---------------------------------------------------------------------------------------------------
 
-def record(status_file: Path, action: str, state: str, message: str, now: dt.datetime | None = None) -> str:
-    """Append one line `<UTC time> <action> <state>: <message>` to the status file; returns the line."""
-    now = now or dt.datetime.now(dt.UTC)
-    line = f"{now:%Y-%m-%dT%H:%M:%SZ} {action} {state}: {' '.join(message.split())}"
-    status_file.parent.mkdir(parents=True, exist_ok=True)
-    with status_file.open("a") as file:
-        file.write(line + "\n")
-    return line
-
-
-def _last(status_file: Path, action: str, states: tuple[str, ...] | None = None) -> str | None:
-    if not status_file.exists():
-        return None
-    lines = [line for line in status_file.read_text().splitlines() if line.split(" ")[1:2] == [action]
-             and (states is None or line.split(" ")[2].rstrip(":") in states)]
-    return lines[-1] if lines else None
-
-
-def _age(line: str, now: dt.datetime) -> dt.timedelta:
-    return now - dt.datetime.strptime(line.split(" ")[0], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
-
-
-def backup_warning(status_file: Path, now: dt.datetime | None = None) -> str | None:
-    """One sentence when the last backup failed or is older than STALE (the loop stopped), for a study's log."""
-    last = _last(status_file, "backup")
-    if last is None:
-        return None
-    if last.split(" ")[2] == "FAILED:":
-        return f"the MLflow store's last backup failed: {last} (see `python cluster/mlflow_store.py status`)"
-    age = _age(last, now or dt.datetime.now(dt.UTC))
-    if age > STALE:
-        return (f"the MLflow store's last backup was {age.total_seconds() / 60:.0f} minutes ago, so its backup loop "
-                f"has stopped (see `python cluster/mlflow_store.py status`)")
-    return None
-
-
 def status(remote: str, status_file: Path, now: dt.datetime | None = None) -> tuple[str, int]:
     """(the last backup's outcome, the last success and the versions kept, as text; 1 if the last backup failed)."""
     now = now or dt.datetime.now(dt.UTC)
-    last, success = _last(status_file, "backup"), _last(status_file, "backup", ("ok",))
-    when = f"{success.split(' ')[0]} ({_age(success, now).total_seconds() / 60:.0f} minutes ago)" if success else "none"
+    last, success = last_line(status_file, "backup"), last_line(status_file, "backup", ("ok",))
+    minutes = age_of(success, now).total_seconds() / 60 if success else 0.0
+    when = f"{success.split(' ')[0]} ({minutes:.0f} minutes ago)" if success else "none"
     lines = [f"last backup: {last or f'none recorded in {status_file}'}", f"last successful backup: {when}"]
-    restored = _last(status_file, "restore")
+    restored = last_line(status_file, "restore")
     if restored:
         lines.append(f"last restore: {restored}")
     try:

@@ -166,10 +166,32 @@ def _opens_for_writing(path: Path) -> bool:
         return False
 
 
+def _sqlite_path(uri: str) -> str:
+    return uri[len("sqlite:///"):].split("?", 1)[0]
+
+
+def check_readable_tracking_uri(uri: str) -> None:
+    """A store to read (`hamjepa report`, `hamjepa studies`) must exist, since MLflow would create an empty one, and be
+    what it says; a server must answer."""
+    fix = "pass the --tracking-uri the study logged to"
+    if uri.startswith("sqlite:///"):
+        path = Path(_sqlite_path(uri))
+        if not path.is_file():
+            raise UserError(f"tracking URI '{mask_uri(uri)}' names no file ('{path}' does not exist); {fix}.")
+        if not _is_sqlite(path):
+            raise UserError(f"tracking URI '{mask_uri(uri)}' names '{path}', which is not a SQLite database; {fix}.")
+    elif uri.startswith("file:"):
+        folder = Path(uri[len("file://"):] if uri.startswith("file://") else uri[len("file:"):])
+        if not folder.is_dir():
+            raise UserError(f"tracking URI '{mask_uri(uri)}' names no folder ('{folder}' does not exist); {fix}.")
+    else:
+        check_tracking_uri(uri)  # a server must answer; an unsupported scheme is refused
+
+
 def check_tracking_uri(uri: str) -> None:
     """Fail with one sentence, before any work, when the tracking store cannot be written or reached."""
     if uri.startswith("sqlite:///"):
-        path = uri[len("sqlite:///"):].split("?", 1)[0]
+        path = _sqlite_path(uri)
         if not path or path.endswith("/"):
             _refuse("--tracking-uri", mask_uri(uri), "a SQLite URI must name a file, e.g. sqlite:///mlflow.db")
         _writable_file(uri, Path(path))

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from hamjepa import checks, storage
+from hamjepa.backup_log import STATUS_FILE, backup_warning
 from hamjepa.config import (
     DATASET_OVERRIDES,
     DATASETS,
@@ -192,18 +193,12 @@ def _runs_url(settings, result) -> str:
 
 # On a cluster's head, cluster/mlflow_store.py records every backup of the MLflow store here; a study says so
 # when the last one failed or the backup loop stopped, where its user looks (not only in that log).
-BACKUP_STATUS = Path.home() / "mlflow" / "backup-status.log"
-STORE_SCRIPT = Path(__file__).resolve().parents[1] / "cluster" / "mlflow_store.py"
+BACKUP_STATUS = Path.home() / "mlflow" / STATUS_FILE
 
 
 def _warn_about_store_backups(status_file: Path | None = None) -> str | None:
-    status_file = status_file or BACKUP_STATUS
-    if not status_file.is_file() or not STORE_SCRIPT.is_file():  # not a cluster head
-        return None
-    import runpy
-
     try:
-        warning = runpy.run_path(str(STORE_SCRIPT))["backup_warning"](status_file)
+        warning = backup_warning(status_file or BACKUP_STATUS)  # None where there is no log: not a cluster head
     except Exception:  # noqa: BLE001 - a warning about backups must never stop a study
         return None
     if warning:
@@ -282,33 +277,11 @@ def _print_config(args: argparse.Namespace) -> int:
     return 0
 
 
-SQLITE_HEADER = b"SQLite format 3\x00"
-
-
-def _readable_store(uri: str) -> None:
-    """A store to read must exist (MLflow would create an empty one); a server must answer."""
-    fix = "pass the --tracking-uri the study logged to"
-    if uri.startswith("sqlite:///"):
-        path = Path(uri[len("sqlite:///"):].split("?", 1)[0])
-        if not path.is_file():
-            raise UserError(f"tracking URI '{mask_uri(uri)}' names no file ('{path}' does not exist); {fix}.")
-        with path.open("rb") as handle:
-            header = handle.read(len(SQLITE_HEADER))
-        if header and header != SQLITE_HEADER:
-            raise UserError(f"tracking URI '{mask_uri(uri)}' names '{path}', which is not a SQLite database; {fix}.")
-    elif uri.startswith("file:"):
-        folder = Path(uri[len("file://"):] if uri.startswith("file://") else uri[len("file:"):])
-        if not folder.is_dir():
-            raise UserError(f"tracking URI '{mask_uri(uri)}' names no folder ('{folder}' does not exist); {fix}.")
-    else:
-        checks.check_tracking_uri(uri)  # a server must answer; an unsupported scheme is refused
-
-
 def _store_to_read(args: argparse.Namespace) -> str:
     """The checked tracking URI (and --experiment) of `hamjepa report` / `hamjepa studies`."""
     checks.experiment_name("--experiment", args.experiment)
     tracking_uri = checks.resolve_tracking_uri(args.tracking_uri)
-    _readable_store(tracking_uri)
+    checks.check_readable_tracking_uri(tracking_uri)
     return tracking_uri
 
 

@@ -56,3 +56,10 @@ def tiny_config(**overrides):
     from hamjepa.config import SMOKE_OVERRIDES, profile
 
     return profile("quick", {**SMOKE_OVERRIDES, **overrides})
+
+
+def euler(q, p, grad_v, dt, steps):
+    """Explicit Euler: the non-symplectic contrast of the energy, symplecticity and flow-geometry tests."""
+    for _ in range(steps):
+        q, p = q + dt * p, p - dt * grad_v(q)
+    return q, p

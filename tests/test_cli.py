@@ -101,16 +101,14 @@ def test_resume_takes_an_optional_study_id(tmp_path, monkeypatch):
 
 def test_a_failed_store_backup_is_reported_where_the_study_user_looks(tmp_path, capsys):
     """On a cluster head the study's own output says when the MLflow store's last backup failed."""
-    import runpy
-
     from hamjepa import cli
+    from hamjepa.backup_log import record  # what cluster/mlflow_store.py writes after each backup
 
     status_file = tmp_path / "backup-status.log"
     assert cli._warn_about_store_backups(status_file) is None  # no status file: not a head, nothing said
-    store = runpy.run_path(str(cli.STORE_SCRIPT))
-    store["record"](status_file, "backup", "ok", "backed up")
+    record(status_file, "backup", "ok", "backed up")
     assert cli._warn_about_store_backups(status_file) is None
-    store["record"](status_file, "backup", "FAILED", "the remote copy holds more runs")
+    record(status_file, "backup", "FAILED", "the remote copy holds more runs")
     warning = cli._warn_about_store_backups(status_file)
     assert warning and "last backup failed" in warning and "holds more runs" in warning
     assert capsys.readouterr().err.strip() == f"warning: {warning}"

@@ -24,6 +24,7 @@ from packaging.version import Version
 from ray._private.ray_constants import RESOURCES_ENVIRONMENT_VARIABLE
 from ray.autoscaler._private.util import prepare_config, validate_config
 
+from hamjepa.backup_log import STALE
 from hamjepa.storage import ENVIRONMENT_VARIABLE
 from hamjepa.train.launch import DRIVER_RESOURCE
 
@@ -588,7 +589,7 @@ def test_a_second_ray_up_replaces_the_mlflow_server_and_a_new_head_restores_its_
     body = _line(loop.run[2])
     assert [c.argv[:2] for c in body] == [["while", "sleep"], ["do", "python"], ["done"]]
     assert body[1].argv == ["do", "python", "~/hamjepa-studies/cluster/mlflow_store.py", "backup"]
-    assert 3 * int(body[0].argv[2]) <= STORE.STALE.total_seconds()  # `status` calls three missed backups stale
+    assert 3 * int(body[0].argv[2]) <= STALE.total_seconds()  # `status` calls three missed backups stale
     assert loop.argv[0] == "nohup" and loop.then == "&" and loop.writes("~/mlflow/backup.log") == ">"
     assert (ROOT / "cluster" / "mlflow_store.py").is_file()
 

@@ -20,7 +20,6 @@ from hamjepa.data.feeds import (
     StreamFeed,
     TwoViewDataset,
     augment_placement,
-    eval_loader,
     shard_indices,
     two_view_feed,
 )
@@ -320,13 +319,6 @@ def test_two_view_batches_through_a_distributed_sampler():
     assert not torch.allclose(view_a, view_b)
     single_a, _ = dataset[3]
     assert single_a.shape == (1, 16, 16)
-
-
-def test_eval_loader_is_the_normalised_images_in_order():
-    splits = load_splits(DataConfig(dataset="synthetic", image_size=16, subset=100), channels=3)
-    x, y = next(iter(eval_loader(splits.val, splits, batch_size=8)))
-    expected = Normalise(splits.mean, splits.std)(splits.val.images[:8])
-    assert torch.equal(x, expected) and torch.equal(y, splits.val.labels[:8])
 
 
 def test_image_set_needs_one_source():

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from hamjepa.backup_log import backup_warning
+
 ROOT = Path(__file__).resolve().parents[1]
 _SPEC = importlib.util.spec_from_file_location("cluster_mlflow_store", ROOT / "cluster" / "mlflow_store.py")
 STORE = importlib.util.module_from_spec(_SPEC)
@@ -236,7 +238,7 @@ def test_status_shows_the_last_failure_and_the_versions_kept(template, tmp_path,
     options = ["--store", str(head), "--remote", remote]
     assert STORE.main(["backup", *options]) == 0
     status_file = head.parent / "backup-status.log"
-    assert STORE.backup_warning(status_file) is None
+    assert backup_warning(status_file) is None
 
     smaller = _new_store(template, tmp_path / "smaller" / "mlflow.db")
     capsys.readouterr()
@@ -249,20 +251,20 @@ def test_status_shows_the_last_failure_and_the_versions_kept(template, tmp_path,
     assert shown[0] == f"last backup: {error[0]}"
     assert re.fullmatch(r"last successful backup: 20\d\d-\d\d-\d\dT\d\d:\d\d:\d\dZ \(0 minutes ago\)", shown[1])
     assert shown[2] == f"versions in {remote}: 1" and shown[3].endswith(".db  2 runs")
-    warning = STORE.backup_warning(status_file)
+    warning = backup_warning(status_file)
     assert warning.startswith("the MLflow store's last backup failed: ") and "holds 2 runs" in warning
 
     _add_runs(head, 1)
     assert STORE.main(["backup", *options]) == 0
     assert STORE.main(["status", *options]) == 0
     assert " backup ok: backed up " in capsys.readouterr().out
-    assert STORE.backup_warning(status_file) is None
+    assert backup_warning(status_file) is None
     records = status_file.read_text().splitlines()
     assert [line.split(" ")[1:3] for line in records] == [["backup", "ok:"], ["backup", "FAILED:"], ["backup", "ok:"]]
     # a loop that stopped records nothing, so silence is reported too
     later = dt.datetime.strptime(records[-1][:20], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
-    assert STORE.backup_warning(status_file, now=later + dt.timedelta(minutes=29)) is None
-    assert STORE.backup_warning(status_file, now=later + dt.timedelta(minutes=45)).startswith(
+    assert backup_warning(status_file, now=later + dt.timedelta(minutes=29)) is None
+    assert backup_warning(status_file, now=later + dt.timedelta(minutes=45)).startswith(
         "the MLflow store's last backup was 45 minutes ago, so its backup loop has stopped")
 
 

@@ -11,7 +11,6 @@ from hamjepa.method.predictors import (
     hamiltonian_parameter_count,
     horizon_steps_at,
     matched_mlp_hidden_dim,
-    parameter_count,
     residual_scale_at,
 )
 from hamjepa.methods import spec
@@ -69,3 +68,7 @@ def test_horizon_curriculum():
     config = PredictorConfig(steps=4, curriculum_epochs=9)
     assert [horizon_steps_at(config, e) for e in range(1, 12)] == [1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4]
     assert horizon_steps_at(PredictorConfig(steps=3), 1) == 3  # curriculum off
+
+
+def parameter_count(module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import euler
 from torch import nn
 
 from hamjepa import metrics as names
@@ -24,7 +25,6 @@ from hamjepa.evaluation.theory import (
     symplecticity_defect,
     with_ridge,
 )
-from hamjepa.method.dynamics import euler
 from hamjepa.method.predictors import HamiltonianPredictor, ResidualMLPPredictor
 
 D = 8

@@ -78,7 +78,7 @@ def test_training_beats_the_encoder_at_initialisation(ray_cluster, tmp_path, met
     """The quick profile as a study trains it: 280 steps (4,500 images, batch 128, 8 epochs, lr 4e-3).
 
     A random ResNet is a strong kNN baseline on Fashion-MNIST (~74% here), and at the previous sizes (batch 64 or
-    256, lr 1e-3) HamJEPA's kNN fell below it (README: how the quick profile was sized).
+    256, lr 1e-3) HamJEPA's kNN fell below it (docs/results.md, 3676109: how the quick profile was sized).
     """
     cfg = profile("quick", {"method": method, "data.num_workers": 0})
     torch.manual_seed(cfg.seed)

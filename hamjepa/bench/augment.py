@@ -1,6 +1,6 @@
 """Two-view augmentation throughput through the training DataLoader, in images/s (two views per image).
 
-Random uint8 images in memory, the training Dataset (data.TwoViewDataset with augment.Augmentation at the
+Random uint8 images in memory, the training Dataset (data.feeds.TwoViewDataset with augment.Augmentation at the
 paper's settings), shuffled batches, the worker count training uses (DataConfig.num_workers). Timing starts
 when the first batch arrives, so worker start-up is left out. For reference, the same in the main process
 on one thread, per second of CPU time: the cost per core that training's DataLoader workers take from the

@@ -1,6 +1,6 @@
 """The one check to run when a CUDA device is at hand: `python -m hamjepa.bench gpu [--out DIR]`.
 
-Within about five minutes on one GPU it measures what the README's GPU section and the defaults rest on, and
+Within about five minutes on one GPU it measures what docs/results.md "the GPU check" and the defaults rest on, and
 writes them as `gpu_check.json` and `gpu_check.md` (one table) in --out:
 1. process group: CUDA + NCCL initialised by 2 processes, one all-reduce checked against its exact sum. With
    one GPU both processes share it; NCCL may refuse two ranks on one device, and the record then says so.
@@ -9,7 +9,7 @@ writes them as `gpu_check.json` and `gpu_check.md` (one table) in --out:
    of the encoder: which of compute.channels_last / compute.compile_encoder to switch on, and the HamJEPA / SIGReg
    ratio (target: at most 1.10x).
 3. augmentation: two-view images/s of the on-device augmentation (data.augment_on = device) at 32 px RGB.
-4. data wait: two short epochs of the real training loop (training.train_one_epoch, no Ray) on synthetic
+4. data wait: two short epochs of the real training loop (train.loop.train_one_epoch, no Ray) on synthetic
    files in CIFAR-100's on-disk format, each placement; the second epoch's images/s and
    train/data_wait_fraction (target: under 5% of the epoch with the device placement).
 5. peak GPU memory of each piece (torch.cuda.max_memory_allocated).

@@ -3,13 +3,13 @@
 1. methods: time per step (forward, backward, AdamW) of HamJEPA and SIGReg with the same encoder and batch. The
    paper leaves HamJEPA's overhead over SIGReg unmeasured: the leapfrog rollout, the floors' eigendecompositions
    and the extra statistics. The ratio printed is that overhead.
-2. placement: whole training epochs through the real loop (training.train_one_epoch) with the augmentation in
+2. placement: whole training epochs through the real loop (train.loop.train_one_epoch) with the augmentation in
    the training loop on the training device (data.augment_on = device) and in DataLoader workers (loader), on
    the profile's data (its real epoch: the loader's per-epoch worker start-up counts as in training), or on
    synthetic images of its size with --data synthetic (also the fallback when the data is not on this machine):
    images/s and the fraction of the epoch the step loop waited for input. Epochs alternate between the
-   placements so machine noise hits both alike; the medians decide data.CPU_AUTO_PLACEMENT (README "Where
-   augmentation runs").
+   placements so machine noise hits both alike; the medians decide data.feeds.CPU_AUTO_PLACEMENT (docs/results.md,
+   a4b4034).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Where a run's config comes from: the defaults, then a profile, then a YAML file, then dotted overrides.
 
-The defaults are the tree in config.py (the single source); a profile is a named set of dotted overrides on
+The defaults are the tree in sections.py (the single source); a profile is a named set of dotted overrides on
 it, so a profile can never introduce a knob the tree does not have. YAML is read strictly (a key written
 twice is an error) and safely (`yaml.SafeLoader`).
 """
@@ -43,7 +43,7 @@ def read_yaml_file(path: str | Path) -> Any:
 # measurably (a random ResNet is already a ~74% kNN classifier on Fashion-MNIST): 4,500 training images,
 # batch 128 (35 steps per epoch), 8 epochs = 280 steps at lr 4e-3. At batch 256 x 3 epochs (51 steps, the
 # old size) and at lr 1e-3 both methods ended at or below their initialisation; here HamJEPA gained +3 to +4
-# test kNN@20 and +4 to +6 linear probe over its initialisation on two seeds, SIGReg +4 and +7 (README).
+# test kNN@20 and +4 to +6 linear probe over its initialisation on two seeds, SIGReg +4 and +7 (docs/results.md).
 # One run is ~2.5 minutes on one core (~260 images/s plus two evaluations). "cifar100" is the paper's protocol.
 PROFILES: dict[str, dict[str, Any]] = {
     "quick": {

@@ -176,7 +176,7 @@ class DataConfig(_Section):
     seed: int = 0  # subset and split seed (independent of the training seed, so splits stay fixed)
     # Where the two-view augmentation runs: "device" = in the training loop on the training device (in-memory
     # datasets held there as uint8), "loader" = in DataLoader worker processes, "auto" = device on a GPU and,
-    # on a CPU, the placement measured faster there (data.CPU_AUTO_PLACEMENT, with the figures).
+    # on a CPU, the placement measured faster there (data.feeds.CPU_AUTO_PLACEMENT, with the figures).
     augment_on: str = "auto"
 
     def __post_init__(self) -> None:
@@ -282,7 +282,7 @@ class OptimConfig(_Section):
 @dataclass(frozen=True)
 class ComputeConfig(_Section):
     """How the training device computes (not what it learns): each switch is off unless measured to help there
-    (README "On a GPU": `python -m hamjepa.bench gpu` measures both)."""
+    (docs/results.md "Not measured yet: the GPU check": `python -m hamjepa.bench gpu` measures both)."""
 
     section: ClassVar[str] = "compute"
     channels_last: bool = False  # NHWC memory format for the model and its input views

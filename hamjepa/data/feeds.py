@@ -53,36 +53,13 @@ class TwoViewDataset(Dataset):
         return self.__getitems__([index])[0]
 
 
-class LabelledDataset(Dataset):
-    """(image, label) through a deterministic batch transform (e.g. Normalise), for feature extraction."""
-
-    def __init__(self, images: ImageSet, transform: Callable[[torch.Tensor], torch.Tensor]):
-        self.images, self.transform = images, transform
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitems__(self, indices: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        x = self.transform(self.images.load(indices))  # (B, C, S, S)
-        return list(zip(x.unbind(0), self.images.labels[torch.as_tensor(indices, dtype=torch.long)].unbind(0)))
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.__getitems__([index])[0]
-
-
-def eval_loader(images: ImageSet, splits: Splits, batch_size: int, num_workers: int = 0) -> DataLoader:
-    """Un-augmented, normalised (image, label) batches in dataset order."""
-    return DataLoader(LabelledDataset(images, splits.normalise()), batch_size=batch_size, shuffle=False,
-                      num_workers=num_workers)
-
-
 # -- how training batches reach the device (data.augment_on) --------------------------------------------
 
 # data.augment_on = auto on a CPU: the placement `python -m hamjepa.bench step --part placement` measured faster
 # on this project's 2-core machine, at the quick profile's real epoch (4,480 Fashion-MNIST images, batch 128, one
 # loader worker; medians of 3 alternating epochs, one run): device 608 images/s, loader 515, 1.18x; data wait 1.8%
 # and 2.1% of the epoch. In the loop, augmenting a 28-px batch costs milliseconds of a 200 ms step; a loader worker
-# process takes a core from the training's two threads for the whole epoch (README "Where augmentation runs").
+# process takes a core from the training's two threads for the whole epoch (docs/results.md, a4b4034).
 CPU_AUTO_PLACEMENT = "device"
 
 

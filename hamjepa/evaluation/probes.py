@@ -29,38 +29,26 @@ def split_readouts(z: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"q": z[:, :half], "p": z[:, half:], "qp": z}
 
 
-def _batches(images: ImageSet | torch.Tensor | Iterable, transform: Callable[[torch.Tensor], torch.Tensor] | None,
+def _batches(images: ImageSet | torch.Tensor, transform: Callable[[torch.Tensor], torch.Tensor] | None,
              batch_size: int) -> Iterable[torch.Tensor]:
-    """Float (B, C, H, W) model inputs from an ImageSet, a uint8 tensor or an iterable of batches."""
-    if isinstance(images, (ImageSet, torch.Tensor)):
-        for start in range(0, len(images), batch_size):
-            stop = min(start + batch_size, len(images))
-            chunk = images.load(torch.arange(start, stop)) if isinstance(images, ImageSet) else images[start:stop]
-            yield _prepare(chunk, transform)
-        return
-    for batch in images:  # a DataLoader: x or (x, label) per batch
-        yield _prepare(batch[0] if isinstance(batch, (tuple, list)) else batch, transform)
-
-
-def _prepare(x: torch.Tensor, transform: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
-    if x.dtype != torch.uint8:
-        return x  # already a model input (e.g. from eval_loader)
+    """Float (B, C, H, W) model inputs from an ImageSet or a uint8 tensor, through `transform`."""
     if transform is None:
         raise ValueError("uint8 images need a transform (e.g. Splits.normalise()) to become model inputs.")
-    return transform(x)
+    for start in range(0, len(images), batch_size):
+        stop = min(start + batch_size, len(images))
+        chunk = images.load(torch.arange(start, stop)) if isinstance(images, ImageSet) else images[start:stop]
+        yield transform(chunk)
 
 
 @torch.no_grad()
-def extract_features(encoder: nn.Module, images: ImageSet | torch.Tensor | Iterable,
+def extract_features(encoder: nn.Module, images: ImageSet | torch.Tensor,
                      transform: Callable[[torch.Tensor], torch.Tensor] | None = None, batch_size: int = 512,
                      device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """The readouts {'q', 'p', 'qp'} of every image, float32 (N, d) / (N, 2d) on the CPU.
 
     encoder: forward(x float (B, C, H, W)) -> z (B, 2d); run in eval mode (its mode is restored after),
     batched, without gradients, in bf16 autocast on CUDA. images: an ImageSet or a uint8 (N, C, H, W)
-    tensor, cut into batches of batch_size and passed through `transform` (uint8 -> normalised float); or
-    an iterable of batches (a DataLoader yielding x or (x, label)) whose uint8 batches go through
-    `transform` and float batches are used as they are.
+    tensor, cut into batches of batch_size and passed through `transform` (uint8 -> normalised float).
     """
     was_training = encoder.training
     encoder.eval()

@@ -33,12 +33,6 @@ def _normal_cdf_pdf(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return 0.5 * (1.0 + torch.erf(x * _INV_SQRT_2)), torch.exp(-0.5 * x * x) * _INV_SQRT_2PI
 
 
-def gelu_derivative(x: torch.Tensor) -> torch.Tensor:
-    """d/dx GELU(x) for the exact (erf) GELU: Phi(x) + x * pdf(x)."""
-    cdf, pdf = _normal_cdf_pdf(x)
-    return cdf + x * pdf
-
-
 class _GeluAndDerivative(torch.autograd.Function):
     """(GELU(a), GELU'(a)) in one pass, with a fused first-order backward.
 
@@ -136,12 +130,4 @@ def leapfrog(q: torch.Tensor, p: torch.Tensor, grad_v: GradFn, dt: float | torch
         q = q + dt * p
         force = grad_v(q)
         p = p - half * force
-    return q, p
-
-
-def euler(q: torch.Tensor, p: torch.Tensor, grad_v: GradFn, dt: float,
-          steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Explicit Euler, the non-symplectic contrast used by the energy-drift test."""
-    for _ in range(steps):
-        q, p = q + dt * p, p - dt * grad_v(q)
     return q, p

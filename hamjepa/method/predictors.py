@@ -131,10 +131,6 @@ class ResidualMLPPredictor(nn.Module):
         return z
 
 
-def parameter_count(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
 def hamiltonian_parameter_count(q_dim: int, hidden_dim: int, depth: int) -> int:
     """Parameters of phi: d -> h (-> h)^(depth-1) -> 1, weights and biases (none on the output)."""
     return (q_dim + 1) * hidden_dim + (depth - 1) * (hidden_dim + 1) * hidden_dim + hidden_dim

@@ -111,6 +111,16 @@ def read_newest_usable(candidates: list[str], config: Mapping[str, Any],
                           "again under a new name.")
 
 
+def folder_names(fs, parent: str) -> list[str]:
+    """The names of the checkpoint folders under `parent` on pyarrow filesystem `fs`, newest first (Ray names them
+    checkpoint_<timestamp>, so the name orders them; Ray keeps files and folders of its own beside them)."""
+    import pyarrow.fs
+
+    return sorted((info.base_name for info in fs.get_file_info(pyarrow.fs.FileSelector(parent))
+                   if info.type == pyarrow.fs.FileType.Directory and info.base_name.startswith(FOLDER_PREFIX)),
+                  reverse=True)
+
+
 def siblings_newest_first(latest: str, listing: list[str]) -> list[str]:
     """The latest checkpoint, then the other checkpoint folders of its run (`listing`: the names beside it),
     newest first. Ray names them checkpoint_<timestamp>, so the name orders them."""

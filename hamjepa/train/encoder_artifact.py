@@ -45,12 +45,8 @@ def load_encoder(path: str, device: torch.device | str = "cpu") -> tuple[TokenEn
 
 def newest_state(run_folder: str, cfg: Config) -> dict[str, Any]:
     """The newest usable checkpoint's state of the Ray Train run stored in `run_folder` (a folder or URI)."""
-    import pyarrow.fs
-
     fs, inner = storage.filesystem(run_folder)
-    names = sorted((info.base_name for info in fs.get_file_info(pyarrow.fs.FileSelector(inner))
-                    if info.base_name.startswith(checkpoints.FOLDER_PREFIX)
-                    and info.type == pyarrow.fs.FileType.Directory), reverse=True)  # not Ray's own files
+    names = checkpoints.folder_names(fs, inner)
     if not names:
         raise checkpoints.CheckpointError(f"no checkpoint under {run_folder}")
     candidates = [f"{inner}/{name}" for name in names]

@@ -172,8 +172,7 @@ def train_and_log(cfg: Config, resources: Resources, *, experiment: str, run_nam
     """Train once under Ray Train and log it as one MLflow run (found again by its name on a rerun)."""
     from ray.train import TrainingFailedError
 
-    uri = resolve_tracking_uri(tracking_uri)
-    check_rerun(uri, experiment, run_name, cfg)
+    uri = resolve_tracking_uri(tracking_uri)  # the caller has run check_rerun before Ray started
     run_name = run_name or f"{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
     logger = RunLogger(uri, experiment, key=run_name, tags={ROLE_TAG: "run", METHOD_TAG: cfg.method,
                                                             DATASET_TAG: cfg.data.dataset, **provenance.tags(),

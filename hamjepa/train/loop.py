@@ -125,13 +125,10 @@ def _report(rank: int, metrics: dict[str, Any], state: dict[str, Any] | None) ->
 
 def _read_checkpoint(checkpoint, device, cfg: Config) -> dict[str, Any]:
     """The newest usable checkpoint of this run: Ray's latest, else the older one it kept (checkpoints.py)."""
-    import pyarrow.fs
     import ray.train
 
     fs, parent = checkpoint.filesystem, os.path.dirname(checkpoint.path.rstrip("/"))
-    listing = [info.base_name for info in fs.get_file_info(pyarrow.fs.FileSelector(parent))
-               if info.type == pyarrow.fs.FileType.Directory]  # Ray keeps files of its own beside them
-    candidates = checkpoints.siblings_newest_first(checkpoint.path, listing)
+    candidates = checkpoints.siblings_newest_first(checkpoint.path, checkpoints.folder_names(fs, parent))
     return checkpoints.read_newest_usable(
         candidates, cfg.to_dict(), device,
         fetch=lambda path: ray.train.Checkpoint(path=path, filesystem=fs).as_directory())
