@@ -81,7 +81,7 @@ def _train(args: argparse.Namespace) -> int:
     resources = Resources(args.workers, args.cpus_per_worker, args.gpus_per_worker, flag="--workers")
     tracking_uri = _check_destinations(resources, args)
 
-    from hamjepa.metrics import RunStatus
+    from hamjepa.names import RunState
     from hamjepa.train import launch  # torch, Ray and MLflow load from here on
 
     launch.preflight(cfg, resources)
@@ -91,7 +91,7 @@ def _train(args: argparse.Namespace) -> int:
                                 tracking_uri=tracking_uri, storage_path=args.storage_path,
                                 max_failures=args.max_failures)
     print(launch.summary(cfg, outcome, tracking_uri))
-    return 0 if outcome.status == RunStatus.FINISHED else 1
+    return 0 if outcome.status == RunState.FINISHED else 1
 
 
 def _add_study_arguments(parser: argparse.ArgumentParser, name: str, default_profile: str | None) -> None:

@@ -28,7 +28,7 @@ ROLE_TAG = "hamjepa.role"
 METHOD_TAG = "hamjepa.method"
 PHASE_TAG = "hamjepa.phase"
 TRIAL_TAG = "hamjepa.trial_id"
-STATUS_TAG = "hamjepa.status"  # a metrics.RunStatus value
+STATUS_TAG = "hamjepa.status"  # a names.RunState value
 REASON_TAG = "hamjepa.reason"
 DATASET_TAG = "hamjepa.dataset"  # the dataset input's name (log_dataset)
 PARENT_TAG = "mlflow.parentRunId"
@@ -144,7 +144,7 @@ class RunLogger:
         if epoch <= self.last_logged_epoch():
             return False
         self.log_metrics(metrics, step=epoch)
-        if "data_digest" in metrics:  # epoch 0 says which data the run saw (metrics.DATA)
+        if "data_digest" in metrics:  # epoch 0 says which data the run saw (names.DATA)
             self.log_dataset(self.tags.get(DATASET_TAG, "data"), str(metrics["data_digest"]),
                              {"splits": str(metrics.get("data_sizes", ""))})
         self._last_epoch = epoch

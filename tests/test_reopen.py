@@ -6,8 +6,7 @@ from types import SimpleNamespace
 import pytest
 from mlflow.tracking import MlflowClient
 
-from hamjepa import cli
-from hamjepa import metrics as names
+from hamjepa import cli, names
 from hamjepa.config import profile
 from hamjepa.study.reopen import Gaps, base_config, runs_url
 from hamjepa.tracking import (

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from hamjepa import metrics as names
+from hamjepa import names
 from hamjepa.config import profile
 from hamjepa.report.paired import estimate
 from hamjepa.report.summary import (

@@ -6,7 +6,7 @@ import optuna
 import pytest
 from ray import tune
 
-from hamjepa.metrics import RunStatus, classify
+from hamjepa.names import RunState, classify
 from hamjepa.report.search_views import OPTUNA_STATES, optuna_outcome
 from hamjepa.study.search import FullTrialOptunaSearch
 
@@ -57,32 +57,32 @@ def test_each_ending_reaches_optuna_in_its_own_state(searcher):
 
 
 def test_the_mapping_covers_every_status_once():
-    assert set(OPTUNA_STATES) == set(RunStatus)
-    assert OPTUNA_STATES[RunStatus.STOPPED] == State.PRUNED and OPTUNA_STATES[RunStatus.FINISHED] == State.COMPLETE
+    assert set(OPTUNA_STATES) == set(RunState)
+    assert OPTUNA_STATES[RunState.STOPPED] == State.PRUNED and OPTUNA_STATES[RunState.FINISHED] == State.COMPLETE
 
 
 @pytest.mark.parametrize("last,status", [
-    ({"epoch": 3}, RunStatus.FINISHED),
-    ({"epoch": 1}, RunStatus.STOPPED),
-    ({"epoch": 0}, RunStatus.STOPPED),
-    ({"epoch": 2, "diverged": 1, "diverged_reason": "epoch 2: non-finite loss (nan)"}, RunStatus.DIVERGED),
-    ({"epoch": 3, "failed": 1, "failure_reason": "worker died"}, RunStatus.FAILED),
+    ({"epoch": 3}, RunState.FINISHED),
+    ({"epoch": 1}, RunState.STOPPED),
+    ({"epoch": 0}, RunState.STOPPED),
+    ({"epoch": 2, "diverged": 1, "diverged_reason": "epoch 2: non-finite loss (nan)"}, RunState.DIVERGED),
+    ({"epoch": 3, "failed": 1, "failure_reason": "worker died"}, RunState.FAILED),
 ])
 def test_one_classifier_of_run_endings(last, status):
     found, reason = classify(last, epochs=3)
     assert found == status
-    assert (reason == "") == (status == RunStatus.FINISHED)
-    assert found.mlflow_status == ("FINISHED" if status in (RunStatus.FINISHED, RunStatus.STOPPED) else "FAILED")
+    assert (reason == "") == (status == RunState.FINISHED)
+    assert found.mlflow_status == ("FINISHED" if status in (RunState.FINISHED, RunState.STOPPED) else "FAILED")
 
 
 @pytest.mark.parametrize("status,value,intermediate,expected", [
-    (RunStatus.FINISHED, 73.5, {0: 70.0, 3: 73.5}, (State.COMPLETE, 73.5)),
-    (RunStatus.STOPPED, 65.0, {0: 70.0, 1: 65.0}, (State.PRUNED, 65.0)),  # its last intermediate value
-    (RunStatus.STOPPED, 65.0, {}, (State.PRUNED, None)),  # the live search: tell() takes it from the trial
-    (RunStatus.DIVERGED, 0.0, {0: 70.0}, (State.COMPLETE, 0.0)),
-    (RunStatus.FINISHED, float("nan"), {0: 70.0}, (State.FAIL, None)),
-    (RunStatus.FINISHED, None, {}, (State.FAIL, None)),
-    (RunStatus.FAILED, 0.0, {0: 70.0}, (State.FAIL, None)),
+    (RunState.FINISHED, 73.5, {0: 70.0, 3: 73.5}, (State.COMPLETE, 73.5)),
+    (RunState.STOPPED, 65.0, {0: 70.0, 1: 65.0}, (State.PRUNED, 65.0)),  # its last intermediate value
+    (RunState.STOPPED, 65.0, {}, (State.PRUNED, None)),  # the live search: tell() takes it from the trial
+    (RunState.DIVERGED, 0.0, {0: 70.0}, (State.COMPLETE, 0.0)),
+    (RunState.FINISHED, float("nan"), {0: 70.0}, (State.FAIL, None)),
+    (RunState.FINISHED, None, {}, (State.FAIL, None)),
+    (RunState.FAILED, 0.0, {0: 70.0}, (State.FAIL, None)),
 ])
 def test_one_outcome_for_the_live_search_and_the_rebuilt_study(status, value, intermediate, expected):
     assert optuna_outcome(status, value, intermediate) == expected

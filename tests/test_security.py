@@ -14,7 +14,7 @@ from hamjepa.config import Config, DataConfig
 from hamjepa.data import cifar, splits
 from hamjepa.data import sources as data
 from hamjepa.errors import UserError
-from hamjepa.metrics import RunStatus
+from hamjepa.names import RunState
 from hamjepa.redact import mask_text, mask_uri
 from hamjepa.train.launch import RunOutcome, summary
 
@@ -151,7 +151,7 @@ def test_errors_and_summaries_show_uris_without_their_credentials(tmp_path):
     with pytest.raises(UserError) as caught:  # pyarrow's own message repeats the URI: masked as well
         storage.write_text("s3://AKIAEXAMPLE:se/cret@bucket/study/latest", "x")
     assert "cret" not in str(caught.value) and "s3://AKIAEXAMPLE:***@bucket/study/latest" in str(caught.value)
-    text = summary(Config(), RunOutcome(RunStatus.FAILED, {}, "run1"), "http://user:secret@host:5000")
+    text = summary(Config(), RunOutcome(RunState.FAILED, {}, "run1"), "http://user:secret@host:5000")
     assert "secret" not in text and "http://user:***@host:5000" in text
 
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from conftest import euler
 from torch import nn
 
-from hamjepa import metrics as names
+from hamjepa import names
 from hamjepa.evaluation import theory
 from hamjepa.evaluation.probes import TrainedProbe
 from hamjepa.evaluation.theory import (

@@ -11,7 +11,7 @@ import torch
 from conftest import tiny_config
 from mlflow.tracking import MlflowClient
 
-from hamjepa import metrics as names
+from hamjepa import names
 from hamjepa.config import profile
 from hamjepa.data.splits import load_splits
 from hamjepa.evaluation import readouts

@@ -4,7 +4,7 @@ figure, and exact replay of a resumed epoch on the device-resident path."""
 import pytest
 import torch
 
-from hamjepa import metrics as names
+from hamjepa import names
 from hamjepa.config import SMOKE_OVERRIDES, profile
 from hamjepa.data.feeds import LoaderFeed, ResidentFeed
 from hamjepa.train.loop import _restore, _training_state, build_worker, train_one_epoch

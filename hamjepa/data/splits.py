@@ -6,7 +6,7 @@ Splits, all seeded by data.seed (independent of the training seed, so the splits
 3. the dataset's own test split is used only for final reporting.
 Subset first, so `subset` bounds everything a run touches (a 10,000-image subset with val_fraction 0.1
 trains on 9,000 and validates on 1,000), and the validation split has the subset's class balance. Each run logs
-its split's digest (split_digest, metrics.DATA_DIGEST): the same digest, the same training and validation images.
+its split's digest (split_digest, names.DATA_DIGEST): the same digest, the same training and validation images.
 
 Normalisation (mean, std per channel, 0-1 scale): the published training-set constants for Fashion-MNIST
 and CIFAR; computed from the training images for synthetic, and from a seeded sample of STATS_SAMPLE

@@ -1,6 +1,6 @@
 """A run's readouts measured (percent): the per-epoch objective, and the final evaluation.
 
-Which readouts a method is judged on, and every metric's name, live in metrics.py.
+Which readouts a method is judged on, and every metric's name, live in names.py.
 Per epoch: the objective `val_knn{k}_top1` against a bounded, seeded subset of the training split (cheap
 enough for every epoch, and a fixed yardstick for ASHA). At the end (and at initialisation, epoch 0): kNN
 and linear probe on validation and test against the whole training split, per readout, and spectra.
@@ -13,7 +13,7 @@ import torch
 from hamjepa.config import Config
 from hamjepa.data.splits import Splits
 from hamjepa.evaluation.probes import extract_features, knn_top1, linear_probe, spectrum
-from hamjepa.metrics import accuracy, default_readout, knn, objective, readouts
+from hamjepa.names import accuracy, default_readout, knn, objective, readouts
 
 
 def _features(model, images, splits: Splits, cfg: Config, device) -> dict[str, torch.Tensor]:

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hamjepa import metrics as names
+from hamjepa import names
 from hamjepa.evaluation.probes import TrainedProbe
 
 # H = H0 + CURVATURE_RIDGE * tr(H0)/D * I. H0 has rank <= classes - 1 (softmax has one redundant logit), so
@@ -232,7 +232,7 @@ def readout_geometry(readouts: Sequence[str], probes: Sequence[TrainedProbe]) ->
 
 def final_metrics(method: str, predictor: nn.Module | None, states: torch.Tensor,
                   probes: Sequence[TrainedProbe]) -> dict[str, float]:
-    """A run's theory check: every readout's geometry (probes in metrics.readouts(method) order, as
+    """A run's theory check: every readout's geometry (probes in names.readouts(method) order, as
     readouts.final_metrics trains them) and, when it has a predictor, the flow's on `states` (N, 2d)."""
     out = readout_geometry(names.readouts(method), probes)
     if predictor is not None:

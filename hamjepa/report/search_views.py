@@ -20,7 +20,7 @@ import optuna
 from mlflow.tracking import MlflowClient
 
 from hamjepa.config import Config
-from hamjepa.metrics import RunStatus
+from hamjepa.names import RunState
 from hamjepa.report.summary import RunRecord
 
 # fANOVA importance on fewer complete trials ranks noise; below this the views say so instead of drawing it.
@@ -32,15 +32,15 @@ IMPORTANCE_MIN_COMPLETE = 8
 # a COMPLETE trial with the worst value (the configuration's fault: TPE learns to avoid its region); a
 # failed one (an error not of the configuration's making) is FAIL and teaches TPE nothing.
 OPTUNA_STATES = {
-    RunStatus.FINISHED: optuna.trial.TrialState.COMPLETE,
-    RunStatus.STOPPED: optuna.trial.TrialState.PRUNED,
-    RunStatus.DIVERGED: optuna.trial.TrialState.COMPLETE,
-    RunStatus.FAILED: optuna.trial.TrialState.FAIL,
-    RunStatus.RUNNING: optuna.trial.TrialState.FAIL,
+    RunState.FINISHED: optuna.trial.TrialState.COMPLETE,
+    RunState.STOPPED: optuna.trial.TrialState.PRUNED,
+    RunState.DIVERGED: optuna.trial.TrialState.COMPLETE,
+    RunState.FAILED: optuna.trial.TrialState.FAIL,
+    RunState.RUNNING: optuna.trial.TrialState.FAIL,
 }
 
 
-def optuna_outcome(status: RunStatus, value: float | None,
+def optuna_outcome(status: RunState, value: float | None,
                    intermediate: Mapping[int, float]) -> tuple[optuna.trial.TrialState, float | None]:
     """(state, value) Optuna records for a trial that ended with `status` and final objective `value`.
 
@@ -101,7 +101,7 @@ def build_study(records: Sequence[RunRecord], space: Mapping[str, Any], base: Co
     path.unlink(missing_ok=True)
     study = optuna.create_study(storage=f"sqlite:///{path}", study_name=name, direction="maximize")
     for record, values in zip(search, params):
-        status = RunStatus(record.status) if record.status in set(RunStatus) else RunStatus.RUNNING
+        status = RunState(record.status) if record.status in set(RunState) else RunState.RUNNING
         intermediate = {int(m.step): m.value for m in client.get_metric_history(record.run_id, objective)
                         if math.isfinite(m.value)}
         state, value = optuna_outcome(status, record.metrics.get(objective), intermediate)

@@ -23,10 +23,10 @@ from typing import Any
 
 from mlflow.tracking import MlflowClient
 
-from hamjepa import metrics as names
+from hamjepa import names
 from hamjepa.config import Config
 from hamjepa.methods import METHODS, spec
-from hamjepa.metrics import RunStatus
+from hamjepa.names import RunState
 from hamjepa.report.paired import CONFIDENCE, Estimate, estimate, paired_differences, verdict
 from hamjepa.report.tables import csv_number, csv_text, markdown_table
 from hamjepa.tracking import METHOD_TAG, PARENT_TAG, PHASE_TAG, REASON_TAG, STATUS_TAG
@@ -52,7 +52,7 @@ class RunRecord:
     name: str
     phase: str
     method: str
-    status: RunStatus | str  # ours (the hamjepa.status tag)
+    status: RunState | str  # ours (the hamjepa.status tag)
     reason: str
     params: dict[str, str]
     metrics: dict[str, float]
@@ -66,7 +66,7 @@ class RunRecord:
     def complete(self) -> bool:
         """Finished all epochs with final test metrics: eligible for the comparison."""
         k = int(self.params.get("eval.knn_k", 20))
-        return self.status == RunStatus.FINISHED and names.accuracy("test", names.knn(k)) in self.metrics
+        return self.status == RunState.FINISHED and names.accuracy("test", names.knn(k)) in self.metrics
 
 
 def typed_param(base: Config, key: str, text: str) -> Any:
@@ -78,7 +78,7 @@ def collect_runs(client: MlflowClient, experiment_id: str, parent_run_id: str) -
     runs = client.search_runs([experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'",
                               max_results=5000)
     return [RunRecord(run.info.run_id, run.info.run_name, run.data.tags.get(PHASE_TAG, ""),
-                      run.data.tags.get(METHOD_TAG, ""), run.data.tags.get(STATUS_TAG, RunStatus.RUNNING.value),
+                      run.data.tags.get(METHOD_TAG, ""), run.data.tags.get(STATUS_TAG, RunState.RUNNING.value),
                       run.data.tags.get(REASON_TAG, ""), dict(run.data.params), dict(run.data.metrics),
                       run.info.status)
             for run in runs]
@@ -161,7 +161,7 @@ def summarize(records: Sequence[RunRecord], search_keys: Sequence[str], base: Co
     paired = [r for r in records if r.phase == COMPARE]
     arms = {label: {r.seed: r for r in paired if r.method == method and r.complete}
             for method, label in _LABELS.items()}
-    counts = {"trials": len(search), **{status.value: sum(r.status == status for r in search) for status in RunStatus}}
+    counts = {"trials": len(search), **{status.value: sum(r.status == status for r in search) for status in RunState}}
     not_compared = [r for r in paired if not r.complete]
     summary = StudySummary(base, select_trial(records, objective), arms, list(search_keys), counts, not_compared)
     hamjepa, sigreg, mlp = arms["HamJEPA"], arms["SIGReg"], arms["MLP-HJEPA"]

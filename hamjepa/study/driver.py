@@ -11,10 +11,9 @@ from typing import Any
 
 from ray.tune import Callback
 
-from hamjepa import metrics as names
-from hamjepa import provenance, storage
+from hamjepa import names, provenance, storage
 from hamjepa.config import Config
-from hamjepa.metrics import RunStatus
+from hamjepa.names import RunState
 from hamjepa.redact import mask_text
 from hamjepa.study.settings import CELL, StudySettings, config_of_trial, run_key
 from hamjepa.tracking import (
@@ -99,7 +98,7 @@ class MLflowTrialCallback(Callback):
         return self.loggers[trial.trial_id]
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self._logger(trial).set_tags({STATUS_TAG: RunStatus.RUNNING.value})
+        self._logger(trial).set_tags({STATUS_TAG: RunState.RUNNING.value})
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         metrics = _our_metrics(result)
@@ -114,11 +113,11 @@ class MLflowTrialCallback(Callback):
         self._close(trial, *names.classify(last, self.trial_config(trial).optim.epochs))
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._close(trial, RunStatus.FAILED, _error_reason(trial))
+        self._close(trial, RunState.FAILED, _error_reason(trial))
 
-    def _close(self, trial, status: RunStatus, reason: str) -> None:
+    def _close(self, trial, status: RunState, reason: str) -> None:
         logger = self._logger(trial)
-        if status == RunStatus.FINISHED and CELL in trial.config:  # a compared run: its encoder, for reuse
+        if status == RunState.FINISHED and CELL in trial.config:  # a compared run: its encoder, for reuse
             from hamjepa.train.encoder_artifact import log_encoder
 
             key = run_key(trial.config, trial.trial_id)

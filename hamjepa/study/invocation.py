@@ -14,7 +14,7 @@ from typing import Any
 from hamjepa import provenance, storage
 from hamjepa.config import Config
 from hamjepa.errors import UserError
-from hamjepa.metrics import RunStatus
+from hamjepa.names import RunState
 from hamjepa.redact import mask_uri
 from hamjepa.study.driver import first_line
 from hamjepa.study.phases import describe_phase, run_phase
@@ -140,7 +140,7 @@ class Invocation:
         self.experiment_id = experiment_id(self.parent.client, settings.experiment_name)
         self.parent.log_params(params)
         self.parent.log_text(settings.base.to_yaml(), "base_config.yaml")
-        self.parent.set_tags({STATUS_TAG: RunStatus.RUNNING.value})
+        self.parent.set_tags({STATUS_TAG: RunState.RUNNING.value})
         self.interrupted = False
         if settings.resume:
             self._close_open_children("interrupted; continued by a resumed invocation where its trial is")
@@ -157,7 +157,7 @@ class Invocation:
         reason = "interrupted" if interrupted else first_line(error)
         status = "KILLED" if interrupted else "FAILED"
         self._close_open_children(f"the study stopped: {reason}", status=status)
-        self.parent.set_tags({STATUS_TAG: "interrupted" if interrupted else RunStatus.FAILED.value,
+        self.parent.set_tags({STATUS_TAG: "interrupted" if interrupted else RunState.FAILED.value,
                               REASON_TAG: reason})
         self.parent.finish(status)
         return False
@@ -228,6 +228,6 @@ class Invocation:
         client = self.parent.client
         for record in self.records():
             if record.run_status == "RUNNING":
-                client.set_tag(record.run_id, STATUS_TAG, RunStatus.FAILED.value)
+                client.set_tag(record.run_id, STATUS_TAG, RunState.FAILED.value)
                 client.set_tag(record.run_id, REASON_TAG, reason)
                 client.set_terminated(record.run_id, status=status)

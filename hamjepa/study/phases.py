@@ -8,8 +8,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from hamjepa import metrics as names
-from hamjepa import storage
+from hamjepa import names, storage
 from hamjepa.errors import UserError
 from hamjepa.study.driver import MLflowTrialCallback, trial_driver
 from hamjepa.study.settings import ARM, CELL, StudySettings

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from mlflow.tracking import MlflowClient
 
-from hamjepa import metrics as names
+from hamjepa import names
 from hamjepa.config import Config, build_config
 from hamjepa.errors import UserError
 from hamjepa.redact import mask_uri

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from hamjepa import metrics as names
+from hamjepa import names
 from hamjepa.config import Config
 from hamjepa.report.paired import Estimate, estimate
 from hamjepa.report.paper import COLUMN_TITLES, COLUMNS, DATASET_TITLES, PaperRow, reference_row

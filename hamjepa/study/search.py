@@ -11,8 +11,8 @@ from typing import Any
 import optuna
 from ray.tune.search.optuna import OptunaSearch
 
-from hamjepa import metrics as names
-from hamjepa.metrics import RunStatus
+from hamjepa import names
+from hamjepa.names import RunState
 from hamjepa.report.search_views import optuna_outcome
 from hamjepa.study.settings import StudySettings, defaults_point
 
@@ -49,7 +49,7 @@ class FullTrialOptunaSearch(OptunaSearch):
             return
         if result:  # Tune hands the last report (the one ASHA stopped on, or the final one) only to this method
             self.on_trial_result(trial_id, result)
-        status = RunStatus.FAILED if error or not result else names.classify(result, self.epochs)[0]
+        status = RunState.FAILED if error or not result else names.classify(result, self.epochs)[0]
         state, value = optuna_outcome(status, result.get(self.metric) if result else None, {})
         # tell() takes no value but a COMPLETE one: a PRUNED trial gets its last intermediate value from Optuna.
         self._ot_study.tell(self._ot_trials[trial_id], value, state=state)

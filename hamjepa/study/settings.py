@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from hamjepa import metrics as names
+from hamjepa import names
 from hamjepa.config import Config, ConfigError
 from hamjepa.errors import UserError
 from hamjepa.methods import ABLATIONS, BASELINE, Method

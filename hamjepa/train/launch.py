@@ -14,12 +14,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from hamjepa import metrics as names
-from hamjepa import provenance, storage
+from hamjepa import names, provenance, storage
 from hamjepa.checks import resolve_tracking_uri
 from hamjepa.config import Config, ConfigError
 from hamjepa.errors import UserError
-from hamjepa.metrics import RunStatus
+from hamjepa.names import RunState
 from hamjepa.redact import mask_uri
 from hamjepa.tracking import DATASET_TAG, METHOD_TAG, REASON_TAG, ROLE_TAG, STATUS_TAG, RunLogger
 from hamjepa.train.encoder_artifact import log_encoder
@@ -61,7 +60,7 @@ def mlflow_epoch_callback(logger: RunLogger, epochs: int):
 
 @dataclass
 class RunOutcome:
-    status: RunStatus
+    status: RunState
     metrics: dict[str, Any]
     run_id: str
     reason: str = ""
@@ -189,11 +188,11 @@ def train_and_log(cfg: Config, resources: Resources, *, experiment: str, run_nam
     except TrainingFailedError as error:
         metrics = {names.FAILED: 1, names.FAILURE_REASON: names.failure_reason(error)}
     status, reason = names.classify(metrics, cfg.optim.epochs)
-    if status == RunStatus.FINISHED:
+    if status == RunState.FINISHED:
         log_encoder(logger, storage.join(storage.resolve(storage_path), run_name), cfg)
     logger.set_tags({STATUS_TAG: status.value, **({REASON_TAG: reason} if reason else {})})
     logger.finish(status.mlflow_status)
-    return RunOutcome(status, metrics if status is not RunStatus.FAILED else {}, logger.run_id, reason)
+    return RunOutcome(status, metrics if status is not RunState.FAILED else {}, logger.run_id, reason)
 
 
 def summary(cfg: Config, outcome: RunOutcome, tracking_uri: str) -> str:

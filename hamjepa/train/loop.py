@@ -5,7 +5,7 @@ augmented on the device or in DataLoader workers, data.augment_on), train with A
 report once per epoch (rank 0's metrics reach Ray), checkpoint every epoch, resume from the latest
 checkpoint. Batch statistics are global because the objectives all-reduce their sufficient statistics.
 
-Reported metrics (names from metrics.py): `epoch`, `train/<loss term or diagnostic>`, `train/images_per_s`,
+Reported metrics (names from names.py): `epoch`, `train/<loss term or diagnostic>`, `train/images_per_s`,
 `train/data_wait_fraction` (seconds the step loop waited for its next batch / seconds of the epoch), `train/lr`,
 the objective `val_knn{k}_top1` (percent), `diverged` (0/1), `resumed_from_epoch`, and where it ran
 (`nodes`, `device`, strings that MLflow keeps as tags `hamjepa.nodes`, `hamjepa.device`); after the last epoch
@@ -29,8 +29,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from hamjepa import metrics as names
-from hamjepa import storage
+from hamjepa import names, storage
 from hamjepa.config import Config
 from hamjepa.data.feeds import two_view_feed
 from hamjepa.data.splits import load_splits
@@ -166,7 +165,7 @@ class _Worker:
     model: JEPAModel
     optimizer: Any
     scheduler: Any
-    placement: dict[str, str] = field(default_factory=dict)  # the Ray nodes and device it trains on (metrics.WHERE)
+    placement: dict[str, str] = field(default_factory=dict)  # the Ray nodes and device it trains on (names.WHERE)
     history: list[dict[str, Any]] = field(default_factory=list)
 
     @property

@@ -109,7 +109,7 @@ def is_ours(name: str) -> bool:
     return name.startswith(prefixes) or name.endswith("_reason")
 
 
-class RunStatus(enum.StrEnum):
+class RunState(enum.StrEnum):
     """How a run ended (MLflow tag hamjepa.status)."""
 
     FINISHED = "finished"  # every epoch, final metrics
@@ -132,13 +132,13 @@ def failure_reason(error: BaseException) -> str:
     return lines[-1][:REASON_CHARS] if lines else type(error).__name__
 
 
-def classify(last: Mapping[str, Any], epochs: int) -> tuple[RunStatus, str]:
+def classify(last: Mapping[str, Any], epochs: int) -> tuple[RunState, str]:
     """(status, reason) of an ended run from its last report; the one place a run's status is decided."""
     if last.get(FAILED):
-        return RunStatus.FAILED, str(last.get(FAILURE_REASON, ""))
+        return RunState.FAILED, str(last.get(FAILURE_REASON, ""))
     if last.get(DIVERGED):
-        return RunStatus.DIVERGED, str(last.get(DIVERGED_REASON, ""))
+        return RunState.DIVERGED, str(last.get(DIVERGED_REASON, ""))
     epoch = int(last.get(EPOCH, 0))
     if epoch < epochs:
-        return RunStatus.STOPPED, f"stopped early by ASHA after epoch {epoch}"
-    return RunStatus.FINISHED, ""
+        return RunState.STOPPED, f"stopped early by ASHA after epoch {epoch}"
+    return RunState.FINISHED, ""
