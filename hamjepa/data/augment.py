@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from hamjepa.config import AugmentConfig, ConfigError
+from hamjepa.config import AugmentConfig
 
 CROP_RATIO = (3 / 4, 4 / 3)  # aspect-ratio range of RandomResizedCrop (torchvision's default)
 CROP_ATTEMPTS = 10  # draws per sample before falling back to the whole image, as torchvision does
@@ -244,13 +244,9 @@ class Augmentation:
 
     def __init__(self, cfg: AugmentConfig, image_size: int, channels: int, mean: Sequence[float],
                  std: Sequence[float], sync_free: bool | None = None):
-        if channels not in (1, 3):
-            raise ValueError(f"augmentation needs 1 or 3 channels, got {channels}.")
+        # The config checked the channels (encoder.in_channels) and the blur kernel against the image size.
         if len(mean) != channels or len(std) != channels:
             raise ValueError(f"mean and std need {channels} value(s) each, got {len(mean)} and {len(std)}.")
-        if cfg.blur_kernel // 2 >= image_size:
-            raise ConfigError(f"config field 'augment.blur_kernel' = {cfg.blur_kernel} is invalid: must be below "
-                              f"2 * image_size = {2 * image_size} (reflect padding).")
         self.cfg, self.size, self.channels, self.sync_free = cfg, image_size, channels, sync_free
         self.normalise = Normalise(mean, std)
         jitters = [("brightness", adjust_brightness, cfg.brightness), ("contrast", adjust_contrast, cfg.contrast)]

@@ -20,6 +20,7 @@ from mlflow.tracking import MlflowClient
 from hamjepa import names
 from hamjepa.config import Config, build_config
 from hamjepa.errors import UserError
+from hamjepa.methods import ABLATIONS
 from hamjepa.redact import mask_uri
 from hamjepa.report.summary import COMPARE, RunRecord, collect_runs, select_trial, summarize, to_markdown
 from hamjepa.tracking import REASON_TAG, ROLE_TAG
@@ -183,7 +184,8 @@ def search_gaps(study: StudyRun, records: Sequence[RunRecord], base: Config) -> 
     search_whole = not gaps.missing[SEARCH] and not gaps.cut[SEARCH]
     # A search that did not end may still select a configuration: the plan then includes the HamJEPA arm.
     selected = {} if select_trial(records, names.objective(base.eval.knn_k)) or not search_whole else None
-    ablation = study.params.get("study.ablation") or ("mlp" if any(r.method == "mlp" for r in compared) else "")
+    ablation = study.params.get("study.ablation") or next(
+        (method.value for method in ABLATIONS if any(r.method == method for r in compared)), "")
     settings = StudySettings(name=study.name or "study", base=base, num_samples=max(1, trials), seeds=len(paired),
                              ablation=ablation)
     cells = comparison_cells(settings, selected)
@@ -197,10 +199,10 @@ def search_gaps(study: StudyRun, records: Sequence[RunRecord], base: Config) -> 
 
 def reproduce_gaps(study: StudyRun, records: Sequence[RunRecord]) -> Gaps:
     """The paper's fixed runs: every method of study.methods on seeds 0 .. study.seeds - 1."""
-    from hamjepa.study.reproduce import METHODS
+    from hamjepa.study.reproduce import REPRODUCED
     from hamjepa.study.settings import cell_key
 
-    methods = [m for m in study.params.get("study.methods", ",".join(METHODS)).split(",") if m]
+    methods = [m for m in study.params.get("study.methods", ",".join(REPRODUCED)).split(",") if m]
     seeds = int(study.params.get("study.seeds", 0))
     planned = [cell_key(method, seed) for seed in range(seeds) for method in methods]
     runs = [r for r in records if r.phase == REPRODUCE]

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from hamjepa import names
 from hamjepa.config import Config
+from hamjepa.methods import Method
 from hamjepa.report.paired import Estimate, estimate
 from hamjepa.report.paper import COLUMN_TITLES, COLUMNS, DATASET_TITLES, PaperRow, reference_row
 from hamjepa.report.summary import RunRecord
@@ -23,8 +24,8 @@ from hamjepa.study.invocation import Invocation, StudyResult
 from hamjepa.study.settings import ARM, StudySettings
 
 PHASE = "reproduce"
-METHODS = ("sigreg", "hamjepa", "mlp")
-FAMILY_TITLES = {"hamjepa": "SIGReg and HamJEPA", "mlp": "MLP-HJEPA"}
+REPRODUCED = (Method.SIGREG, Method.HAMJEPA, Method.MLP)  # the paper's table: every method it reports
+FAMILY_TITLES = {Method.HAMJEPA: "SIGReg and HamJEPA", Method.MLP: "MLP-HJEPA"}
 
 
 @dataclass
@@ -46,9 +47,9 @@ class ReproductionTable:
 
 def _columns(family: str) -> list[tuple[str, str, str]]:
     """(title, method, readout) of the columns a family fills: MLP-HJEPA fills the HamJEPA readouts."""
-    if family == "mlp":
-        return [(title, "mlp", readout) for title, (method, readout) in zip(COLUMN_TITLES, COLUMNS)
-                if method == "hamjepa"]
+    if family == Method.MLP:
+        return [(title, Method.MLP, readout) for title, (method, readout) in zip(COLUMN_TITLES, COLUMNS)
+                if method == Method.HAMJEPA]
     return [(title, method, readout) for title, (method, readout) in zip(COLUMN_TITLES, COLUMNS)]
 
 
@@ -64,21 +65,21 @@ def build_table(records: Sequence[RunRecord], base: Config, seeds: int) -> Repro
     runs = [r for r in records if r.phase == PHASE and r.complete]
     rows: list[TableRow] = []
     notes: list[str] = []
-    for family in ("hamjepa", "mlp"):
+    for family in FAMILY_TITLES:
         paper, caveat = reference_row(family, base.data.dataset, base.optim.epochs)
         # Compare like with like: the paper's ImageNet-100 SIGReg numbers are of the q half, at any schedule.
         sigreg_readout = paper.sigreg_readout if paper and paper.dataset == base.data.dataset else "qp"
         ours: dict[str, tuple[Estimate, Estimate]] = {}
         for title, method, readout in _columns(family):
-            readout = sigreg_readout if method == "sigreg" else readout
+            readout = sigreg_readout if method == Method.SIGREG else readout
             of_method = [r for r in runs if r.method == method]
             knn, probe = (names.accuracy("test", kind, readout) for kind in (names.knn(k), "linprobe_top1"))
             ours[title] = (estimate([r.metrics[knn] for r in of_method]),
                            estimate([r.metrics[probe] for r in of_method]))
-        prefix = "MLP-HJEPA, " if family == "mlp" else ""
+        prefix = "MLP-HJEPA, " if family == Method.MLP else ""
         rows.append(TableRow(f"ours: {prefix}{setting_title(base, seeds)}", family, "ours", ours))
         rows.append(_paper_row(family, paper, caveat))
-    notes.append(_headline(rows[0], reference_row("hamjepa", base.data.dataset, base.optim.epochs)[0]))
+    notes.append(_headline(rows[0], reference_row(Method.HAMJEPA, base.data.dataset, base.optim.epochs)[0]))
     missing = [r for r in records if r.phase == PHASE and not r.complete]
     if missing:
         notes.append("Not in the table (did not finish): " + ", ".join(
@@ -92,7 +93,7 @@ def _headline(ours: TableRow, paper: PaperRow | None) -> str:
     ours_delta = f"{hamjepa_q.mean - sigreg.mean:+.2f}" if sigreg.n and hamjepa_q.n else "-"
     if paper is None:
         return f"HamJEPA q - SIGReg, test kNN@20: ours {ours_delta} points."
-    paper_delta = paper.cells["q"][0] - paper.cells["sigreg"][0]
+    paper_delta = paper.cells["q"][0] - paper.cells[Method.SIGREG][0]
     return (f"HamJEPA q - SIGReg, test kNN@20: ours {ours_delta} points, paper {paper_delta:+.2f} "
             f"({paper.title}).")
 
@@ -103,7 +104,7 @@ def _paper_row(family: str, paper: PaperRow | None, caveat: str) -> TableRow:
     caveat = f" ({caveat})" if caveat else ""
     cells = {}
     for title, method, readout in _columns(family):
-        key = "sigreg" if method == "sigreg" else readout
+        key = Method.SIGREG if method == Method.SIGREG else readout
         if key in paper.cells:
             knn, probe = paper.cells[key]
             cells[title] = (estimate([knn]), estimate([probe]))
@@ -143,7 +144,7 @@ def comparison_plot(table: ReproductionTable, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     bars = [(row.family, title) for row in table.rows if row.source == "ours" for title in row.cells]
-    names = [title.replace("HamJEPA", "MLP") if family == "mlp" else title for family, title in bars]
+    names = [title.replace("HamJEPA", "MLP") if family == Method.MLP else title for family, title in bars]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
     for axis, (index, metric) in zip(axes, ((0, "test kNN@20 top-1 (%)"), (1, "linear probe top-1 (%)"))):
         for offset, source, colour in ((-0.2, "ours", "tab:blue"), (0.2, "paper", "tab:gray")):
@@ -165,10 +166,10 @@ def comparison_plot(table: ReproductionTable, path: Path) -> Path:
 
 def run_reproduction(settings: StudySettings) -> StudyResult:
     """Train every method on seeds 0..settings.seeds-1, log them as one study, return the paper table."""
-    with Invocation(settings, {"study.seeds": settings.seeds, "study.methods": ",".join(METHODS)}) as study:
+    with Invocation(settings, {"study.seeds": settings.seeds, "study.methods": ",".join(REPRODUCED)}) as study:
         try:
             study.run_cells(PHASE, [{ARM: {"method": method}, "seed": seed}
-                                    for seed in range(settings.seeds) for method in METHODS])
+                                    for seed in range(settings.seeds) for method in REPRODUCED])
         except KeyboardInterrupt:
             study.interrupted = True
         table = build_table(study.records(), settings.base, settings.seeds)
