@@ -2,7 +2,8 @@
 clipping are. Every module asks this table; none spells a method's name as a literal.
 
 Adding a method (docs/design.md "Adding a method") is one entry here plus, where it needs a new predictor or
-objective, one module in hamjepa/method/ and its branch in `method.model.JEPAModel`. Imports nothing heavy: the
+objective, its code in hamjepa/method/ and its branch in `method.predictors.build_predictor` (a predictor) or
+`method.model.JEPAModel.forward` (an objective). Imports nothing heavy: the
 config and the command line read it before torch loads.
 """
 

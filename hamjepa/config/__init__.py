@@ -1,7 +1,8 @@
 """The configuration: one tree of frozen dataclasses (sections.py), the source of every default; how a run's
 config is layered from a profile, a YAML file and --set (profiles.py); and the dict/YAML machinery (tree.py).
 
-This is 0.x: a key may be renamed between versions; the old name is then unknown, with the new one suggested.
+This is 0.x: a key may be renamed between versions; the old name is then an unknown key, refused with the
+closest valid name suggested.
 """
 
 from hamjepa.config.profiles import GPU_PROFILES, PROFILES, SMOKE_OVERRIDES, build_config, parse_overrides, profile

@@ -11,7 +11,7 @@ batch they draw ONE crop for the whole batch (docs/design.md "Pitfalls we measur
 choice - crop box, flip, jitter factors and their order, grayscale, blur sigma, solarize - is drawn per sample
 and applied with tensor ops over the batch: `python -m hamjepa.bench augment` measures the throughput. The
 same code runs in DataLoader workers on the CPU or in the training loop on the training device
-(data.augment_on, data.py).
+(data.augment_on, feeds.py).
 
 Parameters first, pixels second: `Augmentation.sample` draws every random choice of a batch (a ViewParams)
 on the generator's device, and `apply` applies them. On the CPU a random-applied step touches only its chosen
@@ -30,7 +30,7 @@ exist without colour, in random order; saturation and hue would be no-ops and ar
 grayscale is a no-op and is skipped. Normalisation uses the dataset's own mean and std per channel.
 
 Resampling: the crop-flip-resize is one bilinear `grid_sample` without antialiasing. That is exact for the
-up-sampling that happens here, because data.py stores every image at the output size (`image_size`), so a
+up-sampling that happens here, because sources.py stores every image at the output size (`image_size`), so a
 crop is never larger than the output; a crop of the whole image reproduces the image (up to float rounding).
 """
 
@@ -308,7 +308,7 @@ class Normalise:
     """The evaluation transform: uint8 (B, C, H, W) -> float32 (B, C, S, S) with the dataset's mean and std.
 
     Deterministic. Images of another size are resized (shorter side to S, antialiased) and centre-cropped
-    when `image_size` is given; data.py already stores images at the run's size, so usually this only scales.
+    when `image_size` is given; sources.py already stores images at the run's size, so usually this only scales.
     """
 
     def __init__(self, mean: Sequence[float], std: Sequence[float], image_size: int | None = None):

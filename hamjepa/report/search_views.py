@@ -1,7 +1,7 @@
 """The search as Optuna sees it, rebuilt from MLflow: a SQLite Optuna study and Optuna's own plots.
 
 The study is built after the search phase from MLflow's records (every search trial: its parameters, its
-state and value under study.optuna_outcome, its objective, and its per-epoch objective as intermediate values), so no
+state and value under optuna_outcome below, its objective, and its per-epoch objective as intermediate values), so no
 SQLite file is written while trials run concurrently, and a resumed or interrupted study rebuilds the same
 file. `optuna.load_study(study_name=<study id>, storage="sqlite:///optuna.db")` and `optuna-dashboard
 sqlite:///optuna.db` open it. The plots are `optuna.visualization.matplotlib`'s.

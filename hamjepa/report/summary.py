@@ -6,7 +6,7 @@ the same fresh seeds, matched seed by seed. The search trial that was selected o
 validation is shown on its own line and never enters a compared group (its validation score won a
 maximum over trials, which biases it upwards). For every metric: each side's mean +/- std over seeds, the
 mean paired difference with a 95% t-interval, each side's gain over its own initialisation (epoch 0) with
-its interval, and a verdict in words (statistics.verdict).
+its interval, and a verdict in words (paired.verdict).
 
 The theory check (docs/method.md §9, theory.py) pairs the same runs on the price of isotropy rho and the entropy
 gap of each run's representation to its probe's optimal covariance, says in one sentence whether the paper's
@@ -23,9 +23,9 @@ from typing import Any
 
 from mlflow.tracking import MlflowClient
 
-from hamjepa import names
+from hamjepa import methods, names
 from hamjepa.config import Config
-from hamjepa.methods import METHODS, spec
+from hamjepa.methods import METHODS, Method, spec
 from hamjepa.names import RunState
 from hamjepa.report.paired import CONFIDENCE, Estimate, estimate, paired_differences, verdict
 from hamjepa.report.tables import csv_number, csv_text, markdown_table
@@ -42,6 +42,8 @@ THEORY_LABELS = {"rho_probe": "rho (price of isotropy)", "entropy_gap": "entropy
 # optimal worst-case downstream variance.
 RHO_LARGE = 2.0
 _LABELS = {method.value: method_spec.label for method, method_spec in METHODS.items()}
+# The arms of a comparison, by label: HamJEPA against the baseline, and the ablation when a study adds it.
+HAMJEPA, BASELINE, ABLATION = (METHODS[m].label for m in (Method.HAMJEPA, methods.BASELINE, Method.MLP))
 THEORY_PLOT = "theory_knn_probe_vs_rho.png"
 SEARCH_KEYS = "study.search_keys"  # a study's param: its searched config keys, comma-separated
 
@@ -164,11 +166,11 @@ def summarize(records: Sequence[RunRecord], search_keys: Sequence[str], base: Co
     counts = {"trials": len(search), **{status.value: sum(r.status == status for r in search) for status in RunState}}
     not_compared = [r for r in paired if not r.complete]
     summary = StudySummary(base, select_trial(records, objective), arms, list(search_keys), counts, not_compared)
-    hamjepa, sigreg, mlp = arms["HamJEPA"], arms["SIGReg"], arms["MLP-HJEPA"]
+    hamjepa, sigreg, mlp = arms[HAMJEPA], arms[BASELINE], arms[ABLATION]
     for label, metric in names.comparison_metrics(base.eval.knn_k):
         seeds, h, g = _paired(hamjepa, sigreg, metric)
         delta = estimate(paired_differences(h, g))
-        gains = {side: _gain(runs, seeds, metric) for side, runs in (("HamJEPA", hamjepa), ("SIGReg", sigreg))}
+        gains = {side: _gain(runs, seeds, metric) for side, runs in ((HAMJEPA, hamjepa), (BASELINE, sigreg))}
         ablation = estimate([r.metrics[metric] for r in mlp.values() if metric in r.metrics]) if mlp else None
         summary.rows.append(Row(label, metric, seeds, estimate(h), estimate(g), delta, gains,
                                 verdict(delta, gains), ablation))
@@ -246,7 +248,7 @@ def to_markdown(summary: StudySummary) -> str:
     k = summary.base.eval.knn_k
     seeds = summary.rows[0].seeds if summary.rows else []
     n = len(seeds)
-    with_ablation = bool(summary.arms["MLP-HJEPA"])
+    with_ablation = bool(summary.arms[ABLATION])
     lines = [
         f"Paired comparison on seeds {', '.join(map(str, seeds)) or '(none)'} (n = {n}): fresh seeds, not the "
         "search's; each seed gives both methods the same data split, sample order, augmentation stream and "
@@ -254,15 +256,16 @@ def to_markdown(summary: StudySummary) -> str:
         "paired differences]. Gain = final minus the same run's readout at initialisation (epoch 0).",
         "",
     ]
-    header = ["metric (%)", "HamJEPA", "SIGReg", "HamJEPA - SIGReg", "gain: HamJEPA", "gain: SIGReg", "verdict"]
+    header = ["metric (%)", HAMJEPA, BASELINE, f"{HAMJEPA} - {BASELINE}", f"gain: {HAMJEPA}", f"gain: {BASELINE}",
+              "verdict"]
     rows = []
     for row in summary.rows:
         cells = [row.label, _spread(row.hamjepa), _spread(row.sigreg), row.delta.text(signed=True),
-                 row.gains["HamJEPA"].text(signed=True), row.gains["SIGReg"].text(signed=True), row.verdict]
+                 row.gains[HAMJEPA].text(signed=True), row.gains[BASELINE].text(signed=True), row.verdict]
         if with_ablation:
             cells.append(_spread(row.ablation) if row.ablation else "-")
         rows.append(cells)
-    lines += markdown_table(header + (["MLP-HJEPA"] if with_ablation else []), rows)
+    lines += markdown_table(header + ([ABLATION] if with_ablation else []), rows)
     lines += ["", _overall(summary, k), "", *theory_markdown(summary.theory), protocol_line(summary.base)]
     if summary.not_compared:
         lines.append("Not compared (did not finish): " + ", ".join(
@@ -292,7 +295,7 @@ def theory_markdown(rows: Sequence[TheoryRow]) -> list[str]:
             "curvature (ridged), Sigma = the covariance of the probe's input, both on the training split. rho in "
             "[1, D] is what an isotropic covariance pays; the entropy gap is 0 when Sigma is proportional to H^-1.",
             "",
-            *markdown_table(["quantity", "readout", "HamJEPA", "SIGReg", "HamJEPA - SIGReg"],
+            *markdown_table(["quantity", "readout", HAMJEPA, BASELINE, f"{HAMJEPA} - {BASELINE}"],
                             [[row.label, row.readout, _spread(row.hamjepa), _spread(row.sigreg),
                               row.delta.text(signed=True)] for row in rows]),
             "",
@@ -318,7 +321,7 @@ def to_csv(summary: StudySummary) -> str:
     """One row per metric (CSV_COLUMNS); empty cells where a value is undefined (no interval at n = 1)."""
     rows = []
     for row in summary.rows:
-        h, g = row.gains["HamJEPA"], row.gains["SIGReg"]
+        h, g = row.gains[HAMJEPA], row.gains[BASELINE]
         values = [row.hamjepa.mean, row.hamjepa.std, row.sigreg.mean, row.sigreg.std, row.delta.mean,
                   row.delta.low, row.delta.high, h.mean, h.low, h.high, g.mean, g.low, g.high]
         rows.append([row.metric, row.label, row.delta.n, *map(csv_number, values), row.verdict])

@@ -4,7 +4,7 @@ Nothing here reads Ray's or Tune's state: a study's parent run (tag hamjepa.role
 (its params: `study.num_samples`, `study.paired_seeds`, `study.search_keys`, `study.seeds`, and the base config),
 its children (mlflow.parentRunId) say what ran and how each ended, and the summary is rebuilt with the same
 functions the study used (report.summarize / to_markdown, or reproduce.build_table / to_markdown for the paper's
-table). What a complete study contains comes from study.comparison_cells and study.cell_key, so an interrupted
+table). What a complete study contains comes from study.settings.comparison_cells and cell_key, so an interrupted
 study's report can name the runs that are missing (never started) or cut (KILLED, or left RUNNING).
 """
 

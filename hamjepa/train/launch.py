@@ -1,5 +1,5 @@
 """Launching one logged training run: checks before Ray, Ray up, a TorchTrainer, an MLflow run with per-epoch
-metrics, a summary. (`training` is the loop the workers run; `study` launches many runs through Tune.)
+metrics, a summary. (`train.loop` is the loop the workers run; `study` launches many runs through Tune.)
 
 This is what `hamjepa train` does; it checks every input (config, data, tracking store, Ray address)
 before any work starts, so a mistake costs one sentence, not a traceback minutes later.

@@ -1,6 +1,6 @@
 """One training run: the per-worker loop (Ray Train) and the TorchTrainer wrapper around it.
 
-Per worker: build the method, feed it its shard of each epoch (data.two_view_feed: DistributedSampler's order,
+Per worker: build the method, feed it its shard of each epoch (data.feeds.two_view_feed: DistributedSampler's order,
 augmented on the device or in DataLoader workers, data.augment_on), train with AdamW + warm-up/cosine,
 report once per epoch (rank 0's metrics reach Ray), checkpoint every epoch, resume from the latest
 checkpoint. Batch statistics are global because the objectives all-reduce their sufficient statistics.
