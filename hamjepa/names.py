@@ -9,9 +9,10 @@ never spelled as a literal in two modules. docs/design.md "MLflow layout", with 
   linprobe_top1 / linprobe_top5, readout q/p/qp (unsuffixed = the method's default readout), spectra;
 - once, at initialisation: the same final readouts under `init/` (`init/test_knn20_top1`, ...), so every
   run can be compared with its own starting point;
-- once, after the last epoch, the theory check (theory.py, docs/method.md §9): `rho_probe_<readout>`,
-  `entropy_gap_<readout>`, `entropy_gap_iso_<readout>` per readout, and for a run with a predictor the flow's
-  `flow_reversibility_error`, `flow_symplecticity_defect` (and `flow_energy_drift` for HamJEPA).
+- once, after the last epoch, the theory check (evaluation/theory.py, docs/method.md §9), per readout:
+  `theory_rho_<r>`, `theory_gap_within_<r>` (the primary theory quantity), `theory_gap_total_<r>`,
+  `theory_signal_fraction_<r>`; and for a run with a predictor the flow's `flow_reversibility_error`,
+  `flow_symplecticity_defect` (and `flow_energy_drift` for HamJEPA).
 """
 
 from __future__ import annotations
@@ -41,9 +42,12 @@ DATA_SIZES = "data_sizes"  # "train N, val N, test N"
 DATA = (DATA_DIGEST, DATA_SIZES)
 
 SPECTRA = ("effective_rank", "participation_ratio")
-# The theory check per readout (suffix _<readout>): the price of isotropy of the probe's geometry H, the entropy
-# gap of the representation's covariance to the optimal (c/D) H^-1, and the gap of an isotropic covariance.
-THEORY = ("rho_probe", "entropy_gap", "entropy_gap_iso")
+# The theory check per readout (theory_<kind>_<readout>), all inside the range of the probe's curvature H0: the
+# price of isotropy there, the entropy gap of the within-class covariance (primary) and of the total covariance
+# to the optimal (c/k) H_k^-1, and the share of the variance the probe reads.
+THEORY = ("rho", "gap_within", "gap_total", "signal_fraction")
+THEORY_PRIMARY = "gap_within"
+THEORY_READOUT = "qp"  # the whole state: the one representation both methods have, so their gaps pair
 FLOW_REVERSIBILITY = "flow_reversibility_error"  # mean |Phi_-dt(Phi_dt(z)) - z| / |z|
 FLOW_ENERGY_DRIFT = "flow_energy_drift"  # mean |H(Phi(z)) - H(z)| / |H(z)|, HamJEPA only
 FLOW_SYMPLECTICITY = "flow_symplecticity_defect"  # mean ||J^T Omega J - Omega||_F / ||Omega||_F
@@ -74,10 +78,10 @@ def accuracy(split: str, kind: str, readout: str = "") -> str:
 
 
 def theory(kind: str, readout: str) -> str:
-    """`rho_probe_q`, `entropy_gap_qp`, ...: kind one of THEORY."""
+    """`theory_rho_q`, `theory_gap_within_qp`, ...: kind one of THEORY."""
     if kind not in THEORY:
         raise ValueError(f"theory metric kind {kind!r} is unknown: must be one of {', '.join(THEORY)}.")
-    return f"{kind}_{readout}"
+    return f"theory_{kind}_{readout}"
 
 
 def init(name: str) -> str:
@@ -105,7 +109,7 @@ def comparison_metrics(k: int) -> list[tuple[str, str]]:
 def is_ours(name: str) -> bool:
     """Whether a key of a Tune result is one of our metrics (Tune adds bookkeeping keys MLflow needs not)."""
     prefixes = (EPOCH, TRAIN, STATE, INIT, "val_", "test_", DIVERGED, FAILED, RESUMED_FROM, *SPECTRA, *WHERE,
-                *THEORY, *FLOW, *DATA)
+                "theory_", *FLOW, *DATA)
     return name.startswith(prefixes) or name.endswith("_reason")
 
 

@@ -166,13 +166,16 @@ def test_linear_probe_is_seeded_and_leaves_the_global_rng_alone():
 def test_recording_probes_keeps_every_trained_probe_in_call_order_and_only_inside_the_block():
     first_x, first_y = clusters(300)
     second_x, second_y = clusters(200, seed=2)
+    held_x, held_y = clusters(100, seed=3)
     linear_probe(first_x, first_y, {}, 5, FAST_PROBE)  # before the block: not recorded
     with recording_probes() as outer:
         linear_probe(first_x, first_y, {}, 5, FAST_PROBE)
         with recording_probes() as inner:
-            results = linear_probe(second_x, second_y, {"train": (second_x, second_y)}, 5, FAST_PROBE)
+            results = linear_probe(second_x, second_y, {"train": (second_x, second_y), "val": (held_x, held_y)},
+                                   5, FAST_PROBE)
     linear_probe(first_x, first_y, {}, 5, FAST_PROBE)  # after it: not recorded
-    assert len(outer) == 2 and outer[0].features is first_x and outer[1].features is second_x  # no copies
+    assert len(outer) == 2 and outer[0].held_out is None  # evaluated on nothing: nothing held out
+    assert outer[1].held_out[0] is held_x and outer[1].held_out[1] is held_y  # the held-out split, no copies
     assert len(inner) == 1 and inner[0] is outer[1]
     with torch.no_grad():  # the recorded probe is the trained one: it reproduces the reported accuracy
         logits = inner[0].linear(inner[0].norm(second_x))

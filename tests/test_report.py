@@ -11,11 +11,8 @@ from hamjepa.config import profile
 from hamjepa.report.paired import estimate
 from hamjepa.report.summary import (
     CSV_COLUMNS,
-    THEORY_PLOT,
     RunRecord,
-    knn_probe_points,
     summarize,
-    theory_plots,
     to_csv,
     to_markdown,
 )
@@ -108,76 +105,3 @@ def test_metric_names_follow_the_configured_k():
     assert summary.rows[0].seeds == [1, 2] and "val kNN@10" in to_markdown(summary)
     assert names.objective(10) in names.final_accuracies("hamjepa", 10)
     assert all(r.complete for r in records)
-
-
-# -- the theory check ----------------------------------------------------------------------------------------
-
-def _theory_run(method, seed, rho, gap, iso=5000.0, probe=80.0, knn=75.0):
-    """A complete paired run carrying the theory metrics (the same on every readout) and per-readout accuracies."""
-    run = _run("compare", method, seed, 75.0, 70.0)
-    for readout in names.readouts(method):
-        run.metrics.update({names.theory("rho_probe", readout): rho, names.theory("entropy_gap", readout): gap,
-                            names.theory("entropy_gap_iso", readout): iso,
-                            names.accuracy("test", "linprobe_top1", readout): probe,
-                            names.accuracy("test", names.knn(20), readout): knn})
-    return run
-
-
-def _theory_records(sigreg_gaps, hamjepa_gaps=(1000.0, 1100.0, 1050.0), rho=40.0):
-    return ([_theory_run("hamjepa", s, rho, gap) for s, gap in zip((1, 2, 3), hamjepa_gaps, strict=True)]
-            + [_theory_run("sigreg", s, rho + 10.0, gap) for s, gap in zip((1, 2, 3), sigreg_gaps, strict=True)])
-
-
-def test_theory_table_pairs_the_runs_by_seed_and_says_the_prediction_held():
-    records = _theory_records(sigreg_gaps=(1200.0, 1400.0, 1250.0))
-    records.append(_theory_run("sigreg", 4, 40.0, 10.0))  # no HamJEPA partner on seed 4: not paired
-    summary = summarize(records, KEYS, BASE)
-    rows = {row.metric: row for row in summary.theory}
-    assert set(rows) == {names.theory(kind, r) for kind in names.THEORY for r in ("qp", "q")}
-    gap = rows["entropy_gap_qp"]
-    assert gap.seeds == [1, 2, 3] and gap.sigreg.mean == pytest.approx(1283.333333)
-    expected = estimate([1000.0 - 1200.0, 1100.0 - 1400.0, 1050.0 - 1250.0])
-    got = (gap.delta.mean, gap.delta.low, gap.delta.high)
-    assert got == pytest.approx((expected.mean, expected.low, expected.high))
-    assert rows["rho_probe_q"].delta.mean == pytest.approx(-10.0)
-    text = to_markdown(summary)
-    assert "| quantity | readout | HamJEPA | SIGReg | HamJEPA - SIGReg |" in text
-    assert "| entropy gap to (c/D) H^-1 (nats) | qp | 1050.00 +/- 50.00 | 1283.33 +/- 104.08 | -233.33 [" in text
-    assert "Theory check (qp readout): the paper's prediction" in text
-    assert "where rho is large) held: HamJEPA - SIGReg entropy gap -233.33 [" in text
-    metrics = summary.parent_metrics()
-    assert metrics["delta_entropy_gap_qp"] == pytest.approx(expected.mean)
-    assert metrics["delta_rho_probe_q_ci_low"] == pytest.approx(-10.0)  # zero spread: the interval is a point
-
-
-@pytest.mark.parametrize("sigreg_gaps, hamjepa_gaps, rho, says", [
-    ((900.0, 1000.0, 950.0), (1000.0, 1100.0, 1050.0), 40.0, "did not hold: SIGReg's covariance is the closer one"),
-    ((1100.0, 1000.0, 1050.0), (1000.0, 1100.0, 1050.0), 40.0, "is not resolved at n = 3"),
-    ((1200.0, 1400.0, 1250.0), (1000.0, 1100.0, 1050.0), 1.5, "is not tested: with rho 1.5 (HamJEPA)"),
-])
-def test_theory_sentence_reads_the_paired_interval(sigreg_gaps, hamjepa_gaps, rho, says):
-    text = to_markdown(summarize(_theory_records(sigreg_gaps, hamjepa_gaps, rho), KEYS, BASE))
-    assert says in text
-
-
-def test_theory_check_without_an_interval_or_without_metrics_is_not_resolved():
-    one = [_theory_run("hamjepa", 1, 40.0, 1000.0), _theory_run("sigreg", 1, 40.0, 1200.0)]
-    assert "is not resolved: n = 1, no interval." in to_markdown(summarize(one, KEYS, BASE))
-    text = to_markdown(summarize(_records(), KEYS, BASE))  # runs logged before the theory metrics existed
-    assert "no paired runs carry the theory metrics" in text and "| quantity | readout |" not in text
-    assert not any(key.startswith("delta_rho") for key in summarize(_records(), KEYS, BASE).parent_metrics())
-
-
-def test_theory_plot_shows_the_probe_minus_knn_difference_of_every_complete_run_against_rho(tmp_path):
-    records = [_theory_run("hamjepa", 1, 40.0, 1000.0, probe=82.0, knn=75.0),
-               _theory_run("sigreg", 1, 300.0, 1200.0, probe=70.0, knn=72.5),
-               _theory_run("sigreg", 2, 300.0, 1200.0)]
-    records[2].status = "diverged"  # not complete: not drawn
-    points = knn_probe_points(records, BASE)
-    assert sorted(points) == sorted([("hamjepa", r, 40.0, 7.0) for r in ("q", "p", "qp")]
-                                    + [("sigreg", r, 300.0, -2.5) for r in ("qp", "q", "p")])
-    paths = theory_plots(records, BASE, tmp_path)
-    assert paths == [str(tmp_path / THEORY_PLOT)]
-    with open(paths[0], "rb") as image:
-        assert image.read(8) == b"\x89PNG\r\n\x1a\n"
-    assert theory_plots(_records(), BASE, tmp_path / "none") == []  # no run carries rho: nothing drawn

@@ -1,4 +1,5 @@
-"""The theory check: price of isotropy, entropy gap, the probe's Gauss-Newton geometry, the flow's geometry."""
+"""The theory check: the quantities inside the probe's range on cases with known answers, the probe's Gauss-Newton
+geometry on held-out features, the flow's geometry, and a run's last evaluation."""
 
 import dataclasses
 import math
@@ -14,16 +15,13 @@ from hamjepa.evaluation import theory
 from hamjepa.evaluation.probes import TrainedProbe
 from hamjepa.evaluation.theory import (
     covariance,
-    entropy_gap,
     flow_geometry,
     flow_jacobians,
-    price_of_isotropy,
     probe_curvature,
     probe_geometry,
     readout_geometry,
     reversibility_error,
     symplecticity_defect,
-    with_ridge,
 )
 from hamjepa.method.predictors import HamiltonianPredictor, ResidualMLPPredictor
 
@@ -38,76 +36,110 @@ def random_spd(d, seed, spread=1.0):
     return basis @ torch.diag(eigenvalues) @ basis.T
 
 
-def am_gm_gap(eigenvalues):
-    return len(eigenvalues) * math.log(eigenvalues.mean().item()) - eigenvalues.log().sum().item()
+# -- the quantities, on synthetic cases with known answers ------------------------------------------------
+
+K = 3  # the probe's range: C - 1 for C = 4 classes
 
 
-# -- price of isotropy -------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("d, c", [(1, 1.0), (5, 3.0), (64, 1e-4)])
-def test_price_of_isotropy_of_a_multiple_of_the_identity_is_one(d, c):
-    assert price_of_isotropy(c * torch.eye(d, dtype=torch.float64)) == pytest.approx(1.0, abs=1e-12)
-
-
-def test_price_of_isotropy_of_a_rank_one_dominated_geometry_approaches_d():
-    v = torch.randn(D, dtype=torch.float64)
-    for weight, tolerance in ((1e2, 0.5), (1e8, 1e-5)):
-        h = weight * torch.outer(v, v) + torch.eye(D, dtype=torch.float64)
-        assert price_of_isotropy(h) == pytest.approx(D, abs=tolerance)
-    assert price_of_isotropy(1e2 * torch.outer(v, v) + torch.eye(D, dtype=torch.float64)) < D
+def range_geometry(d=D, k=K, seed=0, spread=1.0):
+    """H of rank k in D dimensions (a probe's curvature), its top-k eigenvectors U (D, k) and eigenvalues (k,)."""
+    generator = torch.Generator().manual_seed(seed)
+    basis, _ = torch.linalg.qr(torch.randn(d, d, generator=generator, dtype=torch.float64))
+    values = torch.exp(spread * torch.randn(k, generator=generator, dtype=torch.float64))
+    u = basis[:, :k]
+    return u @ torch.diag(values) @ u.T, u, values
 
 
-def test_price_of_isotropy_lies_between_one_and_d_and_ignores_scale():
-    for seed in range(5):
-        h = random_spd(D, seed)
-        rho = price_of_isotropy(h)
-        assert 1.0 < rho < D
-        assert price_of_isotropy(7.5 * h) == pytest.approx(rho, rel=1e-12)
-        assert rho == pytest.approx(D * torch.linalg.eigvalsh(h).max().item() / h.trace().item(), rel=1e-12)
+def test_range_rho_of_a_multiple_of_a_rank_k_projector_is_one():
+    _, u, _ = range_geometry()
+    assert theory.range_rho(4.2 * u @ u.T, K) == pytest.approx(1.0, abs=1e-12)
 
 
-# -- entropy gap -------------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("seed", range(4))
-def test_entropy_gap_vanishes_at_the_optimal_covariance(seed):
-    h = random_spd(D, seed, spread=2.0)
-    optimal = torch.linalg.inv(h)
-    assert abs(entropy_gap(optimal, h)) < 1e-10
-    assert abs(entropy_gap(3.7 * optimal, h)) < 1e-10  # any budget: (c/d) H^-1
+def test_range_rho_is_k_max_over_the_top_k_sum_and_lies_in_one_to_k():
+    h, _, values = range_geometry(spread=2.0)
+    assert theory.range_rho(h, K) == pytest.approx(K * values.max().item() / values.sum().item(), rel=1e-10)
+    assert 1.0 < theory.range_rho(h, K) < K
+    assert theory.range_rho(7.5 * h, K) == pytest.approx(theory.range_rho(h, K), rel=1e-12)  # scale-free
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_entropy_gap_is_positive_for_any_other_covariance(seed):
-    h = random_spd(D, seed)
-    assert entropy_gap(random_spd(D, 100 + seed), h) > 1e-3
-    # even a small step away from H^-1 costs entropy, to second order in the step (H^-1 is the minimum)
-    step = random_spd(D, 200 + seed) - torch.eye(D, dtype=torch.float64)
-    gaps = [entropy_gap(torch.linalg.inv(h) + size * step, h) for size in (1e-3, 5e-4)]
-    assert gaps[0] > 0 and gaps[1] > 0
-    assert gaps[1] / gaps[0] == pytest.approx(0.25, rel=0.05)
+def test_range_rho_refuses_a_range_with_a_zero_eigenvalue():
+    h, _, _ = range_geometry()
+    with pytest.raises(ValueError, match="positive"):
+        theory.range_rho(h, K + 1)  # H has rank K
 
 
-def test_entropy_gap_ignores_the_scale_of_either_matrix():
-    sigma, h = random_spd(D, 1), random_spd(D, 2)
-    gap = entropy_gap(sigma, h)
-    for a, b in ((10.0, 1.0), (1.0, 1e-3), (0.2, 40.0)):
-        assert entropy_gap(a * sigma, b * h) == pytest.approx(gap, rel=1e-10)
+def test_the_gap_vanishes_when_the_within_class_spread_is_proportional_to_h_inverse_in_the_range():
+    h, u, values = range_geometry()
+    outside = torch.eye(D, dtype=torch.float64) - u @ u.T
+    sigma = 0.37 * u @ torch.diag(1.0 / values) @ u.T + 5.0 * outside  # anything outside the range
+    assert abs(theory.range_entropy_gap(sigma, h, K)) < 1e-9
 
 
-def test_entropy_gap_of_the_identity_is_the_am_gm_gap_of_h():
-    h = random_spd(D, 3, spread=1.5)
-    gap = entropy_gap(torch.eye(D, dtype=torch.float64), h)
-    assert gap == pytest.approx(am_gm_gap(torch.linalg.eigvalsh(h)), rel=1e-10)
-    assert entropy_gap(torch.eye(D, dtype=torch.float64), 2.0 * torch.eye(D, dtype=torch.float64)) == pytest.approx(
-        0.0, abs=1e-12)
+def test_an_isotropic_spread_gives_the_am_gm_gap_of_the_top_k_eigenvalues():
+    h, _, values = range_geometry(spread=1.5)
+    expected = K * math.log(values.mean().item()) - values.log().sum().item()  # k log(AM / GM)
+    assert theory.range_entropy_gap(torch.eye(D, dtype=torch.float64), h, K) == pytest.approx(expected, rel=1e-10)
+    assert expected > 0.1  # not vacuous
 
 
-def test_entropy_gap_refuses_a_singular_covariance_and_mismatched_shapes():
-    singular = torch.diag(torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64))
-    with pytest.raises(ValueError, match="Sigma must be symmetric positive definite"):
-        entropy_gap(singular, torch.eye(3, dtype=torch.float64))
+def test_the_gap_ignores_the_scale_of_either_matrix_and_is_positive_elsewhere():
+    h, _, _ = range_geometry()
+    sigma = random_spd(D, 5)
+    gap = theory.range_entropy_gap(sigma, h, K)
+    assert gap > 1e-3
+    for a, b in ((3.0, 1.0), (1.0, 0.01), (40.0, 7.0)):
+        assert theory.range_entropy_gap(a * sigma, b * h, K) == pytest.approx(gap, rel=1e-10)
+
+
+def test_the_gap_refuses_a_spread_singular_in_the_range_and_mismatched_shapes():
+    h, u, _ = range_geometry()
+    flat = torch.eye(D, dtype=torch.float64) - u[:, :1] @ u[:, :1].T  # no variance along the top direction
+    with pytest.raises(ValueError, match="singular"):
+        theory.range_entropy_gap(flat, h, K)
     with pytest.raises(ValueError, match="same shape"):
-        entropy_gap(torch.eye(3), torch.eye(4))
+        theory.range_entropy_gap(torch.eye(3), torch.eye(4), 1)
+
+
+def reference_within_class(x, y):
+    """Per class, numpy's covariance times (n_c - 1), summed, over N - C: written independently."""
+    import numpy as np
+
+    x, y = x.numpy(), y.numpy()
+    scatter = sum(np.cov(x[y == c].T, ddof=1) * ((y == c).sum() - 1) for c in np.unique(y))
+    return torch.from_numpy(scatter / (len(x) - len(np.unique(y))))
+
+
+def test_within_class_covariance_against_numpy():
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(90, 5, generator=generator, dtype=torch.float64) * 2 + 1
+    y = torch.randint(0, 4, (90,), generator=generator)
+    assert torch.allclose(theory.within_class_covariance(x, y), reference_within_class(x, y), atol=1e-12)
+    with pytest.raises(ValueError, match="degrees of freedom"):
+        theory.within_class_covariance(x[:3], torch.arange(3))
+
+
+def test_class_signal_along_the_probes_directions_leaves_the_within_class_gap_unchanged():
+    """Shifting every class mean further apart along the range (more between-class variance, the same within-class
+    spread) does not move the primary gap; the total-covariance gap does move (which is why it is secondary)."""
+    h, u, _ = range_geometry()
+    generator = torch.Generator().manual_seed(4)
+    labels = torch.arange(400) % (K + 1)
+    means = torch.randn(K + 1, K, generator=generator, dtype=torch.float64)
+    noise = torch.randn(400, D, generator=generator, dtype=torch.float64) @ torch.diag(torch.linspace(0.5, 2, D,
+                                                                                                       dtype=torch.float64))
+    weak, strong = (noise + scale * means[labels] @ u.T for scale in (1.0, 3.0))
+    within = [theory.range_entropy_gap(theory.within_class_covariance(x, labels), h, K) for x in (weak, strong)]
+    total = [theory.range_entropy_gap(theory.covariance(x), h, K) for x in (weak, strong)]
+    assert within[0] == pytest.approx(within[1], rel=1e-10)
+    assert abs(total[0] - total[1]) > 1e-2
+
+
+def test_the_signal_fraction_is_the_share_of_variance_in_the_range():
+    h, u, _ = range_geometry()
+    sigma = torch.diag(torch.arange(1, D + 1, dtype=torch.float64))
+    expected = (u.T @ sigma @ u).trace() / sigma.trace()
+    assert theory.range_fraction(sigma, h, K) == pytest.approx(expected.item(), rel=1e-12)
+    assert theory.range_fraction(u @ u.T, h, K) == pytest.approx(1.0, rel=1e-12)
 
 
 # -- the probe's geometry ----------------------------------------------------------------------------------
@@ -130,17 +162,9 @@ def test_gauss_newton_curvature_is_the_hessian_of_the_probe_loss_in_its_input():
     assert torch.linalg.matrix_rank(curvature).item() == classes - 1  # softmax: one redundant logit
 
 
-def test_ridge_makes_a_low_rank_curvature_spd_relative_to_its_trace():
-    curvature = probe_curvature(torch.randn(50, 10, dtype=torch.float64), torch.randn(3, 10, dtype=torch.float64))
-    h = with_ridge(curvature, theory.CURVATURE_RIDGE)
-    eigenvalues = torch.linalg.eigvalsh(h)
-    assert eigenvalues.min().item() == pytest.approx(theory.CURVATURE_RIDGE * curvature.trace().item() / 10,
-                                                     rel=1e-6)
-    assert torch.allclose(with_ridge(5.0 * curvature, 1e-3), 5.0 * h)
-
-
-def _probe(features, classes=3, seed=0):
-    """A LayerNorm + Linear probe with non-trivial affine parameters, as linear_probe builds it."""
+def _probe(features, classes=3, seed=0, labels=None):
+    """A LayerNorm + Linear probe with non-trivial affine parameters, as linear_probe builds it, held out on
+    `features` with `labels` (default: cycling through the classes)."""
     generator = torch.Generator().manual_seed(seed)
     dim = features.shape[1]
     norm, linear = nn.LayerNorm(dim), nn.Linear(dim, classes)
@@ -149,28 +173,33 @@ def _probe(features, classes=3, seed=0):
         norm.bias.copy_(0.1 * torch.randn(dim, generator=generator))
         linear.weight.copy_(torch.randn(classes, dim, generator=generator))
         linear.bias.copy_(torch.randn(classes, generator=generator))
-    return TrainedProbe(norm, linear, features)
+    labels = torch.arange(len(features)) % classes if labels is None else labels
+    return TrainedProbe(norm, linear, (features, labels))
 
 
-def test_probe_geometry_measures_the_probe_input_the_linear_layer_reads():
+def test_probe_geometry_measures_the_held_out_input_the_linear_layer_reads():
     features = torch.randn(400, 6) * torch.tensor([3.0, 1.0, 1.0, 0.5, 0.5, 0.2]) + 2.0
     probe = _probe(features)
+    labels = probe.held_out[1]
     out = probe_geometry(probe)
     assert set(out) == set(names.THEORY)
     with torch.no_grad():  # the reference: the probe's own float32 LayerNorm, then the definitions
         u = probe.norm(features).double()
         weight, bias = probe.linear.weight.double(), probe.linear.bias.double()
-    h = with_ridge(probe_curvature(u, weight, bias), theory.CURVATURE_RIDGE)
-    sigma = with_ridge(covariance(u), theory.COVARIANCE_RIDGE)
-    assert out["rho_probe"] == pytest.approx(price_of_isotropy(h), rel=1e-5)
-    assert out["entropy_gap"] == pytest.approx(entropy_gap(sigma, h), rel=1e-5)
-    assert out["entropy_gap_iso"] == pytest.approx(entropy_gap(torch.eye(6, dtype=torch.float64), h), rel=1e-5)
-    # 3 classes in 6 dimensions: H has rank 2 plus the ridge, so isotropy pays at least D / rank = 3
-    assert out["rho_probe"] > 3.0 and out["entropy_gap"] > 0 and out["entropy_gap_iso"] > 0
+    h = probe_curvature(u, weight, bias)
+    k = 2  # 3 classes
+    assert out["rho"] == pytest.approx(theory.range_rho(h, k), rel=1e-5)
+    assert out["gap_within"] == pytest.approx(theory.range_entropy_gap(reference_within_class(u, labels), h, k),
+                                              rel=1e-5)
+    assert out["gap_total"] == pytest.approx(theory.range_entropy_gap(covariance(u), h, k), rel=1e-5)
+    assert 0 < out["signal_fraction"] < 1 and 1.0 <= out["rho"] <= k and out["gap_within"] > 0
 
 
-def test_probe_geometry_is_undefined_without_samples_or_signal():
-    assert all(math.isnan(v) for v in probe_geometry(_probe(torch.randn(1, 4))).values())
+def test_probe_geometry_is_undefined_without_held_out_samples_or_signal():
+    assert all(math.isnan(v) for v in probe_geometry(_probe(torch.randn(3, 4))).values())
+    no_held_out = _probe(torch.randn(20, 4))
+    no_held_out = TrainedProbe(no_held_out.norm, no_held_out.linear, None)
+    assert all(math.isnan(v) for v in probe_geometry(no_held_out).values())
     dead = _probe(torch.randn(20, 4))
     dead.linear.weight.data.zero_()
     assert all(math.isnan(v) for v in probe_geometry(dead).values())
@@ -180,7 +209,7 @@ def test_readout_geometry_names_every_readout_and_wants_one_probe_each():
     probes = [_probe(torch.randn(50, 4), seed=s) for s in range(3)]
     out = readout_geometry(("q", "p", "qp"), probes)
     assert sorted(out) == sorted(names.theory(kind, r) for kind in names.THEORY for r in ("q", "p", "qp"))
-    assert out["rho_probe_p"] == pytest.approx(probe_geometry(probes[1])["rho_probe"])
+    assert out["theory_rho_p"] == pytest.approx(probe_geometry(probes[1])["rho"])
     with pytest.raises(ValueError, match="one probe per readout"):
         readout_geometry(("q", "p", "qp"), probes[:2])
 
@@ -272,7 +301,7 @@ def test_final_metrics_per_method():
     hamjepa = theory.final_metrics("hamjepa", hamiltonian(dtype=torch.float32), states().float(), probes)
     assert set(hamjepa) == {names.theory(k, r) for k in names.THEORY for r in "q p qp".split()} | set(names.FLOW)
     sigreg = theory.final_metrics("sigreg", None, states().float(), [probes[2], probes[0], probes[1]])
-    assert sigreg[names.theory("rho_probe", "qp")] == pytest.approx(hamjepa[names.theory("rho_probe", "qp")])
+    assert sigreg[names.theory("rho", "qp")] == pytest.approx(hamjepa[names.theory("rho", "qp")])
     assert not any(key.startswith("flow_") for key in sigreg)
     assert all(names.is_ours(key) for key in hamjepa)  # a study forwards them to MLflow
 
@@ -295,10 +324,10 @@ def test_the_last_evaluation_of_a_run_reports_the_theory_check(method):
     views = splits.normalise()(splits.train.load(torch.arange(16)))
     metrics = _evaluate_epoch(model, views, splits, cfg, torch.device("cpu"), final=True)
     for readout in names.readouts(method):
-        state_dim = model.state_dim if readout == "qp" else model.q_dim
-        assert 1.0 <= metrics[names.theory("rho_probe", readout)] <= state_dim
-        assert metrics[names.theory("entropy_gap", readout)] > 0
-        assert metrics[names.theory("entropy_gap_iso", readout)] > 0
+        classes = splits.num_classes
+        assert 1.0 <= metrics[names.theory("rho", readout)] <= classes - 1  # inside the probe's range
+        assert metrics[names.theory("gap_within", readout)] > 0 and metrics[names.theory("gap_total", readout)] > 0
+        assert 0 < metrics[names.theory("signal_fraction", readout)] < 1
     flow = {key: value for key, value in metrics.items() if key in names.FLOW}
     if method == "sigreg":
         assert flow == {}

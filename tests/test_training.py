@@ -54,7 +54,8 @@ def test_two_worker_run_reports_every_metric_and_logs_to_mlflow(ray_cluster, tmp
     assert run.data.metrics["state/q_logdet_per_dim"] != run.data.metrics["train/q_logdet_per_dim"]
     assert client.get_metric_history(outcome.run_id, "test_knn20_top1")[0].value == pytest.approx(
         outcome.metrics["test_knn20_top1"])
-    assert [a.path for a in client.list_artifacts(outcome.run_id)] == ["config.yaml", "model"]
+    assert [a.path for a in client.list_artifacts(outcome.run_id)] == ["config.yaml", "model", "plots"]
+    assert [a.path for a in client.list_artifacts(outcome.run_id, "plots")] == ["plots/flow.png"]  # HamJEPA's flow
     assert run.data.tags["hamjepa.checkpoint"] == str(tmp_path / "ray" / "two-workers")
     assert run.data.tags["hamjepa.git_commit"] and run.data.tags["hamjepa.version.torch"] == metadata.version("torch")
 

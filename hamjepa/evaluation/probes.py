@@ -124,11 +124,12 @@ def knn_top1(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
 
 @dataclass(frozen=True)
 class TrainedProbe:
-    """A trained probe, LayerNorm(D) then Linear(D, classes), with the training features (N, D) it was fit on."""
+    """A trained probe, LayerNorm(D) then Linear(D, classes), with held-out (features (N, D), labels (N,)) it was
+    not fit on: the test set it was evaluated on, else the validation set; None when it had neither."""
 
     norm: nn.LayerNorm
     linear: nn.Linear
-    features: torch.Tensor
+    held_out: tuple[torch.Tensor, torch.Tensor] | None
 
 
 _probe_recorders: list[list[TrainedProbe]] = []  # one list per open recording_probes() block
@@ -181,7 +182,9 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor,
             optimizer.step()
             scheduler.step()
     probe.eval()
-    trained = TrainedProbe(probe[0], probe[1], train_x)
+    held_out = next((eval_sets[name] for name in ("test", "val") if name in eval_sets and len(eval_sets[name][0])),
+                    None)
+    trained = TrainedProbe(probe[0], probe[1], held_out)
     for recorder in _probe_recorders:
         recorder.append(trained)
     results = {}

@@ -35,6 +35,14 @@ def validation_knn(model, splits: Splits, cfg: Config, device) -> float:
     return 100.0 * knn_top1(train_z, reference.labels, val_z, splits.val.labels, k=min(cfg.eval.knn_k, limit))
 
 
+def held_out_states(model, splits: Splits, cfg: Config, device, limit: int = 512) -> torch.Tensor:
+    """The states z = [q | p] (N, 2d) of up to `limit` held-out images: the test split's first, else the
+    validation split's (the split order is seeded, so these are a fixed sample); (0, 2d) when there are none."""
+    images = splits.test if len(splits.test) else splits.val
+    chosen = images.subset(torch.arange(min(limit, len(images))))
+    return _features(model, chosen, splits, cfg, device)["qp"]
+
+
 def final_metrics(model, splits: Splits, cfg: Config, device) -> dict[str, float]:
     """kNN and linear probe (percent) on validation and test for every readout, plus spectra."""
     k = cfg.eval.knn_k

@@ -1,20 +1,21 @@
-"""The paper's theory measured on every run: price of isotropy, entropy gap, and the learned flow's geometry.
+"""The paper's theory measured on every run: the probe's geometry against the representation's spread, and the
+learned flow's geometry.
 
-docs/method.md, section 9, has the derivation. In short: for a downstream geometry H (SPD, D x D) and an
-energy budget tr(H Sigma) = c, the covariance of maximal entropy and minimal worst-case downstream variance
-is Sigma* = (c / D) H^-1. An isotropic covariance on the same budget pays the price of isotropy
-rho(H) = D lambda_max(H) / tr H in [1, D], and any Sigma falls short of Sigma*'s entropy by the entropy gap
-D log(tr(H Sigma) / D) - log det(H Sigma) = D log(arithmetic / geometric mean of the eigenvalues of H Sigma).
+docs/method.md, section 9, has the derivation and what each quantity can and cannot show. In short: a linear
+probe reading features u pays 1/2 tr(H0 Sigma) for noise of covariance Sigma on u, with H0 the Gauss-Newton
+curvature of its cross-entropy. H0 has rank <= C - 1 (C classes), so everything is measured inside its range:
+U_k, the top k = C - 1 eigenvectors of H0, H_k = U_k^T H0 U_k and S_k = U_k^T Sigma U_k. Within that range
+- range_rho(H0, k) = k lambda_max / (sum of the top k eigenvalues), in [1, k]: the price of isotropy there;
+- range_entropy_gap(Sigma, H0, k) = k log(tr(H_k S_k) / k) - log det(H_k S_k) >= 0: how far S_k is from the
+  covariance of maximal entropy on the same budget, (c/k) H_k^-1 (zero exactly there; scale-free in both).
+Sigma is the *within-class* covariance: the variability the classifier pays for; the class signal is what it
+reads. No ridge enters. Everything is float64 and measured on held-out features (the test split, else the
+validation split), through the probe's own LayerNorm.
 
-A run's H is the Gauss-Newton curvature of its trained linear probe's cross-entropy with respect to the probe's
-input (the LayerNorm's output, which is what the probe's linear layer reads); Sigma is the covariance of that
-same input on the training split. Everything is float64. Cost per readout: one pass over the training features
-(logits, softmax, one D x D covariance), one eigendecomposition and a few Cholesky factorisations of D x D.
-
-The flow diagnostics take the trained predictor to float64 and measure, on a sample of encoded training
-states, how far it is from time-reversible, energy-conserving and symplectic. Leapfrog is reversible and
-symplectic for any potential, so a float64 HamJEPA predictor shows rounding error only; the MLP-HJEPA ablation
-is neither. The Jacobian is taken on JACOBIAN_STATES states only: one (2d x 2d) matrix each.
+The flow diagnostics take the trained predictor to float64 and measure, on a sample of encoded states, how far
+it is from time-reversible, energy-conserving and symplectic. Leapfrog is reversible and symplectic for any
+potential, so a float64 HamJEPA predictor shows rounding error only; the MLP-HJEPA ablation is neither. The
+Jacobian is taken on JACOBIAN_STATES states only: one (2d x 2d) matrix each.
 """
 
 from __future__ import annotations
@@ -30,15 +31,6 @@ from torch import nn
 from hamjepa import names
 from hamjepa.evaluation.probes import TrainedProbe
 
-# H = H0 + CURVATURE_RIDGE * tr(H0)/D * I. H0 has rank <= classes - 1 (softmax has one redundant logit), so
-# it is singular whenever D >= classes. The ridge gives the directions the probe ignores a curvature 1000
-# times below the average one: "they matter a little". Relative to tr(H0)/D, so the metrics stay invariant to
-# the scale of H0; it lowers rho by the factor 1 + CURVATURE_RIDGE at most. Compare runs at the same ridge.
-CURVATURE_RIDGE = 1e-3
-# Sigma = Cov + COVARIANCE_RIDGE * tr(Cov)/D * I. LayerNorm centres every sample, so its outputs lie in a
-# hyperplane and their covariance is singular in one direction (in more if samples < D); this keeps log det
-# finite while adding only about log(1 / COVARIANCE_RIDGE) ~ 14 nats per such direction to the gap.
-COVARIANCE_RIDGE = 1e-6
 FLOW_STATES = 256  # states for the reversibility error and the energy drift (one batched rollout each)
 JACOBIAN_STATES = 2  # states whose full (2d x 2d) Jacobian is taken for the symplecticity defect
 
@@ -53,35 +45,51 @@ def _square(name: str, m: torch.Tensor) -> torch.Tensor:
     return m.double()
 
 
-def _logdet_spd(name: str, m: torch.Tensor) -> torch.Tensor:
-    """log det of an SPD matrix through its Cholesky factor (refuses a matrix that is not SPD)."""
-    factor, info = torch.linalg.cholesky_ex(m)
-    if info.item() != 0:
-        raise ValueError(f"{name} must be symmetric positive definite (Cholesky failed at column {info.item()}).")
-    return 2.0 * factor.diagonal().log().sum()
+# An eigenvalue below this fraction of the largest is rounding error of a zero one: H has no range there.
+RANGE_TOLERANCE = 1e-10
 
 
-def price_of_isotropy(h: torch.Tensor) -> float:
-    """rho(H) = D lambda_max(H) / tr H for SPD H (D, D): 1 when H is proportional to I, up to D when one
-    direction dominates. The worst-case downstream variance of the isotropic covariance on the budget
-    tr(H Sigma) = c, divided by that of Sigma* = (c/D) H^-1 (docs/method.md, section 9)."""
-    h = _square("H", h)
-    return (h.shape[0] * torch.linalg.eigvalsh(h)[-1] / h.trace()).item()
+def _top_range(h: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-k eigenvalues (descending) and eigenvectors (D, k) of symmetric H; refuses a k beyond H's rank."""
+    if not 1 <= k <= h.shape[0]:
+        raise ValueError(f"k = {k} must be in [1, {h.shape[0]}] (the size of H).")
+    values, vectors = torch.linalg.eigh(h)
+    values, vectors = values.flip(0)[:k], vectors.flip(1)[:, :k]
+    if not values[-1] > RANGE_TOLERANCE * values[0].abs():
+        raise ValueError(f"H's top {k} eigenvalues must be positive (the smallest is {values[-1].item():.3g}): "
+                         f"its rank is below {k}.")
+    return values, vectors
 
 
-def entropy_gap(sigma: torch.Tensor, h: torch.Tensor) -> float:
-    """D log(tr(H Sigma) / D) - log det(H Sigma) for SPD Sigma and H (D, D), in nats.
+def range_rho(h: torch.Tensor, k: int) -> float:
+    """k lambda_max(H) / (sum of the top-k eigenvalues of H), in [1, k]: the price of isotropy inside H's top-k
+    range (1 when those eigenvalues are equal, k when one dominates). No ridge: the range is where H acts."""
+    values, _ = _top_range(_square("H", h), k)
+    return (k * values[0] / values.sum()).item()
 
-    = D log(AM / GM) of the eigenvalues of H Sigma: >= 0, zero exactly when Sigma is proportional to H^-1, and
-    unchanged when Sigma or H is scaled. It is log det Sigma* - log det(Sigma rescaled to the budget of
-    Sigma*): the entropy Sigma leaves on the table (x 2). Sigma = I gives the AM/GM gap of H itself.
-    """
+
+def range_entropy_gap(sigma: torch.Tensor, h: torch.Tensor, k: int) -> float:
+    """k log(tr(H_k S_k) / k) - log det(H_k S_k), in nats, with H_k = U_k^T H U_k and S_k = U_k^T Sigma U_k for
+    U_k the top-k eigenvectors of H: k log(AM / GM) of the eigenvalues of H_k S_k. >= 0, zero exactly when S_k
+    is proportional to H_k^-1, unchanged when Sigma or H is scaled."""
     sigma, h = _square("Sigma", sigma), _square("H", h)
     if sigma.shape != h.shape:
         raise ValueError(f"Sigma {tuple(sigma.shape)} and H {tuple(h.shape)} must have the same shape.")
-    d = h.shape[0]
-    budget = (h * sigma).sum()  # tr(H Sigma) for symmetric H and Sigma
-    return (d * torch.log(budget / d) - _logdet_spd("H", h) - _logdet_spd("Sigma", sigma)).item()
+    values, u = _top_range(h, k)
+    s_k = u.T @ sigma @ u  # (k, k); H_k = diag(values)
+    spread = torch.linalg.eigvalsh((s_k + s_k.T) / 2)  # ascending
+    if not spread[0] > RANGE_TOLERANCE * spread[-1].abs():
+        raise ValueError(f"Sigma restricted to H's top-{k} range must be positive definite (it is singular there).")
+    logdet = values.log().sum() + spread.log().sum()
+    budget = (values * s_k.diagonal()).sum()  # tr(H_k S_k), H_k diagonal
+    return (k * torch.log(budget / k) - logdet).item()
+
+
+def range_fraction(sigma: torch.Tensor, h: torch.Tensor, k: int) -> float:
+    """tr(P Sigma) / tr(Sigma) with P the projector on H's top-k range: the share of the variance the probe reads."""
+    sigma, h = _square("Sigma", sigma), _square("H", h)
+    _, u = _top_range(h, k)
+    return ((u.T @ sigma @ u).trace() / sigma.trace()).item()
 
 
 def probe_curvature(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -90,7 +98,7 @@ def probe_curvature(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
 
     The logits are linear in u, so this is the exact Hessian of the mean loss w.r.t. a shift of every input,
     and it does not depend on the labels. Computed as W^T M W with M = diag(E p) - E[p p^T] (C x C): one
-    pass over the samples. Rank <= C - 1 (M 1 = 0); with_ridge makes it SPD.
+    pass over the samples. Rank <= C - 1 (M 1 = 0).
     """
     u, w = inputs.double(), weight.double()
     logits = u @ w.T + (bias.double() if bias is not None else 0.0)  # (N, C)
@@ -99,48 +107,59 @@ def probe_curvature(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     return w.T @ m @ w
 
 
-def with_ridge(m: torch.Tensor, ridge: float) -> torch.Tensor:
-    """m + ridge * tr(m)/D * I: a ridge relative to the average eigenvalue, so scaling m scales the result."""
-    m = _square("m", m)
-    return m + ridge * m.trace() / m.shape[0] * torch.eye(m.shape[0], dtype=m.dtype, device=m.device)
-
-
 def covariance(x: torch.Tensor) -> torch.Tensor:
     """Unbiased covariance (D, D), float64, of the rows of x (N, D)."""
     centred = x.double() - x.double().mean(dim=0)
     return centred.T @ centred / (len(x) - 1)
 
 
-def probe_inputs(probe: TrainedProbe) -> torch.Tensor:
-    """The probe's LayerNorm applied to its training features in float64, on the probe's device: (N, D)."""
+def within_class_covariance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The pooled within-class covariance (D, D), float64, of features x (N, D) with labels y (N,):
+    sum over classes c of sum_{i in c} (x_i - mean_c)(x_i - mean_c)^T / (N - number of classes present)."""
+    x, y = x.double(), torch.as_tensor(y)
+    classes, index = torch.unique(y, return_inverse=True)
+    if len(x) <= len(classes):
+        raise ValueError(f"{len(x)} samples of {len(classes)} classes leave no within-class degrees of freedom.")
+    sums = torch.zeros(len(classes), x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, index.to(x.device), x)
+    counts = torch.bincount(index, minlength=len(classes)).to(x)
+    centred = x - (sums / counts[:, None])[index.to(x.device)]
+    return centred.T @ centred / (len(x) - len(classes))
+
+
+def probe_inputs(probe: TrainedProbe, features: torch.Tensor) -> torch.Tensor:
+    """The probe's LayerNorm applied to `features` (N, D) in float64, on the probe's device: what its linear
+    layer reads."""
     norm = probe.norm
     weight = None if norm.weight is None else norm.weight.detach().double()
     bias = None if norm.bias is None else norm.bias.detach().double()
-    x = probe.features.to(norm.weight.device if norm.weight is not None else "cpu", torch.float64)
+    x = features.to(norm.weight.device if norm.weight is not None else "cpu", torch.float64)
     return F.layer_norm(x, norm.normalized_shape, weight, bias, norm.eps)
 
 
 @torch.no_grad()
 def probe_geometry(probe: TrainedProbe) -> dict[str, float]:
-    """{'rho_probe', 'entropy_gap', 'entropy_gap_iso'} of one trained probe (docs/method.md, section 9).
+    """{'rho', 'gap_within', 'gap_total', 'signal_fraction'} of one trained probe on its held-out features
+    (docs/method.md, section 9), inside the range of its curvature H0 (k = classes - 1).
 
-    H = the probe's Gauss-Newton curvature plus CURVATURE_RIDGE; Sigma = the covariance of the probe's input
-    on its training features plus COVARIANCE_RIDGE; the isotropic reference is Sigma = I under the same H.
-    NaN when there is nothing to measure (fewer than 2 samples, or a probe or features without variation).
+    NaN when there is nothing to measure: no held-out features, fewer samples than classes + 1, a probe or
+    features without variation in the range.
     """
     undefined = {kind: math.nan for kind in names.THEORY}
-    if len(probe.features) < 2:
+    if probe.held_out is None:
         return undefined
-    u = probe_inputs(probe)
+    features, labels = probe.held_out
+    k = probe.linear.weight.shape[0] - 1
+    if k < 1 or len(features) <= probe.linear.weight.shape[0]:
+        return undefined
+    u = probe_inputs(probe, features)
     curvature = probe_curvature(u, probe.linear.weight.detach(), probe.linear.bias.detach())
-    spread = covariance(u)
-    if not (curvature.trace() > 0 and spread.trace() > 0):
+    within, total = within_class_covariance(u, labels.to(u.device)), covariance(u)
+    try:
+        return {"rho": range_rho(curvature, k), "gap_within": range_entropy_gap(within, curvature, k),
+                "gap_total": range_entropy_gap(total, curvature, k),
+                "signal_fraction": range_fraction(total, curvature, k)}
+    except ValueError:  # a degenerate probe or representation: nothing to measure, not an error of the run
         return undefined
-    h = with_ridge(curvature, CURVATURE_RIDGE)
-    sigma = with_ridge(spread, COVARIANCE_RIDGE)
-    identity = torch.eye(len(h), dtype=h.dtype, device=h.device)
-    return {"rho_probe": price_of_isotropy(h), "entropy_gap": entropy_gap(sigma, h),
-            "entropy_gap_iso": entropy_gap(identity, h)}
 
 
 # -- geometry of the learned flow --------------------------------------------------------------------------
@@ -219,8 +238,8 @@ def flow_geometry(predictor: nn.Module, states: torch.Tensor) -> dict[str, float
 # -- one run -----------------------------------------------------------------------------------------------
 
 def readout_geometry(readouts: Sequence[str], probes: Sequence[TrainedProbe]) -> dict[str, float]:
-    """`rho_probe_<r>`, `entropy_gap_<r>`, `entropy_gap_iso_<r>` for readouts r and the probes trained on them,
-    in the same order."""
+    """`theory_rho_<r>`, `theory_gap_within_<r>`, `theory_gap_total_<r>`, `theory_signal_fraction_<r>` for
+    readouts r and the probes trained on them, in the same order."""
     if len(readouts) != len(probes):
         raise ValueError(f"{len(probes)} probes for the {len(readouts)} readouts {', '.join(readouts)}: "
                          "expected one probe per readout, in order.")

@@ -18,33 +18,25 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from mlflow.tracking import MlflowClient
 
 from hamjepa import methods, names
 from hamjepa.config import Config
-from hamjepa.methods import METHODS, Method, spec
+from hamjepa.methods import METHODS, Method
 from hamjepa.names import RunState
 from hamjepa.report.paired import CONFIDENCE, Estimate, estimate, paired_differences, verdict
 from hamjepa.report.tables import csv_number, csv_text, markdown_table
+from hamjepa.report.theory import Correlation, TheoryRow, gap_accuracy_correlation, theory_rows
+from hamjepa.report.theory import markdown as theory_markdown
 from hamjepa.tracking import METHOD_TAG, PARENT_TAG, PHASE_TAG, REASON_TAG, STATUS_TAG
 
 COMPARE = "compare"  # the phase of the paired runs
 # Method -> the label of the group its paired runs fill.
-# The theory check compares readouts both methods have; the first, the full vector z (the same size for both,
-# and SIGReg's own readout), carries the sentence.
-THEORY_READOUTS = ("qp", "q")
-THEORY_LABELS = {"rho_probe": "rho (price of isotropy)", "entropy_gap": "entropy gap to (c/D) H^-1 (nats)",
-                 "entropy_gap_iso": "entropy gap of isotropy (nats)"}
-# The prediction concerns anisotropic tasks: rho >= 2 means an isotropic covariance pays at least twice the
-# optimal worst-case downstream variance.
-RHO_LARGE = 2.0
 _LABELS = {method.value: method_spec.label for method, method_spec in METHODS.items()}
 # The arms of a comparison, by label: HamJEPA against the baseline, and the ablation when a study adds it.
 HAMJEPA, BASELINE, ABLATION = (METHODS[m].label for m in (Method.HAMJEPA, methods.BASELINE, Method.MLP))
-THEORY_PLOT = "theory_knn_probe_vs_rho.png"
 SEARCH_KEYS = "study.search_keys"  # a study's param: its searched config keys, comma-separated
 
 
@@ -114,13 +106,6 @@ class Row(PairedRow):
 
 
 @dataclass
-class TheoryRow(PairedRow):
-    """One theory quantity of one readout, paired by seed."""
-
-    readout: str = ""
-
-
-@dataclass
 class StudySummary:
     base: Config
     selected: RunRecord | None
@@ -131,6 +116,7 @@ class StudySummary:
     rows: list[Row] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # e.g. which of Optuna's views were not drawn, and why
     theory: list[TheoryRow] = field(default_factory=list)
+    correlation: Correlation = field(default_factory=Correlation.unmeasured)  # theory gap vs accuracy, all runs
 
     @property
     def objective(self) -> str:
@@ -148,6 +134,9 @@ class StudySummary:
                 out.update(_estimate_metrics(f"gain_{side.lower()}_{row.metric}", gain))
         for theory_row in self.theory:
             out.update(_estimate_metrics(f"delta_{theory_row.metric}", theory_row.delta))
+        if math.isfinite(self.correlation.rho):
+            out.update({"theory_spearman": self.correlation.rho, "theory_spearman_ci_low": self.correlation.low,
+                        "theory_spearman_ci_high": self.correlation.high, "theory_spearman_n": self.correlation.n})
         if self.selected:
             out[f"selected/{self.objective}"] = self.selected.metrics[self.objective]
         return {k: v for k, v in out.items() if math.isfinite(v)}
@@ -174,7 +163,8 @@ def summarize(records: Sequence[RunRecord], search_keys: Sequence[str], base: Co
         ablation = estimate([r.metrics[metric] for r in mlp.values() if metric in r.metrics]) if mlp else None
         summary.rows.append(Row(label, metric, seeds, estimate(h), estimate(g), delta, gains,
                                 verdict(delta, gains), ablation))
-    summary.theory = theory_rows(hamjepa, sigreg)
+    summary.theory = theory_rows(hamjepa, sigreg, _paired)
+    summary.correlation = gap_accuracy_correlation(records)
     return summary
 
 
@@ -184,42 +174,6 @@ def _paired(first: dict[int, RunRecord], second: dict[int, RunRecord],
     seeds = sorted(s for s in first.keys() & second.keys()
                    if metric in first[s].metrics and metric in second[s].metrics)
     return seeds, [first[s].metrics[metric] for s in seeds], [second[s].metrics[metric] for s in seeds]
-
-
-def theory_rows(hamjepa: dict[int, RunRecord], sigreg: dict[int, RunRecord]) -> list[TheoryRow]:
-    """rho, the entropy gap and the isotropic gap of every THEORY_READOUTS readout, paired by seed."""
-    rows = []
-    for readout in THEORY_READOUTS:
-        for kind in names.THEORY:
-            metric = names.theory(kind, readout)
-            seeds, h, g = _paired(hamjepa, sigreg, metric)
-            rows.append(TheoryRow(THEORY_LABELS[kind], metric, seeds, estimate(h), estimate(g),
-                                  estimate(paired_differences(h, g)), readout=readout))
-    return rows
-
-
-def theory_sentence(rows: Sequence[TheoryRow]) -> str:
-    """Whether the paper's prediction held: HamJEPA's covariance closer to H^-1 (a smaller entropy gap) than
-    SIGReg's, where rho is large; on the first THEORY_READOUTS readout, from the paired interval."""
-    readout = THEORY_READOUTS[0]
-    by_metric = {row.metric: row for row in rows}
-    gap, rho = by_metric[names.theory("entropy_gap", readout)], by_metric[names.theory("rho_probe", readout)]
-    prediction = ("the paper's prediction (HamJEPA's covariance closer to H^-1, i.e. a smaller entropy gap than "
-                  "SIGReg's, where rho is large)")
-    head = f"Theory check ({readout} readout): "
-    if gap.delta.n == 0:
-        return head + f"no paired runs carry the theory metrics, so {prediction} is not tested."
-    if not gap.delta.has_interval:
-        return head + f"{prediction} is not resolved: n = {gap.delta.n}, no interval."
-    where = f"rho {rho.hamjepa.mean:.1f} (HamJEPA) and {rho.sigreg.mean:.1f} (SIGReg)"
-    if min(rho.hamjepa.mean, rho.sigreg.mean) < RHO_LARGE:
-        return head + f"{prediction} is not tested: with {where}, isotropy costs little here."
-    difference = f"HamJEPA - SIGReg entropy gap {gap.delta.text(signed=True)} nats at {where}"
-    if gap.delta.below_zero:
-        return head + f"{prediction} held: {difference}."
-    if gap.delta.above_zero:
-        return head + f"{prediction} did not hold: SIGReg's covariance is the closer one ({difference})."
-    return head + f"{prediction} is not resolved at n = {gap.delta.n}: {difference}."
 
 
 def _gain(runs: dict[int, RunRecord], seeds: Sequence[int], metric: str) -> Estimate:
@@ -266,7 +220,9 @@ def to_markdown(summary: StudySummary) -> str:
             cells.append(_spread(row.ablation) if row.ablation else "-")
         rows.append(cells)
     lines += markdown_table(header + ([ABLATION] if with_ablation else []), rows)
-    lines += ["", _overall(summary, k), "", *theory_markdown(summary.theory), protocol_line(summary.base)]
+    lines += ["", _overall(summary, k), "",
+              *theory_markdown(summary.theory, summary.correlation),
+              protocol_line(summary.base)]
     if summary.not_compared:
         lines.append("Not compared (did not finish): " + ", ".join(
             f"{r.name} ({r.status}{': ' + r.reason if r.reason else ''})" for r in summary.not_compared) + ".")
@@ -284,23 +240,6 @@ def to_markdown(summary: StudySummary) -> str:
         lines.append("No HamJEPA trial completed all epochs, so no configuration was selected.")
     lines += summary.notes
     return "\n".join(lines) + "\n"
-
-
-def theory_markdown(rows: Sequence[TheoryRow]) -> list[str]:
-    """The theory check's lines: what is measured, the paired table (when any run has the metrics), the sentence."""
-    lines = []
-    if any(row.delta.n or row.hamjepa.n or row.sigreg.n for row in rows):
-        lines += [
-            "Theory check (docs/method.md §9), on the same paired seeds: H = the trained linear probe's Gauss-Newton "
-            "curvature (ridged), Sigma = the covariance of the probe's input, both on the training split. rho in "
-            "[1, D] is what an isotropic covariance pays; the entropy gap is 0 when Sigma is proportional to H^-1.",
-            "",
-            *markdown_table(["quantity", "readout", HAMJEPA, BASELINE, f"{HAMJEPA} - {BASELINE}"],
-                            [[row.label, row.readout, _spread(row.hamjepa), _spread(row.sigreg),
-                              row.delta.text(signed=True)] for row in rows]),
-            "",
-        ]
-    return [*lines, theory_sentence(rows), ""]
 
 
 def _overall(summary: StudySummary, k: int) -> str:
@@ -326,55 +265,3 @@ def to_csv(summary: StudySummary) -> str:
                   row.delta.low, row.delta.high, h.mean, h.low, h.high, g.mean, g.low, g.high]
         rows.append([row.metric, row.label, row.delta.n, *map(csv_number, values), row.verdict])
     return csv_text(CSV_COLUMNS, rows)
-
-
-# -- theory plot ------------------------------------------------------------------------------------------
-
-def knn_probe_points(records: Sequence[RunRecord], base: Config) -> list[tuple[str, str, float, float]]:
-    """(method, readout, rho, test linear probe minus test kNN top-1 in points) for every complete run's readouts
-    that carry rho: a linear probe can weight directions, a cosine kNN cannot, so the theory expects the
-    difference to grow with the price of isotropy."""
-    points = []
-    for record in records:
-        if not record.complete:
-            continue
-        k = int(record.params.get("eval.knn_k", base.eval.knn_k))
-        for readout in names.readouts(record.method):
-            wanted = (names.theory("rho_probe", readout), names.accuracy("test", "linprobe_top1", readout),
-                      names.accuracy("test", names.knn(k), readout))
-            if all(key in record.metrics and math.isfinite(record.metrics[key]) for key in wanted):
-                rho, probe, knn = (record.metrics[key] for key in wanted)
-                points.append((record.method, readout, rho, probe - knn))
-    return points
-
-
-def theory_plots(records: Sequence[RunRecord], base: Config, folder: str | Path) -> list[str]:
-    """Draw every complete run's linear-probe-minus-kNN difference against rho into `folder`; the paths written
-    (THEORY_PLOT), none when no run carries rho. For the study to log as artifacts."""
-    points = knn_probe_points(records, base)
-    if not points:
-        return []
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    markers = {"q": "o", "p": "s", "qp": "^"}
-    fig, axis = plt.subplots(figsize=(6, 4))
-    for method in sorted({p[0] for p in points}):
-        for readout in markers:
-            chosen = [(rho, gap) for m, r, rho, gap in points if m == method and r == readout]
-            if chosen:
-                axis.scatter(*zip(*chosen, strict=True), marker=markers[readout], color=spec(method).colour,
-                             label=f"{spec(method).label} {readout}", alpha=0.8)
-    axis.set_xscale("log")
-    axis.axhline(0.0, color="black", linewidth=0.8)
-    axis.set_xlabel("rho = D lambda_max(H) / tr H (price of isotropy of the probe's geometry)")
-    axis.set_ylabel(f"test linear probe - kNN@{base.eval.knn_k} top-1 (points)")
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(folder) / THEORY_PLOT
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [str(path)]

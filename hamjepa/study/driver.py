@@ -117,11 +117,12 @@ class MLflowTrialCallback(Callback):
 
     def _close(self, trial, status: RunState, reason: str) -> None:
         logger = self._logger(trial)
-        if status == RunState.FINISHED and CELL in trial.config:  # a compared run: its encoder, for reuse
-            from hamjepa.train.encoder_artifact import log_encoder
+        if status == RunState.FINISHED:  # its pictures; a compared run's encoder too, for reuse
+            from hamjepa.train.encoder_artifact import log_run_artifacts
 
             key = run_key(trial.config, trial.trial_id)
-            log_encoder(logger, storage.join(self.train_folder, f"{self.study_id}-{key}"), self.trial_config(trial))
+            log_run_artifacts(logger, storage.join(self.train_folder, f"{self.study_id}-{key}"),
+                              self.trial_config(trial), encoder=CELL in trial.config)
         logger.set_tags({STATUS_TAG: status.value, **({REASON_TAG: reason} if reason else {})})
         logger.finish(status.mlflow_status)
 

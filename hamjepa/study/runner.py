@@ -60,8 +60,9 @@ def _search_then_compare(study: Invocation, space: Mapping[str, Any], searcher: 
 
 def _summarise(study: Invocation, space: Mapping[str, Any]) -> StudyResult:
     """The study's summary (and, once complete, Optuna's views of the search) logged on the parent run."""
+    from hamjepa.report import theory
     from hamjepa.report.search_views import search_views
-    from hamjepa.report.summary import summarize, theory_plots, to_csv, to_markdown
+    from hamjepa.report.summary import summarize, to_csv, to_markdown
 
     settings = study.settings
     records = study.records()
@@ -72,7 +73,7 @@ def _summarise(study: Invocation, space: Mapping[str, Any]) -> StudyResult:
             views = search_views(records, space, settings.base, study.parent.client, settings.objective,
                                  study.study_id, Path(folder))
             study.parent.log_artifact(views.database)
-            for path in [*views.plots, *theory_plots(records, settings.base, Path(folder))]:
+            for path in [*views.plots, *theory.plots(records, Path(folder))]:
                 study.parent.log_artifact(path, "plots")
         summary.notes = views.notes
         study.parent.log_metrics(summary.parent_metrics(), step=0)

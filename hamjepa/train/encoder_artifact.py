@@ -25,6 +25,7 @@ from hamjepa.train import checkpoints
 
 ARTIFACT_DIR = "model"
 FILE = "encoder.pt"
+PLOTS_DIR = "plots"  # a run's pictures
 PREFIX = "encoder."  # the encoder's keys in JEPAModel's state dict
 
 
@@ -74,9 +75,10 @@ class _Fetched:
         return False
 
 
-def log_encoder(logger, run_folder: str, cfg: Config) -> str | None:
-    """Log the run's trained encoder and its checkpoint folder on `logger`'s MLflow run; None, or the reason
-    it could not (the run's record stands without it)."""
+def log_run_artifacts(logger, run_folder: str, cfg: Config, encoder: bool = True) -> str | None:
+    """Log a finished run's pictures (plots/, e.g. a HamJEPA run's flow.png), its trained encoder (with
+    `encoder`) and its checkpoint folder on `logger`'s MLflow run; None, or the reason it could not (the run's
+    record stands without them)."""
     import tempfile
 
     logger.set_tags({"hamjepa.checkpoint": mask_uri(run_folder)})
@@ -87,7 +89,13 @@ def log_encoder(logger, run_folder: str, cfg: Config) -> str | None:
     if "model" not in state:  # a diverged run's checkpoint holds its report, not weights
         return "no trained weights in its checkpoint"
     with tempfile.TemporaryDirectory() as folder:
-        path = os.path.join(folder, FILE)
-        torch.save(payload(state), path)
-        logger.log_artifact(path, ARTIFACT_DIR)
+        for name, png in state.get("pictures", {}).items():
+            path = os.path.join(folder, name)
+            with open(path, "wb") as stream:
+                stream.write(png.numpy().tobytes())
+            logger.log_artifact(path, PLOTS_DIR)
+        if encoder:
+            path = os.path.join(folder, FILE)
+            torch.save(payload(state), path)
+            logger.log_artifact(path, ARTIFACT_DIR)
     return None

@@ -21,7 +21,7 @@ from hamjepa.errors import UserError
 from hamjepa.names import RunState
 from hamjepa.redact import mask_uri
 from hamjepa.tracking import DATASET_TAG, METHOD_TAG, REASON_TAG, ROLE_TAG, STATUS_TAG, RunLogger
-from hamjepa.train.encoder_artifact import log_encoder
+from hamjepa.train.encoder_artifact import log_run_artifacts
 from hamjepa.train.loop import QUIET_WORKERS, make_trainer
 from hamjepa.train.resources import Resources
 
@@ -189,7 +189,7 @@ def train_and_log(cfg: Config, resources: Resources, *, experiment: str, run_nam
         metrics = {names.FAILED: 1, names.FAILURE_REASON: names.failure_reason(error)}
     status, reason = names.classify(metrics, cfg.optim.epochs)
     if status == RunState.FINISHED:
-        log_encoder(logger, storage.join(storage.resolve(storage_path), run_name), cfg)
+        log_run_artifacts(logger, storage.join(storage.resolve(storage_path), run_name), cfg)
     logger.set_tags({STATUS_TAG: status.value, **({REASON_TAG: reason} if reason else {})})
     logger.finish(status.mlflow_status)
     return RunOutcome(status, metrics if status is not RunState.FAILED else {}, logger.run_id, reason)

@@ -33,12 +33,13 @@ from hamjepa import names, storage
 from hamjepa.config import Config
 from hamjepa.data.feeds import two_view_feed
 from hamjepa.data.splits import load_splits
-from hamjepa.evaluation import readouts, theory
+from hamjepa.evaluation import flow_picture, readouts, theory
 from hamjepa.evaluation.probes import recording_probes
 from hamjepa.method.distributed import local_statistics
 from hamjepa.method.encoder import split_state
 from hamjepa.method.model import JEPAModel
 from hamjepa.method.objectives import spectral_floor
+from hamjepa.method.predictors import HamiltonianPredictor
 from hamjepa.seeds import Stream, derive
 from hamjepa.train import checkpoints
 from hamjepa.train.divergence import divergence_reason, worst_case
@@ -50,6 +51,7 @@ from hamjepa.train.resources import (
 # Set in every worker's environment unless --verbose (launch.connect_ray): Ray Train then keeps its per-report
 # and per-checkpoint info messages to the worker's own log instead of the user's console.
 QUIET_WORKERS = "HAMJEPA_QUIET_WORKERS"
+FLOW_PICTURE = "flow.png"  # a finished HamJEPA run's picture of its learned potential (plots/flow.png)
 
 
 # -- helpers of the loop ------------------------------------------------------------------------------
@@ -96,10 +98,13 @@ def placement(world: int, device: torch.device) -> dict[str, str]:
 
 
 def _training_state(model: JEPAModel, optimizer, scheduler, epoch: int, cfg: Config,
-                    history: list[dict[str, Any]]) -> dict[str, Any]:
+                    history: list[dict[str, Any]], pictures: dict[str, bytes] | None = None) -> dict[str, Any]:
     state = {
         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
         "epoch": epoch, "config": cfg.to_dict(), "torch_rng": torch.get_rng_state(), "history": history,
+        # PNGs drawn at the end (plots/<name> in MLflow), as uint8 tensors so the checkpoint loads weights-only
+        "pictures": {name: torch.frombuffer(bytearray(png), dtype=torch.uint8)
+                     for name, png in (pictures or {}).items()},
     }
     if torch.cuda.is_available():
         state["cuda_rng"] = torch.cuda.get_rng_state_all()
@@ -172,11 +177,11 @@ class _Worker:
     def iters_per_epoch(self) -> int:
         return len(self.feed)
 
-    def report(self, metrics: dict[str, Any], epoch: int) -> None:
-        """Report an epoch (rank 0 with the checkpoint of the training state after it)."""
+    def report(self, metrics: dict[str, Any], epoch: int, pictures: dict[str, bytes] | None = None) -> None:
+        """Report an epoch (rank 0 with the checkpoint of the training state after it, and any pictures)."""
         self.history.append(_plain(metrics))
-        state = (_training_state(self.model, self.optimizer, self.scheduler, epoch, self.cfg, self.history)
-                 if self.rank == 0 else None)
+        state = (_training_state(self.model, self.optimizer, self.scheduler, epoch, self.cfg, self.history,
+                                 pictures) if self.rank == 0 else None)
         _report(self.rank, metrics, state)
 
 
@@ -286,10 +291,15 @@ def _run_epoch(worker: _Worker, net: nn.Module, epoch: int, resumed_from: int) -
                                names.IMAGES_PER_S: steps * cfg.optim.batch_size / elapsed,
                                names.DATA_WAIT_FRACTION: waited / elapsed}
     metrics.update({f"{names.TRAIN}{k}": (v / steps).item() for k, v in sums.items()})
+    final = epoch == cfg.optim.epochs
+    pictures = {}
     if rank == 0:
-        metrics.update(_evaluate_epoch(worker.model, last_views, worker.splits, cfg, worker.device,
-                                       final=epoch == cfg.optim.epochs))
-    worker.report(metrics, epoch)
+        metrics.update(_evaluate_epoch(worker.model, last_views, worker.splits, cfg, worker.device, final=final))
+        if final and isinstance(worker.model.predictor, HamiltonianPredictor):
+            states = readouts.held_out_states(worker.model, worker.splits, cfg, worker.device)
+            if len(states):
+                pictures[FLOW_PICTURE] = flow_picture.draw(worker.model.predictor, states)
+    worker.report(metrics, epoch, pictures)
     return True
 
 
