@@ -229,6 +229,9 @@ def study_main(name: str, space: dict, argv: list[str] | None = None, initial_po
                              "many fresh seeds and compared seed by seed (default 3; smoke 2)")
     parser.add_argument("--ablation", choices=list(ABLATIONS), default="",
                         help="also train this ablation with the selected configuration (mlp: MLP-HJEPA)")
+    parser.add_argument("--primary", default="",
+                        help="the primary metric, declared before the study: the only row with a verdict word "
+                             "(default test kNN@k, test_knn20_top1; or test_linprobe_top1)")
     parser.add_argument("--no-early-stopping", action="store_true", help="switch ASHA off")
     parser.add_argument("--seed", type=int, default=0, help="Optuna sampler seed")
     args = parser.parse_args(argv)
@@ -240,7 +243,7 @@ def study_main(name: str, space: dict, argv: list[str] | None = None, initial_po
         trials = args.num_samples if args.num_samples is not None else (2 if args.smoke_test else None)
         seeds = args.seeds if args.seeds is not None else (2 if args.smoke_test else DEFAULT_SEEDS)
         settings = _study_settings(name, args, num_samples=trials, seeds=seeds, ablation=args.ablation,
-                                   early_stopping=not args.no_early_stopping, seed=args.seed)
+                                   early_stopping=not args.no_early_stopping, seed=args.seed, primary=args.primary)
         return _print_result(settings, run_study(settings, space, initial_points))
 
     return _guarded(parser, work)

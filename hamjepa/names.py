@@ -100,6 +100,17 @@ def final_accuracies(method: str, k: int) -> list[str]:
     return names
 
 
+def default_primary(k: int) -> str:
+    """The primary metric unless a study declares another: test kNN@k of the method's default readout (the paper's
+    headline, and the search's objective family)."""
+    return accuracy("test", knn(k))
+
+
+def primary_choices(k: int) -> list[str]:
+    """The metrics a study may declare primary (`--primary`): its test rows."""
+    return [metric for _, metric in comparison_metrics(k) if metric.startswith("test_")]
+
+
 def comparison_metrics(k: int) -> list[tuple[str, str]]:
     """(label, metric) of the rows a study compares: validation and test, kNN@k and linear probe."""
     return [(f"val kNN@{k}", objective(k)), ("val linear probe", accuracy("val", "linprobe_top1")),

@@ -130,8 +130,10 @@ def test_report_of_a_finished_study_rebuilds_its_summary(store, capsys):
     assert "--resume" not in out
     # The paired comparison, from MLflow's numbers: HamJEPA 75, 77; SIGReg 70, 71.5 on seeds 1, 2.
     assert "Paired comparison on seeds 1, 2 (n = 2)" in out
-    assert "| test kNN@20 | 76.00 +/- 1.41 | 70.75 +/- 1.06 | +5.25 [" in out
-    assert "Verdict (test split): kNN@20: HamJEPA ahead; linear probe: HamJEPA ahead." in out
+    assert "| test kNN@20 | primary | 76.00 +/- 1.41 | 70.75 +/- 1.06 | +5.25 [" in out
+    assert ("Verdict (primary, declared before the study: test kNN@20): HamJEPA ahead on test kNN@20 by +5.25 "
+            "[+2.07, +8.43]; on 2 of 2 seeds") in out
+    assert out.startswith("Study ") and "Tuning: HamJEPA tuned over" in out  # the asymmetry, before any number
     assert "Search trials: 3 (2 finished, 1 stopped early, 0 diverged, 0 failed)." in out
     assert "Selected on validation (search-t1, search seed 0" in out and "Configuration: predictor.dt=0.07." in out
 
@@ -144,7 +146,8 @@ def test_report_of_an_interrupted_study_names_what_is_missing(store, capsys):
     assert lines[1] == "Incomplete: 1 search trial cut (KILLED); 1 of 4 compare runs missing: hamjepa-seed2."
     assert lines[2] == f"Continue it with the command that started it and --resume {INTERRUPTED_ID}."
     # Seed 2 has no HamJEPA run: only seed 1 is paired.
-    assert "Paired comparison on seeds 1 (n = 1)" in out and "| test kNN@20 | 75.00 | 70.00 | +5.00 (n=1" in out
+    assert "Paired comparison on seeds 1 (n = 1)" in out
+    assert "| test kNN@20 | primary | 75.00 | 70.00 | +5.00 (n=1" in out
     assert "Search trials: 3 (2 finished, 0 stopped early" in out
 
 
@@ -166,9 +169,8 @@ def test_studies_lists_every_study_with_its_counts_and_verdict(store, capsys):
     assert [row.split()[0] for row in rows] == [INTERRUPTED_ID, FINISHED_ID]  # newest first
     interrupted, finished = (row.split(maxsplit=6) for row in rows)
     assert interrupted[4:6] == ["interrupted", "6"] and finished[4:6] == ["finished", "7"]
-    assert finished[6] == "Verdict (test split): kNN@20: HamJEPA ahead; linear probe: HamJEPA ahead."
-    assert interrupted[6] == ("Verdict (test split): kNN@20: n = 1: no interval, nothing resolved; linear probe: "
-                              "n = 1: no interval, nothing resolved.")
+    assert finished[6] == "HamJEPA ahead on test kNN@20 by +5.25 [+2.07, +8.43]"  # the primary's verdict
+    assert interrupted[6] == "n = 1: no interval, nothing resolved"
     _, everything, _ = _cli(capsys, "studies", "--tracking-uri", store)
     rows = everything.splitlines()[1:]
     assert len(rows) == 3 and rows[0].split()[:2] == [REPRODUCE_ID, "hamjepa-reproduce_paper"]

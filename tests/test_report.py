@@ -55,11 +55,16 @@ def test_only_paired_confirmation_runs_are_compared_and_the_selected_trial_is_sh
     assert got == pytest.approx((expected.mean, expected.low, expected.high))
     assert row.gains["HamJEPA"].mean == pytest.approx(5.5) and row.gains["SIGReg"].mean == pytest.approx(3.5)
     assert row.gains["HamJEPA"].above_zero and row.gains["SIGReg"].above_zero
-    assert row.verdict == "HamJEPA ahead"
+    assert row.role == "selection split" and row.verdict == ""  # the split the search chose on: no verdict
+    primary = summary.primary_row
+    assert primary.metric == "test_knn20_top1" and primary.verdict.startswith("HamJEPA ahead on test kNN@20 by +")
+    assert [r.role for r in summary.rows] == ["selection split", "selection split", "primary", "secondary"]
     text = to_markdown(summary)
     assert "99.00" in text and "Selected on validation" in text and "not in the comparison" in text
     assert "seeds 1, 2, 3 (n = 3)" in text and "Protocol: fashion_mnist" in text
-    assert "1 stopped early" in text and "Verdict (test split): kNN@20: HamJEPA ahead" in text
+    assert "1 stopped early" in text
+    assert "Verdict (primary, declared before the study: test kNN@20): HamJEPA ahead on test kNN@20 by +" in text
+    assert text.count("HamJEPA ahead") == 2  # the verdict word: once in the table's primary row, once in the line
 
 
 def test_csv_has_one_row_per_metric_with_the_interval_columns():
@@ -81,8 +86,9 @@ def test_runs_that_did_not_learn_are_not_ranked():
     records = [_run("compare", "hamjepa", s, 70.0 + s, 70.0 + s + (0.5 if s % 2 else -0.5)) for s in (1, 2, 3)]
     records += [_run("compare", "sigreg", s, 60.0, 59.0 + 0.1 * s) for s in (1, 2, 3)]
     row = summarize(records, KEYS, BASE).rows[2]
-    assert row.delta.above_zero  # HamJEPA's numbers are higher...
-    assert row.verdict.startswith("not ranked: HamJEPA did not learn measurably")  # ...but it did not learn
+    assert row.delta.above_zero and row.role == "primary"  # HamJEPA's numbers are higher...
+    assert row.verdict.startswith("HamJEPA ahead on test kNN@20 by +")  # ...ranked on the primary regardless,
+    assert row.verdict.endswith("HamJEPA's gain over initialisation not resolved")  # and qualified
 
 
 def test_one_seed_says_there_is_no_interval():
@@ -105,3 +111,59 @@ def test_metric_names_follow_the_configured_k():
     assert summary.rows[0].seeds == [1, 2] and "val kNN@10" in to_markdown(summary)
     assert names.objective(10) in names.final_accuracies("hamjepa", 10)
     assert all(r.complete for r in records)
+
+
+# -- the decision rule -------------------------------------------------------------------------------------
+
+def test_secondaries_get_holm_adjusted_p_values_and_no_verdict_word():
+    from hamjepa.report.paired import holm, p_value
+
+    summary = summarize(_records(), KEYS, BASE)
+    secondary = [row for row in summary.rows if row.role == "secondary"]
+    assert [row.metric for row in secondary] == ["test_linprobe_top1"] and secondary[0].verdict == ""
+    assert secondary[0].p_holm == pytest.approx(holm([p_value(secondary[0].delta)])[0])
+    declared = summarize(_records(), KEYS, BASE, primary="test_linprobe_top1")  # another primary, declared
+    assert declared.primary_row.metric == "test_linprobe_top1"
+    assert [row.metric for row in declared.rows if row.role == "secondary"] == ["test_knn20_top1"]
+    rows = list(csv.DictReader(io.StringIO(to_csv(declared))))
+    assert [r["role"] for r in rows] == ["selection split", "selection split", "secondary", "primary"]
+    assert rows[2]["p_holm"] != "" and rows[3]["verdict"].startswith("HamJEPA ahead")
+
+
+def test_an_unresolved_primary_states_what_the_design_detects_and_the_seeds_it_would_take():
+    from hamjepa.report.paired import min_detectable_difference, seeds_to_resolve
+
+    records = [_run("compare", "hamjepa", s, 75.0 + d, 70.0) for s, d in ((1, 1.0), (2, -0.5), (3, 0.8))]
+    records += [_run("compare", "sigreg", s, 75.0, 70.0) for s in (1, 2, 3)]
+    summary = summarize(records, KEYS, BASE)
+    primary = summary.primary_row
+    detectable = min_detectable_difference(primary.delta.std, 3)
+    assert primary.verdict.startswith("not resolved at n = 3 on test kNN@20")
+    assert f"this design detects differences >= {detectable:.2f} points" in primary.verdict
+    text = to_markdown(summary)
+    needed = seeds_to_resolve(primary.delta.mean, primary.delta.std)
+    assert f"at 80% power would take about {needed} paired seeds" in text
+    assert summary.parent_metrics()["detectable_test_knn20_top1"] == pytest.approx(detectable)
+
+
+def test_diverged_runs_are_counted_said_first_and_their_seeds_left_out_of_the_pairs():
+    records = [_run("compare", "hamjepa", s, 75.0 + s, 70.0) for s in (1, 2)]
+    records += [_run("compare", "sigreg", s, 73.0, 70.0) for s in (1, 2, 3)]
+    diverged = _run("compare", "hamjepa", 3, 0.0, 70.0, status="diverged")
+    diverged.reason = "epoch 2: non-finite loss"
+    records.append(diverged)
+    summary = summarize(records, KEYS, BASE, tuned="Tuning: stated first.")
+    assert summary.primary_row.seeds == [1, 2]
+    text = to_markdown(summary)
+    lines = text.splitlines()
+    assert lines[0] == "Tuning: stated first." and lines[1].startswith("Not compared, did not finish: ")
+    assert "(diverged: epoch 2: non-finite loss)" in lines[1]
+    assert "on 2 of 3 seeds (HamJEPA 2 finished, 1 diverged, 0 failed; SIGReg 3 finished, 0 diverged, 0 failed)" in text
+
+
+def test_a_nan_metric_unpairs_its_seed_instead_of_reaching_the_statistics():
+    records = [_run("compare", "hamjepa", s, 75.0 + s, 70.0) for s in (1, 2, 3)]
+    records += [_run("compare", "sigreg", s, 73.0, 70.0) for s in (1, 2, 3)]
+    records[0].metrics["test_knn20_top1"] = math.nan
+    primary = summarize(records, KEYS, BASE).primary_row
+    assert primary.seeds == [2, 3] and math.isfinite(primary.delta.mean) and primary.delta.dropped == 0

@@ -52,6 +52,19 @@ def _capture_result(monkeypatch):
     return captured
 
 
+def _check_decision_rule(summary_md, summary_csv, parent):
+    """The primary is declared on the parent run; the verdict word is the primary's, once in the table and once in
+    the verdict line; the design's detectable difference and each method's outcomes are stated; tuning comes first."""
+    assert parent.data.params["study.primary"] == "test_knn20_top1"
+    assert summary_md.startswith("Tuning: HamJEPA tuned over 2 Optuna trials")
+    verdict = next(line for line in summary_md.splitlines() if line.startswith("Verdict"))
+    assert verdict.startswith("Verdict (primary, declared before the study: test kNN@20): ")
+    assert "HamJEPA 2 finished, 0 diverged, 0 failed; SIGReg 2 finished, 0 diverged, 0 failed" in verdict
+    words = ("HamJEPA ahead on ", "SIGReg ahead on ", "not resolved at n = 2 on ")
+    assert sum(summary_md.count(word) for word in words) == 2  # the primary's row and the verdict line
+    assert "| detectable |" in summary_md and ",primary," in summary_csv
+
+
 def _check_theory_and_pictures(client, by_phase, summary_md, plots):
     """The theory check: every compared run measured its within-class spread inside the probe's range; every
     finished HamJEPA run drew its learned flow."""
@@ -126,7 +139,8 @@ def test_smoke_study_logs_parent_children_metrics_and_summary(ray_cluster, tmp_p
     assert row.delta.has_interval and row.delta.low < row.delta.mean < row.delta.high
     summary_csv = Path(client.download_artifacts(parent_id, "summary.csv", str(tmp_path))).read_text()
     assert summary_csv.splitlines()[0].startswith(
-        "metric,label,n,hamjepa_mean,hamjepa_std,sigreg_mean,sigreg_std,delta,delta_ci_low,delta_ci_high")
+        "metric,label,role,n,hamjepa_mean,hamjepa_std,sigreg_mean,sigreg_std,delta,delta_ci_low,delta_ci_high")
+    _check_decision_rule(summary_md, summary_csv, parents[0])
     parent_metrics = client.get_run(parent_id).data.metrics
     assert parent_metrics["delta_test_knn20_top1"] == pytest.approx(row.delta.mean)
     assert parent_metrics["delta_test_knn20_top1_ci_low"] == pytest.approx(row.delta.low)

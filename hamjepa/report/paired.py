@@ -9,6 +9,12 @@ Student-t interval on those differences:
 
 and likewise a method's gain over its own initialisation (d_i = final_i - initial_i). With n = 1 there is
 no interval (nothing estimates the spread); a verdict never ranks what it cannot resolve.
+
+The decision rule (docs/method.md §10 "The decision rule"): one primary metric, declared before the study, gets
+the verdict word from its paired interval; every secondary metric gets a two-sided paired t-test p-value,
+Holm-adjusted over the secondaries, and no verdict word. When nothing is resolved the design's minimum
+detectable difference (80% power) is stated, and how many paired seeds would resolve the observed difference.
+No NaN or inf reaches the arithmetic: `estimate` drops them and counts them.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 CONFIDENCE = 0.95
+POWER = 0.80  # the power at which a design's minimum detectable difference is stated
+MAX_SEEDS_TO_RESOLVE = 1000  # beyond this, 'how many seeds would resolve it' answers 'more than 1000'
 
 
 @dataclass(frozen=True)
@@ -30,6 +38,7 @@ class Estimate:
     std: float
     low: float
     high: float
+    dropped: int = 0  # non-finite values left out (a diverged run's NaN never reaches the arithmetic)
 
     @property
     def has_interval(self) -> bool:
@@ -61,17 +70,62 @@ def t_quantile(probability: float, dof: int) -> float:
 
 
 def estimate(values: Sequence[float], confidence: float = CONFIDENCE) -> Estimate:
-    """Mean, sample std and the t-interval of the mean of `values`."""
-    values = [float(v) for v in values]
-    n = len(values)
+    """Mean, sample std and the t-interval of the mean of the finite `values`; non-finite ones are dropped and
+    counted (`Estimate.dropped`), never averaged."""
+    finite = [float(v) for v in values if math.isfinite(float(v))]
+    dropped = len(values) - len(finite)
+    n = len(finite)
     if n == 0:
-        return Estimate(0, math.nan, math.nan, math.nan, math.nan)
-    mean = statistics.fmean(values)
+        return Estimate(0, math.nan, math.nan, math.nan, math.nan, dropped)
+    mean = math.fsum(finite) / n
     if n == 1:
-        return Estimate(1, mean, math.nan, math.nan, math.nan)
-    std = statistics.stdev(values)
+        return Estimate(1, mean, math.nan, math.nan, math.nan, dropped)
+    std = statistics.stdev(finite)
     half = t_quantile(0.5 + confidence / 2, n - 1) * std / math.sqrt(n)
-    return Estimate(n, mean, std, mean - half, mean + half)
+    return Estimate(n, mean, std, mean - half, mean + half, dropped)
+
+
+def p_value(value: Estimate) -> float:
+    """Two-sided p-value of the one-sample t-test of mean 0 for the values behind `value` (paired differences).
+    nan below n = 2; with no spread, 0 when the mean is not 0 (every pair agrees) and 1 when it is."""
+    if value.n < 2:
+        return math.nan
+    if value.std == 0:
+        return 0.0 if value.mean != 0 else 1.0
+    from scipy.stats import t
+
+    statistic = value.mean / (value.std / math.sqrt(value.n))
+    return float(2 * t.sf(abs(statistic), value.n - 1))
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment of a family of p-values (same order; nan stays nan and is not counted)."""
+    finite = sorted((p, i) for i, p in enumerate(p_values) if math.isfinite(p))
+    adjusted = [math.nan] * len(p_values)
+    running = 0.0
+    for rank, (p, i) in enumerate(finite):
+        running = max(running, min(1.0, (len(finite) - rank) * p))  # monotone: never below an earlier one
+        adjusted[i] = running
+    return adjusted
+
+
+def min_detectable_difference(std: float, n: int, confidence: float = CONFIDENCE, power: float = POWER) -> float:
+    """The smallest true paired difference a two-sided paired t-test at `confidence` detects with `power`, from
+    the paired sd over n pairs: (t_{1 - alpha/2, n - 1} + t_{power, n - 1}) * sd / sqrt(n). nan below n = 2."""
+    if n < 2 or not math.isfinite(std):
+        return math.nan
+    return (t_quantile(0.5 + confidence / 2, n - 1) + t_quantile(power, n - 1)) * std / math.sqrt(n)
+
+
+def seeds_to_resolve(difference: float, std: float, confidence: float = CONFIDENCE, power: float = POWER) -> int:
+    """The fewest paired seeds whose minimum detectable difference (at the same paired sd) is <= |difference|;
+    MAX_SEEDS_TO_RESOLVE + 1 when none up to that many is (or there is no difference to resolve)."""
+    if not (math.isfinite(difference) and math.isfinite(std)) or difference == 0:
+        return MAX_SEEDS_TO_RESOLVE + 1
+    for n in range(2, MAX_SEEDS_TO_RESOLVE + 1):
+        if min_detectable_difference(std, n, confidence, power) <= abs(difference):
+            return n
+    return MAX_SEEDS_TO_RESOLVE + 1
 
 
 def paired_differences(a: Sequence[float], b: Sequence[float]) -> list[float]:
@@ -81,22 +135,17 @@ def paired_differences(a: Sequence[float], b: Sequence[float]) -> list[float]:
     return [x - y for x, y in zip(a, b)]
 
 
-def verdict(delta: Estimate, gains: dict[str, Estimate], first: str = "HamJEPA", second: str = "SIGReg") -> str:
-    """A plain-words reading of one metric's comparison.
-
-    Learning comes first: when a method's gain over its initialisation is not resolved above zero, its runs
-    did not learn measurably at this size and ranking the methods would compare noise.
-    """
+def primary_verdict(delta: Estimate, label: str, first: str, second: str) -> str:
+    """The verdict word of the primary metric, from its paired interval alone: who is ahead and by how much, or
+    "not resolved" with the smallest difference this design detects."""
     if delta.n == 0:
         return "no paired runs"
     if delta.n < 2:
         return "n = 1: no interval, nothing resolved"
-    not_learning = [name for name, gain in gains.items() if not gain.above_zero]
-    if not_learning:
-        who = " and ".join(not_learning)
-        return f"not ranked: {who} did not learn measurably at this size (gain over initialisation not above 0)"
     if delta.above_zero:
-        return f"{first} ahead"
+        return f"{first} ahead on {label} by {delta.text(signed=True)}"
     if delta.below_zero:
-        return f"{second} ahead"
-    return f"no difference resolved at n = {delta.n}"
+        return f"{second} ahead on {label} by {(-delta.mean):+.2f} [{-delta.high:+.2f}, {-delta.low:+.2f}]"
+    detectable = min_detectable_difference(delta.std, delta.n)
+    return (f"not resolved at n = {delta.n} on {label} ({first} - {second} {delta.text(signed=True)}): this design "
+            f"detects differences >= {detectable:.2f} points")

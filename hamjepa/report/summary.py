@@ -1,16 +1,18 @@
-"""Study reports: the paired comparison (markdown + CSV + parent-run metrics) and objective plots.
+"""Study reports: the paired comparison (markdown + CSV + parent-run metrics), built from MLflow's records (not
+from Tune's memory), so what is printed is what MLflow holds.
 
-Built from MLflow's records (not from Tune's memory), so what is printed is what MLflow holds.
-The comparison uses only the paired runs (phase `compare`): HamJEPA's selected configuration and SIGReg on
-the same fresh seeds, matched seed by seed. The search trial that was selected on
-validation is shown on its own line and never enters a compared group (its validation score won a
-maximum over trials, which biases it upwards). For every metric: each side's mean +/- std over seeds, the
-mean paired difference with a 95% t-interval, each side's gain over its own initialisation (epoch 0) with
-its interval, and a verdict in words (paired.verdict).
+The comparison uses only the paired runs (phase `compare`): HamJEPA's selected configuration and SIGReg on the
+same fresh seeds, matched seed by seed. The search trial selected on validation is shown on its own line and never
+enters a compared group (its validation score won a maximum over trials, which biases it upwards).
 
-The theory check (docs/method.md §9, theory.py) pairs the same runs on the price of isotropy rho and the entropy
-gap of each run's representation to its probe's optimal covariance, says in one sentence whether the paper's
-prediction held, and `theory_plots` draws every run's linear-probe-minus-kNN difference against its rho.
+The decision rule (docs/method.md §10 "The decision rule", report/paired.py): the primary metric, declared
+before the study (`--primary`, default test kNN@k), is the only row with a verdict word, from its paired
+interval; the other test rows are secondary (Holm-adjusted p-values, no verdict word); the validation rows are
+the selection split (no verdict, no p-value). Every row states the smallest difference the design detects.
+Learning qualifies the verdict, it does not gate it: each method's gain over its own initialisation is stated
+beside it. The summary's first lines say how the methods were tuned and which runs did not finish.
+
+The theory section is report/theory.py.
 """
 
 from __future__ import annotations
@@ -26,7 +28,18 @@ from hamjepa import methods, names
 from hamjepa.config import Config
 from hamjepa.methods import METHODS, Method
 from hamjepa.names import RunState
-from hamjepa.report.paired import CONFIDENCE, Estimate, estimate, paired_differences, verdict
+from hamjepa.report.paired import (
+    CONFIDENCE,
+    POWER,
+    Estimate,
+    estimate,
+    holm,
+    min_detectable_difference,
+    p_value,
+    paired_differences,
+    primary_verdict,
+    seeds_to_resolve,
+)
 from hamjepa.report.tables import csv_number, csv_text, markdown_table
 from hamjepa.report.theory import Correlation, TheoryRow, gap_accuracy_correlation, theory_rows
 from hamjepa.report.theory import markdown as theory_markdown
@@ -84,25 +97,30 @@ def select_trial(records: Sequence[RunRecord], objective: str) -> RunRecord | No
     return max(eligible, key=lambda r: r.metrics[objective]) if eligible else None
 
 
+PRIMARY, SECONDARY, SELECTION = "primary", "secondary", "selection split"  # a row's role in the decision
+
+
 @dataclass
-class PairedRow:
-    """One metric, HamJEPA beside SIGReg over the seeds both have."""
+class Row:
+    """One metric of the paired comparison: HamJEPA beside SIGReg over the seeds where both finished, each side's
+    gain over initialisation, the row's role in the decision and what it says."""
 
     label: str
     metric: str
-    seeds: list[int]  # the seeds where both sides have the metric
+    seeds: list[int]  # the seeds where both sides have a finite value
     hamjepa: Estimate
     sigreg: Estimate
     delta: Estimate  # HamJEPA - SIGReg, paired by seed
-
-
-@dataclass
-class Row(PairedRow):
-    """One metric of the paired comparison, with each side's gain over initialisation and the verdict."""
-
     gains: dict[str, Estimate] = field(default_factory=dict)  # side -> final minus initialisation, per seed
-    verdict: str = ""
+    role: str = SECONDARY
+    verdict: str = ""  # the primary's only
+    p_holm: float = math.nan  # a secondary's Holm-adjusted two-sided p-value
     ablation: Estimate | None = None
+
+    @property
+    def detectable(self) -> float:
+        """The smallest difference this design detects at 80% power, from the observed paired sd."""
+        return min_detectable_difference(self.delta.std, self.delta.n)
 
 
 @dataclass
@@ -116,7 +134,13 @@ class StudySummary:
     rows: list[Row] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # e.g. which of Optuna's views were not drawn, and why
     theory: list[TheoryRow] = field(default_factory=list)
+    primary: str = ""  # the primary metric's name
+    tuned: str = ""  # how each method was tuned, stated first
     correlation: Correlation = field(default_factory=Correlation.unmeasured)  # theory gap vs accuracy, all runs
+
+    @property
+    def primary_row(self) -> Row | None:
+        return next((row for row in self.rows if row.role == PRIMARY), None)
 
     @property
     def objective(self) -> str:
@@ -130,6 +154,9 @@ class StudySummary:
         out: dict[str, float] = {}
         for row in self.rows:
             out.update(_estimate_metrics(f"delta_{row.metric}", row.delta))
+            out[f"detectable_{row.metric}"] = row.detectable
+            if row.role == SECONDARY:
+                out[f"p_holm_{row.metric}"] = row.p_holm
             for side, gain in row.gains.items():
                 out.update(_estimate_metrics(f"gain_{side.lower()}_{row.metric}", gain))
         for theory_row in self.theory:
@@ -146,33 +173,53 @@ def _estimate_metrics(name: str, value: Estimate) -> dict[str, float]:
     return {name: value.mean, f"{name}_ci_low": value.low, f"{name}_ci_high": value.high}
 
 
-def summarize(records: Sequence[RunRecord], search_keys: Sequence[str], base: Config) -> StudySummary:
+def summarize(records: Sequence[RunRecord], search_keys: Sequence[str], base: Config, primary: str = "",
+              tuned: str = "") -> StudySummary:
     objective = names.objective(base.eval.knn_k)
+    primary = primary or names.default_primary(base.eval.knn_k)
     search = [r for r in records if r.phase == "search"]
     paired = [r for r in records if r.phase == COMPARE]
     arms = {label: {r.seed: r for r in paired if r.method == method and r.complete}
             for method, label in _LABELS.items()}
     counts = {"trials": len(search), **{status.value: sum(r.status == status for r in search) for status in RunState}}
     not_compared = [r for r in paired if not r.complete]
-    summary = StudySummary(base, select_trial(records, objective), arms, list(search_keys), counts, not_compared)
+    summary = StudySummary(base, select_trial(records, objective), arms, list(search_keys), counts, not_compared,
+                           primary=primary, tuned=tuned)
     hamjepa, sigreg, mlp = arms[HAMJEPA], arms[BASELINE], arms[ABLATION]
     for label, metric in names.comparison_metrics(base.eval.knn_k):
         seeds, h, g = _paired(hamjepa, sigreg, metric)
-        delta = estimate(paired_differences(h, g))
         gains = {side: _gain(runs, seeds, metric) for side, runs in ((HAMJEPA, hamjepa), (BASELINE, sigreg))}
         ablation = estimate([r.metrics[metric] for r in mlp.values() if metric in r.metrics]) if mlp else None
-        summary.rows.append(Row(label, metric, seeds, estimate(h), estimate(g), delta, gains,
-                                verdict(delta, gains), ablation))
+        role = PRIMARY if metric == primary else SELECTION if metric.startswith("val_") else SECONDARY
+        summary.rows.append(Row(label, metric, seeds, estimate(h), estimate(g), estimate(paired_differences(h, g)),
+                                gains, role, ablation=ablation))
+    _decide(summary)
     summary.theory = theory_rows(hamjepa, sigreg, _paired)
     summary.correlation = gap_accuracy_correlation(records)
     return summary
 
 
+def _decide(summary: StudySummary) -> None:
+    """The primary's verdict word (with its learning qualifier); the secondaries' Holm-adjusted p-values."""
+    secondaries = [row for row in summary.rows if row.role == SECONDARY]
+    for row, adjusted in zip(secondaries, holm([p_value(row.delta) for row in secondaries]), strict=True):
+        row.p_holm = adjusted
+    primary = summary.primary_row
+    if primary is not None:
+        primary.verdict = primary_verdict(primary.delta, primary.label, HAMJEPA, BASELINE)
+        not_learning = [side for side, gain in primary.gains.items() if not gain.above_zero]
+        if primary.delta.n >= 2 and not_learning:
+            primary.verdict += "; " + "; ".join(f"{side}'s gain over initialisation not resolved"
+                                                for side in not_learning)
+
+
 def _paired(first: dict[int, RunRecord], second: dict[int, RunRecord],
             metric: str) -> tuple[list[int], list[float], list[float]]:
-    """(seeds, first's values, second's values) over the seeds where both runs have `metric`, in seed order."""
+    """(seeds, first's values, second's values) over the seeds where both runs have a finite `metric`, in seed
+    order: a pair with a NaN side is not a pair (its run is counted as not finished, never averaged)."""
     seeds = sorted(s for s in first.keys() & second.keys()
-                   if metric in first[s].metrics and metric in second[s].metrics)
+                   if math.isfinite(first[s].metrics.get(metric, math.nan))
+                   and math.isfinite(second[s].metrics.get(metric, math.nan)))
     return seeds, [first[s].metrics[metric] for s in seeds], [second[s].metrics[metric] for s in seeds]
 
 
@@ -200,32 +247,33 @@ def protocol_line(base: Config) -> str:
 
 def to_markdown(summary: StudySummary) -> str:
     k = summary.base.eval.knn_k
-    seeds = summary.rows[0].seeds if summary.rows else []
-    n = len(seeds)
+    primary = summary.primary_row
+    seeds = primary.seeds if primary else (summary.rows[0].seeds if summary.rows else [])
     with_ablation = bool(summary.arms[ABLATION])
-    lines = [
-        f"Paired comparison on seeds {', '.join(map(str, seeds)) or '(none)'} (n = {n}): fresh seeds, not the "
-        "search's; each seed gives both methods the same data split, sample order, augmentation stream and "
-        f"encoder initialisation. Cells: mean +/- std over seeds; [{CONFIDENCE:.0%} Student-t interval over the n "
-        "paired differences]. Gain = final minus the same run's readout at initialisation (epoch 0).",
-        "",
-    ]
-    header = ["metric (%)", HAMJEPA, BASELINE, f"{HAMJEPA} - {BASELINE}", f"gain: {HAMJEPA}", f"gain: {BASELINE}",
-              "verdict"]
+    lines = [*_first_lines(summary),
+             f"Paired comparison on seeds {', '.join(map(str, seeds)) or '(none)'} (n = {len(seeds)}): fresh "
+             "seeds, not the search's; each seed gives both methods the same data split, sample order, augmentation "
+             f"stream and encoder initialisation. Cells: mean +/- std over seeds; [{CONFIDENCE:.0%} Student-t "
+             "interval over the paired differences]. Gain = final minus the same run's readout at initialisation "
+             f"(epoch 0). Detectable = the smallest difference this design detects at {POWER:.0%} power. Secondary "
+             "rows: two-sided paired t-test p-values, Holm-adjusted over the secondaries; the selection split is the "
+             "one the search chose on.",
+             ""]
+    header = ["metric (%)", "role", HAMJEPA, BASELINE, f"{HAMJEPA} - {BASELINE}", "detectable", f"gain: {HAMJEPA}",
+              f"gain: {BASELINE}", "decision"]
     rows = []
     for row in summary.rows:
-        cells = [row.label, _spread(row.hamjepa), _spread(row.sigreg), row.delta.text(signed=True),
-                 row.gains[HAMJEPA].text(signed=True), row.gains[BASELINE].text(signed=True), row.verdict]
+        decision = row.verdict if row.role == PRIMARY else (
+            f"p (Holm) = {row.p_holm:.3g}" if row.role == SECONDARY and math.isfinite(row.p_holm) else "-")
+        cells = [row.label, row.role, _spread(row.hamjepa), _spread(row.sigreg), row.delta.text(signed=True),
+                 f"{row.detectable:.2f}" if math.isfinite(row.detectable) else "-",
+                 row.gains[HAMJEPA].text(signed=True), row.gains[BASELINE].text(signed=True), decision]
         if with_ablation:
             cells.append(_spread(row.ablation) if row.ablation else "-")
         rows.append(cells)
     lines += markdown_table(header + ([ABLATION] if with_ablation else []), rows)
-    lines += ["", _overall(summary, k), "",
-              *theory_markdown(summary.theory, summary.correlation),
-              protocol_line(summary.base)]
-    if summary.not_compared:
-        lines.append("Not compared (did not finish): " + ", ".join(
-            f"{r.name} ({r.status}{': ' + r.reason if r.reason else ''})" for r in summary.not_compared) + ".")
+    lines += ["", _overall(summary), *_seeds_needed(summary), "",
+              *theory_markdown(summary.theory, summary.correlation), protocol_line(summary.base)]
     c = summary.counts
     lines += ["", f"Search trials: {c['trials']} ({c['finished']} finished, {c['stopped']} stopped early, "
                   f"{c['diverged']} diverged, {c['failed']} failed)."]
@@ -242,18 +290,52 @@ def to_markdown(summary: StudySummary) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _overall(summary: StudySummary, k: int) -> str:
-    """The study's answer in one sentence, from the test rows."""
-    test = {row.label: row for row in summary.rows if row.label.startswith("test")}
-    if not test or all(row.delta.n == 0 for row in test.values()):
-        return "Verdict: no paired runs completed, so there is no comparison."
-    parts = [f"{label.removeprefix('test ')}: {row.verdict}" for label, row in test.items()]
-    return "Verdict (test split): " + "; ".join(parts) + "."
+def _first_lines(summary: StudySummary) -> list[str]:
+    """What a reader must know before any number: how each method was tuned, and runs that did not finish."""
+    lines = [summary.tuned] if summary.tuned else []
+    if summary.not_compared:
+        lines.append("Not compared, did not finish: " + ", ".join(
+            f"{r.name} ({r.status}{': ' + r.reason if r.reason else ''})" for r in summary.not_compared)
+            + "; the comparison uses the seeds where both methods finished.")
+    return [*lines, ""] if lines else []
 
 
-CSV_COLUMNS = ["metric", "label", "n", "hamjepa_mean", "hamjepa_std", "sigreg_mean", "sigreg_std", "delta",
-               "delta_ci_low", "delta_ci_high", "hamjepa_gain", "hamjepa_gain_ci_low", "hamjepa_gain_ci_high",
-               "sigreg_gain", "sigreg_gain_ci_low", "sigreg_gain_ci_high", "verdict"]
+def _outcomes(summary: StudySummary) -> str:
+    """Per method: finished / diverged / failed paired runs."""
+    parts = []
+    for label, arm in ((HAMJEPA, summary.arms[HAMJEPA]), (BASELINE, summary.arms[BASELINE])):
+        method = next(m for m, name in _LABELS.items() if name == label)
+        cut = [r for r in summary.not_compared if r.method == method]
+        diverged = sum(r.status == RunState.DIVERGED for r in cut)
+        parts.append(f"{label} {len(arm)} finished, {diverged} diverged, {len(cut) - diverged} failed")
+    return "; ".join(parts)
+
+
+def _overall(summary: StudySummary) -> str:
+    """The study's answer in one sentence: the primary's verdict, on how many seeds, with the runs' outcomes."""
+    primary = summary.primary_row
+    if primary is None or primary.delta.n == 0:
+        return f"Verdict: no paired runs completed, so there is no comparison ({_outcomes(summary)})."
+    planned = len({r.seed for arm in (summary.arms[HAMJEPA], summary.arms[BASELINE]) for r in arm.values()}
+                  | {r.seed for r in summary.not_compared})
+    return (f"Verdict (primary, declared before the study: {primary.label}): {primary.verdict}; on {primary.delta.n} "
+            f"of {planned} seeds ({_outcomes(summary)}).")
+
+
+def _seeds_needed(summary: StudySummary) -> list[str]:
+    """When the primary is not resolved: how many paired seeds would resolve the observed difference."""
+    primary = summary.primary_row
+    if primary is None or primary.delta.n < 2 or primary.delta.above_zero or primary.delta.below_zero:
+        return []
+    needed = seeds_to_resolve(primary.delta.mean, primary.delta.std)
+    count = f"about {needed}" if needed <= 1000 else "more than 1000"
+    return [f"Resolving the observed difference ({primary.delta.mean:+.2f} points, paired sd "
+            f"{primary.delta.std:.2f}) at {POWER:.0%} power would take {count} paired seeds (`--seeds`)."]
+
+
+CSV_COLUMNS = ["metric", "label", "role", "n", "hamjepa_mean", "hamjepa_std", "sigreg_mean", "sigreg_std", "delta",
+               "delta_ci_low", "delta_ci_high", "detectable", "p_holm", "hamjepa_gain", "hamjepa_gain_ci_low",
+               "hamjepa_gain_ci_high", "sigreg_gain", "sigreg_gain_ci_low", "sigreg_gain_ci_high", "verdict"]
 
 
 def to_csv(summary: StudySummary) -> str:
@@ -262,6 +344,7 @@ def to_csv(summary: StudySummary) -> str:
     for row in summary.rows:
         h, g = row.gains[HAMJEPA], row.gains[BASELINE]
         values = [row.hamjepa.mean, row.hamjepa.std, row.sigreg.mean, row.sigreg.std, row.delta.mean,
-                  row.delta.low, row.delta.high, h.mean, h.low, h.high, g.mean, g.low, g.high]
-        rows.append([row.metric, row.label, row.delta.n, *map(csv_number, values), row.verdict])
+                  row.delta.low, row.delta.high, row.detectable, row.p_holm, h.mean, h.low, h.high, g.mean, g.low,
+                  g.high]
+        rows.append([row.metric, row.label, row.role, row.delta.n, *map(csv_number, values), row.verdict])
     return csv_text(CSV_COLUMNS, rows)

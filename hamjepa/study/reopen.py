@@ -235,8 +235,12 @@ def reopen(client: MlflowClient, study: StudyRun) -> Reopened:
         verdict = table.notes[0] if table.notes else ""
         return Reopened(study, records, table_markdown(table, seeds), verdict, reproduce_gaps(study, records))
     keys = [k for k in study.params.get("study.search_keys", "").split(",") if k]
-    text = to_markdown(summarize(records, keys, base))
-    verdict = next((line for line in text.splitlines() if line.startswith("Verdict")), "")
+    from hamjepa.study.settings import tuning_statement
+
+    tuned = tuning_statement(study.params["study.num_samples"]) if "study.num_samples" in study.params else ""
+    summary = summarize(records, keys, base, study.params.get("study.primary", ""), tuned)
+    verdict = summary.primary_row.verdict if summary.primary_row else ""
+    text = to_markdown(summary)
     return Reopened(study, records, text, verdict, search_gaps(study, records, base))
 
 

@@ -33,7 +33,8 @@ def run_study(settings: StudySettings, space: Mapping[str, Any],
     with Invocation(settings, {"study.num_samples": settings.num_samples, "study.seeds": settings.seeds,
                                "study.paired_seeds": ",".join(map(str, settings.paired_seeds)),
                                "study.early_stopping": settings.early_stopping, "study.seed": settings.seed,
-                               "study.search_keys": ",".join(space), "study.ablation": settings.ablation}) as study:
+                               "study.search_keys": ",".join(space), "study.ablation": settings.ablation,
+                               "study.primary": settings.primary_metric}) as study:
         searcher = search_algorithm(settings, space, study.study_id, initial_points)
         try:
             _search_then_compare(study, space, searcher)
@@ -66,7 +67,7 @@ def _summarise(study: Invocation, space: Mapping[str, Any]) -> StudyResult:
 
     settings = study.settings
     records = study.records()
-    summary = summarize(records, list(space), settings.base)
+    summary = summarize(records, list(space), settings.base, settings.primary_metric, settings.tuning)
     if not study.interrupted:
         # Optuna's own views of the search, and the search as an Optuna study file, rebuilt from MLflow.
         with tempfile.TemporaryDirectory() as folder:

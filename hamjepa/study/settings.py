@@ -34,6 +34,7 @@ class StudySettings:
     resume: str = ""  # "" = a new study; "latest" = this study's latest invocation; else a study id
     verbose: bool = False  # Ray's own console output (workers' logs, Tune's full tables) instead of ours
     searches: bool = True  # False for fixed runs (reproduce_paper): no objective, so no validation split needed
+    primary: str = ""  # the primary metric, declared before the study ("" = names.default_primary)
 
     def __post_init__(self) -> None:
         if self.num_samples < 1:
@@ -47,6 +48,10 @@ class StudySettings:
         if self.searches and self.base.data.val_fraction <= 0:
             raise ConfigError("config field 'data.val_fraction' = 0 is invalid for a study: the objective is "
                               "measured on the validation split, so it must be in (0, 1).")
+        choices = names.primary_choices(self.base.eval.knn_k)
+        if self.primary and self.primary not in choices:
+            raise UserError(f"--primary = {self.primary!r} is invalid: must be one of {', '.join(choices)} (a test "
+                            "row; the validation split is the one the search selects on).")
         self.resources.check_batch(self.base)
 
     @property
@@ -58,9 +63,23 @@ class StudySettings:
         return names.objective(self.base.eval.knn_k)
 
     @property
+    def primary_metric(self) -> str:
+        return self.primary or names.default_primary(self.base.eval.knn_k)
+
+    @property
+    def tuning(self) -> str:
+        return tuning_statement(self.num_samples)
+
+    @property
     def paired_seeds(self) -> list[int]:
         """Fresh seeds for the paired comparison: never the base seed, which every search trial used."""
         return [self.base.seed + 1 + i for i in range(self.seeds)]
+
+
+def tuning_statement(trials: int | str) -> str:
+    """How each method was tuned, stated before any number: the search tunes HamJEPA only."""
+    return (f"Tuning: HamJEPA tuned over {trials} Optuna trials (selected on the validation split); SIGReg at its "
+            "defaults, untuned: an asymmetry in HamJEPA's favour.")
 
 
 # -- search spaces are data ---------------------------------------------------------------------------
