@@ -153,6 +153,8 @@ def _study_settings(name: str, args: argparse.Namespace, protocol: dict | None =
 
     if fields.get("num_samples", 0) is None:  # search trials: the quick study's 15 minutes on 2 cores
         fields["num_samples"] = DEFAULT_GPU_TRIALS if gpus > 0 else DEFAULT_CPU_TRIALS
+    if fields.get("tune_baseline", False) is None:  # both methods tuned alike where the budget allows
+        fields["tune_baseline"] = gpus > 0
     settings = StudySettings(
         name=name, base=base, resources=resources,
         max_concurrent=args.max_concurrent, tracking_uri=tracking_uri,
@@ -232,6 +234,9 @@ def study_main(name: str, space: dict, argv: list[str] | None = None, initial_po
     parser.add_argument("--primary", default="",
                         help="the primary metric, declared before the study: the only row with a verdict word "
                              "(default test kNN@k, test_knn20_top1; or test_linprobe_top1)")
+    parser.add_argument("--tune-baseline", action=argparse.BooleanOptionalAction, default=None,
+                        help="give SIGReg its own search with the same budget, scheduler and selection rule (default: "
+                             "on with GPUs; off on CPUs, where it would not fit the quick study's 15 minutes)")
     parser.add_argument("--no-early-stopping", action="store_true", help="switch ASHA off")
     parser.add_argument("--seed", type=int, default=0, help="Optuna sampler seed")
     args = parser.parse_args(argv)
@@ -243,7 +248,8 @@ def study_main(name: str, space: dict, argv: list[str] | None = None, initial_po
         trials = args.num_samples if args.num_samples is not None else (2 if args.smoke_test else None)
         seeds = args.seeds if args.seeds is not None else (2 if args.smoke_test else DEFAULT_SEEDS)
         settings = _study_settings(name, args, num_samples=trials, seeds=seeds, ablation=args.ablation,
-                                   early_stopping=not args.no_early_stopping, seed=args.seed, primary=args.primary)
+                                   early_stopping=not args.no_early_stopping, seed=args.seed, primary=args.primary,
+                                   tune_baseline=args.tune_baseline)
         return _print_result(settings, run_study(settings, space, initial_points))
 
     return _guarded(parser, work)

@@ -230,6 +230,7 @@ CASES = [
     Case("study-subset", "study", ["--subset", "-5"], "'data.subset'"),
     Case("study-dataset", "study", ["--dataset", "mnist"], "--dataset"),
     Case("study-ablation", "study", ["--ablation", "byol"], "--ablation"),
+    Case("study-primary", "study", ["--primary", "val_knn20_top1"], "--primary"),
     Case("study-no-validation", "study", ["--set", "data.val_fraction=0"], "'data.val_fraction'"),
     Case("study-experiment", "study", ["--experiment", "it's"], "--experiment"),
     Case("study-resume-id", "study", ["--resume", "../other"], "--resume"),

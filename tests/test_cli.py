@@ -48,9 +48,8 @@ def test_config_command_prints_the_resolved_yaml(capsys):
     assert tree["predictor"]["steps"] == 3 and tree["data"]["dataset"] == "fashion_mnist"
 
 
-@pytest.mark.parametrize("argv,seeds", [([], 3), (["--gpus-per-worker", "1"], 3), (["--seeds", "4"], 4),
-                                        (["--smoke-test"], 2)])
-def test_paired_seeds_default_to_at_least_three_on_gpus(argv, seeds, tmp_path, monkeypatch):
+def _settings_of(argv, tmp_path, monkeypatch):
+    """The StudySettings a study's command line builds (Ray and the study itself replaced)."""
     from hamjepa import cli
 
     monkeypatch.setattr("hamjepa.train.launch.connect_ray", lambda address, **console: None)
@@ -61,9 +60,31 @@ def test_paired_seeds_default_to_at_least_three_on_gpus(argv, seeds, tmp_path, m
     monkeypatch.setattr(cli, "_print_result", lambda settings, result: 0)
     argv = [*argv, "--storage-path", str(tmp_path), "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]
     assert study_main("energy_budget", SPACE, argv) == 0
-    settings = captured["s"]
+    return captured["s"]
+
+
+@pytest.mark.parametrize("argv,seeds", [([], 3), (["--gpus-per-worker", "1"], 3), (["--seeds", "4"], 4),
+                                        (["--smoke-test"], 2)])
+def test_paired_seeds_default_to_at_least_three_on_gpus(argv, seeds, tmp_path, monkeypatch):
+    settings = _settings_of(argv, tmp_path, monkeypatch)
     assert settings.seeds == seeds
     assert settings.paired_seeds == list(range(1, seeds + 1))  # fresh: never the search's seed 0
+
+
+@pytest.mark.parametrize("argv,tuned", [([], False), (["--gpus-per-worker", "1"], True), (["--tune-baseline"], True),
+                                        (["--gpus-per-worker", "1", "--no-tune-baseline"], False)])
+def test_the_baseline_is_tuned_alike_by_default_on_gpus_only(argv, tuned, tmp_path, monkeypatch):
+    settings = _settings_of(argv, tmp_path, monkeypatch)
+    assert settings.tune_baseline is tuned
+    assert settings.tuning.startswith("Tuning: HamJEPA and SIGReg each tuned" if tuned else "Tuning: HamJEPA tuned")
+    assert settings.baseline().base.method == "sigreg" and settings.baseline().base.seed == settings.base.seed
+
+
+def test_the_primary_metric_is_declared_on_the_command_line_and_checked(tmp_path, monkeypatch):
+    assert _settings_of([], tmp_path, monkeypatch).primary_metric == "test_knn20_top1"
+    (tmp_path / "b").mkdir()
+    declared = _settings_of(["--primary", "test_linprobe_top1"], tmp_path / "b", monkeypatch)
+    assert declared.primary_metric == "test_linprobe_top1"
 
 
 @pytest.mark.parametrize("argv", [

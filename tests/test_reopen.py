@@ -133,9 +133,10 @@ def test_report_of_a_finished_study_rebuilds_its_summary(store, capsys):
     assert "| test kNN@20 | primary | 76.00 +/- 1.41 | 70.75 +/- 1.06 | +5.25 [" in out
     assert ("Verdict (primary, declared before the study: test kNN@20): HamJEPA ahead on test kNN@20 by +5.25 "
             "[+2.07, +8.43]; on 2 of 2 seeds") in out
-    assert out.startswith("Study ") and "Tuning: HamJEPA tuned over" in out  # the asymmetry, before any number
-    assert "Search trials: 3 (2 finished, 1 stopped early, 0 diverged, 0 failed)." in out
-    assert "Selected on validation (search-t1, search seed 0" in out and "Configuration: predictor.dt=0.07." in out
+    assert out.startswith("Study ") and "Tuning: HamJEPA tuned over" in out  # the asymmetry, before numbers
+    assert "HamJEPA search trials: 3 (2 finished, 1 stopped early, 0 diverged, 0 failed)." in out
+    assert "HamJEPA selected on validation (search-t1, search seed 0" in out
+    assert "Configuration: predictor.dt=0.07." in out
 
 
 def test_report_of_an_interrupted_study_names_what_is_missing(store, capsys):
@@ -148,7 +149,7 @@ def test_report_of_an_interrupted_study_names_what_is_missing(store, capsys):
     # Seed 2 has no HamJEPA run: only seed 1 is paired.
     assert "Paired comparison on seeds 1 (n = 1)" in out
     assert "| test kNN@20 | primary | 75.00 | 70.00 | +5.00 (n=1" in out
-    assert "Search trials: 3 (2 finished, 0 stopped early" in out
+    assert "HamJEPA search trials: 3 (2 finished, 0 stopped early" in out
 
 
 def test_report_latest_is_the_newest_study_and_a_reproduction_uses_the_paper_table(store, capsys):

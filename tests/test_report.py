@@ -60,7 +60,7 @@ def test_only_paired_confirmation_runs_are_compared_and_the_selected_trial_is_sh
     assert primary.metric == "test_knn20_top1" and primary.verdict.startswith("HamJEPA ahead on test kNN@20 by +")
     assert [r.role for r in summary.rows] == ["selection split", "selection split", "primary", "secondary"]
     text = to_markdown(summary)
-    assert "99.00" in text and "Selected on validation" in text and "not in the comparison" in text
+    assert "99.00" in text and "HamJEPA selected on validation" in text and "not in the comparison" in text
     assert "seeds 1, 2, 3 (n = 3)" in text and "Protocol: fashion_mnist" in text
     assert "1 stopped early" in text
     assert "Verdict (primary, declared before the study: test kNN@20): HamJEPA ahead on test kNN@20 by +" in text

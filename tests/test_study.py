@@ -191,6 +191,31 @@ def test_the_configured_k_names_the_objective_end_to_end(ray_cluster, tmp_path, 
     assert "test kNN@10" in printed and "n = 1: no interval, nothing resolved" in printed
 
 
+def test_a_tuned_baseline_gets_its_own_search_and_its_selection_is_compared(ray_cluster, tmp_path, capsys,
+                                                                          monkeypatch):
+    """--tune-baseline: SIGReg's own search (same budget, scheduler and selection), and the comparison trains each
+    method's selected configuration on the paired seeds."""
+    captured = _capture_result(monkeypatch)
+    args = _args(tmp_path, ray_cluster, "--tune-baseline", "--seeds", "1")
+    assert study_main("tuned", {"predictor.dt": tune.loguniform(0.01, 0.2)}, args) == 0
+    client, parents, children = _runs(f"sqlite:///{tmp_path}/mlflow.db", "hamjepa-tuned")
+    by_phase = {}
+    for child in children:
+        by_phase.setdefault(child.data.tags["hamjepa.phase"], []).append(child)
+    assert {phase: len(runs) for phase, runs in by_phase.items()} == {"search": 2, "search-baseline": 2, "compare": 2}
+    assert {c.data.tags["hamjepa.method"] for c in by_phase["search-baseline"]} == {"sigreg"}
+    assert parents[0].data.params["study.tune_baseline"] == "True"
+    summary = captured["result"].summary
+    chosen = summary.baseline_selected
+    assert chosen is not None and chosen.phase == "search-baseline"
+    compared = next(c for c in by_phase["compare"] if c.data.tags["hamjepa.method"] == "sigreg")
+    for key in ("sigreg.weight", "sigreg.num_directions"):  # the selected configuration, not the defaults
+        assert float(compared.data.params[key]) == pytest.approx(float(chosen.params[key]))
+    printed = capsys.readouterr().out
+    assert "Tuning: HamJEPA and SIGReg each tuned over 2 Optuna trials" in printed
+    assert "SIGReg search trials: 2 (" in printed and "SIGReg selected on validation" in printed
+
+
 def test_a_diverging_trial_is_recorded_and_the_study_completes(ray_cluster, tmp_path, capsys):
     space = {"predictor.dt": tune.loguniform(0.01, 200.0)}
     code = study_main("diverging", space, _args(tmp_path, ray_cluster, "--seeds", "0"),

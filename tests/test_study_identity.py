@@ -88,3 +88,14 @@ def test_a_ctrl_c_outside_the_phases_still_closes_the_study_as_killed(tmp_path):
             raise KeyboardInterrupt  # e.g. while the summary is built
     parent = MlflowClient(uri).get_run(study.parent_id)
     assert parent.info.status == "KILLED" and parent.data.tags["hamjepa.status"] == "interrupted"
+
+
+def test_a_tuned_baseline_arm_carries_its_selected_configuration():
+    from hamjepa.study.settings import ARM, StudySettings, comparison_cells
+
+    settings = StudySettings(name="s", base=tiny_config(), seeds=2, tune_baseline=True)
+    cells = comparison_cells(settings, {"predictor.dt": 0.1}, {"sigreg.weight": 0.05})
+    assert [c[ARM] for c in cells[:2]] == [{"predictor.dt": 0.1, "method": "hamjepa"},
+                                           {"sigreg.weight": 0.05, "method": "sigreg"}]
+    untuned = comparison_cells(settings, {"predictor.dt": 0.1})
+    assert untuned[1][ARM] == {"method": "sigreg"}  # SIGReg at its defaults

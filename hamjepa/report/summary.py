@@ -46,6 +46,7 @@ from hamjepa.report.theory import markdown as theory_markdown
 from hamjepa.tracking import METHOD_TAG, PARENT_TAG, PHASE_TAG, REASON_TAG, STATUS_TAG
 
 COMPARE = "compare"  # the phase of the paired runs
+BASELINE_SEARCH = "search-baseline"  # the baseline's own search (--tune-baseline)
 # Method -> the label of the group its paired runs fill.
 _LABELS = {method.value: method_spec.label for method, method_spec in METHODS.items()}
 # The arms of a comparison, by label: HamJEPA against the baseline, and the ablation when a study adds it.
@@ -91,9 +92,9 @@ def collect_runs(client: MlflowClient, experiment_id: str, parent_run_id: str) -
             for run in runs]
 
 
-def select_trial(records: Sequence[RunRecord], objective: str) -> RunRecord | None:
-    """The search trial with the best objective among those that completed every epoch."""
-    eligible = [r for r in records if r.phase == "search" and r.complete and objective in r.metrics]
+def select_trial(records: Sequence[RunRecord], objective: str, phase: str = "search") -> RunRecord | None:
+    """The trial of search `phase` with the best objective among those that completed every epoch."""
+    eligible = [r for r in records if r.phase == phase and r.complete and objective in r.metrics]
     return max(eligible, key=lambda r: r.metrics[objective]) if eligible else None
 
 
@@ -135,6 +136,8 @@ class StudySummary:
     notes: list[str] = field(default_factory=list)  # e.g. which of Optuna's views were not drawn, and why
     theory: list[TheoryRow] = field(default_factory=list)
     primary: str = ""  # the primary metric's name
+    baseline_selected: RunRecord | None = None  # the baseline's selected search trial (--tune-baseline)
+    baseline_counts: dict[str, int] = field(default_factory=dict)  # its search trials by how they ended
     tuned: str = ""  # how each method was tuned, stated first
     correlation: Correlation = field(default_factory=Correlation.unmeasured)  # theory gap vs accuracy, all runs
 
@@ -181,7 +184,7 @@ def summarize(records: Sequence[RunRecord], search_keys: Sequence[str], base: Co
     paired = [r for r in records if r.phase == COMPARE]
     arms = {label: {r.seed: r for r in paired if r.method == method and r.complete}
             for method, label in _LABELS.items()}
-    counts = {"trials": len(search), **{status.value: sum(r.status == status for r in search) for status in RunState}}
+    counts = _counts(search)
     not_compared = [r for r in paired if not r.complete]
     summary = StudySummary(base, select_trial(records, objective), arms, list(search_keys), counts, not_compared,
                            primary=primary, tuned=tuned)
@@ -193,10 +196,18 @@ def summarize(records: Sequence[RunRecord], search_keys: Sequence[str], base: Co
         role = PRIMARY if metric == primary else SELECTION if metric.startswith("val_") else SECONDARY
         summary.rows.append(Row(label, metric, seeds, estimate(h), estimate(g), estimate(paired_differences(h, g)),
                                 gains, role, ablation=ablation))
+    baseline_search = [r for r in records if r.phase == BASELINE_SEARCH]
+    if baseline_search:
+        summary.baseline_counts = _counts(baseline_search)
+        summary.baseline_selected = select_trial(records, objective, BASELINE_SEARCH)
     _decide(summary)
     summary.theory = theory_rows(hamjepa, sigreg, _paired)
     summary.correlation = gap_accuracy_correlation(records)
     return summary
+
+
+def _counts(trials: Sequence[RunRecord]) -> dict[str, int]:
+    return {"trials": len(trials), **{status.value: sum(r.status == status for r in trials) for status in RunState}}
 
 
 def _decide(summary: StudySummary) -> None:
@@ -274,20 +285,26 @@ def to_markdown(summary: StudySummary) -> str:
     lines += markdown_table(header + ([ABLATION] if with_ablation else []), rows)
     lines += ["", _overall(summary), *_seeds_needed(summary), "",
               *theory_markdown(summary.theory, summary.correlation), protocol_line(summary.base)]
-    c = summary.counts
-    lines += ["", f"Search trials: {c['trials']} ({c['finished']} finished, {c['stopped']} stopped early, "
-                  f"{c['diverged']} diverged, {c['failed']} failed)."]
-    if summary.selected:
-        s = summary.selected
-        params = ", ".join(f"{key}={value}" for key, value in summary.selected_params().items())
-        shown = ", ".join(f"{label} {s.metrics[metric]:.2f}" for label, metric in names.comparison_metrics(k)
-                          if metric in s.metrics)
-        lines.append(f"Selected on validation ({s.name}, search seed {s.seed}; not in the comparison, its validation "
-                     f"score is a maximum over trials): {shown}. Configuration: {params}.")
-    else:
-        lines.append("No HamJEPA trial completed all epochs, so no configuration was selected.")
+    lines += ["", *_search_lines(HAMJEPA, summary.counts, summary.selected, summary.search_keys, k)]
+    if summary.baseline_counts:
+        keys = sorted(key for key in (summary.baseline_selected.params if summary.baseline_selected else {})
+                      if key.startswith("sigreg."))
+        lines += _search_lines(BASELINE, summary.baseline_counts, summary.baseline_selected, keys, k)
     lines += summary.notes
     return "\n".join(lines) + "\n"
+
+
+def _search_lines(label: str, c: dict[str, int], selected: RunRecord | None, keys: Sequence[str], k: int) -> list[str]:
+    """A search's trials by how they ended, and the configuration it selected (shown apart, never compared)."""
+    lines = [f"{label} search trials: {c['trials']} ({c['finished']} finished, {c['stopped']} stopped early, "
+             f"{c['diverged']} diverged, {c['failed']} failed)."]
+    if selected is None:
+        return [*lines, f"No {label} trial completed all epochs, so no configuration was selected."]
+    params = ", ".join(f"{key}={selected.params[key]}" for key in keys if key in selected.params)
+    shown = ", ".join(f"{name} {selected.metrics[metric]:.2f}" for name, metric in names.comparison_metrics(k)
+                      if metric in selected.metrics)
+    return [*lines, f"{label} selected on validation ({selected.name}, search seed {selected.seed}; not in the "
+                    f"comparison, its validation score is a maximum over trials): {shown}. Configuration: {params}."]
 
 
 def _first_lines(summary: StudySummary) -> list[str]:

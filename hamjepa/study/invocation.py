@@ -170,14 +170,16 @@ class Invocation:
         """The phase's runs that ended (FINISHED or FAILED in MLflow); KILLED ones were cut short."""
         return [r for r in self.records() if r.phase == phase and r.run_status in ("FINISHED", "FAILED")]
 
-    def run_phase(self, name: str, param_space: dict[str, Any], expected: int, **kwargs) -> None:
-        """Run one phase unless the invocation was interrupted; `expected` = how many trials it should end with."""
+    def run_phase(self, name: str, param_space: dict[str, Any], expected: int, settings: StudySettings | None = None,
+                  **kwargs) -> None:
+        """Run one phase unless the invocation was interrupted; `expected` = how many trials it should end with.
+        `settings`: the phase's own (the baseline's search trains another method), else the invocation's."""
         if self.interrupted:
             return
-        print(f"\n[{self.study_id}] {name}: {describe_phase(name, param_space, expected, self.settings)}",
-              flush=True)
+        settings = settings or self.settings
+        print(f"\n[{self.study_id}] {name}: {describe_phase(name, param_space, expected, settings)}", flush=True)
         try:
-            run_phase(self.settings, name, param_space, self.folder, self.study_id, self.parent_id, **kwargs)
+            run_phase(settings, name, param_space, self.folder, self.study_id, self.parent_id, **kwargs)
         except KeyboardInterrupt:
             self.interrupted = True
             return

@@ -10,6 +10,7 @@ from typing import Any
 
 from hamjepa import names, storage
 from hamjepa.errors import UserError
+from hamjepa.methods import spec
 from hamjepa.study.driver import MLflowTrialCallback, trial_driver
 from hamjepa.study.settings import ARM, CELL, StudySettings
 from hamjepa.train.launch import DRIVER_RESOURCE
@@ -125,4 +126,5 @@ def describe_phase(name: str, param_space: Mapping[str, Any], runs: int, setting
         return (f"{len(cells)} of {runs} runs to go ({', '.join(methods)} on seeds {', '.join(map(str, seeds))}), "
                 f"{scale}.")
     searched = ", ".join(short_names(list(param_space)).values())
-    return f"up to {runs} HamJEPA trials proposed by Optuna over {searched}, seed {base.seed}, {scale}."
+    label = spec(base.method).label
+    return f"up to {runs} {label} trials proposed by Optuna over {searched}, seed {base.seed}, {scale}."

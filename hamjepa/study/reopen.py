@@ -22,7 +22,15 @@ from hamjepa.config import Config, build_config
 from hamjepa.errors import UserError
 from hamjepa.methods import ABLATIONS
 from hamjepa.redact import mask_uri
-from hamjepa.report.summary import COMPARE, RunRecord, collect_runs, select_trial, summarize, to_markdown
+from hamjepa.report.summary import (
+    BASELINE_SEARCH,
+    COMPARE,
+    RunRecord,
+    collect_runs,
+    select_trial,
+    summarize,
+    to_markdown,
+)
 from hamjepa.tracking import REASON_TAG, ROLE_TAG
 
 STUDY_NAME_TAG = "hamjepa.study"  # the study script's name (energy_budget, reproduce_paper, ...)
@@ -144,7 +152,7 @@ class Gaps:
         """E.g. "2 of 4 compare runs missing: sigreg-seed2, hamjepa-seed2; 1 search trial cut (KILLED)"."""
         parts = []
         for phase, planned in self.planned.items():
-            noun = "trial" if phase == SEARCH else "run"
+            noun = "trial" if phase in (SEARCH, BASELINE_SEARCH) else "run"
             missing, cut = self.missing.get(phase, []), self.cut.get(phase, {})
             if missing:
                 listed = ", ".join(m for m in missing if m)
@@ -154,7 +162,7 @@ class Gaps:
                 statuses = sorted(set(cut.values()))
                 counts = ", ".join(f"{sum(s == status for s in cut.values())} {status}" for status in statuses)
                 how = statuses[0] if len(statuses) == 1 else counts
-                listed = f": {', '.join(cut)}" if phase != SEARCH else ""
+                listed = f": {', '.join(cut)}" if phase not in (SEARCH, BASELINE_SEARCH) else ""
                 parts.append(f"{len(cut)} {phase} {_plural(noun, len(cut))} cut ({how}){listed}")
         return "; ".join(parts)
 
@@ -174,14 +182,17 @@ def search_gaps(study: StudyRun, records: Sequence[RunRecord], base: Config) -> 
     gaps = Gaps()
     search = [r for r in records if r.phase == SEARCH]
     trials = int(study.params.get("study.num_samples", len(search)))
-    gaps.planned[SEARCH] = trials
-    gaps.missing[SEARCH] = [""] * max(0, trials - len(search))
-    gaps.cut[SEARCH] = _cut(search, lambda r: r.name)
+    searches = [SEARCH, BASELINE_SEARCH] if study.params.get("study.tune_baseline") == "True" else [SEARCH]
+    for phase in searches:
+        ran = [r for r in records if r.phase == phase]
+        gaps.planned[phase] = trials
+        gaps.missing[phase] = [""] * max(0, trials - len(ran))
+        gaps.cut[phase] = _cut(ran, lambda r: r.name)
     paired = [int(s) for s in study.params.get("study.paired_seeds", "").split(",") if s.strip()]
     if not paired:
         return gaps
     compared = [r for r in records if r.phase == COMPARE]
-    search_whole = not gaps.missing[SEARCH] and not gaps.cut[SEARCH]
+    search_whole = not any(gaps.missing[p] or gaps.cut[p] for p in searches)
     # A search that did not end may still select a configuration: the plan then includes the HamJEPA arm.
     selected = {} if select_trial(records, names.objective(base.eval.knn_k)) or not search_whole else None
     ablation = study.params.get("study.ablation") or next(

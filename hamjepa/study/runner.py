@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from hamjepa.errors import UserError
-from hamjepa.report.summary import COMPARE, typed_param
+from hamjepa.report.summary import BASELINE_SEARCH, COMPARE, select_trial, typed_param
 from hamjepa.study.invocation import Invocation, StudyResult
-from hamjepa.study.search import FullTrialOptunaSearch, asha_scheduler, search_algorithm
+from hamjepa.study.search import FullTrialOptunaSearch, asha_scheduler, baseline_space, search_algorithm
 from hamjepa.study.settings import StudySettings, comparison_cells, validate_search_space
 
 
@@ -34,7 +34,8 @@ def run_study(settings: StudySettings, space: Mapping[str, Any],
                                "study.paired_seeds": ",".join(map(str, settings.paired_seeds)),
                                "study.early_stopping": settings.early_stopping, "study.seed": settings.seed,
                                "study.search_keys": ",".join(space), "study.ablation": settings.ablation,
-                               "study.primary": settings.primary_metric}) as study:
+                               "study.primary": settings.primary_metric,
+                               "study.tune_baseline": settings.tune_baseline}) as study:
         searcher = search_algorithm(settings, space, study.study_id, initial_points)
         try:
             _search_then_compare(study, space, searcher)
@@ -46,17 +47,28 @@ def run_study(settings: StudySettings, space: Mapping[str, Any],
 
 
 def _search_then_compare(study: Invocation, space: Mapping[str, Any], searcher: FullTrialOptunaSearch) -> None:
-    from hamjepa.report.summary import select_trial
-
     settings = study.settings
     if not study.phase_done("search", settings.num_samples):
         study.run_phase("search", dict(space), settings.num_samples, num_samples=settings.num_samples,
                         search_alg=searcher, scheduler=asha_scheduler(settings))
+    baseline = settings.baseline()
+    if settings.tune_baseline and not study.phase_done(BASELINE_SEARCH, settings.num_samples):
+        # The same budget, scheduler and selection rule as HamJEPA's search; its own Optuna study.
+        study.run_phase(BASELINE_SEARCH, baseline_space(), settings.num_samples, settings=baseline,
+                        num_samples=settings.num_samples, scheduler=asha_scheduler(baseline),
+                        search_alg=search_algorithm(baseline, baseline_space(), f"{study.study_id}-baseline", []))
     if study.interrupted:
         return
-    selected = select_trial(study.records(), settings.objective)
-    overrides = {k: typed_param(settings.base, k, selected.params[k]) for k in space} if selected else None
-    study.run_cells(COMPARE, comparison_cells(settings, overrides))
+    records = study.records()
+    selected = _selected(records, settings, "search", space)
+    tuned_baseline = _selected(records, settings, BASELINE_SEARCH, baseline_space()) if settings.tune_baseline else None
+    study.run_cells(COMPARE, comparison_cells(settings, selected, tuned_baseline))
+
+
+def _selected(records, settings: StudySettings, phase: str, space: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The searched values of a search phase's selected trial (best validation objective), typed; None if none."""
+    chosen = select_trial(records, settings.objective, phase)
+    return {k: typed_param(settings.base, k, chosen.params[k]) for k in space} if chosen else None
 
 
 def _summarise(study: Invocation, space: Mapping[str, Any]) -> StudyResult:

@@ -58,6 +58,14 @@ class FullTrialOptunaSearch(OptunaSearch):
 
 # -- the search study ---------------------------------------------------------------------------------
 
+def baseline_space() -> dict[str, Any]:
+    """SIGReg's own knobs, searched with --tune-baseline (docs/method.md §4): its weight lambda, on a log scale
+    about the default 0.02, and the number of random slicing directions, about the default 64."""
+    from ray import tune
+
+    return {"sigreg.weight": tune.loguniform(0.005, 0.1), "sigreg.num_directions": tune.choice([16, 32, 64, 128, 256])}
+
+
 def search_algorithm(settings: StudySettings, space: Mapping[str, Any], study_id: str,
                       initial_points: list[dict[str, Any]]) -> FullTrialOptunaSearch:
     points = [defaults_point(space, settings.base), *initial_points]

@@ -4,6 +4,7 @@ dotted config keys to Tune domains), and the compare phase's cells (arms x paire
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +36,7 @@ class StudySettings:
     verbose: bool = False  # Ray's own console output (workers' logs, Tune's full tables) instead of ours
     searches: bool = True  # False for fixed runs (reproduce_paper): no objective, so no validation split needed
     primary: str = ""  # the primary metric, declared before the study ("" = names.default_primary)
+    tune_baseline: bool = False  # SIGReg gets its own search, with the same budget, scheduler and selection rule
 
     def __post_init__(self) -> None:
         if self.num_samples < 1:
@@ -68,7 +70,11 @@ class StudySettings:
 
     @property
     def tuning(self) -> str:
-        return tuning_statement(self.num_samples)
+        return tuning_statement(self.num_samples, self.tune_baseline)
+
+    def baseline(self) -> StudySettings:
+        """The settings of the baseline's search: the same study, training SIGReg."""
+        return dataclasses.replace(self, base=self.base.override({"method": BASELINE.value}))
 
     @property
     def paired_seeds(self) -> list[int]:
@@ -76,10 +82,13 @@ class StudySettings:
         return [self.base.seed + 1 + i for i in range(self.seeds)]
 
 
-def tuning_statement(trials: int | str) -> str:
-    """How each method was tuned, stated before any number: the search tunes HamJEPA only."""
+def tuning_statement(trials: int | str, baseline_tuned: bool = False) -> str:
+    """How each method was tuned, stated before any number."""
+    if baseline_tuned:
+        return (f"Tuning: HamJEPA and SIGReg each tuned over {trials} Optuna trials (TPE, the same scheduler, each "
+                "selected on the validation split).")
     return (f"Tuning: HamJEPA tuned over {trials} Optuna trials (selected on the validation split); SIGReg at its "
-            "defaults, untuned: an asymmetry in HamJEPA's favour.")
+            "defaults, untuned: an asymmetry in HamJEPA's favour (--tune-baseline tunes it alike).")
 
 
 # -- search spaces are data ---------------------------------------------------------------------------
@@ -128,10 +137,11 @@ def run_key(trial_config: Mapping[str, Any], trial_id: str) -> str:
     return cell_key(cell[ARM]["method"], cell["seed"]) if cell else trial_id
 
 
-def comparison_cells(settings: StudySettings, selected: Mapping[str, Any] | None) -> list[dict[str, Any]]:
+def comparison_cells(settings: StudySettings, selected: Mapping[str, Any] | None,
+                     baseline: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
     """The compare phase's runs: every arm on every paired seed, seed by seed (an interrupted comparison has
     whole pairs first)."""
-    arms = [{"method": BASELINE.value}]
+    arms = [{**(baseline or {}), "method": BASELINE.value}]  # SIGReg's selected configuration, or its defaults
     if selected is not None:
         arms.insert(0, {**selected, "method": Method.HAMJEPA.value})
         if settings.ablation:
