@@ -219,6 +219,22 @@ def _guarded(parser: argparse.ArgumentParser, work) -> int:
         return 130
 
 
+def _seeds(text: str) -> tuple[int, bool]:
+    """--seeds: (most paired seeds, sequential) from `N` or `auto[:MAX]`."""
+    from hamjepa.report.sequential import DEFAULT_MAX
+
+    if text == "auto" or text.startswith("auto:"):
+        most = text.removeprefix("auto").removeprefix(":") or str(DEFAULT_MAX)
+        if not most.isdigit():
+            raise argparse.ArgumentTypeError(f"--seeds = {text!r} is invalid: write auto or auto:MAX, e.g. auto:10")
+        return int(most), True
+    try:
+        return int(text), False
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seeds = {text!r} is invalid: write a number of paired seeds, e.g. 3, "
+                                         "or auto[:MAX]") from None
+
+
 def study_main(name: str, space: dict, argv: list[str] | None = None, initial_points: list[dict] | None = None) -> int:
     """Command line of a search study (studies/<name>.py): parse, validate, run, print the summary."""
     parser = Parser(prog=f"python studies/{name}.py",
@@ -226,9 +242,10 @@ def study_main(name: str, space: dict, argv: list[str] | None = None, initial_po
     _add_study_arguments(parser, name, default_profile="quick")
     parser.add_argument("--num-samples", type=int, help="HamJEPA trials Optuna proposes (default 4 on CPUs, 6 on "
                                                            "GPUs; smoke 2)")
-    parser.add_argument("--seeds", type=int,
+    parser.add_argument("--seeds", type=_seeds,
                         help="paired seeds: the selected HamJEPA configuration and SIGReg are each trained on this "
-                             "many fresh seeds and compared seed by seed (default 3; smoke 2)")
+                             "many fresh seeds and compared seed by seed (default 3; smoke 2); auto[:MAX] adds seeds "
+                             "in looks (3, 6, 10, ...) until the primary is resolved, at most MAX (default 10)")
     parser.add_argument("--ablation", choices=list(ABLATIONS), default="",
                         help="also train this ablation with the selected configuration (mlp: MLP-HJEPA)")
     parser.add_argument("--primary", default="",
@@ -246,8 +263,9 @@ def study_main(name: str, space: dict, argv: list[str] | None = None, initial_po
         from hamjepa.study.runner import run_study
 
         trials = args.num_samples if args.num_samples is not None else (2 if args.smoke_test else None)
-        seeds = args.seeds if args.seeds is not None else (2 if args.smoke_test else DEFAULT_SEEDS)
-        settings = _study_settings(name, args, num_samples=trials, seeds=seeds, ablation=args.ablation,
+        seeds, sequential = args.seeds if args.seeds is not None else (2 if args.smoke_test else DEFAULT_SEEDS, False)
+        settings = _study_settings(name, args, num_samples=trials, seeds=seeds, sequential=sequential,
+                                   ablation=args.ablation,
                                    early_stopping=not args.no_early_stopping, seed=args.seed, primary=args.primary,
                                    tune_baseline=args.tune_baseline)
         return _print_result(settings, run_study(settings, space, initial_points))

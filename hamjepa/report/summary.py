@@ -117,11 +117,12 @@ class Row:
     verdict: str = ""  # the primary's only
     p_holm: float = math.nan  # a secondary's Holm-adjusted two-sided p-value
     ablation: Estimate | None = None
+    confidence: float = CONFIDENCE  # of the delta's interval (a sequential study's primary: 1 - alpha')
 
     @property
     def detectable(self) -> float:
         """The smallest difference this design detects at 80% power, from the observed paired sd."""
-        return min_detectable_difference(self.delta.std, self.delta.n)
+        return min_detectable_difference(self.delta.std, self.delta.n, self.confidence)
 
 
 @dataclass
@@ -138,8 +139,18 @@ class StudySummary:
     primary: str = ""  # the primary metric's name
     baseline_selected: RunRecord | None = None  # the baseline's selected search trial (--tune-baseline)
     baseline_counts: dict[str, int] = field(default_factory=dict)  # its search trials by how they ended
+    looks: tuple[int, ...] = ()  # a sequential study's schedule of paired seeds (--seeds auto)
     tuned: str = ""  # how each method was tuned, stated first
     correlation: Correlation = field(default_factory=Correlation.unmeasured)  # theory gap vs accuracy, all runs
+
+    @property
+    def primary_confidence(self) -> float:
+        """The primary's interval: 95%, or 1 - alpha' per look of a sequential study."""
+        if len(self.looks) < 2:
+            return CONFIDENCE
+        from hamjepa.report.sequential import per_look_alpha
+
+        return 1 - per_look_alpha(tuple(self.looks))
 
     @property
     def primary_row(self) -> Row | None:
@@ -177,7 +188,9 @@ def _estimate_metrics(name: str, value: Estimate) -> dict[str, float]:
 
 
 def summarize(records: Sequence[RunRecord], search_keys: Sequence[str], base: Config, primary: str = "",
-              tuned: str = "") -> StudySummary:
+              tuned: str = "", looks: Sequence[int] = ()) -> StudySummary:
+    """The paired comparison from MLflow's records. `looks`: a sequential study's schedule (--seeds auto), whose
+    primary is judged at the per-look level that keeps the overall false-positive rate at 5%."""
     objective = names.objective(base.eval.knn_k)
     primary = primary or names.default_primary(base.eval.knn_k)
     search = [r for r in records if r.phase == "search"]
@@ -187,15 +200,17 @@ def summarize(records: Sequence[RunRecord], search_keys: Sequence[str], base: Co
     counts = _counts(search)
     not_compared = [r for r in paired if not r.complete]
     summary = StudySummary(base, select_trial(records, objective), arms, list(search_keys), counts, not_compared,
-                           primary=primary, tuned=tuned)
+                           primary=primary, tuned=tuned, looks=tuple(looks))
     hamjepa, sigreg, mlp = arms[HAMJEPA], arms[BASELINE], arms[ABLATION]
     for label, metric in names.comparison_metrics(base.eval.knn_k):
         seeds, h, g = _paired(hamjepa, sigreg, metric)
         gains = {side: _gain(runs, seeds, metric) for side, runs in ((HAMJEPA, hamjepa), (BASELINE, sigreg))}
         ablation = estimate([r.metrics[metric] for r in mlp.values() if metric in r.metrics]) if mlp else None
         role = PRIMARY if metric == primary else SELECTION if metric.startswith("val_") else SECONDARY
-        summary.rows.append(Row(label, metric, seeds, estimate(h), estimate(g), estimate(paired_differences(h, g)),
-                                gains, role, ablation=ablation))
+        confidence = summary.primary_confidence if role == PRIMARY else CONFIDENCE
+        summary.rows.append(Row(label, metric, seeds, estimate(h), estimate(g),
+                                estimate(paired_differences(h, g), confidence), gains, role, ablation=ablation,
+                                confidence=confidence))
     baseline_search = [r for r in records if r.phase == BASELINE_SEARCH]
     if baseline_search:
         summary.baseline_counts = _counts(baseline_search)
@@ -283,7 +298,7 @@ def to_markdown(summary: StudySummary) -> str:
             cells.append(_spread(row.ablation) if row.ablation else "-")
         rows.append(cells)
     lines += markdown_table(header + ([ABLATION] if with_ablation else []), rows)
-    lines += ["", _overall(summary), *_seeds_needed(summary), "",
+    lines += ["", _overall(summary), *_design_line(summary), *_seeds_needed(summary), "",
               *theory_markdown(summary.theory, summary.correlation), protocol_line(summary.base)]
     lines += ["", *_search_lines(HAMJEPA, summary.counts, summary.selected, summary.search_keys, k)]
     if summary.baseline_counts:
@@ -337,6 +352,20 @@ def _overall(summary: StudySummary) -> str:
                   | {r.seed for r in summary.not_compared})
     return (f"Verdict (primary, declared before the study: {primary.label}): {primary.verdict}; on {primary.delta.n} "
             f"of {planned} seeds ({_outcomes(summary)}).")
+
+
+def _design_line(summary: StudySummary) -> list[str]:
+    """A sequential study's schedule, its per-look level and where it stopped."""
+    primary = summary.primary_row
+    if len(summary.looks) < 2 or primary is None:
+        return []
+    n, most = primary.delta.n, summary.looks[-1]
+    resolved = primary.delta.above_zero or primary.delta.below_zero
+    where = (f"stopped at n = {n}: resolved" if resolved else f"reached its maximum, n = {most}: not resolved"
+             if n >= most else f"at n = {n}, not resolved yet (the study is incomplete)")
+    return [f"Sequential design (--seeds auto:{most}): looks at {', '.join(map(str, summary.looks))} paired seeds, "
+            f"each judged at level {1 - summary.primary_confidence:.4f} (Pocock-style: the overall false-positive "
+            f"rate stays at 5%), so the primary's interval is {summary.primary_confidence:.1%}; {where}."]
 
 
 def _seeds_needed(summary: StudySummary) -> list[str]:

@@ -187,7 +187,7 @@ class Invocation:
         self.interrupted = (len(self.ended(name)) < expected
                             or any(r.run_status == "RUNNING" for r in runs))
 
-    def run_cells(self, phase: str, cells: list[dict[str, Any]]) -> None:
+    def run_cells(self, phase: str, cells: list[dict[str, Any]], tune_name: str = "") -> None:
         """Run a phase of fixed cells ({"arm": overrides, "seed": s}), only those without an ended run.
 
         A cell's run is named after its method and seed (`run_key`), so a resumed invocation continues a cut
@@ -199,7 +199,9 @@ class Invocation:
         remaining = [cell for cell in cells if run_key({CELL: cell}, "") not in ended]
         if remaining and not self.interrupted:
             # A fresh Tune experiment each invocation: Tune's own restore could lose a cell it had not created.
-            name = phase if not self.settings.resume else f"{phase}-resumed-{secrets.token_hex(3)}"
+            # A sequential study's looks are one Tune experiment each (`tune_name`), in one phase.
+            name = tune_name or phase
+            name = name if not self.settings.resume else f"{name}-resumed-{secrets.token_hex(3)}"
             self.run_phase(phase, {CELL: tune.grid_search(remaining)}, len(cells), tune_name=name)
 
     def records(self):

@@ -22,6 +22,7 @@ from hamjepa.config import Config, build_config
 from hamjepa.errors import UserError
 from hamjepa.methods import ABLATIONS
 from hamjepa.redact import mask_uri
+from hamjepa.report.sequential import looks
 from hamjepa.report.summary import (
     BASELINE_SEARCH,
     COMPARE,
@@ -198,14 +199,31 @@ def search_gaps(study: StudyRun, records: Sequence[RunRecord], base: Config) -> 
     ablation = study.params.get("study.ablation") or next(
         (method.value for method in ABLATIONS if any(r.method == method for r in compared)), "")
     settings = StudySettings(name=study.name or "study", base=base, num_samples=max(1, trials), seeds=len(paired),
-                             ablation=ablation)
-    cells = comparison_cells(settings, selected)
+                             ablation=ablation, sequential=study.params.get("study.sequential") == "True")
+    cells = comparison_cells(settings, selected, seeds=_planned_seeds(study, settings, compared, records, base))
     planned = [run_key({CELL: cell}, "") for cell in cells]
     present = {cell_key(r.method, r.seed) for r in compared}
     gaps.planned[COMPARE] = len(planned)
     gaps.missing[COMPARE] = [key for key in planned if key not in present]
     gaps.cut[COMPARE] = _cut(compared, lambda r: cell_key(r.method, r.seed))
     return gaps
+
+
+def _planned_seeds(study: StudyRun, settings, compared: Sequence[RunRecord], records, base: Config) -> int:
+    """How many paired seeds the comparison plans: all of them, or for a sequential study the look it has reached
+    (the next one when every run of the current look ended and the primary is not resolved there)."""
+    schedule = settings.looks
+    if len(schedule) == 1:
+        return schedule[0]
+    first_seed = settings.paired_seeds[0]
+    reached = max((r.seed - first_seed + 1 for r in compared), default=0)
+    look = next((n for n in schedule if n >= reached), schedule[-1])
+    ended = all(r.run_status in ("FINISHED", "FAILED") for r in compared)
+    if not ended or len(compared) < look * 2 or look == schedule[-1]:
+        return look
+    primary = summarize(records, [], base, study.params.get("study.primary", ""), looks=schedule).primary_row
+    resolved = primary is not None and (primary.delta.above_zero or primary.delta.below_zero)
+    return look if resolved else schedule[schedule.index(look) + 1]
 
 
 def reproduce_gaps(study: StudyRun, records: Sequence[RunRecord]) -> Gaps:
@@ -248,8 +266,11 @@ def reopen(client: MlflowClient, study: StudyRun) -> Reopened:
     keys = [k for k in study.params.get("study.search_keys", "").split(",") if k]
     from hamjepa.study.settings import tuning_statement
 
-    tuned = tuning_statement(study.params["study.num_samples"]) if "study.num_samples" in study.params else ""
-    summary = summarize(records, keys, base, study.params.get("study.primary", ""), tuned)
+    tuned = (tuning_statement(study.params["study.num_samples"], study.params.get("study.tune_baseline") == "True")
+             if "study.num_samples" in study.params else "")
+    sequential = study.params.get("study.sequential") == "True"
+    schedule = looks(int(study.params.get("study.seeds", 2))) if sequential else ()
+    summary = summarize(records, keys, base, study.params.get("study.primary", ""), tuned, looks=schedule)
     verdict = summary.primary_row.verdict if summary.primary_row else ""
     text = to_markdown(summary)
     return Reopened(study, records, text, verdict, search_gaps(study, records, base))

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from hamjepa.errors import UserError
-from hamjepa.report.summary import BASELINE_SEARCH, COMPARE, select_trial, typed_param
+from hamjepa.report.summary import BASELINE_SEARCH, COMPARE, select_trial, summarize, typed_param
 from hamjepa.study.invocation import Invocation, StudyResult
 from hamjepa.study.search import FullTrialOptunaSearch, asha_scheduler, baseline_space, search_algorithm
 from hamjepa.study.settings import StudySettings, comparison_cells, validate_search_space
@@ -35,7 +35,8 @@ def run_study(settings: StudySettings, space: Mapping[str, Any],
                                "study.early_stopping": settings.early_stopping, "study.seed": settings.seed,
                                "study.search_keys": ",".join(space), "study.ablation": settings.ablation,
                                "study.primary": settings.primary_metric,
-                               "study.tune_baseline": settings.tune_baseline}) as study:
+                               "study.tune_baseline": settings.tune_baseline,
+                               "study.sequential": settings.sequential}) as study:
         searcher = search_algorithm(settings, space, study.study_id, initial_points)
         try:
             _search_then_compare(study, space, searcher)
@@ -62,7 +63,24 @@ def _search_then_compare(study: Invocation, space: Mapping[str, Any], searcher: 
     records = study.records()
     selected = _selected(records, settings, "search", space)
     tuned_baseline = _selected(records, settings, BASELINE_SEARCH, baseline_space()) if settings.tune_baseline else None
-    study.run_cells(COMPARE, comparison_cells(settings, selected, tuned_baseline))
+    _compare(study, space, selected, tuned_baseline)
+
+
+def _compare(study: Invocation, space: Mapping[str, Any], selected, tuned_baseline) -> None:
+    """The paired comparison: all seeds at once, or (--seeds auto) look by look until the primary is resolved at
+    the sequential design's per-look level."""
+    settings = study.settings
+    schedule = settings.looks
+    for look in schedule:
+        name = COMPARE if len(schedule) == 1 else f"{COMPARE}-look{look}"
+        study.run_cells(COMPARE, comparison_cells(settings, selected, tuned_baseline, seeds=look), tune_name=name)
+        if study.interrupted or look == schedule[-1]:
+            return
+        primary = summarize(study.records(), list(space), settings.base, settings.primary_metric,
+                            looks=schedule).primary_row
+        if primary.delta.above_zero or primary.delta.below_zero:
+            print(f"[{study.study_id}] resolved at look n = {look}: {primary.verdict}", flush=True)
+            return
 
 
 def _selected(records, settings: StudySettings, phase: str, space: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -79,7 +97,8 @@ def _summarise(study: Invocation, space: Mapping[str, Any]) -> StudyResult:
 
     settings = study.settings
     records = study.records()
-    summary = summarize(records, list(space), settings.base, settings.primary_metric, settings.tuning)
+    summary = summarize(records, list(space), settings.base, settings.primary_metric, settings.tuning,
+                        looks=settings.looks if settings.sequential else ())
     if not study.interrupted:
         # Optuna's own views of the search, and the search as an Optuna study file, rebuilt from MLflow.
         with tempfile.TemporaryDirectory() as folder:

@@ -23,7 +23,8 @@ class StudySettings:
     name: str
     base: Config
     num_samples: int = 6
-    seeds: int = 3  # paired seeds per side: the selected HamJEPA configuration and SIGReg on each
+    seeds: int = 3  # paired seeds per side: the selected HamJEPA configuration and SIGReg on each (sequential: most)
+    sequential: bool = False  # --seeds auto[:MAX]: seeds added in looks until the primary is resolved
     ablation: str = ""  # "" or one of methods.ABLATIONS
     early_stopping: bool = True
     resources: Resources = field(default_factory=Resources)
@@ -43,6 +44,8 @@ class StudySettings:
             raise UserError(f"--num-samples = {self.num_samples} is invalid: must be an integer >= 1.")
         if self.seeds < 0:
             raise UserError(f"--seeds = {self.seeds} is invalid: must be an integer >= 0 (0 = search only).")
+        if self.sequential and self.seeds < 2:
+            raise UserError(f"--seeds = auto:{self.seeds} is invalid: a sequential study needs at most >= 2 seeds.")
         if self.ablation not in ("", *ABLATIONS):
             raise UserError(f"--ablation = {self.ablation!r} is invalid: must be one of {', '.join(ABLATIONS)}.")
         if self.max_concurrent < 0:
@@ -75,6 +78,13 @@ class StudySettings:
     def baseline(self) -> StudySettings:
         """The settings of the baseline's search: the same study, training SIGReg."""
         return dataclasses.replace(self, base=self.base.override({"method": BASELINE.value}))
+
+    @property
+    def looks(self) -> tuple[int, ...]:
+        """The paired seeds at each look: all of them at once, or the sequential schedule."""
+        from hamjepa.report.sequential import looks
+
+        return looks(self.seeds) if self.sequential else (self.seeds,)
 
     @property
     def paired_seeds(self) -> list[int]:
@@ -138,12 +148,12 @@ def run_key(trial_config: Mapping[str, Any], trial_id: str) -> str:
 
 
 def comparison_cells(settings: StudySettings, selected: Mapping[str, Any] | None,
-                     baseline: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
-    """The compare phase's runs: every arm on every paired seed, seed by seed (an interrupted comparison has
-    whole pairs first)."""
+                     baseline: Mapping[str, Any] | None = None, seeds: int | None = None) -> list[dict[str, Any]]:
+    """The compare phase's runs: every arm on every paired seed (the first `seeds` of them), seed by seed (an
+    interrupted comparison has whole pairs first)."""
     arms = [{**(baseline or {}), "method": BASELINE.value}]  # SIGReg's selected configuration, or its defaults
     if selected is not None:
         arms.insert(0, {**selected, "method": Method.HAMJEPA.value})
         if settings.ablation:
             arms.append({**selected, "method": settings.ablation})
-    return [{ARM: arm, "seed": seed} for seed in settings.paired_seeds for arm in arms]
+    return [{ARM: arm, "seed": seed} for seed in settings.paired_seeds[:seeds] for arm in arms]
