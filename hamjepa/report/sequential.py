@@ -2,7 +2,7 @@
 resolved, at a per-look level calibrated so that the study's overall false-positive rate stays at 5%.
 
 Looking at the data after 3, 6 and 10 seeds and stopping at the first look whose 95% interval excludes 0 would
-declare a difference that is not there more often than 5% of the time (about 11% for those three looks). Like
+declare a difference that is not there 12% of the time (simulated, normal differences), not 5%. Like
 Pocock's group-sequential design, every look uses the same, stricter level alpha': the probability, under no true
 difference, that *any* look's two-sided paired t-test rejects at alpha' is 5%. alpha' is the 5% quantile of the
 smallest p-value over the looks in studies simulated with no difference (paired differences i.i.d. normal; the t
