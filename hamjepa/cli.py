@@ -292,7 +292,7 @@ def reproduce_main(argv: list[str] | None = None) -> int:
         if seeds < 1:
             raise UserError(f"--seeds = {seeds} is invalid: must be an integer >= 1.")
         # The paper's protocol: train, and take kNN neighbours, on the whole training split (docs/method.md §10).
-        settings = _study_settings("reproduce_paper", args, protocol={"data.val_fraction": 0}, seeds=seeds,
+        settings = _study_settings("reproduce_paper", args, protocol={"data.val_size": 0}, seeds=seeds,
                                    early_stopping=False, searches=False)
         return _print_result(settings, run_reproduction(settings))
 

@@ -200,15 +200,15 @@ CASES = [
     Case("idx-shape", "train", ["--data-root", "{made}"], "holds images of shape", broken_fashion("shape")),
     Case("idx-label-count", "train", ["--data-root", "{made}"], "labels of shape", broken_fashion("labels")),
     Case("idx-label-range", "train", ["--data-root", "{made}"], "labels outside", broken_fashion("label-range")),
-    Case("image-undecodable", "train", [*DATA, "--data-root", "{made}"], "cannot be decoded",
-         image_folder("undecodable")),
+    Case("image-undecodable", "train", [*DATA, "--data-root", "{made}", "--set", "data.val_size=2"],
+         "cannot be decoded", image_folder("undecodable")),
     Case("image-empty-class", "train", [*DATA, "--data-root", "{made}"], "every class folder",
          image_folder("empty-class")),
     Case("image-empty-val", "train", [*DATA, "--data-root", "{made}"], "holds no images", image_folder("empty-val")),
     Case("cifar-not-a-batch", "train", [*CIFAR, "--data-root", "{made}"], "CIFAR file", bad_cifar),
     Case("subset-too-big", "train", ["--set", "data.subset=100000"], "'data.subset'"),
     Case("batch-above-split", "train", ["--set", "optim.batch_size=512"], "'optim.batch_size'"),
-    Case("val-split-empty", "train", ["--set", "data.val_fraction=0.001"], "'data.val_fraction'"),
+    Case("val-split-too-large", "train", ["--set", "data.val_size=60000"], "'data.val_size'"),
     # hamjepa config: the same parsing, without running anything
     Case("config-cmd-dt-inf", "config", ["--set", "predictor.dt=inf"], "'predictor.dt'"),
     Case("config-cmd-clip-inf", "config", ["--set", "optim.grad_clip=.inf"], "'optim.grad_clip'"),
@@ -231,7 +231,7 @@ CASES = [
     Case("study-dataset", "study", ["--dataset", "mnist"], "--dataset"),
     Case("study-ablation", "study", ["--ablation", "byol"], "--ablation"),
     Case("study-primary", "study", ["--primary", "val_knn20_top1"], "--primary"),
-    Case("study-no-validation", "study", ["--set", "data.val_fraction=0"], "'data.val_fraction'"),
+    Case("study-no-validation", "study", ["--set", "data.val_size=0"], "'data.val_size'"),
     Case("study-experiment", "study", ["--experiment", "it's"], "--experiment"),
     Case("study-resume-id", "study", ["--resume", "../other"], "--resume"),
     Case("study-tracking", "study", ["--tracking-uri", "sqlite:///{in}/missing/m.db"], "tracking URI"),
@@ -310,8 +310,9 @@ def workdir(tmp_path, monkeypatch) -> Path:
 
 
 def base_argv(command: str, good_data: Path) -> list[str]:
-    """Valid arguments: the quick profile on a 200-image Fashion-MNIST, no download, everything else default."""
-    valid = ["--data-root", str(good_data), "--set", "data.download=false", "--set", "optim.batch_size=32"]
+    """Valid arguments: the quick profile on a 200-image Fashion-MNIST (40 held out), no download, the rest default."""
+    valid = ["--data-root", str(good_data), "--set", "data.download=false", "--set", "optim.batch_size=32",
+             "--set", "data.val_size=40"]
     return {"train": ["train", "--profile", "quick", "--set", "data.subset=0", *valid],
             "config": ["config", "--profile", "quick"], "study": ["--subset", "0", *valid],
             "reproduce": ["--profile", "quick", "--subset", "0", *valid]}[command]

@@ -41,7 +41,7 @@ def test_cifar_format_files_and_a_short_epoch_on_them(tmp_path):
     root = gpu.write_cifar100_files(tmp_path, n_train=300, n_test=100)
     train, test = read_cifar(root / "cifar-100-python", "cifar100")  # the loader training uses accepts them
     assert train.images.shape == (300, 3, 32, 32) and train.labels.tolist()[:3] == [0, 1, 2]
-    overrides = {**SMOKE_OVERRIDES, "data.subset": 0, "optim.batch_size": 32}
+    overrides = {**SMOKE_OVERRIDES, "data.subset": 0, "data.val_size": 30, "optim.batch_size": 32}
     record = gpu.epoch_wait(root, "cpu", "device", overrides, epochs=1)
     assert record["placement"] == "device" and record["steps"] == 270 // 32 and record["diverged"] is None
     assert 0 < record["data_wait_fraction"] < 1 and record["images_per_s"] > 0
@@ -74,7 +74,7 @@ def test_a_failing_piece_is_recorded_and_the_rest_runs():
 
 
 def test_placement_benchmark_times_both_placements_on_the_same_epochs():
-    cfg = profile("quick", {**SMOKE_OVERRIDES, "data.dataset": "synthetic", "data.subset": 200,
+    cfg = profile("quick", {**SMOKE_OVERRIDES, "data.dataset": "synthetic", "data.subset": 180,
                             "optim.batch_size": 32})
     figures = step.placement_epochs(cfg, epochs=1)
     assert set(figures) == {"device", "loader"}

@@ -24,7 +24,7 @@ def test_train_refuses_bad_input_in_one_sentence(argv, words, capsys):
 @pytest.mark.parametrize("argv,words", [
     (["--num-samples", "0"], "--num-samples = 0"),
     (["--seeds", "-2"], "--seeds = -2"),
-    (["--set", "data.val_fraction=0"], "data.val_fraction"),
+    (["--set", "data.val_size=0"], "data.val_size"),
     (["--workers-per-trial", "0"], "--workers"),
     (["--dataset", "cifar100", "--set", "data.download=false", "--data-root", "/nonexistent"], "cifar100"),
 ])

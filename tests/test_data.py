@@ -110,7 +110,7 @@ def test_cifar_reader_round_trips_pixels_and_labels(tmp_path, dataset):
 
 def test_cifar100_through_load_splits(tmp_path):
     write_cifar(tmp_path, "cifar100", per_file=200)
-    splits = load_splits(DataConfig(dataset="cifar100", root=str(tmp_path), download=False, val_fraction=0.1),
+    splits = load_splits(DataConfig(dataset="cifar100", root=str(tmp_path), download=False, val_size=20),
                          channels=3)
     assert (len(splits.train), len(splits.val), len(splits.test)) == (180, 20, 200)
     assert splits.num_classes == 100 and splits.channels == 3 and splits.image_size == 32
@@ -129,12 +129,12 @@ def test_fashion_mnist_reader_on_written_idx_files(tmp_path):
 def test_fashion_mnist_found_through_hamjepa_data_and_resized_on_load(tmp_path, monkeypatch):
     arrays = write_fashion(tmp_path / "env" / "fashion-mnist", n_train=100)
     monkeypatch.setenv("HAMJEPA_DATA", str(tmp_path / "env"))
-    splits = load_splits(DataConfig(dataset="fashion_mnist", image_size=28, download=False), channels=1)
+    splits = load_splits(DataConfig(dataset="fashion_mnist", image_size=28, download=False, val_size=10), channels=1)
     assert (len(splits.train), len(splits.val), splits.num_classes) == (90, 10, 10)
     assert splits.mean == (0.2860,) and splits.std == (0.3530,)
     full = torch.cat([splits.train.images, splits.val.images])
     assert sorted(full.flatten().tolist()) == sorted(arrays["train-images-idx3-ubyte.gz"].flatten().tolist())
-    bigger = load_splits(DataConfig(dataset="fashion_mnist", image_size=32, download=False), channels=1)
+    bigger = load_splits(DataConfig(dataset="fashion_mnist", image_size=32, download=False, val_size=10), channels=1)
     assert bigger.train.images.shape[1:] == (1, 32, 32) and bigger.test.images.shape == (20, 1, 32, 32)
 
 
@@ -236,7 +236,7 @@ def test_image_files_are_checked_before_the_run(tmp_path):
         for i in range(3):
             Image.new("RGB", (10, 10)).save(tmp_path / split / "ant" / f"{i}.png")
     (tmp_path / "val" / "ant" / "2.png").write_bytes(b"GIF89a but not really")
-    splits = load_splits(DataConfig(dataset="imagefolder", root=str(tmp_path), image_size=8, val_fraction=0),
+    splits = load_splits(DataConfig(dataset="imagefolder", root=str(tmp_path), image_size=8, val_size=0),
                          channels=3)
     with pytest.raises(UserError, match="'.*val/ant/2.png' cannot be decoded"):
         check_image_files(splits)
@@ -261,29 +261,34 @@ def test_stratified_subset_keeps_class_proportions_and_is_seeded():
     assert torch.bincount(labels[stratified_indices(labels, 7, torch.Generator())]).tolist() == [4, 2, 1]
 
 
-def test_subset_then_validation_split():
+def test_validation_held_out_first_then_the_training_subset_from_the_rest():
     labels = torch.arange(10).repeat_interleave(100)  # 10 classes x 100
-    train, val = split_indices(labels, subset=400, val_fraction=0.25, seed=3)
-    assert (len(train), len(val)) == (300, 100)
-    assert not set(train.tolist()) & set(val.tolist())
-    assert torch.bincount(labels[train]).tolist() == [30] * 10 and torch.bincount(labels[val]).tolist() == [10] * 10
-    same = split_indices(labels, subset=400, val_fraction=0.25, seed=3)
-    other = split_indices(labels, subset=400, val_fraction=0.25, seed=4)
+    train, val = split_indices(labels, subset=300, val_size=500, seed=3)  # a validation split larger than training
+    assert (len(train), len(val)) == (300, 500)
+    assert not set(train.tolist()) & set(val.tolist())  # never trains on a validation image
+    assert torch.bincount(labels[train]).tolist() == [30] * 10 and torch.bincount(labels[val]).tolist() == [50] * 10
+    same = split_indices(labels, subset=300, val_size=500, seed=3)
+    other = split_indices(labels, subset=300, val_size=500, seed=4)
     assert torch.equal(train, same[0]) and torch.equal(val, same[1]) and not torch.equal(val, other[1])
-    everything, none = split_indices(labels, subset=0, val_fraction=0.0, seed=0)
+    assert torch.equal(split_indices(labels, subset=100, val_size=500, seed=3)[1], val)  # the subset leaves val be
+    everything, none = split_indices(labels, subset=0, val_size=0, seed=0)
     assert len(everything) == 1000 and len(none) == 0
+    rest, held = split_indices(labels, subset=0, val_size=100, seed=0)
+    assert len(rest) == 900 and len(held) == 100
 
 
 def test_synthetic_splits():
-    splits = load_splits(DataConfig(dataset="synthetic", image_size=16, subset=1000, val_fraction=0.2), channels=3)
+    splits = load_splits(DataConfig(dataset="synthetic", image_size=16, subset=800, val_size=200), channels=3)
     assert (len(splits.train), len(splits.val), len(splits.test)) == (800, 200, 500)
     assert splits.train.images.shape == (800, 3, 16, 16) and splits.train.images.dtype == torch.uint8
     assert torch.bincount(splits.val.labels).tolist() == [20] * 10
     pixels = splits.train.images.double() / 255
     assert splits.mean == pytest.approx(pixels.mean(dim=(0, 2, 3)).tolist())
     assert splits.std == pytest.approx(pixels.std(dim=(0, 2, 3)).tolist(), rel=1e-3)
-    with pytest.raises(ConfigError, match="data.subset"):
-        load_splits(DataConfig(dataset="synthetic", subset=5000), channels=3)
+    with pytest.raises(ConfigError, match="data.subset.*at most 1800 can train"):
+        load_splits(DataConfig(dataset="synthetic", subset=1900, val_size=200), channels=3)
+    with pytest.raises(ConfigError, match="data.val_size"):
+        load_splits(DataConfig(dataset="synthetic", val_size=2000), channels=3)
 
 
 def test_image_folder(tmp_path):
@@ -296,7 +301,7 @@ def test_image_folder(tmp_path):
             for i in range(4):
                 array = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)  # 30 high, 40 wide
                 Image.fromarray(array).save(tmp_path / split / cls / f"{i}.png")
-    splits = load_splits(DataConfig(dataset="imagefolder", root=str(tmp_path), image_size=16, val_fraction=0.25),
+    splits = load_splits(DataConfig(dataset="imagefolder", root=str(tmp_path), image_size=16, val_size=3),
                          channels=3)
     assert splits.num_classes == 3 and (len(splits.train), len(splits.val), len(splits.test)) == (9, 3, 8)
     assert splits.test.labels.tolist() == [0] * 4 + [2] * 4  # val/ keeps train/'s class indices
@@ -308,7 +313,7 @@ def test_image_folder(tmp_path):
 # -- torch datasets ----------------------------------------------------------------------------------------
 
 def test_two_view_batches_through_a_distributed_sampler():
-    splits = load_splits(DataConfig(dataset="synthetic", image_size=16, subset=200), channels=1)
+    splits = load_splits(DataConfig(dataset="synthetic", image_size=16, subset=180, val_size=100), channels=1)
     augmentation = Augmentation(AugmentConfig(), splits.image_size, splits.channels, splits.mean, splits.std)
     dataset = TwoViewDataset(splits.train, augmentation)
     sampler = DistributedSampler(dataset, num_replicas=2, rank=1, shuffle=True, seed=0, drop_last=True)
@@ -386,7 +391,7 @@ def test_device_resident_feed_has_the_loader_paths_batches_under_two_ranks():
 
 
 def test_a_seeded_device_resident_epoch_replays_exactly():
-    splits = load_splits(DataConfig(dataset="synthetic", image_size=16, subset=300), channels=3)
+    splits = load_splits(DataConfig(dataset="synthetic", image_size=16, subset=270, val_size=100), channels=3)
     cfg = DataConfig(dataset="synthetic", augment_on="device")
 
     def epoch_views(epoch, augment_seed):
@@ -410,9 +415,9 @@ def test_which_feed_each_placement_and_dataset_takes(tmp_path):
             (tmp_path / split / cls).mkdir(parents=True)
             for i in range(10):
                 Image.fromarray(np.full((12, 14, 3), 20 * i, dtype=np.uint8)).save(tmp_path / split / cls / f"{i}.png")
-    folder = load_splits(DataConfig(dataset="imagefolder", root=str(tmp_path), image_size=8, val_fraction=0.2),
+    folder = load_splits(DataConfig(dataset="imagefolder", root=str(tmp_path), image_size=8, val_size=4),
                          channels=3)
-    memory = load_splits(DataConfig(dataset="synthetic", image_size=8, subset=100), channels=3)
+    memory = load_splits(DataConfig(dataset="synthetic", image_size=8, subset=100, val_size=100), channels=3)
     expected = {("device", "memory"): ResidentFeed, ("device", "folder"): StreamFeed,
                 ("loader", "memory"): LoaderFeed, ("loader", "folder"): LoaderFeed}
     for (placement, kind), cls in expected.items():

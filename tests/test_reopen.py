@@ -90,7 +90,7 @@ def _search_study(uri, study_id, *, interrupted):
 
 def _reproduce_study(uri):
     """The paper's fixed runs on one seed: SIGReg and HamJEPA finished, MLP-HJEPA never started."""
-    base = BASE.override({"data.val_fraction": 0})
+    base = BASE.override({"data.val_size": 0})
     parent = _parent(uri, "hamjepa-reproduce_paper", REPRODUCE_ID, "reproduce_paper",
                      {"study.seeds": 1, "study.methods": "sigreg,hamjepa,mlp", **base.flatten()})
     for method, knn in (("sigreg", 40.0), ("hamjepa", 44.5)):

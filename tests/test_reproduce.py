@@ -99,7 +99,7 @@ def test_smoke_reproduction_logs_every_run_and_prints_every_row(ray_cluster, tmp
     assert sorted(c.data.tags["hamjepa.method"] for c in children) == ["hamjepa", "mlp", "sigreg"]
     assert all(c.info.status == "FINISHED" and c.data.params["optim.epochs"] == "2" for c in children)
     # the paper's protocol: the whole training split, so no validation split and no validation metric
-    assert all(c.data.params["data.val_fraction"] == "0.0" and "val_knn20_top1" not in c.data.metrics
+    assert all(c.data.params["data.val_size"] == "0" and "val_knn20_top1" not in c.data.metrics
                for c in children)
     assert {"paper_table.md", "paper_table.csv", "paper_comparison.png"} <= {
         a.path for a in client.list_artifacts(parent.info.run_id)}

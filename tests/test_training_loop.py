@@ -11,7 +11,7 @@ from hamjepa.train.loop import _restore, _training_state, build_worker, train_on
 
 
 def _cfg(placement, **overrides):
-    return profile("quick", {**SMOKE_OVERRIDES, "data.dataset": "synthetic", "data.subset": 200,
+    return profile("quick", {**SMOKE_OVERRIDES, "data.dataset": "synthetic", "data.subset": 180,
                              "optim.batch_size": 32, "optim.epochs": 3, "data.augment_on": placement, **overrides})
 
 

@@ -280,8 +280,9 @@ def run_checks(device: torch.device, steps: int, data_images: int, step_override
     results["epochs"] = []
     with tempfile.TemporaryDirectory() as folder:
         root = write_cifar100_files(Path(folder), data_images, max(100, data_images // 10))
+        held_out = {**(epoch_overrides or {}), "data.val_size": data_images // 10}  # the bench's own files: 10%
         for placement in ("device", "loader"):
-            record = _attempt(results, f"epoch {placement}", epoch_wait, root, device, placement, epoch_overrides)
+            record = _attempt(results, f"epoch {placement}", epoch_wait, root, device, placement, held_out)
             results["epochs"].append(record or {})
     return results
 

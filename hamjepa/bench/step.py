@@ -102,7 +102,9 @@ def main(argv: list[str]) -> None:
         print(f"  HamJEPA / SIGReg time per step: {medians['hamjepa'] / medians['sigreg']:.2f}x")
     if args.part in ("all", "placement"):
         cfg = profile(args.profile, overrides)
-        synthetic = cfg.override({"data.dataset": "synthetic", "data.subset": min(args.images, 2000)})
+        images = min(args.images, 2000)  # the synthetic set has 2000 training images; 10% of them validate
+        synthetic = cfg.override({"data.dataset": "synthetic", "data.subset": images - images // 10,
+                                  "data.val_size": images // 10})
         try:
             figures = placement_epochs(synthetic if args.data == "synthetic" else cfg, args.epochs)
         except UserError as error:  # the profile's data is not here (DatasetNotFoundError is a UserError)

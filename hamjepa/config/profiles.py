@@ -47,7 +47,7 @@ def read_yaml_file(path: str | Path) -> Any:
 # One run is ~2.5 minutes on one core (~260 images/s plus two evaluations). "cifar100" is the paper's protocol.
 PROFILES: dict[str, dict[str, Any]] = {
     "quick": {
-        "data.dataset": "fashion_mnist", "data.image_size": 28, "data.subset": 5000, "data.num_workers": 1,
+        "data.dataset": "fashion_mnist", "data.image_size": 28, "data.subset": 4500, "data.num_workers": 1,
         "encoder.in_channels": 1, "encoder.width": 0.25, "encoder.token_dim": 16,
         "optim.batch_size": 128, "optim.epochs": 8, "optim.warmup_epochs": 1, "optim.lr": 4e-3,
         "predictor.residual_scale_warmup_epochs": 1,
@@ -66,7 +66,7 @@ GPU_PROFILES = ("cifar100", "imagenet100")
 
 # --smoke-test: on top of any profile, the smallest run that still exercises every code path (CI).
 SMOKE_OVERRIDES: dict[str, Any] = {
-    "data.subset": 800, "data.num_workers": 0, "encoder.width": 0.125, "optim.batch_size": 64,
+    "data.subset": 720, "data.val_size": 400, "data.num_workers": 0, "encoder.width": 0.125, "optim.batch_size": 64,
     "optim.epochs": 2, "optim.warmup_epochs": 1, "predictor.residual_scale_warmup_epochs": 1,
     "eval.probe_epochs": 3, "eval.knn_train_limit": 400, "eval.spectrum_samples": 400,
 }

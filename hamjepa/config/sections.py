@@ -171,7 +171,9 @@ class DataConfig(_Section):
     download: bool = True  # let torchvision download when the files are missing and the network allows
     image_size: int = 32  # side of the stored and augmented images, in pixels
     subset: int = 0  # number of training images (stratified, seeded); 0 = all
-    val_fraction: float = 0.1  # held out from the training set, stratified, for tuning
+    # Images held out from the training set (stratified, before the subset is drawn) to select on: 5,000 keep the
+    # objective's binomial standard error <= 0.71 points (at 50% accuracy; 0.57 at 80%). 0 = none (fixed runs).
+    val_size: int = 5000
     num_workers: int = 2  # DataLoader worker processes per training worker (loader placement, image folders)
     seed: int = 0  # subset and split seed (independent of the training seed, so splits stay fixed)
     # Where the two-view augmentation runs: "device" = in the training loop on the training device (in-memory
@@ -184,7 +186,7 @@ class DataConfig(_Section):
         self._one_of("augment_on", AUGMENT_PLACEMENTS)
         self._require("image_size", self.image_size >= 8, "must be an integer >= 8 (pixels)")
         self._non_negative("subset", "num_workers")
-        self._require("val_fraction", 0 <= self.val_fraction < 1, "must be in [0, 1)")
+        self._non_negative("val_size")
         self._require("seed", 0 <= self.seed <= MAX_SEED, f"must be an integer in [0, {MAX_SEED}]")
 
 

@@ -265,7 +265,7 @@ def protocol_line(base: Config) -> str:
     """What the numbers were measured under: a number without its protocol is not a result."""
     d, o = base.data, base.optim
     images = f"{d.subset:,} images" if d.subset else "all images"
-    return (f"Protocol: {d.dataset} ({images}, {d.val_fraction:.0%} held out for validation), {o.epochs} epochs, "
+    return (f"Protocol: {d.dataset} ({images}, {d.val_size:,} more held out for validation), {o.epochs} epochs, "
             f"batch {o.batch_size}, lr {o.lr:g}, ResNet-18 width {base.encoder.width:g} read out at "
             f"{base.encoder.readout}, token dim {base.encoder.token_dim}; kNN@{base.eval.knn_k}, linear probe "
             f"{base.eval.probe_epochs} epochs.")

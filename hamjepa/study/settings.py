@@ -50,9 +50,9 @@ class StudySettings:
             raise UserError(f"--ablation = {self.ablation!r} is invalid: must be one of {', '.join(ABLATIONS)}.")
         if self.max_concurrent < 0:
             raise UserError(f"--max-concurrent = {self.max_concurrent} is invalid: must be >= 0 (0 = automatic).")
-        if self.searches and self.base.data.val_fraction <= 0:
-            raise ConfigError("config field 'data.val_fraction' = 0 is invalid for a study: the objective is "
-                              "measured on the validation split, so it must be in (0, 1).")
+        if self.searches and self.base.data.val_size <= 0:
+            raise ConfigError("config field 'data.val_size' = 0 is invalid for a study: the objective is measured on "
+                              "the validation split, so it needs images (default 5000).")
         choices = names.primary_choices(self.base.eval.knn_k)
         if self.primary and self.primary not in choices:
             raise UserError(f"--primary = {self.primary!r} is invalid: must be one of {', '.join(choices)} (a test "

@@ -82,9 +82,6 @@ def preflight(cfg: Config, resources: Resources | None = None) -> None:
     if len(splits.train) < cfg.eval.knn_k:
         raise ConfigError(f"config field 'eval.knn_k' = {cfg.eval.knn_k} is invalid: the training split has only "
                           f"{len(splits.train)} images to take neighbours from.")
-    if cfg.data.val_fraction > 0 and len(splits.val) == 0:
-        raise ConfigError(f"config field 'data.val_fraction' = {cfg.data.val_fraction} is invalid: it holds out no "
-                          f"image of {len(splits.train)}; raise it or data.subset.")
     if len(splits.test) == 0:
         raise UserError(f"dataset '{cfg.data.dataset}' has an empty test split; the run could not be evaluated.")
 
