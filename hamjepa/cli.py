@@ -129,10 +129,11 @@ def _check_resumable(settings) -> None:
 def _study_settings(name: str, args: argparse.Namespace, protocol: dict | None = None, **fields):
     """StudySettings from the shared flags (and a script's own `fields`); every input checked, Ray connected.
 
-    `protocol`: a script's own config overrides, applied before --smoke-test, the flags and --set.
+    `protocol`: a script's own config overrides (what it means, e.g. the paper's whole training split), applied
+    after --smoke-test's sizes, so a smoke run keeps the protocol, and before the flags and --set.
     """
     checks.integer("--max-concurrent", args.max_concurrent, 0)
-    overrides = {**(protocol or {}), **(SMOKE_OVERRIDES if args.smoke_test else {})}
+    overrides = {**(SMOKE_OVERRIDES if args.smoke_test else {}), **(protocol or {})}
     if args.dataset:
         overrides.update({"data.dataset": args.dataset, **DATASET_OVERRIDES.get(args.dataset, {})})
     if args.epochs is not None:
