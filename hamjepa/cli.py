@@ -255,6 +255,10 @@ def study_main(name: str, space: dict, argv: list[str] | None = None, initial_po
     parser.add_argument("--tune-baseline", action=argparse.BooleanOptionalAction, default=None,
                         help="give SIGReg its own search with the same budget, scheduler and selection rule (default: "
                              "on with GPUs; off on CPUs, where it would not fit the quick study's 15 minutes)")
+    parser.add_argument("--reference", type=int, default=None,
+                        help="encoders evaluated at initialisation (never trained) that each method's gain is tested "
+                             "against: learned = final mean above theirs, Welch one-sided 5% (default 10; smoke 3; "
+                             "0 = none, gains from each run's own epoch 0)")
     parser.add_argument("--no-early-stopping", action="store_true", help="switch ASHA off")
     parser.add_argument("--seed", type=int, default=0, help="Optuna sampler seed")
     args = parser.parse_args(argv)
@@ -268,7 +272,9 @@ def study_main(name: str, space: dict, argv: list[str] | None = None, initial_po
         settings = _study_settings(name, args, num_samples=trials, seeds=seeds, sequential=sequential,
                                    ablation=args.ablation,
                                    early_stopping=not args.no_early_stopping, seed=args.seed, primary=args.primary,
-                                   tune_baseline=args.tune_baseline)
+                                   tune_baseline=args.tune_baseline,
+                                   reference=args.reference if args.reference is not None else
+                                   (3 if args.smoke_test else 10))
         return _print_result(settings, run_study(settings, space, initial_points))
 
     return _guarded(parser, work)
@@ -294,7 +300,7 @@ def reproduce_main(argv: list[str] | None = None) -> int:
             raise UserError(f"--seeds = {seeds} is invalid: must be an integer >= 1.")
         # The paper's protocol: train, and take kNN neighbours, on the whole training split (docs/method.md §10).
         settings = _study_settings("reproduce_paper", args, protocol={"data.val_size": 0}, seeds=seeds,
-                                   early_stopping=False, searches=False)
+                                   early_stopping=False, searches=False, reference=0)
         return _print_result(settings, run_reproduction(settings))
 
     return _guarded(parser, work)

@@ -1,5 +1,6 @@
 """Datasets: the readers on files in the exact on-disk formats, the not-found sentence, subsets and splits."""
 
+import dataclasses
 import gzip
 import pickle
 import struct
@@ -115,6 +116,21 @@ def test_cifar100_through_load_splits(tmp_path):
     assert (len(splits.train), len(splits.val), len(splits.test)) == (180, 20, 200)
     assert splits.num_classes == 100 and splits.channels == 3 and splits.image_size == 32
     assert splits.mean == KNOWN_STATS["cifar100"][0]
+
+
+def test_a_test_limit_keeps_a_stratified_seeded_part_of_the_test_split(tmp_path):
+    write_cifar(tmp_path, "cifar10", per_file=200)
+    config = DataConfig(dataset="cifar10", root=str(tmp_path), download=False, val_size=20)
+    whole = load_splits(config, channels=3).test
+    part = load_splits(dataclasses.replace(config, test_limit=50), channels=3).test
+    assert len(whole) == 200 and len(part) == 50
+    share = torch.bincount(whole.labels, minlength=10).double() * 50 / 200  # each class keeps its share
+    assert (torch.bincount(part.labels, minlength=10) - share).abs().max() < 1
+    rows = {tuple(x.flatten().tolist()) for x in whole.images}
+    assert all(tuple(x.flatten().tolist()) in rows for x in part.images)  # test images, not others
+    assert torch.equal(load_splits(dataclasses.replace(config, test_limit=50), channels=3).test.labels, part.labels)
+    assert torch.equal(load_splits(dataclasses.replace(config, test_limit=201), channels=3).test.labels,
+                       whole.labels)  # a limit above the split's size keeps all of it
 
 
 def test_fashion_mnist_reader_on_written_idx_files(tmp_path):

@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from hamjepa.cli import study_main
 from hamjepa.errors import UserError
-from hamjepa.study.phases import _cluster_concurrency
+from hamjepa.study.phases import cluster_concurrency
 from hamjepa.study.settings import StudySettings
 from hamjepa.train.resources import Resources
 
@@ -64,10 +64,10 @@ def test_trials_are_planned_for_an_autoscaling_clusters_maximum(ray_cluster, mon
 
     settings = StudySettings("planning", tiny_config(), resources=Resources(1, 1.0, 1.0))
     with pytest.raises(UserError, match="at most 2 CPUs and 0 GPUs"):  # this fixed-size cluster: refused
-        _cluster_concurrency(settings)
+        cluster_concurrency(settings)
     monkeypatch.setattr(state, "get_max_resources_from_cluster_config", lambda: {"CPU": 136.0, "GPU": 16.0})
-    assert _cluster_concurrency(settings) == 16  # cluster/aws.yaml at full size: 8 x 1 + 2 x 4 GPUs
-    assert _cluster_concurrency(replace(settings, max_concurrent=3)) == 3
+    assert cluster_concurrency(settings) == 16  # cluster/aws.yaml at full size: 8 x 1 + 2 x 4 GPUs
+    assert cluster_concurrency(replace(settings, max_concurrent=3)) == 3
 
 
 @pytest.mark.slow

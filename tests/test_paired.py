@@ -1,6 +1,7 @@
 """Paired statistics: t-intervals against hand-computed, textbook and scipy values, n = 1, identical pairs, verdicts."""
 
 import math
+import random
 
 import pytest
 from scipy import stats
@@ -13,6 +14,7 @@ from hamjepa.report.paired import (
     paired_differences,
     primary_verdict,
     seeds_to_resolve,
+    welch_difference,
 )
 
 T_975_DOF2 = 4.302652729911275  # Student t quantile, 97.5%, 2 degrees of freedom (tables)
@@ -144,3 +146,25 @@ def test_non_finite_values_never_reach_the_arithmetic():
     value = estimate([1.0, math.nan, 2.0, math.inf, 3.0])
     assert (value.n, value.mean, value.dropped) == (3, 2.0, 2) and math.isfinite(value.low)
     assert estimate([math.nan]).n == 0 and estimate([math.nan]).dropped == 1
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_welch_intervals_agree_with_scipys_unequal_variance_t_test(seed):
+    """Against scipy's Welch test (ttest_ind, equal_var=False): the interval at 90% and 95% on random samples
+    of unequal sizes and spreads; NaN values are left out first."""
+    rng = random.Random(seed)
+    a = [rng.gauss(80, 0.5) for _ in range(rng.randint(2, 6))]
+    b = [rng.gauss(76, 3.0) for _ in range(rng.randint(2, 12))]
+    for confidence in (0.90, 0.95):
+        got = welch_difference([*a, math.nan], b, confidence)
+        expected = stats.ttest_ind(a, b, equal_var=False).confidence_interval(confidence)
+        assert (got.low, got.high) == pytest.approx((expected.low, expected.high), rel=1e-10)
+        assert got.n == len(a) and got.mean == pytest.approx(sum(a) / len(a) - sum(b) / len(b))
+
+
+def test_welch_without_two_values_a_side_gives_no_interval_and_without_spread_the_difference():
+    assert not welch_difference([80.0], [70.0, 72.0]).has_interval
+    assert welch_difference([80.0], [70.0, 72.0]).mean == pytest.approx(9.0)
+    assert math.isnan(welch_difference([], [70.0]).mean)
+    flat = welch_difference([80.0, 80.0], [70.0, 70.0])
+    assert (flat.low, flat.mean, flat.high) == (10.0, 10.0, 10.0) and flat.above_zero

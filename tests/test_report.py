@@ -8,7 +8,7 @@ import pytest
 
 from hamjepa import names
 from hamjepa.config import profile
-from hamjepa.report.paired import estimate
+from hamjepa.report.paired import estimate, welch_difference
 from hamjepa.report.summary import (
     CSV_COLUMNS,
     RunRecord,
@@ -167,3 +167,33 @@ def test_a_nan_metric_unpairs_its_seed_instead_of_reaching_the_statistics():
     records[0].metrics["test_knn20_top1"] = math.nan
     primary = summarize(records, KEYS, BASE).primary_row
     assert primary.seeds == [2, 3] and math.isfinite(primary.delta.mean) and primary.delta.dropped == 0
+
+
+def _reference(values, methods=("hamjepa", "sigreg")):
+    return {method: {metric: list(values) for _, metric in names.comparison_metrics(20)} for method in methods}
+
+
+def test_gains_are_measured_against_the_initialisation_reference_by_welch_when_there_is_one():
+    """With a reference, a gain is the final mean minus the reference mean with a 90% Welch interval (its lower
+    end: the one-sided 5% test), not final minus the same run's epoch 0; the legend says which."""
+    reference = [72.0, 74.0, 73.0, 75.0, 71.0, 73.5, 72.5, 74.5, 73.0, 72.0]
+    summary = summarize(_records(), KEYS, BASE, reference=_reference(reference))
+    primary = summary.primary_row
+    finals = [75.0, 76.5, 75.0]
+    expected = welch_difference(finals, reference, 0.90)
+    gain = primary.gains["HamJEPA"]
+    assert (gain.mean, gain.low, gain.high) == pytest.approx((expected.mean, expected.low, expected.high))
+    assert gain.mean == pytest.approx(sum(finals) / 3 - sum(reference) / 10) and gain.above_zero
+    assert not primary.gains["SIGReg"].above_zero  # 73.5 against 73.05: not resolved above the reference
+    assert primary.verdict.endswith("SIGReg's gain over initialisation not resolved")
+    text = to_markdown(summary)
+    assert "the mean of 10 encoders at initialisation" in text and "90% Welch interval" in text
+    plain = to_markdown(summarize(_records(), KEYS, BASE))
+    assert "no initialisation reference" in plain and "Welch" not in plain
+
+
+def test_a_reference_that_lacks_a_method_or_a_metric_falls_back_to_the_runs_own_initialisation():
+    summary = summarize(_records(), KEYS, BASE, reference=_reference([60.0, 61.0], methods=("hamjepa",)))
+    row = summary.primary_row
+    assert row.gains["HamJEPA"].mean == pytest.approx(75.5 - 60.5)  # against the reference
+    assert row.gains["SIGReg"].mean == pytest.approx(3.5)  # against its runs' own epoch 0 (73.5 - 70.0)

@@ -90,13 +90,14 @@ def test_smoke_study_logs_parent_children_metrics_and_summary(ray_cluster, tmp_p
 
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     parent_id = parents[0].info.run_id
-    assert len(children) == 6  # 2 HamJEPA search trials, then 2 paired seeds each of HamJEPA and SIGReg
+    # 2 HamJEPA search trials, then 2 paired seeds each of HamJEPA and SIGReg, then the initialisation reference
+    assert len(children) == 7
     assert all(c.data.tags["mlflow.parentRunId"] == parent_id for c in children)
     assert all(c.info.status in ("FINISHED", "FAILED") for c in children)
     by_phase = {}
     for child in children:
         by_phase.setdefault(child.data.tags["hamjepa.phase"], []).append(child)
-    assert {phase: len(runs) for phase, runs in by_phase.items()} == {"search": 2, "compare": 4}
+    assert {phase: len(runs) for phase, runs in by_phase.items()} == {"search": 2, "compare": 4, "reference": 1}
     by_phase["confirm"] = [c for c in by_phase["compare"] if c.data.tags["hamjepa.method"] == "hamjepa"]
     by_phase["baseline"] = [c for c in by_phase["compare"] if c.data.tags["hamjepa.method"] == "sigreg"]
     # the search ran on the base seed; the comparison on fresh seeds, the same for both methods
@@ -109,8 +110,10 @@ def test_smoke_study_logs_parent_children_metrics_and_summary(ray_cluster, tmp_p
     for child in by_phase["search"]:
         for key in SEARCH_SPACE:
             assert key in child.data.params, key
-        assert [m.step for m in client.get_metric_history(child.info.run_id, "val_knn20_top1")][0] == 0
-    for child in children:  # every run measured its encoder at initialisation (epoch 0)
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "val_knn20_top1")] == [0, 1, 2]
+    for child in by_phase["compare"]:  # nothing selects on a compared run: its objective at the start and the end
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "val_knn20_top1")] == [0, 2]
+    for child in by_phase["search"] + by_phase["compare"]:  # every run measured its encoder at initialisation
         assert "init/test_knn20_top1" in child.data.metrics and "init/val_knn20_top1" in child.data.metrics
     # the paper's defaults were the first point
     defaults = [c for c in by_phase["search"]
@@ -141,6 +144,13 @@ def test_smoke_study_logs_parent_children_metrics_and_summary(ray_cluster, tmp_p
     assert summary_csv.splitlines()[0].startswith(
         "metric,label,role,n,hamjepa_mean,hamjepa_std,sigreg_mean,sigreg_std,delta,delta_ci_low,delta_ci_high")
     _check_decision_rule(summary_md, summary_csv, parents[0])
+    # learning is judged against 3 untrained encoders (smoke), logged as one run, one step per encoder
+    reference = by_phase["reference"][0]
+    assert reference.info.status == "FINISHED" and reference.data.params["reference.n"] == "3"
+    initial = [m.value for m in client.get_metric_history(reference.info.run_id, "hamjepa/test_knn20_top1")]
+    assert len(initial) == 3 and len(client.get_metric_history(reference.info.run_id, "sigreg/test_knn20_top1")) == 3
+    assert row.gains["HamJEPA"].mean == pytest.approx(row.hamjepa.mean - sum(initial) / 3)
+    assert "the mean of 3 encoders at initialisation" in summary_md
     parent_metrics = client.get_run(parent_id).data.metrics
     assert parent_metrics["delta_test_knn20_top1"] == pytest.approx(row.delta.mean)
     assert parent_metrics["delta_test_knn20_top1_ci_low"] == pytest.approx(row.delta.low)
@@ -177,7 +187,8 @@ def test_smoke_study_logs_parent_children_metrics_and_summary(ray_cluster, tmp_p
 
 def test_the_configured_k_names_the_objective_end_to_end(ray_cluster, tmp_path, capsys, monkeypatch):
     captured = _capture_result(monkeypatch)
-    args = _args(tmp_path, ray_cluster, "--set", "eval.knn_k=10", "--num-samples", "1", "--seeds", "1")
+    args = _args(tmp_path, ray_cluster, "--set", "eval.knn_k=10", "--num-samples", "1", "--seeds", "1",
+                 "--reference", "0")
     assert study_main("knn10", {"predictor.dt": tune.loguniform(0.01, 0.2)}, args) == 0
     client, parents, children = _runs(f"sqlite:///{tmp_path}/mlflow.db", "hamjepa-knn10")
     assert len(children) == 3 and all(c.data.tags["hamjepa.status"] == "finished" for c in children)
@@ -196,7 +207,7 @@ def test_a_tuned_baseline_gets_its_own_search_and_its_selection_is_compared(ray_
     """--tune-baseline: SIGReg's own search (same budget, scheduler and selection), and the comparison trains each
     method's selected configuration on the paired seeds."""
     captured = _capture_result(monkeypatch)
-    args = _args(tmp_path, ray_cluster, "--tune-baseline", "--seeds", "1")
+    args = _args(tmp_path, ray_cluster, "--tune-baseline", "--seeds", "1", "--reference", "0")
     assert study_main("tuned", {"predictor.dt": tune.loguniform(0.01, 0.2)}, args) == 0
     client, parents, children = _runs(f"sqlite:///{tmp_path}/mlflow.db", "hamjepa-tuned")
     by_phase = {}
@@ -281,7 +292,9 @@ def test_a_stopped_study_resumes_exactly_once_per_run(ray_cluster, tmp_path, pha
     _, after, children = _runs(uri)
     assert [p.info.run_id for p in after] == [parents[0].info.run_id] and after[0].info.status == "FINISHED"
     keys = [c.data.tags["hamjepa.key"] for c in children]
-    assert len(keys) == len(set(keys)) == 4  # one MLflow run per trial: the cut one continued, not duplicated
+    # one MLflow run per trial (the cut one continued, not duplicated), and one initialisation reference
+    assert len(keys) == len(set(keys)) == 5
+    assert [c.data.tags["hamjepa.phase"] for c in children].count("reference") == 1
     assert {c.info.run_id for c in left} <= {c.info.run_id for c in children}
     assert all(c.info.status == "FINISHED" for c in children)
     compare = sorted(c.data.tags["hamjepa.trial_id"] for c in children if c.data.tags["hamjepa.phase"] == "compare")

@@ -45,7 +45,9 @@ def test_compare_cells_pair_every_arm_on_every_fresh_seed_and_are_named_by_metho
         ("hamjepa", 1), ("sigreg", 1), ("mlp", 1), ("hamjepa", 2), ("sigreg", 2), ("mlp", 2)]
     assert [run_key({CELL: c}, "ignored") for c in cells[:2]] == ["hamjepa-seed1", "sigreg-seed1"]
     assert run_key({"predictor.dt": 0.1}, "a1b2c3d4") == "a1b2c3d4"  # a search trial keeps Tune's id
-    assert flat_overrides({CELL: cells[2]}) == {"predictor.dt": 0.1, "method": "mlp", "seed": 1}
+    assert flat_overrides({CELL: cells[2]}) == {"predictor.dt": 0.1, "method": "mlp", "seed": 1,
+                                                "eval.objective_every_epoch": False}  # nothing selects on it
+    assert flat_overrides({"predictor.dt": 0.1}) == {"predictor.dt": 0.1}
     assert [c[ARM] for c in comparison_cells(settings, None)] == [{"method": "sigreg"}] * 2  # nothing selected
 
 

@@ -7,7 +7,7 @@ import torch
 from hamjepa import names
 from hamjepa.config import SMOKE_OVERRIDES, profile
 from hamjepa.data.feeds import LoaderFeed, ResidentFeed
-from hamjepa.train.loop import _restore, _training_state, build_worker, train_one_epoch
+from hamjepa.train.loop import _evaluate_epoch, _restore, _training_state, build_worker, train_one_epoch
 
 
 def _cfg(placement, **overrides):
@@ -58,3 +58,21 @@ def test_channels_last_trains_the_same_model():
     # An epoch of steps compounds the convolutions' reordered sums (1.1e-4 relative seen on one seed's streams);
     # another seed moves this loss by percents.
     assert _losses(worker, (1,)) == pytest.approx(plain, rel=1e-3)
+
+
+@pytest.mark.parametrize("every_epoch", [True, False])
+def test_a_compared_run_measures_its_objective_only_at_the_end(every_epoch):
+    """eval.objective_every_epoch=False (the compare phase: nothing selects on it) skips the objective after the
+    epochs before the last, and measures it after the last exactly as a search trial does (there from the final
+    readouts' features)."""
+    cfg = _cfg("device", **{"eval.objective_every_epoch": every_epoch, "eval.probe_epochs": 1})
+    worker = build_worker(cfg, 0, 1, "cpu")
+    outcome = train_one_epoch(worker, worker.model, 1)
+    objective = names.objective(cfg.eval.knn_k)
+    middle = _evaluate_epoch(worker.model, outcome.last_views, worker.splits, cfg, worker.device, final=False)
+    assert (objective in middle) is every_epoch
+    assert {k for k in middle if k != objective} and all(k.startswith(names.STATE) for k in middle if k != objective)
+    last = _evaluate_epoch(worker.model, outcome.last_views, worker.splits, cfg, worker.device, final=True)
+    assert 0 <= last[objective] <= 100 and names.accuracy("test", names.knn(cfg.eval.knn_k)) in last
+    if every_epoch:  # the same encoder, the same yardstick (features batched otherwise: a tie may flip one image)
+        assert abs(middle[objective] - last[objective]) <= 100 / len(worker.splits.val)

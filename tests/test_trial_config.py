@@ -21,6 +21,8 @@ def test_a_compare_cell_sets_its_arm_and_its_seed():
     base = profile("quick")
     cfg = config_of_trial(base, {CELL: {"arm": {"method": "sigreg"}, "seed": 7}})
     assert (cfg.method, cfg.seed, cfg.predictor) == ("sigreg", 7, base.predictor)
+    # the compare phase measures its objective at the start and the end only; a search trial after every epoch
+    assert not cfg.eval.objective_every_epoch and config_of_trial(base, {}).eval.objective_every_epoch
 
 
 def test_a_bad_trial_value_is_refused_by_the_config():

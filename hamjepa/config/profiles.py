@@ -66,8 +66,8 @@ GPU_PROFILES = ("cifar100", "imagenet100")
 
 # --smoke-test: on top of any profile, the smallest run that still exercises every code path (CI).
 SMOKE_OVERRIDES: dict[str, Any] = {
-    "data.subset": 720, "data.val_size": 400, "data.num_workers": 0, "encoder.width": 0.125, "optim.batch_size": 64,
-    "optim.epochs": 2, "optim.warmup_epochs": 1, "predictor.residual_scale_warmup_epochs": 1,
+    "data.subset": 720, "data.val_size": 400, "data.test_limit": 1000, "data.num_workers": 0, "encoder.width": 0.125,
+    "optim.batch_size": 64, "optim.epochs": 2, "optim.warmup_epochs": 1, "predictor.residual_scale_warmup_epochs": 1,
     "eval.probe_epochs": 3, "eval.knn_train_limit": 400, "eval.spectrum_samples": 400,
 }
 

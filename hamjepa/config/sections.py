@@ -174,6 +174,9 @@ class DataConfig(_Section):
     # Images held out from the training set (stratified, before the subset is drawn) to select on: 5,000 keep the
     # objective's binomial standard error <= 0.71 points (at 50% accuracy; 0.57 at 80%). 0 = none (fixed runs).
     val_size: int = 5000
+    # Evaluate at most this many test images (stratified, seeded); 0 = the whole test split, as every study and the
+    # paper do. It makes CI's smoke runs cheaper; accuracies on part of the test split compare with nothing else.
+    test_limit: int = 0
     num_workers: int = 2  # DataLoader worker processes per training worker (loader placement, image folders)
     seed: int = 0  # subset and split seed (independent of the training seed, so splits stay fixed)
     # Where the two-view augmentation runs: "device" = in the training loop on the training device (in-memory
@@ -185,7 +188,7 @@ class DataConfig(_Section):
         self._one_of("dataset", DATASETS)
         self._one_of("augment_on", AUGMENT_PLACEMENTS)
         self._require("image_size", self.image_size >= 8, "must be an integer >= 8 (pixels)")
-        self._non_negative("subset", "num_workers")
+        self._non_negative("subset", "num_workers", "test_limit")
         self._non_negative("val_size")
         self._require("seed", 0 <= self.seed <= MAX_SEED, f"must be an integer in [0, {MAX_SEED}]")
 
@@ -236,6 +239,9 @@ class EvalConfig(_Section):
     section: ClassVar[str] = "eval"
     knn_k: int = 20  # neighbours that vote in kNN@k (the objective is val kNN@k)
     knn_train_limit: int = 5000  # per-epoch validation kNN uses at most this many training images
+    # The objective after every epoch (what ASHA and the search read); False: at initialisation and after the last
+    # epoch only, for runs nothing selects on (the compare phase sets it), which saves most of their evaluation.
+    objective_every_epoch: bool = True
     probe_epochs: int = 50  # epochs of the linear probe over the training split's features
     probe_lr: float = 1e-3  # AdamW's learning rate of the probe at its first step, cosine-decayed to 0 per step
     probe_weight_decay: float = 1e-6  # AdamW's decoupled weight decay of the probe

@@ -117,6 +117,8 @@ def load_splits(cfg: DataConfig, channels: int, root: str | None = None) -> Spli
                           f"(data.val_size), so at most {len(train) - cfg.val_size} can train.")
     train_idx, val_idx = split_indices(train.labels, cfg.subset, cfg.val_size, cfg.seed)
     val, train = train.subset(val_idx), train.subset(train_idx)
+    if 0 < cfg.test_limit < len(test):
+        test = test.subset(stratified_indices(test.labels, cfg.test_limit, torch.Generator().manual_seed(cfg.seed)))
     if cfg.dataset in KNOWN_STATS:
         mean, std = KNOWN_STATS[cfg.dataset]
     elif train.images is not None:

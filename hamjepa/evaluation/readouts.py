@@ -3,7 +3,8 @@
 Which readouts a method is judged on, and every metric's name, live in names.py.
 Per epoch: the objective `val_knn{k}_top1` against a bounded, seeded subset of the training split (cheap
 enough for every epoch, and a fixed yardstick for ASHA). At the end (and at initialisation, epoch 0): kNN
-and linear probe on validation and test against the whole training split, per readout, and spectra.
+and linear probe on validation and test against the whole training split, per readout, and spectra; the
+objective again, from those features (one feature pass per split, where it once took two).
 """
 
 from __future__ import annotations
@@ -23,16 +24,25 @@ def _features(model, images, splits: Splits, cfg: Config, device) -> dict[str, t
     return extract_features(model.encoder, source, splits.normalise(), cfg.eval.batch_size, device)
 
 
+def _reference(splits: Splits, cfg: Config) -> torch.Tensor:
+    """Indices of the objective's bounded, seeded reference set in the training split."""
+    generator = torch.Generator().manual_seed(cfg.data.seed)
+    return torch.randperm(len(splits.train), generator=generator)[:min(cfg.eval.knn_train_limit, len(splits.train))]
+
+
+def _objective(train_z: torch.Tensor, val_z: torch.Tensor, splits: Splits, cfg: Config) -> float:
+    """kNN top-1 (percent) of validation features against reference-set features (in `_reference`'s order)."""
+    labels = splits.train.labels[_reference(splits, cfg)]
+    return 100.0 * knn_top1(train_z, labels, val_z, splits.val.labels, k=min(cfg.eval.knn_k, len(labels)))
+
+
 def validation_knn(model, splits: Splits, cfg: Config, device) -> float:
     """Per-epoch kNN top-1 (percent) of the default readout: validation split (not empty) vs a bounded training
     subset."""
-    generator = torch.Generator().manual_seed(cfg.data.seed)
-    limit = min(cfg.eval.knn_train_limit, len(splits.train))
-    reference = splits.train.subset(torch.randperm(len(splits.train), generator=generator)[:limit])
     name = default_readout(cfg.method)
-    train_z = _features(model, reference, splits, cfg, device)[name]
-    val_z = _features(model, splits.val, splits, cfg, device)[name]
-    return 100.0 * knn_top1(train_z, reference.labels, val_z, splits.val.labels, k=min(cfg.eval.knn_k, limit))
+    reference = splits.train.subset(_reference(splits, cfg))
+    return _objective(_features(model, reference, splits, cfg, device)[name],
+                      _features(model, splits.val, splits, cfg, device)[name], splits, cfg)
 
 
 def held_out_states(model, splits: Splits, cfg: Config, device, limit: int = 512) -> torch.Tensor:
@@ -43,13 +53,28 @@ def held_out_states(model, splits: Splits, cfg: Config, device, limit: int = 512
     return _features(model, chosen, splits, cfg, device)["qp"]
 
 
+def split_features(model, splits: Splits, cfg: Config, device) -> dict[str, dict[str, torch.Tensor]]:
+    """Every readout of every image of the train, validation and test splits: split -> readout -> (N, D)."""
+    return {name: _features(model, getattr(splits, name), splits, cfg, device) for name in ("train", "val", "test")}
+
+
 def final_metrics(model, splits: Splits, cfg: Config, device) -> dict[str, float]:
-    """kNN and linear probe (percent) on validation and test for every readout, plus spectra."""
+    """kNN and linear probe (percent) on validation and test for every readout, plus spectra, and the objective
+    (when there is a validation split) from the same features: one feature pass per split."""
+    return metrics_of_features(split_features(model, splits, cfg, device), splits, cfg, cfg.method, device)
+
+
+def metrics_of_features(z: dict[str, dict[str, torch.Tensor]], splits: Splits, cfg: Config, method: str,
+                        device) -> dict[str, float]:
+    """`final_metrics` of features already extracted (`split_features`), read as `method` reads them (its
+    readouts and default readout): one feature pass serves several methods (the initialisation reference)."""
     k = cfg.eval.knn_k
-    z = {name: _features(model, getattr(splits, name), splits, cfg, device) for name in ("train", "val", "test")}
     labels = {name: getattr(splits, name).labels for name in ("train", "val", "test")}
     metrics: dict[str, float] = {}
-    for r in readouts(cfg.method):
+    if len(splits.val):  # the objective from the same features (its reference set is part of the training split)
+        name = default_readout(method)
+        metrics[objective(k)] = _objective(z["train"][name][_reference(splits, cfg)], z["val"][name], splits, cfg)
+    for r in readouts(method):
         x = {name: features[r] for name, features in z.items()}
         for split in ("val", "test"):
             if len(x[split]):
@@ -63,7 +88,7 @@ def final_metrics(model, splits: Splits, cfg: Config, device) -> dict[str, float
         spectra = spectrum(x["train"], cfg.eval.spectrum_top, cfg.eval.spectrum_samples, seed=cfg.seed)
         metrics[f"effective_rank_{r}"] = spectra["effective_rank"]
         metrics[f"participation_ratio_{r}"] = spectra["participation_ratio"]
-    return with_default_readout(metrics, cfg.method, k)
+    return with_default_readout(metrics, method, k)
 
 
 def with_default_readout(metrics: dict[str, float], method: str, k: int) -> dict[str, float]:

@@ -63,7 +63,7 @@ class Estimate:
         return f"{fmt.format(self.mean)} [{fmt.format(self.low)}, {fmt.format(self.high)}]"
 
 
-def t_quantile(probability: float, dof: int) -> float:
+def t_quantile(probability: float, dof: float) -> float:
     from scipy.stats import t
 
     return float(t.ppf(probability, dof))
@@ -126,6 +126,27 @@ def seeds_to_resolve(difference: float, std: float, confidence: float = CONFIDEN
         if min_detectable_difference(std, n, confidence, power) <= abs(difference):
             return n
     return MAX_SEEDS_TO_RESOLVE + 1
+
+
+def welch_difference(a: Sequence[float], b: Sequence[float], confidence: float = CONFIDENCE) -> Estimate:
+    """mean(a) - mean(b) of two independent samples with Welch's t-interval (Welch-Satterthwaite degrees of
+    freedom; no equal-variance assumption), over their finite values. `n` is a's size; no interval unless both
+    samples have >= 2 values; `std` is the difference's standard error. With no spread on either side the interval
+    is the difference itself."""
+    a = [float(v) for v in a if math.isfinite(float(v))]
+    b = [float(v) for v in b if math.isfinite(float(v))]
+    if not a or not b:
+        return Estimate(len(a), math.nan, math.nan, math.nan, math.nan)
+    difference = math.fsum(a) / len(a) - math.fsum(b) / len(b)
+    if len(a) < 2 or len(b) < 2:
+        return Estimate(len(a), difference, math.nan, math.nan, math.nan)
+    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+    se = math.sqrt(va + vb)
+    if se == 0:
+        return Estimate(len(a), difference, 0.0, difference, difference)
+    dof = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    half = t_quantile(0.5 + confidence / 2, dof) * se
+    return Estimate(len(a), difference, se, difference - half, difference + half)
 
 
 def paired_differences(a: Sequence[float], b: Sequence[float]) -> list[float]:

@@ -9,8 +9,9 @@ The decision rule (docs/method.md §10 "The decision rule", report/paired.py): t
 before the study (`--primary`, default test kNN@k), is the only row with a verdict word, from its paired
 interval; the other test rows are secondary (Holm-adjusted p-values, no verdict word); the validation rows are
 the selection split (no verdict, no p-value). Every row states the smallest difference the design detects.
-Learning qualifies the verdict, it does not gate it: each method's gain over its own initialisation is stated
-beside it. The summary's first lines say how the methods were tuned and which runs did not finish.
+Learning qualifies the verdict, it does not gate it: each method's gain over the initialisation reference
+(report/reference.py; without one, over each run's own epoch 0) is stated beside it. The summary's first lines
+say how the methods were tuned and which runs did not finish.
 
 The theory section is report/theory.py.
 """
@@ -18,7 +19,7 @@ The theory section is report/theory.py.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +41,7 @@ from hamjepa.report.paired import (
     primary_verdict,
     seeds_to_resolve,
 )
+from hamjepa.report.reference import GAIN_CONFIDENCE, gain_over_reference, reference_size
 from hamjepa.report.tables import csv_number, csv_text, markdown_table
 from hamjepa.report.theory import Correlation, TheoryRow, gap_accuracy_correlation, theory_rows
 from hamjepa.report.theory import markdown as theory_markdown
@@ -142,6 +144,7 @@ class StudySummary:
     looks: tuple[int, ...] = ()  # a sequential study's schedule of paired seeds (--seeds auto)
     tuned: str = ""  # how each method was tuned, stated first
     correlation: Correlation = field(default_factory=Correlation.unmeasured)  # theory gap vs accuracy, all runs
+    reference_n: int = 0  # encoders in the initialisation reference the gains are measured against (0: none)
 
     @property
     def primary_confidence(self) -> float:
@@ -188,9 +191,12 @@ def _estimate_metrics(name: str, value: Estimate) -> dict[str, float]:
 
 
 def summarize(records: Sequence[RunRecord], search_keys: Sequence[str], base: Config, primary: str = "",
-              tuned: str = "", looks: Sequence[int] = ()) -> StudySummary:
+              tuned: str = "", looks: Sequence[int] = (),
+              reference: Mapping[str, Mapping[str, list[float]]] | None = None) -> StudySummary:
     """The paired comparison from MLflow's records. `looks`: a sequential study's schedule (--seeds auto), whose
-    primary is judged at the per-look level that keeps the overall false-positive rate at 5%."""
+    primary is judged at the per-look level that keeps the overall false-positive rate at 5%. `reference`: the
+    initialisation reference (report/reference.py `load_reference`), against which each method's gain is
+    measured; without one, each run's own epoch 0 is."""
     objective = names.objective(base.eval.knn_k)
     primary = primary or names.default_primary(base.eval.knn_k)
     search = [r for r in records if r.phase == "search"]
@@ -200,11 +206,13 @@ def summarize(records: Sequence[RunRecord], search_keys: Sequence[str], base: Co
     counts = _counts(search)
     not_compared = [r for r in paired if not r.complete]
     summary = StudySummary(base, select_trial(records, objective), arms, list(search_keys), counts, not_compared,
-                           primary=primary, tuned=tuned, looks=tuple(looks))
+                           primary=primary, tuned=tuned, looks=tuple(looks), reference_n=reference_size(reference))
     hamjepa, sigreg, mlp = arms[HAMJEPA], arms[BASELINE], arms[ABLATION]
     for label, metric in names.comparison_metrics(base.eval.knn_k):
         seeds, h, g = _paired(hamjepa, sigreg, metric)
-        gains = {side: _gain(runs, seeds, metric) for side, runs in ((HAMJEPA, hamjepa), (BASELINE, sigreg))}
+        gains = {side: _gain(runs, seeds, metric, (reference or {}).get(method, {}).get(metric))
+                 for side, method, runs in ((HAMJEPA, Method.HAMJEPA.value, hamjepa),
+                                            (BASELINE, methods.BASELINE.value, sigreg))}
         ablation = estimate([r.metrics[metric] for r in mlp.values() if metric in r.metrics]) if mlp else None
         role = PRIMARY if metric == primary else SELECTION if metric.startswith("val_") else SECONDARY
         confidence = summary.primary_confidence if role == PRIMARY else CONFIDENCE
@@ -249,8 +257,12 @@ def _paired(first: dict[int, RunRecord], second: dict[int, RunRecord],
     return seeds, [first[s].metrics[metric] for s in seeds], [second[s].metrics[metric] for s in seeds]
 
 
-def _gain(runs: dict[int, RunRecord], seeds: Sequence[int], metric: str) -> Estimate:
-    """Final minus initialisation (epoch 0) of `metric`, per seed, over the seeds that have both."""
+def _gain(runs: dict[int, RunRecord], seeds: Sequence[int], metric: str,
+          reference: Sequence[float] | None) -> Estimate:
+    """What the runs of `seeds` learned on `metric`: their final mean minus the initialisation reference's (Welch),
+    else, with no reference, final minus the same run's epoch 0, per seed, over the seeds that have both."""
+    if reference:
+        return gain_over_reference([runs[s].metrics[metric] for s in seeds], reference)
     initial = names.init(metric)
     return estimate([runs[s].metrics[metric] - runs[s].metrics[initial] for s in seeds if initial in runs[s].metrics])
 
@@ -280,8 +292,8 @@ def to_markdown(summary: StudySummary) -> str:
              f"Paired comparison on seeds {', '.join(map(str, seeds)) or '(none)'} (n = {len(seeds)}): fresh "
              "seeds, not the search's; each seed gives both methods the same data split, sample order, augmentation "
              f"stream and encoder initialisation. Cells: mean +/- std over seeds; [{CONFIDENCE:.0%} Student-t "
-             "interval over the paired differences]. Gain = final minus the same run's readout at initialisation "
-             f"(epoch 0). Detectable = the smallest difference this design detects at {POWER:.0%} power. Secondary "
+             f"interval over the paired differences]. {_gain_legend(summary)} Detectable = the smallest difference "
+             f"this design detects at {POWER:.0%} power. Secondary "
              "rows: two-sided paired t-test p-values, Holm-adjusted over the secondaries; the selection split is the "
              "one the search chose on.",
              ""]
@@ -307,6 +319,15 @@ def to_markdown(summary: StudySummary) -> str:
         lines += _search_lines(BASELINE, summary.baseline_counts, summary.baseline_selected, keys, k)
     lines += summary.notes
     return "\n".join(lines) + "\n"
+
+
+def _gain_legend(summary: StudySummary) -> str:
+    if summary.reference_n:
+        return (f"Gain = final mean minus the mean of {summary.reference_n} encoders at initialisation (seeds no run "
+                f"trains on, evaluated alike) [{GAIN_CONFIDENCE:.0%} Welch interval: learned when its lower end is "
+                "above 0, one-sided at 5%].")
+    return ("Gain = final minus the same run's readout at initialisation (epoch 0) [95% paired interval]; this study "
+            "has no initialisation reference.")
 
 
 def _search_lines(label: str, c: dict[str, int], selected: RunRecord | None, keys: Sequence[str], k: int) -> list[str]:

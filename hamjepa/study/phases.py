@@ -31,7 +31,7 @@ def cluster_capacity() -> dict[str, float]:
     return {key: max(now.get(key, 0.0), most.get(key, 0.0)) for key in {*now, *most}}
 
 
-def _cluster_concurrency(settings: StudySettings) -> int:
+def cluster_concurrency(settings: StudySettings) -> int:
     """How many trials fit at once: workers' CPUs (and GPUs) against the cluster's capacity."""
     total = cluster_capacity()
     if DRIVER_RESOURCE not in total:
@@ -78,7 +78,7 @@ def run_phase(settings: StudySettings, phase: str, param_space: dict[str, Any], 
             tune_config=tune.TuneConfig(metric=settings.objective if search_alg or scheduler else None,
                                         mode="max" if search_alg or scheduler else None, num_samples=num_samples,
                                         search_alg=search_alg, scheduler=scheduler,
-                                        max_concurrent_trials=_cluster_concurrency(settings)),
+                                        max_concurrent_trials=cluster_concurrency(settings)),
             run_config=tune.RunConfig(name=tune_name, storage_path=study_dir, callbacks=[callback],
                                       failure_config=tune.FailureConfig(max_failures=0),
                                       **_console(settings, param_space)),

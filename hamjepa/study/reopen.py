@@ -22,6 +22,7 @@ from hamjepa.config import Config, build_config
 from hamjepa.errors import UserError
 from hamjepa.methods import ABLATIONS
 from hamjepa.redact import mask_uri
+from hamjepa.report.reference import load_reference
 from hamjepa.report.sequential import looks
 from hamjepa.report.summary import (
     BASELINE_SEARCH,
@@ -270,7 +271,8 @@ def reopen(client: MlflowClient, study: StudyRun) -> Reopened:
              if "study.num_samples" in study.params else "")
     sequential = study.params.get("study.sequential") == "True"
     schedule = looks(int(study.params.get("study.seeds", 2))) if sequential else ()
-    summary = summarize(records, keys, base, study.params.get("study.primary", ""), tuned, looks=schedule)
+    summary = summarize(records, keys, base, study.params.get("study.primary", ""), tuned, looks=schedule,
+                        reference=load_reference(client, records, base))
     verdict = summary.primary_row.verdict if summary.primary_row else ""
     text = to_markdown(summary)
     return Reopened(study, records, text, verdict, search_gaps(study, records, base))

@@ -1,5 +1,5 @@
 """A search study from start to summary: search (Optuna over HamJEPA), select on validation, compare the selected
-configuration with SIGReg on fresh paired seeds, summarise from MLflow.
+configuration with SIGReg on fresh paired seeds, evaluate the initialisation reference, summarise from MLflow.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import Any
 from hamjepa.errors import UserError
 from hamjepa.report.summary import BASELINE_SEARCH, COMPARE, select_trial, summarize, typed_param
 from hamjepa.study.invocation import Invocation, StudyResult
+from hamjepa.study.reference import run_reference
 from hamjepa.study.search import FullTrialOptunaSearch, asha_scheduler, baseline_space, search_algorithm
 from hamjepa.study.settings import StudySettings, comparison_cells, validate_search_space
 
@@ -36,7 +37,8 @@ def run_study(settings: StudySettings, space: Mapping[str, Any],
                                "study.search_keys": ",".join(space), "study.ablation": settings.ablation,
                                "study.primary": settings.primary_metric,
                                "study.tune_baseline": settings.tune_baseline,
-                               "study.sequential": settings.sequential}) as study:
+                               "study.sequential": settings.sequential,
+                               "study.reference": settings.reference}) as study:
         searcher = search_algorithm(settings, space, study.study_id, initial_points)
         try:
             _search_then_compare(study, space, searcher)
@@ -64,6 +66,7 @@ def _search_then_compare(study: Invocation, space: Mapping[str, Any], searcher: 
     selected = _selected(records, settings, "search", space)
     tuned_baseline = _selected(records, settings, BASELINE_SEARCH, baseline_space()) if settings.tune_baseline else None
     _compare(study, space, selected, tuned_baseline)
+    run_reference(study)
 
 
 def _compare(study: Invocation, space: Mapping[str, Any], selected, tuned_baseline) -> None:
@@ -92,13 +95,15 @@ def _selected(records, settings: StudySettings, phase: str, space: Mapping[str, 
 def _summarise(study: Invocation, space: Mapping[str, Any]) -> StudyResult:
     """The study's summary (and, once complete, Optuna's views of the search) logged on the parent run."""
     from hamjepa.report import theory
+    from hamjepa.report.reference import load_reference
     from hamjepa.report.search_views import search_views
     from hamjepa.report.summary import summarize, to_csv, to_markdown
 
     settings = study.settings
     records = study.records()
     summary = summarize(records, list(space), settings.base, settings.primary_metric, settings.tuning,
-                        looks=settings.looks if settings.sequential else ())
+                        looks=settings.looks if settings.sequential else (),
+                        reference=load_reference(study.parent.client, records, settings.base))
     if not study.interrupted:
         # Optuna's own views of the search, and the search as an Optuna study file, rebuilt from MLflow.
         with tempfile.TemporaryDirectory() as folder:

@@ -38,6 +38,7 @@ class StudySettings:
     searches: bool = True  # False for fixed runs (reproduce_paper): no objective, so no validation split needed
     primary: str = ""  # the primary metric, declared before the study ("" = names.default_primary)
     tune_baseline: bool = False  # SIGReg gets its own search, with the same budget, scheduler and selection rule
+    reference: int = 10  # encoders evaluated at initialisation, the yardstick of "learned" (0 = none)
 
     def __post_init__(self) -> None:
         if self.num_samples < 1:
@@ -53,6 +54,9 @@ class StudySettings:
         if self.searches and self.base.data.val_size <= 0:
             raise ConfigError("config field 'data.val_size' = 0 is invalid for a study: the objective is measured on "
                               "the validation split, so it needs images (default 5000).")
+        if self.reference < 0 or self.reference == 1:
+            raise UserError(f"--reference = {self.reference} is invalid: must be 0 (no initialisation reference) or "
+                            ">= 2 (a spread to test against; default 10).")
         choices = names.primary_choices(self.base.eval.knn_k)
         if self.primary and self.primary not in choices:
             raise UserError(f"--primary = {self.primary!r} is invalid: must be one of {', '.join(choices)} (a test "
@@ -123,9 +127,12 @@ CELL, ARM = "cell", "arm"
 
 def flat_overrides(trial_config: Mapping[str, Any]) -> dict[str, Any]:
     """A Tune trial's config as dotted config overrides (a compare cell's arm and seed lifted to the top)."""
-    cell = trial_config.get(CELL, {})
+    cell = trial_config.get(CELL)
+    if cell is None:
+        return dict(trial_config)
     rest = {k: v for k, v in trial_config.items() if k != CELL}
-    return {**cell.get(ARM, {}), **({"seed": cell["seed"]} if "seed" in cell else {}), **rest}
+    # Nothing selects on a compared run: its objective is measured at initialisation and at the end only.
+    return {**cell[ARM], "seed": cell["seed"], "eval.objective_every_epoch": False, **rest}
 
 
 def config_of_trial(base: Config, tune_config: Mapping[str, Any]) -> Config:
