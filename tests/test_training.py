@@ -81,14 +81,18 @@ def test_training_beats_the_encoder_at_initialisation(ray_cluster, tmp_path, met
     A random ResNet is a strong kNN baseline on Fashion-MNIST (~74% here), and at the previous sizes (batch 64 or
     256, lr 1e-3) HamJEPA's kNN fell below it (docs/results.md, 3676109: how the quick profile was sized).
     """
-    # The test split and the probe are not what this test reads: a tenth of one, one epoch of the other.
-    cfg = profile("quick", {"method": method, "data.num_workers": 0, "data.test_limit": 1000, "eval.probe_epochs": 1})
+    # Training as much as the quick profile trains (4,500 images, 280 steps; the smaller hold-out draws another
+    # 4,500); what this test does not read is made cheap: 1,000 validation images (0.4x the evaluation per
+    # epoch), a tenth of the test split, one probe epoch.
+    cfg = profile("quick", {"method": method, "data.num_workers": 0, "data.val_size": 1000, "data.test_limit": 1000,
+                            "eval.probe_epochs": 1})
     torch.manual_seed(cfg.seed)
     initial = readouts.validation_knn(JEPAModel(cfg), load_splits(cfg.data, 1), cfg, "cpu")
     outcome, client = _run(tmp_path, cfg, f"learns-{method}")
     assert outcome.status == "finished"
-    # epoch 0 is the encoder the seed initialises, measured independently here
-    assert outcome.metrics["init/val_knn20_top1"] == pytest.approx(initial)
+    # epoch 0 is the encoder the seed initialises, measured independently here (features batched otherwise: a
+    # near-tie among neighbours may flip one image)
+    assert outcome.metrics["init/val_knn20_top1"] == pytest.approx(initial, abs=100 / cfg.data.val_size)
     assert outcome.metrics["val_knn20_top1"] > initial
     losses = [m.value for m in client.get_metric_history(outcome.run_id, "train/loss_pred")]
     assert losses[-1] < losses[0]
