@@ -42,7 +42,7 @@ from hamjepa.method.objectives import spectral_floor
 from hamjepa.method.predictors import HamiltonianPredictor
 from hamjepa.seeds import Stream, derive
 from hamjepa.train import checkpoints
-from hamjepa.train.divergence import divergence_reason, worst_case
+from hamjepa.train.divergence import check_interval, diverged_on_device, reason_of, watched_values, worst_case
 from hamjepa.train.optim import build_optimizer, build_scheduler
 from hamjepa.train.resources import (
     Resources,  # also the name Tune experiments pickled before resources.py find it under
@@ -290,7 +290,9 @@ def _run_epoch(worker: _Worker, net: nn.Module, epoch: int, resumed_from: int) -
                                **worker.placement, f"{names.TRAIN}lr": worker.scheduler.get_last_lr()[0],
                                names.IMAGES_PER_S: steps * cfg.optim.batch_size / elapsed,
                                names.DATA_WAIT_FRACTION: waited / elapsed}
-    metrics.update({f"{names.TRAIN}{k}": (v / steps).item() for k, v in sums.items()})
+    if sums:  # the epoch's averages, read from the device in one transfer
+        averages = (torch.stack([v.double() for v in sums.values()]) / steps).tolist()
+        metrics.update({f"{names.TRAIN}{k}": v for k, v in zip(sums, averages, strict=True)})
     final = epoch == cfg.optim.epochs
     pictures = {}
     if rank == 0:
@@ -343,13 +345,22 @@ def _train_epoch(net, model: JEPAModel, feed, optimizer, scheduler, cfg: Config,
     started = time.perf_counter()
     view_a = None
     batches = _Waiting(feed)
+    # No host sync inside a step: the divergence rule runs on the device, into a flag and the first bad step's
+    # values, and the host reads them every `every` steps and after the epoch's last (train/divergence.py).
+    every = check_interval(cfg.compute.divergence_check_every, iters_per_epoch * cfg.optim.epochs)
+    flag = first_bad = None
     for iteration, (view_a, view_b) in enumerate(batches):
         step = (epoch - 1) * iters_per_epoch + iteration
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_cuda):
             loss, stats = net(view_a, view_b, step)
-        reason = divergence_reason(loss.item(), {k: stats[k].item() for k in ("q_energy", "p_energy") if k in stats})
-        if reason is not None:  # every worker sees the same global loss, so all stop together
-            return EpochOutcome(sums, reason, time.perf_counter() - started, batches.seconds, view_a)
+        values = watched_values(loss, stats)
+        bad = diverged_on_device(values)
+        first_bad = values if first_bad is None else torch.where(flag, first_bad, values)
+        flag = bad if flag is None else flag | bad
+        if (iteration + 1) % every == 0 or iteration + 1 == iters_per_epoch:
+            if flag.item():  # every worker sees the same global loss, so all stop together
+                return EpochOutcome(sums, reason_of(first_bad), time.perf_counter() - started, batches.seconds,
+                                    view_a)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:  # the method's protocol: HamJEPA clipped, SIGReg not (docs/method.md §5)
