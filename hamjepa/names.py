@@ -40,6 +40,16 @@ WHERE = ("nodes", "device")  # strings: the run's Ray nodes and device (MLflow t
 DATA_DIGEST = "data_digest"  # SHA-256 of the dataset name and the train/val split indices
 DATA_SIZES = "data_sizes"  # "train N, val N, test N"
 DATA = (DATA_DIGEST, DATA_SIZES)
+# Where a run's time went, in seconds, cumulative over the run (a report's value is the total so far, so the last
+# report's is the run's): `time/<part>_s` for each part below (docs/design.md "MLflow layout").
+TIME = "time/"
+TIME_PARTS = ("startup", "train", "eval_init", "eval_objective", "eval_final", "theory", "checkpoint")
+
+
+def time_metric(part: str) -> str:
+    if part not in TIME_PARTS:
+        raise ValueError(f"time part {part!r} is unknown: must be one of {', '.join(TIME_PARTS)}.")
+    return f"{TIME}{part}_s"
 
 SPECTRA = ("effective_rank", "participation_ratio")
 # The theory check per readout (theory_<kind>_<readout>), all inside the range of the probe's curvature H0: the
@@ -120,7 +130,7 @@ def comparison_metrics(k: int) -> list[tuple[str, str]]:
 def is_ours(name: str) -> bool:
     """Whether a key of a Tune result is one of our metrics (Tune adds bookkeeping keys MLflow needs not)."""
     prefixes = (EPOCH, TRAIN, STATE, INIT, "val_", "test_", DIVERGED, FAILED, RESUMED_FROM, *SPECTRA, *WHERE,
-                "theory_", *FLOW, *DATA)
+                "theory_", *FLOW, *DATA, TIME)
     return name.startswith(prefixes) or name.endswith("_reason")
 
 

@@ -151,6 +151,10 @@ def test_smoke_study_logs_parent_children_metrics_and_summary(ray_cluster, tmp_p
     assert len(initial) == 3 and len(client.get_metric_history(reference.info.run_id, "sigreg/test_knn20_top1")) == 3
     assert row.gains["HamJEPA"].mean == pytest.approx(row.hamjepa.mean - sum(initial) / 3)
     assert "the mean of 3 encoders at initialisation" in summary_md
+    # where the time went: the phases of this invocation, and the parts of every run
+    assert "Wall time (this invocation): search " in summary_md and ", reference " in summary_md
+    assert "Inside the runs (" in summary_md and "training " in summary_md
+    assert parents[0].data.metrics["time/phase_compare_s"] > 0
     parent_metrics = client.get_run(parent_id).data.metrics
     assert parent_metrics["delta_test_knn20_top1"] == pytest.approx(row.delta.mean)
     assert parent_metrics["delta_test_knn20_top1_ci_low"] == pytest.approx(row.delta.low)

@@ -47,6 +47,12 @@ def test_two_worker_run_reports_every_metric_and_logs_to_mlflow(ray_cluster, tmp
                 "train/p_pr_per_dim", "train/q_eigmax_fraction", "train/images_per_s", "state/potential_var",
                 "state/q_logdet_per_dim"):
         assert [m.step for m in client.get_metric_history(outcome.run_id, key)] == [1, 2], key
+    # where the run's time went, cumulative per report: training grows epoch by epoch, the final evaluation and
+    # the theory check appear at the last epoch, start-up and the epoch-0 evaluation at epoch 0
+    train_s = [m.value for m in client.get_metric_history(outcome.run_id, "time/train_s")]
+    assert len(train_s) == 3 and train_s[0] == 0.0 < train_s[1] < train_s[2]
+    for part in names.TIME_PARTS:
+        assert outcome.metrics[names.time_metric(part)] > 0.0, part
     # the objective's curve starts at the encoder's initialisation (epoch 0)
     assert [m.step for m in client.get_metric_history(outcome.run_id, "val_knn20_top1")] == [0, 1, 2]
     assert client.get_metric_history(outcome.run_id, "init/test_knn20_top1")[0].step == 0

@@ -38,36 +38,58 @@ def local_statistics():
         _local_only.active = previous
 
 
-class _AllReduceSum(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
-        out = tensor.clone()
-        dist.all_reduce(out, op=dist.ReduceOp.SUM)
-        return out
+class _AllReduceSums(torch.autograd.Function):
+    """Several tensors summed over workers in ONE collective: flattened, concatenated, reduced, split back. Its
+    backward reduces the incoming gradients in one collective too."""
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        return grad
+    def forward(ctx, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        ctx.shapes = [t.shape for t in tensors]
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        return _split(flat, ctx.shapes)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        return _split(flat, ctx.shapes)
+
+
+def _split(flat: torch.Tensor, shapes) -> tuple[torch.Tensor, ...]:
+    sizes = [torch.Size(shape).numel() for shape in shapes]
+    return tuple(part.reshape(shape) for part, shape in zip(flat.split(sizes), shapes, strict=True))
+
+
+def all_reduce_sums(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The sums over all workers of `tensors` (one dtype), in one collective; the tensors themselves in a single
+    process. Differentiable. The objectives call it once per dependency level of their statistics."""
+    if not is_distributed():
+        return tensors
+    if len({t.dtype for t in tensors}) > 1:
+        raise TypeError(f"all_reduce_sums needs one dtype, got {sorted(str(t.dtype) for t in tensors)}.")
+    return _AllReduceSums.apply(*tensors)
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum of `tensor` over all workers (identity in a single process); differentiable."""
-    if not is_distributed():
-        return tensor
-    return _AllReduceSum.apply(tensor)
+    return all_reduce_sums(tensor)[0]
 
 
-def global_count(n: int, device: torch.device) -> int:
-    """Number of samples in the global batch, given this worker's n."""
-    if not is_distributed():
-        return n
-    count = torch.tensor([float(n)], device=device, dtype=torch.float64)
-    dist.all_reduce(count)
-    return int(count.item())
+def world_size() -> int:
+    """Workers whose samples make the global batch (1 in a single process or inside `local_statistics`)."""
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def global_count(n: int) -> int:
+    """Samples in the global batch, given this worker's n: n x the world size, with no collective and no host sync.
+
+    Every worker holds the same number of samples per step: the global batch divides evenly among the workers
+    (Resources.check_batch) and the sampler drops the last incomplete batch (data/feeds.py).
+    """
+    return n * world_size()
 
 
 def global_mean(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
-    """Mean over `dim` across the global batch: all-reduced sum / all-reduced count."""
-    return all_reduce_sum(x.sum(dim)) / global_count(x.shape[dim], x.device)
+    """Mean over `dim` across the global batch: all-reduced sum / global count."""
+    return all_reduce_sum(x.sum(dim)) / global_count(x.shape[dim])

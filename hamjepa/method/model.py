@@ -55,7 +55,7 @@ class JEPAModel(nn.Module):
         direction = torch.cat([z.new_ones(n, 1), -z.new_ones(n, 1)])  # (2N, 1)
         pred = self.predictor(z, direction)
         # Any subset of orthonormal columns is orthonormal: k = min(128, d, 2B - 1) for the 2B pooled states.
-        k = min(self.projection_q.k, 2 * global_count(n, z.device) - 1)
+        k = min(self.projection_q.k, 2 * global_count(n) - 1)
         projection_q = self.projection_q(step, z.device)[:, :k]
         projection_p = self.projection_p(step, z.device)[:, :k]
         with torch.autocast(z.device.type, enabled=False):

@@ -29,6 +29,7 @@ from hamjepa import methods, names
 from hamjepa.config import Config
 from hamjepa.methods import METHODS, Method
 from hamjepa.names import RunState
+from hamjepa.report import timing
 from hamjepa.report.paired import (
     CONFIDENCE,
     POWER,
@@ -145,6 +146,8 @@ class StudySummary:
     tuned: str = ""  # how each method was tuned, stated first
     correlation: Correlation = field(default_factory=Correlation.unmeasured)  # theory gap vs accuracy, all runs
     reference_n: int = 0  # encoders in the initialisation reference the gains are measured against (0: none)
+    phase_seconds: dict[str, float] = field(default_factory=dict)  # wall time per phase, this invocation
+    run_seconds: dict[str, float] = field(default_factory=dict)  # seconds per part of a run, all runs summed
 
     @property
     def primary_confidence(self) -> float:
@@ -192,11 +195,13 @@ def _estimate_metrics(name: str, value: Estimate) -> dict[str, float]:
 
 def summarize(records: Sequence[RunRecord], search_keys: Sequence[str], base: Config, primary: str = "",
               tuned: str = "", looks: Sequence[int] = (),
-              reference: Mapping[str, Mapping[str, list[float]]] | None = None) -> StudySummary:
+              reference: Mapping[str, Mapping[str, list[float]]] | None = None,
+              phase_seconds: Mapping[str, float] | None = None) -> StudySummary:
     """The paired comparison from MLflow's records. `looks`: a sequential study's schedule (--seeds auto), whose
     primary is judged at the per-look level that keeps the overall false-positive rate at 5%. `reference`: the
     initialisation reference (report/reference.py `load_reference`), against which each method's gain is
-    measured; without one, each run's own epoch 0 is."""
+    measured; without one, each run's own epoch 0 is. `phase_seconds`: the phases' wall time, for the line on
+    where the time went."""
     objective = names.objective(base.eval.knn_k)
     primary = primary or names.default_primary(base.eval.knn_k)
     search = [r for r in records if r.phase == "search"]
@@ -206,7 +211,8 @@ def summarize(records: Sequence[RunRecord], search_keys: Sequence[str], base: Co
     counts = _counts(search)
     not_compared = [r for r in paired if not r.complete]
     summary = StudySummary(base, select_trial(records, objective), arms, list(search_keys), counts, not_compared,
-                           primary=primary, tuned=tuned, looks=tuple(looks), reference_n=reference_size(reference))
+                           primary=primary, tuned=tuned, looks=tuple(looks), reference_n=reference_size(reference),
+                           phase_seconds=dict(phase_seconds or {}), run_seconds=timing.run_parts(records))
     hamjepa, sigreg, mlp = arms[HAMJEPA], arms[BASELINE], arms[ABLATION]
     for label, metric in names.comparison_metrics(base.eval.knn_k):
         seeds, h, g = _paired(hamjepa, sigreg, metric)
@@ -311,7 +317,8 @@ def to_markdown(summary: StudySummary) -> str:
         rows.append(cells)
     lines += markdown_table(header + ([ABLATION] if with_ablation else []), rows)
     lines += ["", _overall(summary), *_design_line(summary), *_seeds_needed(summary), "",
-              *theory_markdown(summary.theory, summary.correlation), protocol_line(summary.base)]
+              *theory_markdown(summary.theory, summary.correlation), protocol_line(summary.base),
+              *timing.lines(summary.phase_seconds, summary.run_seconds)]
     lines += ["", *_search_lines(HAMJEPA, summary.counts, summary.selected, summary.search_keys, k)]
     if summary.baseline_counts:
         keys = sorted(key for key in (summary.baseline_selected.params if summary.baseline_selected else {})

@@ -142,6 +142,7 @@ class Invocation:
         self.parent.log_text(settings.base.to_yaml(), "base_config.yaml")
         self.parent.set_tags({STATUS_TAG: RunState.RUNNING.value})
         self.interrupted = False
+        self.phase_seconds: dict[str, float] = {}  # wall time per phase, this invocation (report/timing.py)
         if settings.resume:
             self._close_open_children("interrupted; continued by a resumed invocation where its trial is")
 
@@ -178,11 +179,14 @@ class Invocation:
             return
         settings = settings or self.settings
         print(f"\n[{self.study_id}] {name}: {describe_phase(name, param_space, expected, settings)}", flush=True)
+        started = time.perf_counter()
         try:
             run_phase(settings, name, param_space, self.folder, self.study_id, self.parent_id, **kwargs)
         except KeyboardInterrupt:
             self.interrupted = True
             return
+        finally:
+            self.phase_seconds[name] = self.phase_seconds.get(name, 0.0) + time.perf_counter() - started
         runs = [r for r in self.records() if r.phase == name]
         self.interrupted = (len(self.ended(name)) < expected
                             or any(r.run_status == "RUNNING" for r in runs))

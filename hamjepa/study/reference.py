@@ -10,6 +10,8 @@ then measured against each run's own epoch 0, and the summary says so).
 
 from __future__ import annotations
 
+import time
+
 from hamjepa import provenance
 from hamjepa.names import RunState
 from hamjepa.report.reference import COMPARED, REFERENCE, metric_key
@@ -38,6 +40,7 @@ already, or was interrupted."""
     logger.set_tags({STATUS_TAG: RunState.RUNNING.value})
     logger.log_params({"reference.n": len(seeds), "reference.seeds": ",".join(map(str, seeds)),
                        **settings.base.flatten()})
+    started = time.perf_counter()
     try:
         values = _evaluate(settings, seeds, tasks)
     except KeyboardInterrupt:
@@ -51,6 +54,8 @@ already, or was interrupted."""
         print(f"[{study.study_id}] {REFERENCE} failed ({first_line(error)}); gains are measured against each "
               "run's own epoch 0.", flush=True)
         return
+    finally:
+        study.phase_seconds[REFERENCE] = time.perf_counter() - started
     for step in range(len(seeds)):
         logger.log_metrics({metric_key(method, name): value for method in COMPARED
                             for name, value in values[method][step].items()}, step=step)

@@ -33,6 +33,7 @@ from hamjepa.report.summary import (
     summarize,
     to_markdown,
 )
+from hamjepa.report.timing import phases_from_metrics
 from hamjepa.tracking import REASON_TAG, ROLE_TAG
 
 STUDY_NAME_TAG = "hamjepa.study"  # the study script's name (energy_budget, reproduce_paper, ...)
@@ -271,8 +272,9 @@ def reopen(client: MlflowClient, study: StudyRun) -> Reopened:
              if "study.num_samples" in study.params else "")
     sequential = study.params.get("study.sequential") == "True"
     schedule = looks(int(study.params.get("study.seeds", 2))) if sequential else ()
+    phases = phases_from_metrics(client.get_run(study.run_id).data.metrics)
     summary = summarize(records, keys, base, study.params.get("study.primary", ""), tuned, looks=schedule,
-                        reference=load_reference(client, records, base))
+                        reference=load_reference(client, records, base), phase_seconds=phases)
     verdict = summary.primary_row.verdict if summary.primary_row else ""
     text = to_markdown(summary)
     return Reopened(study, records, text, verdict, search_gaps(study, records, base))

@@ -98,12 +98,14 @@ def _summarise(study: Invocation, space: Mapping[str, Any]) -> StudyResult:
     from hamjepa.report.reference import load_reference
     from hamjepa.report.search_views import search_views
     from hamjepa.report.summary import summarize, to_csv, to_markdown
+    from hamjepa.report.timing import phase_metric
 
     settings = study.settings
     records = study.records()
     summary = summarize(records, list(space), settings.base, settings.primary_metric, settings.tuning,
                         looks=settings.looks if settings.sequential else (),
-                        reference=load_reference(study.parent.client, records, settings.base))
+                        reference=load_reference(study.parent.client, records, settings.base),
+                        phase_seconds=study.phase_seconds)
     if not study.interrupted:
         # Optuna's own views of the search, and the search as an Optuna study file, rebuilt from MLflow.
         with tempfile.TemporaryDirectory() as folder:
@@ -113,6 +115,7 @@ def _summarise(study: Invocation, space: Mapping[str, Any]) -> StudyResult:
             for path in [*views.plots, *theory.plots(records, Path(folder))]:
                 study.parent.log_artifact(path, "plots")
         summary.notes = views.notes
-        study.parent.log_metrics(summary.parent_metrics(), step=0)
+        study.parent.log_metrics({**summary.parent_metrics(),
+                                  **{phase_metric(p): s for p, s in study.phase_seconds.items()}}, step=0)
     text = to_markdown(summary)
     return study.finish(summary, text, {"summary.md": text, "summary.csv": to_csv(summary)})

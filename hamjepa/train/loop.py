@@ -42,7 +42,7 @@ from hamjepa.method.objectives import spectral_floor
 from hamjepa.method.predictors import HamiltonianPredictor
 from hamjepa.seeds import Stream, derive
 from hamjepa.train import checkpoints
-from hamjepa.train.divergence import divergence_reason, worst_case
+from hamjepa.train.divergence import check_interval, diverged_on_device, reason_of, watched_values, worst_case
 from hamjepa.train.optim import build_optimizer, build_scheduler
 from hamjepa.train.resources import (
     Resources,  # also the name Tune experiments pickled before resources.py find it under
@@ -172,6 +172,11 @@ class _Worker:
     scheduler: Any
     placement: dict[str, str] = field(default_factory=dict)  # the Ray nodes and device it trains on (names.WHERE)
     history: list[dict[str, Any]] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(names.TIME_PARTS, 0.0))  # cumulative
+
+    def timings(self) -> dict[str, float]:
+        """The run's time so far, per part (names.TIME_PARTS), as report metrics."""
+        return {names.time_metric(part): seconds for part, seconds in self.seconds.items()}
 
     @property
     def iters_per_epoch(self) -> int:
@@ -179,17 +184,22 @@ class _Worker:
 
     def report(self, metrics: dict[str, Any], epoch: int, pictures: dict[str, bytes] | None = None) -> None:
         """Report an epoch (rank 0 with the checkpoint of the training state after it, and any pictures)."""
+        started = time.perf_counter()
         self.history.append(_plain(metrics))
         state = (_training_state(self.model, self.optimizer, self.scheduler, epoch, self.cfg, self.history,
                                  pictures) if self.rank == 0 else None)
         _report(self.rank, metrics, state)
+        # Shows in the next report: this one is already on its way.
+        self.seconds["checkpoint"] += time.perf_counter() - started
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """Ray Train entry point; loop_config = {"cfg": Config}."""
+    """Ray Train entry point; loop_config = {"cfg": Config, "started_at": the trial's start (time.time())}."""
     if os.environ.get(QUIET_WORKERS):
         logging.getLogger("ray.train").setLevel(logging.WARNING)
     worker = _set_up(loop_config["cfg"])
+    # Ray Train's start-up (controller, worker group), the data and the model, until the loop can start.
+    worker.seconds["startup"] = max(0.0, time.time() - loop_config.get("started_at", time.time()))
     last_epoch = _start_or_resume(worker)
     if last_epoch is None:  # a diverged run stays diverged when it is run again
         return
@@ -247,9 +257,11 @@ def _start_or_resume(worker: _Worker) -> int | None:
     if checkpoint is None:
         metrics = {names.EPOCH: 0, names.DIVERGED: 0, names.RESUMED_FROM: 0, **worker.placement,
                    names.DATA_DIGEST: worker.splits.digest, names.DATA_SIZES: worker.splits.sizes}
+        started = time.perf_counter()
         if worker.rank == 0:
             metrics.update(initial_readouts(worker.model, worker.splits, worker.cfg, worker.device))
-        worker.report(metrics, epoch=0)
+        worker.seconds["eval_init"] += time.perf_counter() - started
+        worker.report({**metrics, **worker.timings()}, epoch=0)
         return 0
     state = _read_checkpoint(checkpoint, worker.device, worker.cfg)
     if "diverged" in state:
@@ -257,6 +269,9 @@ def _start_or_resume(worker: _Worker) -> int | None:
         return None
     last_epoch = _restore(state, worker.model, worker.optimizer, worker.scheduler)
     worker.history = list(state.get("history", []))
+    last = worker.history[-1] if worker.history else {}
+    for part in names.TIME_PARTS:  # cumulative across the restart; this start-up adds to the first one
+        worker.seconds[part] += float(last.get(names.time_metric(part), 0.0))
     # A report checkpointed just before an interruption may never have reached MLflow: replay them all (without
     # a checkpoint); the loggers skip the epochs they already have.
     for past in worker.history:
@@ -280,6 +295,7 @@ def _run_epoch(worker: _Worker, net: nn.Module, epoch: int, resumed_from: int) -
     """Train one epoch, evaluate (rank 0), report with a checkpoint; False when the run diverged."""
     cfg, rank = worker.cfg, worker.rank
     sums, reason, elapsed, waited, last_views = train_one_epoch(worker, net, epoch)
+    worker.seconds["train"] += elapsed
     if reason is not None:
         metrics = {names.EPOCH: epoch, names.DIVERGED: 1, names.DIVERGED_REASON: f"epoch {epoch}: {reason}",
                    names.RESUMED_FROM: resumed_from, **worst_case(names.final_accuracies(cfg.method, cfg.eval.knn_k))}
@@ -290,16 +306,21 @@ def _run_epoch(worker: _Worker, net: nn.Module, epoch: int, resumed_from: int) -
                                **worker.placement, f"{names.TRAIN}lr": worker.scheduler.get_last_lr()[0],
                                names.IMAGES_PER_S: steps * cfg.optim.batch_size / elapsed,
                                names.DATA_WAIT_FRACTION: waited / elapsed}
-    metrics.update({f"{names.TRAIN}{k}": (v / steps).item() for k, v in sums.items()})
+    if sums:  # the epoch's averages, read from the device in one transfer
+        averages = (torch.stack([v.double() for v in sums.values()]) / steps).tolist()
+        metrics.update({f"{names.TRAIN}{k}": v for k, v in zip(sums, averages, strict=True)})
     final = epoch == cfg.optim.epochs
     pictures = {}
     if rank == 0:
-        metrics.update(_evaluate_epoch(worker.model, last_views, worker.splits, cfg, worker.device, final=final))
+        metrics.update(_evaluate_epoch(worker.model, last_views, worker.splits, cfg, worker.device, final,
+                                       worker.seconds))
+        started = time.perf_counter()
         if final and isinstance(worker.model.predictor, HamiltonianPredictor):
             states = readouts.held_out_states(worker.model, worker.splits, cfg, worker.device)
             if len(states):
                 pictures[FLOW_PICTURE] = flow_picture.draw(worker.model.predictor, states)
-    worker.report(metrics, epoch, pictures)
+        worker.seconds["theory"] += time.perf_counter() - started
+    worker.report({**metrics, **worker.timings()}, epoch, pictures)
     return True
 
 
@@ -343,13 +364,22 @@ def _train_epoch(net, model: JEPAModel, feed, optimizer, scheduler, cfg: Config,
     started = time.perf_counter()
     view_a = None
     batches = _Waiting(feed)
+    # No host sync inside a step: the divergence rule runs on the device, into a flag and the first bad step's
+    # values, and the host reads them every `every` steps and after the epoch's last (train/divergence.py).
+    every = check_interval(cfg.compute.divergence_check_every, iters_per_epoch * cfg.optim.epochs)
+    flag = first_bad = None
     for iteration, (view_a, view_b) in enumerate(batches):
         step = (epoch - 1) * iters_per_epoch + iteration
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_cuda):
             loss, stats = net(view_a, view_b, step)
-        reason = divergence_reason(loss.item(), {k: stats[k].item() for k in ("q_energy", "p_energy") if k in stats})
-        if reason is not None:  # every worker sees the same global loss, so all stop together
-            return EpochOutcome(sums, reason, time.perf_counter() - started, batches.seconds, view_a)
+        values = watched_values(loss, stats)
+        bad = diverged_on_device(values)
+        first_bad = values if first_bad is None else torch.where(flag, first_bad, values)
+        flag = bad if flag is None else flag | bad
+        if (iteration + 1) % every == 0 or iteration + 1 == iters_per_epoch:
+            if flag.item():  # every worker sees the same global loss, so all stop together
+                return EpochOutcome(sums, reason_of(first_bad), time.perf_counter() - started, batches.seconds,
+                                    view_a)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:  # the method's protocol: HamJEPA clipped, SIGReg not (docs/method.md §5)
@@ -362,9 +392,11 @@ def _train_epoch(net, model: JEPAModel, feed, optimizer, scheduler, cfg: Config,
 
 
 def _evaluate_epoch(model: JEPAModel, views: torch.Tensor, splits, cfg: Config, device: torch.device,
-                    final: bool) -> dict[str, float]:
+                    final: bool, seconds: dict[str, float] | None = None) -> dict[str, float]:
     """Rank 0, end of an epoch: eval-mode state diagnostics, the objective, and after the last epoch the final
-    readouts."""
+    readouts and the theory check; the time of each added to `seconds` (names.TIME_PARTS)."""
+    seconds = seconds if seconds is not None else dict.fromkeys(names.TIME_PARTS, 0.0)
+    started = time.perf_counter()
     use_cuda = device.type == "cuda"
     model.eval()
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_cuda):
@@ -375,10 +407,15 @@ def _evaluate_epoch(model: JEPAModel, views: torch.Tensor, splits, cfg: Config, 
     # readouts measure it, from the features they extract anyway.
     if len(splits.val) and cfg.eval.objective_every_epoch and not final:
         metrics[names.objective(cfg.eval.knn_k)] = readouts.validation_knn(model, splits, cfg, device)
+    seconds["eval_objective"] += time.perf_counter() - started
     if final:
+        started = time.perf_counter()
         with recording_probes() as probes:  # the theory check measures the probes the final readouts train
             metrics.update(readouts.final_metrics(model, splits, cfg, device))
+        seconds["eval_final"] += time.perf_counter() - started
+        started = time.perf_counter()
         metrics.update(theory.final_metrics(cfg.method, model.predictor, z, probes))
+        seconds["theory"] += time.perf_counter() - started
     return metrics
 
 
@@ -414,7 +451,8 @@ def make_trainer(cfg: Config, resources: Resources, name: str, storage_path: str
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    loop_config: dict[str, Any] = {"cfg": cfg}  # a frozen dataclass travels through Ray as it is
+    # A frozen dataclass travels through Ray as it is; the clock starts when the trial makes its trainer.
+    loop_config: dict[str, Any] = {"cfg": cfg, "started_at": time.time()}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
