@@ -60,7 +60,8 @@ def test_run_checks_and_the_report(tmp_path):
     assert json.loads(json_path.read_text())["process_group"]["ok"] is True
     table = table_path.read_text()
     for row in ("| process group | gloo x 2", "| step eager | HamJEPA", "| step channels_last |",
-                "| augmentation on the device |", "| epoch, augment on device |", "| epoch, augment on loader |"):
+                "| augmentation on the device |", "| epoch, augment on device |", "| epoch, augment on loader |",
+                "| host syncs, hamjepa | not measured on the CPU", "| host syncs, sigreg |"):
         assert row in table, row
     assert "error" not in table
 

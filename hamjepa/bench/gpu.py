@@ -12,7 +12,10 @@ writes them as `gpu_check.json` and `gpu_check.md` (one table) in --out:
 4. data wait: two short epochs of the real training loop (train.loop.train_one_epoch, no Ray) on synthetic
    files in CIFAR-100's on-disk format, each placement; the second epoch's images/s and
    train/data_wait_fraction (target: under 5% of the epoch with the device placement).
-5. peak GPU memory of each piece (torch.cuda.max_memory_allocated).
+5. host syncs: one epoch of the real step loop per method under torch.cuda.set_sync_debug_mode("warn"), the
+   divergence flag read only at the epoch's end: every synchronisation CUDA reports, and the lines that caused
+   them (target: 1, that read; the CPU counts the loop's own reads instead, tests/test_step_syncs.py).
+6. peak GPU memory of each piece (torch.cuda.max_memory_allocated).
 A piece that fails is recorded with its error and the others still run. Without a CUDA device the command
 stops with one sentence. Every piece also runs on the CPU at tiny sizes (tests/test_bench.py).
 """
@@ -216,6 +219,38 @@ def epoch_wait(root: Path, device: torch.device | str, placement: str, overrides
             "peak_gib": _peak_gib(device)}
 
 
+# -- 5. host syncs of the step loop -------------------------------------------------------------------------
+
+def step_syncs(root: Path, device: torch.device | str, method: str,
+               overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Host syncs CUDA reports in one epoch of the step loop (after a warm-up epoch), with the 3 commonest lines
+    that caused them; the divergence flag is read once, at the epoch's end. On the CPU: not measured."""
+    import warnings
+    from collections import Counter
+
+    from hamjepa.train.loop import build_worker, train_one_epoch
+
+    device = torch.device(device)
+    cfg = profile("cifar100", {"method": method, "data.root": str(root), "data.download": False,
+                               "data.augment_on": "device", "compute.divergence_check_every": 10 ** 9,
+                               **(overrides or {})})
+    worker = build_worker(cfg, 0, 1, device)
+    train_one_epoch(worker, worker.model, 1)  # cuDNN's autotuning and the allocator's warm-up sync freely
+    if device.type != "cuda":
+        return {"method": method, "steps": worker.iters_per_epoch, "measured": False}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            train_one_epoch(worker, worker.model, 2)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
+    where = Counter(f"{Path(w.filename).name}:{w.lineno}" for w in syncs).most_common(3)
+    return {"method": method, "steps": worker.iters_per_epoch, "measured": True, "syncs": len(syncs),
+            "where": [f"{line} x{count}" for line, count in where]}
+
+
 # -- the report --------------------------------------------------------------------------------------------
 
 def _rows(results: dict[str, Any]) -> list[tuple[str, str]]:
@@ -237,6 +272,13 @@ def _rows(results: dict[str, Any]) -> list[tuple[str, str]]:
         if "data_wait_fraction" in wait:
             rows.append((f"epoch, augment on {wait['placement']}", f"{wait['images_per_s']:,.0f} images/s, data wait "
                          f"{100 * wait['data_wait_fraction']:.1f}% of the epoch, peak {wait['peak_gib'] or 0:.1f} GiB"))
+    for record in results.get("syncs", []):
+        if record.get("measured"):
+            rows.append((f"host syncs, {record['method']}", f"{record['syncs']} in {record['steps']} steps (target 1, "
+                         f"the epoch's divergence read); at {', '.join(record['where']) or '-'}"))
+        elif "method" in record:
+            rows.append((f"host syncs, {record['method']}", "not measured on the CPU (tests/test_step_syncs.py "
+                         "counts the loop's own)"))
     rows += [(f"error in {name}", str(error)) for name, error in results.get("errors", {}).items()]
     return rows
 
@@ -284,6 +326,8 @@ def run_checks(device: torch.device, steps: int, data_images: int, step_override
         for placement in ("device", "loader"):
             record = _attempt(results, f"epoch {placement}", epoch_wait, root, device, placement, held_out)
             results["epochs"].append(record or {})
+        results["syncs"] = [_attempt(results, f"host syncs {method}", step_syncs, root, device, method, held_out)
+                            or {} for method in ("hamjepa", "sigreg")]
     return results
 
 
