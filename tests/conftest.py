@@ -1,5 +1,7 @@
 """Shared test fixtures. Tests use small real data and tiny models; anything slow is marked `slow`."""
 
+import os
+
 import pytest
 import torch
 
@@ -63,3 +65,28 @@ def euler(q, p, grad_v, dt, steps):
     for _ in range(steps):
         q, p = q + dt * p, p - dt * grad_v(q)
     return q, p
+
+
+def _gloo_rank(rank: int, world: int, work, init_file: str, out_dir: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.save(work(rank), os.path.join(out_dir, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def on_gloo_workers(work, world: int = 2) -> list:
+    """work(rank) on `world` spawned processes joined in a gloo process group (one thread each); their results,
+    by rank. `work` must be a module-level function (it is pickled to the processes) returning tensors/builtins."""
+    import tempfile
+
+    import torch
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.spawn(_gloo_rank, args=(world, work, os.path.join(out_dir, "init"), out_dir), nprocs=world, join=True)
+        return [torch.load(os.path.join(out_dir, f"{rank}.pt"), weights_only=True) for rank in range(world)]

@@ -1,12 +1,9 @@
 """Data parallelism: every batch statistic and loss on 2 workers x B/2 equals the 1-process value on B."""
 
-import os
-import tempfile
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from conftest import on_gloo_workers
 
 from hamjepa.config import HamJEPALossConfig, SIGRegConfig
 from hamjepa.method.objectives import hamjepa_objective, random_orthonormal, sigreg_directions, sigreg_objective
@@ -46,21 +43,14 @@ def losses_and_grads(rows: slice) -> dict[str, torch.Tensor]:
     return out
 
 
-def _worker(rank: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
-        shard = N // WORLD
-        torch.save(losses_and_grads(slice(rank * shard, (rank + 1) * shard)), os.path.join(out_dir, f"{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _shard(rank: int) -> dict[str, torch.Tensor]:
+    shard = N // WORLD
+    return losses_and_grads(slice(rank * shard, (rank + 1) * shard))
 
 
 @pytest.fixture(scope="module")
 def shards():
-    with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_worker, args=(os.path.join(out_dir, "init"), out_dir), nprocs=WORLD, join=True)
-        yield [torch.load(os.path.join(out_dir, f"{r}.pt"), weights_only=True) for r in range(WORLD)]
+    return on_gloo_workers(_shard, WORLD)
 
 
 def test_every_statistic_and_loss_equals_single_process(shards):

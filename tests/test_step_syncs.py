@@ -12,12 +12,11 @@ collectives per step, and one host read every EVERY steps.
 
 import os
 import sys
-import tempfile
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from conftest import on_gloo_workers
 
 WORLD, STEPS, EVERY = 2, 8, 4
 TORCH = os.path.dirname(torch.__file__)
@@ -75,22 +74,13 @@ def _count(method: str, inject_item: bool) -> dict[str, int]:
     return counts
 
 
-def _worker(rank: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
-        counts = {f"{method}/{inject}": _count(method, inject) for method in COLLECTIVES_PER_STEP
-                  for inject in (False, True)}
-        torch.save(counts, os.path.join(out_dir, f"{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _counts_of_every_method(rank: int) -> dict[str, dict[str, int]]:
+    return {f"{method}/{inject}": _count(method, inject) for method in COLLECTIVES_PER_STEP for inject in (False, True)}
 
 
 @pytest.fixture(scope="module")
 def counts():
-    with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_worker, args=(os.path.join(out_dir, "init"), out_dir), nprocs=WORLD, join=True)
-        yield [torch.load(os.path.join(out_dir, f"{r}.pt"), weights_only=True) for r in range(WORLD)]
+    return on_gloo_workers(_counts_of_every_method, WORLD)
 
 
 @pytest.mark.parametrize("method", list(COLLECTIVES_PER_STEP))
