@@ -28,6 +28,7 @@ FINISHED_ID, INTERRUPTED_ID, REPRODUCE_ID = ("energy_budget-20250101-120000-aaaa
                                              "energy_budget-20250102-120000-bbbbbb",
                                              "reproduce_paper-20250103-120000-cccccc")
 # (final, initialisation) of the compared metrics per compare cell: HamJEPA 5.25 points ahead on average.
+REFERENCE_VALUES = (58.0, 60.0, 62.0)  # the untrained encoders' readouts, every metric
 COMPARE_VALUES = {("hamjepa", 1): (75.0, 60.0), ("hamjepa", 2): (77.0, 61.0),
                   ("sigreg", 1): (70.0, 60.0), ("sigreg", 2): (71.5, 60.5)}
 
@@ -67,7 +68,7 @@ def _search_study(uri, study_id, *, interrupted):
     """3 search trials (one stopped by ASHA; when `interrupted`, one KILLED) and 2 paired seeds x 2 arms (when
     `interrupted`, hamjepa-seed2 never started and the parent run is KILLED)."""
     params = {"study.num_samples": 3, "study.seeds": 2, "study.paired_seeds": "1,2", "study.search_keys":
-              "predictor.dt", "study.early_stopping": True, "study.seed": 0, **BASE.flatten()}
+              "predictor.dt", "study.early_stopping": True, "study.seed": 0, "study.reference": 3, **BASE.flatten()}
     parent = _parent(uri, EXPERIMENT, study_id, "energy_budget", params)
     epochs = BASE.optim.epochs
     trials = [("t1", "0.07", 80.0, "finished", "FINISHED"), ("t2", "0.01", 65.0, "finished", "FINISHED"),
@@ -84,6 +85,14 @@ def _search_study(uri, study_id, *, interrupted):
         cfg = BASE.override({"method": method, "seed": seed, "predictor.dt": "0.07"})
         _child(uri, EXPERIMENT, parent, study_id, "compare", f"{method}-seed{seed}", cfg, epochs,
                _compared(final, initial), "finished", "FINISHED")
+    if not interrupted:  # the initialisation reference, as study/reference.py logs it: one step per encoder
+        reference = RunLogger(uri, EXPERIMENT, key=f"{study_id}/reference", run_name="reference",
+                              parent_run_id=parent.run_id, tags={ROLE_TAG: "reference", PHASE_TAG: "reference"})
+        for step, value in enumerate(REFERENCE_VALUES):
+            reference.log_metrics({f"{method}/{metric}": value for method in ("hamjepa", "sigreg")
+                                   for _, metric in names.comparison_metrics(20)}, step=step)
+        reference.set_tags({STATUS_TAG: "finished"})
+        reference.finish("FINISHED")
     parent.finish("KILLED" if interrupted else "FINISHED")
     time.sleep(0.01)  # distinct start times: the newest study is the latest
 
@@ -137,14 +146,18 @@ def test_report_of_a_finished_study_rebuilds_its_summary(store, capsys):
     assert "HamJEPA search trials: 3 (2 finished, 1 stopped early, 0 diverged, 0 failed)." in out
     assert "HamJEPA selected on validation (search-t1, search seed 0" in out
     assert "Configuration: predictor.dt=0.07." in out
-
+    # gains against the study's 3 untrained encoders (mean 60), not the runs' own epoch 0 (60.5)
+    assert "Gain = final mean minus the mean of 3 encoders at initialisation" in out
+    primary = next(line for line in out.splitlines() if line.startswith("| test kNN@20 | primary |"))
+    assert primary.split(" | ")[6].startswith("+16.00 [") and primary.split(" | ")[7].startswith("+10.75 [")
 
 def test_report_of_an_interrupted_study_names_what_is_missing(store, capsys):
     code, out, _ = _cli(capsys, "report", "--study", INTERRUPTED_ID, "--tracking-uri", store)
     assert code == 0
     lines = out.splitlines()
     assert lines[0].endswith(", interrupted, 6 trial runs.")
-    assert lines[1] == "Incomplete: 1 search trial cut (KILLED); 1 of 4 compare runs missing: hamjepa-seed2."
+    assert lines[1] == ("Incomplete: 1 search trial cut (KILLED); 1 of 4 compare runs missing: hamjepa-seed2; 1 of 1 "
+                        "reference run missing: reference.")
     assert lines[2] == f"Continue it with the command that started it and --resume {INTERRUPTED_ID}."
     # Seed 2 has no HamJEPA run: only seed 1 is paired.
     assert "Paired comparison on seeds 1 (n = 1)" in out

@@ -22,7 +22,7 @@ from hamjepa.config import Config, build_config
 from hamjepa.errors import UserError
 from hamjepa.methods import ABLATIONS
 from hamjepa.redact import mask_uri
-from hamjepa.report.reference import load_reference
+from hamjepa.report.reference import REFERENCE, load_reference
 from hamjepa.report.sequential import looks
 from hamjepa.report.summary import (
     BASELINE_SEARCH,
@@ -208,6 +208,11 @@ def search_gaps(study: StudyRun, records: Sequence[RunRecord], base: Config) -> 
     gaps.planned[COMPARE] = len(planned)
     gaps.missing[COMPARE] = [key for key in planned if key not in present]
     gaps.cut[COMPARE] = _cut(compared, lambda r: cell_key(r.method, r.seed))
+    if int(study.params.get("study.reference", 0)):  # one run of untrained encoders, after the comparison
+        reference = [r for r in records if r.phase == REFERENCE]
+        gaps.planned[REFERENCE] = 1
+        gaps.missing[REFERENCE] = [] if reference else [REFERENCE]
+        gaps.cut[REFERENCE] = _cut(reference, lambda r: r.name)
     return gaps
 
 
@@ -252,6 +257,11 @@ class Reopened:
     verdict: str  # the summary's one-line answer
     gaps: Gaps
 
+    @property
+    def trial_runs(self) -> list[RunRecord]:
+        """The study's training runs (not its initialisation reference, which trains nothing)."""
+        return [r for r in self.records if r.phase != REFERENCE]
+
 
 def reopen(client: MlflowClient, study: StudyRun) -> Reopened:
     """Rebuild a study's summary, its verdict line and its gaps from MLflow's records."""
@@ -284,7 +294,7 @@ def report_text(reopened: Reopened, tracking_uri: str) -> str:
     """A header (which study, how it ended, what is missing, where to browse it) and the rebuilt summary."""
     s, gaps = reopened.study, reopened.gaps
     lines = [f"Study {s.study_id} ({s.name or 'unnamed'}; experiment '{s.experiment}', parent run {s.run_id}), "
-             f"started {s.started}, {s.status_word}, {len(reopened.records)} trial runs."]
+             f"started {s.started}, {s.status_word}, {len(reopened.trial_runs)} trial runs."]
     if gaps.complete:
         lines.append("Complete: every planned run is there and ended.")
     else:
@@ -323,7 +333,7 @@ def studies_table(tracking_uri: str, experiment: str | None = None) -> str:
     rows = [header]
     for study in studies:
         reopened = reopen(client, study)
-        rows.append((study.study_id, study.experiment, study.started, study.status_word, str(len(reopened.records)),
-                     reopened.verdict or "-"))
+        rows.append((study.study_id, study.experiment, study.started, study.status_word,
+                     str(len(reopened.trial_runs)), reopened.verdict or "-"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
     return "\n".join("  ".join([*(cell.ljust(w) for cell, w in zip(row, widths)), row[-1]]) for row in rows) + "\n"
