@@ -81,3 +81,13 @@ def test_placement_benchmark_times_both_placements_on_the_same_epochs():
     assert set(figures) == {"device", "loader"}
     for f in figures.values():
         assert f["images"] == (180 // 32) * 32 and f["images_per_s"] > 0 and 0 < f["data_wait_fraction"] < 1
+
+
+@pytest.mark.slow
+def test_compiled_predictor_and_objective_agree_with_eager_and_are_timed_side_by_side():
+    """`bench step --part compile` at tiny sizes: torch.compile of the rollout and the objective gives eager's loss
+    and statistics to 1e-5 (compile_steps raises otherwise), and both are timed; minutes of compiling on a CPU."""
+    figures = step.compile_steps({**SMOKE_OVERRIDES, "optim.batch_size": 8, "encoder.width": 0.125}, "quick", rounds=2)
+    for method in ("hamjepa", "sigreg"):
+        assert figures[method]["max_relative_error"] <= 1e-5
+        assert figures[method]["eager_s"] > 0 and figures[method]["compiled_s"] > 0 and figures[method]["compile_s"] > 0

@@ -6,7 +6,8 @@ writes them as `gpu_check.json` and `gpu_check.md` (one table) in --out:
    one GPU both processes share it; NCCL may refuse two ranks on one device, and the record then says so.
 2. training step: bf16-autocast steps (forward, backward, AdamW) of HamJEPA and SIGReg at the cifar100
    profile's sizes (ResNet-18 width 1, batch 512, 32 px), eager and with channels_last and/or torch.compile
-   of the encoder: which of compute.channels_last / compute.compile_encoder to switch on, and the HamJEPA / SIGReg
+   of the encoder, and with torch.compile of the predictor's rollout and the objective: which of
+   compute.channels_last / compute.compile_encoder / compute.compile_predictor to switch on, and the HamJEPA / SIGReg
    ratio (target: at most 1.10x).
 3. augmentation: two-view images/s of the on-device augmentation (data.augment_on = device) at 32 px RGB.
 4. data wait: two short epochs of the real training loop (train.loop.train_one_epoch, no Ray) on synthetic
@@ -46,8 +47,9 @@ from hamjepa.train.optim import build_optimizer
 
 NO_CUDA = ("python -m hamjepa.bench gpu needs a CUDA device and torch sees none here "
            f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); run it on a GPU machine.")
-STEP_VARIANTS = (("eager", False, False), ("channels_last", False, True), ("compile", True, False),
-                 ("compile+channels_last", True, True))  # (name, compile the encoder, channels_last)
+# (name, compile the encoder, channels_last, compile the predictor's rollout and the objective)
+STEP_VARIANTS = (("eager", False, False, False), ("channels_last", False, True, False), ("compile", True, False, False),
+                 ("compile+channels_last", True, True, False), ("compile predictor+objective", False, False, True))
 ERROR_CHARS = 300  # an error, as one cell of the table
 PROCESS_GROUP_TIMEOUT_S = 120  # NCCL's first init on a cold machine takes tens of seconds
 
@@ -139,7 +141,7 @@ def _timed(fn: Callable[[], object], steps: int, warmup: int, device: torch.devi
 
 
 def step_throughput(cfg: Config, compile_encoder: bool, channels_last: bool, steps: int, device: torch.device | str,
-                    warmup: int = 3) -> dict[str, Any]:
+                    warmup: int = 3, compile_predictor: bool = False) -> dict[str, Any]:
     """Training steps of cfg's method on random views, bf16 autocast on CUDA: images/s, ms/step, warm-up s."""
     device = torch.device(device)
     torch.manual_seed(0)
@@ -149,6 +151,8 @@ def step_throughput(cfg: Config, compile_encoder: bool, channels_last: bool, ste
     model = model.to(memory_format=memory_format)
     if compile_encoder:
         model.encoder.compile()
+    if compile_predictor:
+        model.compile_predictor()
     optimizer = build_optimizer(model, cfg.optim)
     shape = (cfg.optim.batch_size, cfg.encoder.in_channels, cfg.data.image_size, cfg.data.image_size)
     views = [torch.randn(shape, device=device).contiguous(memory_format=memory_format) for _ in range(2)]
@@ -163,6 +167,7 @@ def step_throughput(cfg: Config, compile_encoder: bool, channels_last: bool, ste
     _reset_peak(device)
     warm, seconds = _timed(step, steps, warmup, device)
     return {"method": cfg.method, "compile": compile_encoder, "channels_last": channels_last,
+            "compile_predictor": compile_predictor,
             "batch": cfg.optim.batch_size, "images_per_s": cfg.optim.batch_size / seconds,
             "ms_per_step": 1e3 * seconds, "warmup_s": warm, "peak_gib": _peak_gib(device)}
 
@@ -258,9 +263,10 @@ def _rows(results: dict[str, Any]) -> list[tuple[str, str]]:
     group = results.get("process_group", {})
     rows.append(("process group", f"{group.get('backend')} x {group.get('world')} on {group.get('gpus')} GPU(s): "
                  + ("all-reduce exact" if group.get("ok") else f"FAILED ({group.get('error')})")))
-    steps = {(s["method"], s["compile"], s["channels_last"]): s for s in results.get("steps", []) if "method" in s}
-    for name, compiled, channels_last in STEP_VARIANTS:
-        ham, sig = steps.get(("hamjepa", compiled, channels_last)), steps.get(("sigreg", compiled, channels_last))
+    steps = {(s["method"], s["compile"], s["channels_last"], s.get("compile_predictor", False)): s
+             for s in results.get("steps", []) if "method" in s}
+    for name, *variant in STEP_VARIANTS:
+        ham, sig = steps.get(("hamjepa", *variant)), steps.get(("sigreg", *variant))
         if ham and sig:
             ratio = sig["images_per_s"] / ham["images_per_s"]  # time per step, HamJEPA / SIGReg
             rows.append((f"step {name}", f"HamJEPA {ham['images_per_s']:,.0f} images/s, SIGReg "
@@ -314,9 +320,9 @@ def run_checks(device: torch.device, steps: int, data_images: int, step_override
     results["steps"] = []
     for method in ("hamjepa", "sigreg"):
         cfg = profile("cifar100", {"method": method, **(step_overrides or {})})
-        for name, compiled, channels_last in variants:
+        for name, compiled, channels_last, compile_predictor in variants:
             record = _attempt(results, f"step {method} {name}", step_throughput, cfg, compiled, channels_last,
-                              steps, device)
+                              steps, device, 3, compile_predictor)
             results["steps"].append(record or {})
     results["augment"] = _attempt(results, "augmentation", augment_throughput, device, augment_batch) or {}
     results["epochs"] = []

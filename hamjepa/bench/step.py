@@ -10,12 +10,17 @@
    images/s and the fraction of the epoch the step loop waited for input. Epochs alternate between the
    placements so machine noise hits both alike; the medians decide data.feeds.CPU_AUTO_PLACEMENT (docs/results.md,
    a4b4034).
+3. compile: time per step of each method eager and with `compute.compile_predictor` (torch.compile of the
+   predictor's rollout and the objective), side by side on the same weights and views, after checking that the
+   compiled loss agrees with eager to 1e-5 (its statistics to 1e-3); and the seconds the first compiled step took.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
+import time
 
 import torch
 
@@ -48,6 +53,49 @@ def method_steps(overrides: dict, profile_name: str, rounds: int) -> tuple[Confi
 
         steps[method] = step
     return cfg, interleaved_medians(steps, rounds, warmup=1)
+
+
+def compile_steps(overrides: dict, profile_name: str, rounds: int) -> dict[str, dict[str, float]]:
+    """{method: {'eager_s', 'compiled_s' (median seconds per step), 'compile_s' (the first compiled step),
+    'max_relative_error' (the loss, compiled vs eager), 'stats_error'}}; raises if the loss disagrees beyond 1e-5
+    relative or a statistic beyond 1e-3."""
+    out = {}
+    for method in ("hamjepa", "sigreg"):
+        cfg = profile(profile_name, {**overrides, "method": method})
+        torch.manual_seed(0)
+        eager = JEPAModel(cfg)
+        eager.set_epoch(cfg.predictor.residual_scale_warmup_epochs)
+        compiled = copy.deepcopy(eager)
+        compiled.compile_predictor()
+        shape = (cfg.optim.batch_size, cfg.encoder.in_channels, cfg.data.image_size, cfg.data.image_size)
+        views = torch.randn(shape), torch.randn(shape)
+        started = time.perf_counter()
+        got = compiled(*views, step=0)
+        compile_s = time.perf_counter() - started
+        want = eager(*views, step=0)
+        loss, reference = float(got[0].detach()), float(want[0].detach())
+        error = abs(loss - reference) / abs(reference)
+        # The statistics are diagnostics: float32 reassociation moves e.g. the log-determinant of a nearly singular
+        # covariance by ~1e-5 relative, and a budget term of 1e-9 by much more; the scale they matter at is 1e-3.
+        stats_error = max(abs(float(got[1][k]) - float(v)) / max(abs(float(v)), 1e-3) for k, v in want[1].items())
+        if error > 1e-5 or stats_error > 1e-3:
+            raise RuntimeError(f"{method}: the compiled step differs from eager: loss by {error:.2g} (relative, "
+                               f"limit 1e-5), statistics by up to {stats_error:.2g} (limit 1e-3).")
+        steps = {}
+        for name, model in (("eager", eager), ("compiled", compiled)):
+            optimizer = build_optimizer(model, cfg.optim)
+
+            def step(model=model, optimizer=optimizer, views=views):
+                loss, _ = model(*views, step=0)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+
+            steps[name] = step
+        medians = interleaved_medians(steps, rounds, warmup=1)
+        out[method] = {"eager_s": medians["eager"], "compiled_s": medians["compiled"], "compile_s": compile_s,
+                       "max_relative_error": error, "stats_error": stats_error}
+    return out
 
 
 def placement_epochs(cfg: Config, epochs: int, device: torch.device | str = "cpu",
@@ -86,7 +134,8 @@ def main(argv: list[str]) -> None:
                         help="placement part: the profile's dataset, or synthetic images of its size")
     parser.add_argument("--images", type=int, default=2000, help="synthetic: training images, at most 2000 "
                                                                  "(10%% held out for validation)")
-    parser.add_argument("--part", choices=("all", "methods", "placement"), default="all")
+    parser.add_argument("--part", choices=("all", "methods", "placement", "compile"), default="all",
+                        help="all = methods and placement; compile is run only when asked (minutes on a CPU)")
     args = parser.parse_args(argv)
 
     overrides = parse_overrides(args.overrides)
@@ -121,3 +170,12 @@ def main(argv: list[str]) -> None:
                   "of the epoch")
         ratio = figures["device"]["images_per_s"] / figures["loader"]["images_per_s"]
         print(f"  device / loader images/s: {ratio:.2f}x")
+    if args.part == "compile":
+        figures = compile_steps(overrides, args.profile, args.rounds)
+        print(f"compile (compute.compile_predictor: the predictor's rollout and the objective), profile "
+              f"{args.profile}, {torch.get_num_threads()} threads, median of {args.rounds}, eager and compiled "
+              "interleaved")
+        for method, f in figures.items():
+            print(f"  {method:8s} eager {f['eager_s'] * 1e3:8.1f} ms/step  compiled {f['compiled_s'] * 1e3:8.1f} "
+                  f"ms/step  eager / compiled {f['eager_s'] / f['compiled_s']:.2f}x  (first compiled step "
+                  f"{f['compile_s']:.0f} s; agrees with eager to {f['max_relative_error']:.1e})")

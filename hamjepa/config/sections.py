@@ -295,6 +295,7 @@ class ComputeConfig(_Section):
     section: ClassVar[str] = "compute"
     channels_last: bool = False  # NHWC memory format for the model and its input views
     compile_encoder: bool = False  # torch.compile the encoder's forward (nn.Module.compile: state_dict keys stay)
+    compile_predictor: bool = False  # torch.compile the predictor's rollout and the objective (same keys too)
     # Steps between the host's reads of the on-device divergence flag (the only host sync of the step loop; the
     # epoch's last step always reads it); 0 = 1% of the run's steps, so a diverged run stops within about 1% of
     # them. Which runs count as diverged, and in which epoch, does not depend on it.

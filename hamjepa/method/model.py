@@ -35,6 +35,14 @@ class JEPAModel(nn.Module):
         every = cfg.hamjepa_loss.spectral_redraw_every
         self.projection_q = ProjectionSchedule(self.q_dim, k, every, seed=derive(cfg.seed, Stream.PROJECTION_Q))
         self.projection_p = ProjectionSchedule(self.q_dim, k, every, seed=derive(cfg.seed, Stream.PROJECTION_P))
+        self.objectives = {Objective.HAMJEPA: hamjepa_objective, Objective.SIGREG: sigreg_objective}
+
+    def compile_predictor(self) -> None:
+        """torch.compile the predictor (in place: its state_dict keys stay) and the objective
+        (compute.compile_predictor; `python -m hamjepa.bench step --part compile` measures it against eager)."""
+        if self.predictor is not None:
+            self.predictor.compile()
+        self.objectives = {kind: torch.compile(fn) for kind, fn in self.objectives.items()}
 
     def set_epoch(self, epoch: int) -> None:
         """Per-epoch schedules of the predictor (residual-scale warm-up, horizon curriculum)."""
@@ -50,7 +58,7 @@ class JEPAModel(nn.Module):
             directions = sigreg_directions(self.state_dim, self.cfg.sigreg.num_directions, self.cfg.seed, step,
                                            z.device)
             with torch.autocast(z.device.type, enabled=False):
-                return sigreg_objective(z.view(2, n, -1), directions, self.cfg.sigreg)  # (V, N, D)
+                return self.objectives[Objective.SIGREG](z.view(2, n, -1), directions, self.cfg.sigreg)  # (V, N, D)
         # One batched rollout: view a flows forward in time (+dt), view b backwards (-dt).
         direction = torch.cat([z.new_ones(n, 1), -z.new_ones(n, 1)])  # (2N, 1)
         pred = self.predictor(z, direction)
@@ -59,5 +67,5 @@ class JEPAModel(nn.Module):
         projection_q = self.projection_q(step, z.device)[:, :k]
         projection_p = self.projection_p(step, z.device)[:, :k]
         with torch.autocast(z.device.type, enabled=False):
-            return hamjepa_objective(z[:n], z[n:], pred[:n], pred[n:], self.cfg.hamjepa_loss, projection_q,
-                                     projection_p)
+            return self.objectives[Objective.HAMJEPA](z[:n], z[n:], pred[:n], pred[n:], self.cfg.hamjepa_loss,
+                                                      projection_q, projection_p)

@@ -243,6 +243,8 @@ def build_worker(cfg: Config, rank: int, world: int, device: torch.device | str)
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # encoder BN over the global batch too
     if cfg.compute.compile_encoder:
         model.encoder.compile()  # in place: the module and its state_dict keys stay, so checkpoints do not change
+    if cfg.compute.compile_predictor:
+        model.compile_predictor()
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, len(feed), cfg.optim)
     return _Worker(cfg, rank, world, device, splits, feed, model, optimizer, scheduler)
