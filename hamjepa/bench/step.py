@@ -21,6 +21,7 @@ import argparse
 import copy
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -38,21 +39,30 @@ def method_steps(overrides: dict, profile_name: str, rounds: int) -> tuple[Confi
     steps = {}
     for method in ("hamjepa", "sigreg"):
         cfg = profile(profile_name, {**overrides, "method": method})
-        torch.manual_seed(0)
-        model = JEPAModel(cfg)
-        model.set_epoch(cfg.predictor.residual_scale_warmup_epochs)
-        optimizer = build_optimizer(model, cfg.optim)
-        shape = (cfg.optim.batch_size, cfg.encoder.in_channels, cfg.data.image_size, cfg.data.image_size)
-        views = torch.randn(shape), torch.randn(shape)
-
-        def step(model=model, optimizer=optimizer, views=views):
-            loss, _ = model(*views, step=0)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-
-        steps[method] = step
+        steps[method] = _training_step(*_model_and_views(cfg), cfg)
     return cfg, interleaved_medians(steps, rounds, warmup=1)
+
+
+def _model_and_views(cfg: Config) -> tuple[JEPAModel, tuple[torch.Tensor, torch.Tensor]]:
+    """cfg's model (seed 0, past the residual-scale warm-up) and two random views of one batch."""
+    torch.manual_seed(0)
+    model = JEPAModel(cfg)
+    model.set_epoch(cfg.predictor.residual_scale_warmup_epochs)
+    shape = (cfg.optim.batch_size, cfg.encoder.in_channels, cfg.data.image_size, cfg.data.image_size)
+    return model, (torch.randn(shape), torch.randn(shape))
+
+
+def _training_step(model: JEPAModel, views, cfg: Config) -> Callable[[], None]:
+    """One step (forward, backward, AdamW) of `model` on fixed views, with an optimiser of its own."""
+    optimizer = build_optimizer(model, cfg.optim)
+
+    def step() -> None:
+        loss, _ = model(*views, step=0)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
 
 
 def compile_steps(overrides: dict, profile_name: str, rounds: int) -> dict[str, dict[str, float]]:
@@ -62,13 +72,9 @@ def compile_steps(overrides: dict, profile_name: str, rounds: int) -> dict[str, 
     out = {}
     for method in ("hamjepa", "sigreg"):
         cfg = profile(profile_name, {**overrides, "method": method})
-        torch.manual_seed(0)
-        eager = JEPAModel(cfg)
-        eager.set_epoch(cfg.predictor.residual_scale_warmup_epochs)
+        eager, views = _model_and_views(cfg)
         compiled = copy.deepcopy(eager)
         compiled.compile_predictor()
-        shape = (cfg.optim.batch_size, cfg.encoder.in_channels, cfg.data.image_size, cfg.data.image_size)
-        views = torch.randn(shape), torch.randn(shape)
         started = time.perf_counter()
         got = compiled(*views, step=0)
         compile_s = time.perf_counter() - started
@@ -81,17 +87,7 @@ def compile_steps(overrides: dict, profile_name: str, rounds: int) -> dict[str, 
         if error > 1e-5 or stats_error > 1e-3:
             raise RuntimeError(f"{method}: the compiled step differs from eager: loss by {error:.2g} (relative, "
                                f"limit 1e-5), statistics by up to {stats_error:.2g} (limit 1e-3).")
-        steps = {}
-        for name, model in (("eager", eager), ("compiled", compiled)):
-            optimizer = build_optimizer(model, cfg.optim)
-
-            def step(model=model, optimizer=optimizer, views=views):
-                loss, _ = model(*views, step=0)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-
-            steps[name] = step
+        steps = {name: _training_step(model, views, cfg) for name, model in (("eager", eager), ("compiled", compiled))}
         medians = interleaved_medians(steps, rounds, warmup=1)
         out[method] = {"eager_s": medians["eager"], "compiled_s": medians["compiled"], "compile_s": compile_s,
                        "max_relative_error": error, "stats_error": stats_error}
