@@ -73,8 +73,8 @@ def _evaluate(settings, seeds: list[int], tasks: int) -> dict[str, list[dict[str
     device = "cuda" if resources.use_gpu else "cpu"
     remote = ray.remote(num_cpus=resources.cpus_per_worker, num_gpus=resources.gpus_per_worker,
                         max_retries=1)(initialisation_readouts)
-    chunks = [seeds[i::tasks] for i in range(tasks)]
+    size = -(-len(seeds) // tasks)  # consecutive chunks: the tasks' results, concatenated, are in seed order
+    chunks = [seeds[start:start + size] for start in range(0, len(seeds), size)]
     results = ray.get([remote.remote(settings.base, chunk, COMPARED, device) for chunk in chunks])
-    order = {seed: (task, index) for task, chunk in enumerate(chunks) for index, seed in enumerate(chunk)}
-    return {method: [results[order[seed][0]][method][order[seed][1]] for seed in seeds] for method in COMPARED}
+    return {method: [metrics for result in results for metrics in result[method]] for method in COMPARED}
 

@@ -199,7 +199,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         logging.getLogger("ray.train").setLevel(logging.WARNING)
     worker = _set_up(loop_config["cfg"])
     # Ray Train's start-up (controller, worker group), the data and the model, until the loop can start.
-    worker.seconds["startup"] = max(0.0, time.time() - loop_config.get("started_at", time.time()))
+    worker.seconds["startup"] = max(0.0, time.time() - loop_config["started_at"])
     last_epoch = _start_or_resume(worker)
     if last_epoch is None:  # a diverged run stays diverged when it is run again
         return
