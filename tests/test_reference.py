@@ -30,6 +30,18 @@ def test_a_reference_encoder_is_the_encoder_a_run_of_its_seed_starts_from_and_sc
         assert got["hamjepa"][0][name] == pytest.approx(epoch0[f"init/{name}"], abs=1e-9)
 
 
+def test_without_initial_readouts_epoch_0_is_the_objective_alone_and_the_same_number():
+    """Search trials (eval.initial_readouts off) measure only what Tune needs at epoch 0, and measure it alike."""
+    full_cfg, objective_cfg = _cfg(seed=5), _cfg(seed=5, **{"eval.initial_readouts": False})
+    worker = build_worker(full_cfg, 0, 1, "cpu")
+    full = initial_readouts(worker.model, worker.splits, full_cfg, "cpu")
+    alone = initial_readouts(worker.model, worker.splits, objective_cfg, "cpu")
+    assert list(alone) == ["val_knn20_top1"] and "init/test_knn20_top1" in full
+    # one feature pass of the whole training split vs one of the reference set: the same features up to
+    # batching, so the same kNN votes
+    assert alone["val_knn20_top1"] == pytest.approx(full["val_knn20_top1"], abs=1e-9)
+
+
 def test_one_feature_pass_is_read_by_each_method_its_own_way():
     """SIGReg reads the whole state (qp): its unsuffixed numbers are HamJEPA's qp numbers of the same encoders;
     HamJEPA's unsuffixed ones are its q readout's. Different seeds give different encoders."""

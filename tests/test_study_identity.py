@@ -47,7 +47,8 @@ def test_compare_cells_pair_every_arm_on_every_fresh_seed_and_are_named_by_metho
     assert run_key({"predictor.dt": 0.1}, "a1b2c3d4") == "a1b2c3d4"  # a search trial keeps Tune's id
     assert flat_overrides({CELL: cells[2]}) == {"predictor.dt": 0.1, "method": "mlp", "seed": 1,
                                                 "eval.objective_every_epoch": False}  # nothing selects on it
-    assert flat_overrides({"predictor.dt": 0.1}) == {"predictor.dt": 0.1}
+    # a search trial: every trial starts from the base seed's encoder, so its epoch 0 measures the objective only
+    assert flat_overrides({"predictor.dt": 0.1}) == {"predictor.dt": 0.1, "eval.initial_readouts": False}
     assert [c[ARM] for c in comparison_cells(settings, None)] == [{"method": "sigreg"}] * 2  # nothing selected
 
 

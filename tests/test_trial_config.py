@@ -14,7 +14,9 @@ def test_a_search_trials_values_reach_the_predictor_config():
     base = profile("quick")
     cfg = config_of_trial(base, {"predictor.dt": 0.07, "predictor.steps": 3})
     assert (cfg.predictor.dt, cfg.predictor.steps) == (0.07, 3)
-    assert cfg == dataclasses.replace(base, predictor=dataclasses.replace(base.predictor, dt=0.07, steps=3))
+    # and nothing else changes but epoch 0's readouts, which every search trial shares (the base seed's encoder)
+    assert cfg == dataclasses.replace(base, predictor=dataclasses.replace(base.predictor, dt=0.07, steps=3),
+                                      eval=dataclasses.replace(base.eval, initial_readouts=False))
 
 
 def test_a_compare_cell_sets_its_arm_and_its_seed():

@@ -242,6 +242,10 @@ class EvalConfig(_Section):
     # The objective after every epoch (what ASHA and the search read); False: at initialisation and after the last
     # epoch only, for runs nothing selects on (the compare phase sets it), which saves most of their evaluation.
     objective_every_epoch: bool = True
+    # Every final readout at initialisation (epoch 0, under `init/`); False: the objective only. Search trials set
+    # it: they all start from the base seed's encoder, so the full readouts would be the same numbers per trial
+    # (the compare runs and the initialisation reference measure initialisation).
+    initial_readouts: bool = True
     probe_epochs: int = 50  # epochs of the linear probe over the training split's features
     probe_lr: float = 1e-3  # AdamW's learning rate of the probe at its first step, cosine-decayed to 0 per step
     probe_weight_decay: float = 1e-6  # AdamW's decoupled weight decay of the probe

@@ -9,6 +9,8 @@ objective again, from those features (one feature pass per split, where it once 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from hamjepa.config import Config
@@ -61,34 +63,50 @@ def split_features(model, splits: Splits, cfg: Config, device) -> dict[str, dict
 def final_metrics(model, splits: Splits, cfg: Config, device) -> dict[str, float]:
     """kNN and linear probe (percent) on validation and test for every readout, plus spectra, and the objective
     (when there is a validation split) from the same features: one feature pass per split."""
-    return metrics_of_features(split_features(model, splits, cfg, device), splits, cfg, cfg.method, device)
+    features = split_features(model, splits, cfg, device)
+    return metrics_of_features(features, splits, cfg, [cfg.method], device)[cfg.method]
 
 
-def metrics_of_features(z: dict[str, dict[str, torch.Tensor]], splits: Splits, cfg: Config, method: str,
-                        device) -> dict[str, float]:
-    """`final_metrics` of features already extracted (`split_features`), read as `method` reads them (its
-    readouts and default readout): one feature pass serves several methods (the initialisation reference)."""
+def metrics_of_features(z: dict[str, dict[str, torch.Tensor]], splits: Splits, cfg: Config, methods: Sequence[str],
+                        device) -> dict[str, dict[str, float]]:
+    """method -> `final_metrics` of features already extracted (`split_features`), read as that method reads them
+    (its readouts and default readout). One feature pass serves several methods (the initialisation reference),
+    and a readout two methods share (SIGReg's qp is HamJEPA's) is measured once."""
+    k = cfg.eval.knn_k
+    measured: dict[str, dict[str, float]] = {}
+    out = {}
+    for method in methods:
+        metrics: dict[str, float] = {}
+        if len(splits.val):  # the objective from the same features (its reference set is part of the training split)
+            name = default_readout(method)
+            metrics[objective(k)] = _objective(z["train"][name][_reference(splits, cfg)], z["val"][name], splits, cfg)
+        for r in readouts(method):
+            if r not in measured:
+                measured[r] = _readout_metrics({name: features[r] for name, features in z.items()}, splits, cfg, r,
+                                               device)
+            metrics.update(measured[r])
+        out[method] = with_default_readout(metrics, method, k)
+    return out
+
+
+def _readout_metrics(x: dict[str, torch.Tensor], splits: Splits, cfg: Config, r: str, device) -> dict[str, float]:
+    """kNN and linear probe on validation and test, and the spectrum, of one readout's features x (split -> (N, D))."""
     k = cfg.eval.knn_k
     labels = {name: getattr(splits, name).labels for name in ("train", "val", "test")}
     metrics: dict[str, float] = {}
-    if len(splits.val):  # the objective from the same features (its reference set is part of the training split)
-        name = default_readout(method)
-        metrics[objective(k)] = _objective(z["train"][name][_reference(splits, cfg)], z["val"][name], splits, cfg)
-    for r in readouts(method):
-        x = {name: features[r] for name, features in z.items()}
-        for split in ("val", "test"):
-            if len(x[split]):
-                metrics[accuracy(split, knn(k), r)] = 100.0 * knn_top1(x["train"], labels["train"], x[split],
-                                                                       labels[split], k=min(k, len(x["train"])))
-        probe = linear_probe(x["train"], labels["train"], {s: (x[s], labels[s]) for s in ("val", "test")},
-                             splits.num_classes, cfg.eval, seed=cfg.seed, device=device)
-        for split, (top1, top5) in probe.items():
-            metrics[accuracy(split, "linprobe_top1", r)] = 100.0 * top1
-            metrics[accuracy(split, "linprobe_top5", r)] = 100.0 * top5
-        spectra = spectrum(x["train"], cfg.eval.spectrum_top, cfg.eval.spectrum_samples, seed=cfg.seed)
-        metrics[f"effective_rank_{r}"] = spectra["effective_rank"]
-        metrics[f"participation_ratio_{r}"] = spectra["participation_ratio"]
-    return with_default_readout(metrics, method, k)
+    for split in ("val", "test"):
+        if len(x[split]):
+            metrics[accuracy(split, knn(k), r)] = 100.0 * knn_top1(x["train"], labels["train"], x[split],
+                                                                   labels[split], k=min(k, len(x["train"])))
+    probe = linear_probe(x["train"], labels["train"], {s: (x[s], labels[s]) for s in ("val", "test")},
+                         splits.num_classes, cfg.eval, seed=cfg.seed, device=device)
+    for split, (top1, top5) in probe.items():
+        metrics[accuracy(split, "linprobe_top1", r)] = 100.0 * top1
+        metrics[accuracy(split, "linprobe_top5", r)] = 100.0 * top5
+    spectra = spectrum(x["train"], cfg.eval.spectrum_top, cfg.eval.spectrum_samples, seed=cfg.seed)
+    metrics[f"effective_rank_{r}"] = spectra["effective_rank"]
+    metrics[f"participation_ratio_{r}"] = spectra["participation_ratio"]
+    return metrics
 
 
 def with_default_readout(metrics: dict[str, float], method: str, k: int) -> dict[str, float]:

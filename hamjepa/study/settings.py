@@ -128,8 +128,8 @@ CELL, ARM = "cell", "arm"
 def flat_overrides(trial_config: Mapping[str, Any]) -> dict[str, Any]:
     """A Tune trial's config as dotted config overrides (a compare cell's arm and seed lifted to the top)."""
     cell = trial_config.get(CELL)
-    if cell is None:
-        return dict(trial_config)
+    if cell is None:  # a search trial: on the base seed, whose initialisation every trial shares
+        return {"eval.initial_readouts": False, **trial_config}
     rest = {k: v for k, v in trial_config.items() if k != CELL}
     # Nothing selects on a compared run: its objective is measured at initialisation and at the end only.
     return {**cell[ARM], "seed": cell["seed"], "eval.objective_every_epoch": False, **rest}

@@ -425,8 +425,12 @@ def initial_readouts(model: JEPAModel, splits, cfg: Config, device: torch.device
     """Epoch 0: the objective and every final readout (under `init/`) of the encoder at initialisation.
 
     A randomly initialised ResNet is already a strong kNN baseline on small images, so what a run learned is
-    its final readout minus this one, never the final readout alone.
+    its final readout minus this one, never the final readout alone. With `eval.initial_readouts` off (search
+    trials), the objective only: Tune needs it in every report.
     """
+    if not cfg.eval.initial_readouts:
+        return {names.objective(cfg.eval.knn_k): readouts.validation_knn(model, splits, cfg, device)} if len(
+            splits.val) else {}
     final = readouts.final_metrics(model, splits, cfg, device)
     metrics = {names.init(k): v for k, v in final.items()}
     objective = names.objective(cfg.eval.knn_k)

@@ -42,6 +42,6 @@ def initialisation_readouts(cfg: Config, seeds: Sequence[int], methods: Sequence
         torch.manual_seed(seed)
         model = JEPAModel(seeded).to(device)
         features = readouts.split_features(model, splits, seeded, device)
-        for method in methods:
-            out[method].append(readouts.metrics_of_features(features, splits, seeded, method, device))
+        for method, metrics in readouts.metrics_of_features(features, splits, seeded, methods, device).items():
+            out[method].append(metrics)
     return out
