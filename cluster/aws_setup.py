@@ -429,7 +429,8 @@ def _key_arn(key: str, region: str, account: str) -> str:
 def documents(config: dict, bucket: str = "<bucket>", account: str = "<account-id>",
               group_id: str = "<security-group-id>", region: str = "<region>", vpc: str = "<vpc-id>") -> dict:
     """Every IAM and bucket document apply installs, by what it is; placeholders stand in for what apply looks up."""
-    image = next(iter(sorted(image_ids(config)))) if len(image_ids(config)) == 1 else "<image-id>"
+    pinned = [image for image in image_ids(config) if _AMI_ID.match(image)]
+    image = pinned[0] if len(pinned) == 1 else "<image-id>"
     head, worker = (f"arn:aws:iam::{account}:role/{name}" for name in (head_profile(config), worker_profile(config)))
     return {"trust policy of both roles": trust_policy(),
             f"{worker_profile(config)} role policy": worker_policy(bucket, account),

@@ -470,6 +470,16 @@ TUNE_FILES = [f"{BUCKET}/ray/energy_budget/eb-1/{name}" for name in (
     "search/callback-states-2026.pkl", "study.json")] + [f"{BUCKET}/ray/energy_budget/latest.json"]
 
 
+def test_gpu_workers_check_their_driver_before_ray_starts_and_policies_print_offline(capsys):
+    check = _one("worker_setup_commands", "python", "~/hamjepa-studies/cluster/aws_setup.py")
+    assert check.run[2:] == ["check", "--driver"]
+    assert SETUP.main(["policies"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    head = printed["hamjepa-head role policy"]
+    assert "arn:aws:ec2:<region>::image/<image-id>" in [r for s in _statements(head) for r in _resources(s)]
+    assert {"bucket policy statements", "bucket lifecycle rules"} <= set(printed)
+
+
 def test_tune_state_files_are_the_ones_ray_and_the_study_write():
     from ray.air.constants import EXPR_ERROR_PICKLE_FILE, EXPR_PARAM_PICKLE_FILE
     from ray.tune.execution.tune_controller import TuneController
