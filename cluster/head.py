@@ -162,12 +162,22 @@ def mlflow_users(folder: Path, uri: str, client=None) -> str:
             client.create_user(username, study_password)
             made = "created"
         except Exception as error:  # MLflow's RestException; only "that user exists" is expected
-            if getattr(error, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
+            if not _exists(error):
                 raise
             client.update_user_password(username, study_password)
             made = "kept"
-        client.grant_user_permission(username, "experiment", "*", STUDY_PERMISSION)
+        try:
+            client.grant_user_permission(username, "experiment", "*", STUDY_PERMISSION)
+        except Exception as error:  # a grant from an earlier `ray up`, whatever its level: made exactly EDIT again
+            if not _exists(error):
+                raise
+            client.revoke_user_permission(username, "experiment", "*")
+            client.grant_user_permission(username, "experiment", "*", STUDY_PERMISSION)
     return f"{made} MLflow user {username} (not an admin) with {STUDY_PERMISSION} on every experiment"
+
+
+def _exists(error: Exception) -> bool:
+    return getattr(error, "error_code", "") == "RESOURCE_ALREADY_EXISTS"
 
 
 def main(argv: list[str] | None = None) -> int:

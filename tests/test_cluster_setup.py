@@ -684,7 +684,15 @@ class FakeAuthClient:
 
     def grant_user_permission(self, username, resource_type, resource_id, permission):
         self._login()
+        if (username, resource_type, resource_id) in self.grants:  # as MLflow 3.17's server answers
+            error = Exception("exists")
+            error.error_code = "RESOURCE_ALREADY_EXISTS"
+            raise error
         self.grants[(username, resource_type, resource_id)] = permission
+
+    def revoke_user_permission(self, username, resource_type, resource_id):
+        self._login()
+        del self.grants[(username, resource_type, resource_id)]
 
 
 def test_the_studies_log_in_as_a_user_without_admin_rights_and_edit_every_experiment(tmp_path, monkeypatch):
@@ -700,8 +708,10 @@ def test_the_studies_log_in_as_a_user_without_admin_rights_and_edit_every_experi
     assert set(client.logins) == {"hamjepa-admin"}  # every call as the admin ...
     assert os.environ["MLFLOW_TRACKING_USERNAME"] == "hamjepa"  # ... and the process's own login is back after
     client.users["hamjepa"] = "an old password"  # a head whose auth store outlived the credentials file
+    client.grants[("hamjepa", "experiment", "*")] = "MANAGE"  # and a grant someone widened by hand
     assert HEAD.mlflow_users(folder, "http://10.0.1.5:5000", client).startswith("kept")
     assert client.users["hamjepa"] == study["MLFLOW_TRACKING_PASSWORD"]
+    assert client.grants == {("hamjepa", "experiment", "*"): "EDIT"}
 
 
 def test_mlflow_users_waits_for_the_server_and_gives_up_with_a_sentence(tmp_path, monkeypatch, capsys):
