@@ -8,10 +8,21 @@ more before `ray down`:
     python cluster/mlflow_store.py backup    # a checked snapshot, uploaded as a new dated version
     python cluster/mlflow_store.py status    # the last backup's outcome and the versions kept
 
-The remote is a folder (default s3://$HAMJEPA_BUCKET/mlflow/backups; any pyarrow URI, file:// in the tests):
+The remote is a folder (default s3://$HAMJEPA_BUCKET/backups/mlflow, outside MLflow's artifact root, so the
+server's artifact proxy never reaches it; any pyarrow URI, file:// in the tests):
 
-    mlflow-20250601T101500Z.db   one dated version per backup, UTC, the newest KEEP kept
+    mlflow-20250601T101500Z.db   one dated version per backup, UTC
+    latest.db                     the latest version again, under a name that never expires
     manifest.json                 the latest version's name and, per version, its size, SHA-256 and markers
+
+Backups only add: on S3 the head may put objects there but not delete them (cluster/aws_setup.py), and the
+bucket's lifecycle expires dated versions after 30 days while latest.db and the manifest stay, so a store idle
+for months is still restored. `--keep N` deletes all but the newest N dated versions where the writer may
+delete (an NFS or local folder); with S3 leave it out.
+
+Restore trusts the manifest: it takes latest.db, or else the newest dated version, only when the manifest lists
+it and its SHA-256 matches; a version the manifest does not list (an upload nothing vouches for) is refused and
+named in the outcome. Without a readable manifest it falls back to SQLite's integrity check and says so loudly.
 
 Why a backup can be refused: a new head whose restore was skipped, or a store copied back by hand, is smaller
 or older than the bucket's copy, and uploading it would push the real store out of the kept versions. The
@@ -43,8 +54,8 @@ from typing import NamedTuple
 
 from hamjepa.backup_log import STATUS_FILE, age_of, last_line, record
 
-KEEP = 5  # dated versions kept in the bucket; identical snapshots are not uploaded, so idle hours use none
 DATED = re.compile(r"^mlflow-\d{8}T\d{6}Z\.db$")  # fixed width, so the names sort in time order
+LATEST = "latest.db"  # the latest version once more, under a name the bucket's lifecycle never expires
 MANIFEST = "manifest.json"
 FORCE_HINT = "pass --force to upload it anyway"
 
@@ -75,9 +86,9 @@ class Outcome(NamedTuple):
 # -- the remote folder ----------------------------------------------------------------------------------------
 
 def default_remote() -> str | None:
-    """s3://$HAMJEPA_BUCKET/mlflow/backups, under the bucket cluster/aws.yaml names; None outside a cluster."""
+    """s3://$HAMJEPA_BUCKET/backups/mlflow, under the bucket cluster/aws.yaml names; None outside a cluster."""
     bucket = os.environ.get("HAMJEPA_BUCKET")
-    return f"s3://{bucket}/mlflow/backups" if bucket else None
+    return f"s3://{bucket}/backups/mlflow" if bucket else None
 
 
 def _remote(uri: str):
@@ -270,9 +281,10 @@ def _lock(store: Path):
         yield
 
 
-def backup(store: Path, remote: str, keep: int = KEEP, force: bool = False,
+def backup(store: Path, remote: str, keep: int | None = None, force: bool = False,
            now: dt.datetime | None = None) -> Outcome:
-    """Snapshot and check the store, refuse to replace a newer remote copy, upload a dated version, keep `keep`."""
+    """Snapshot and check the store, refuse to replace a newer remote copy, upload a dated version and latest.db,
+    then the manifest; with `keep`, delete all but the newest `keep` dated versions."""
     if not store.exists():
         return Outcome("skipped", f"nothing to back up: {store} does not exist")
     now = now or dt.datetime.now(dt.UTC)
@@ -291,10 +303,11 @@ def backup(store: Path, remote: str, keep: int = KEEP, force: bool = False,
         if latest is not None and latest.get("sha256") == entry["sha256"]:
             return Outcome("ok", f"{store} is unchanged since {latest['name']} in {remote}; nothing uploaded")
         _publish(snapshot, fs, f"{folder}/{entry['name']}")
+        _publish(snapshot, fs, f"{folder}/{LATEST}")  # before the manifest, which then vouches for both
         listed = [entry] + [v for v in (manifest or {"versions": []})["versions"] if v["name"] != entry["name"]]
-        kept = set(_versions(fs, folder)[:keep])
+        kept = set(_versions(fs, folder)[:keep])  # those the lifecycle expired drop out of the manifest too
         _write_manifest(fs, folder, [v for v in listed if v["name"] in kept], Path(work))
-        kept = _prune(fs, folder, keep)
+        kept = _prune(fs, folder, keep) if keep else _versions(fs, folder)
     return Outcome("ok", f"backed up {store} ({markers.runs} runs) to {remote} as {entry['name']}; "
                          f"versions kept: {len(kept)}")
 
@@ -327,27 +340,50 @@ def _place(store: Path, remote: str, fs, folder: str, name: str, sha256: str | N
     return markers
 
 
+def _candidates(fs, folder: str) -> tuple[list[tuple[str, str, str | None]], list[str], bool]:
+    """([(file, the version it holds, its recorded SHA-256)] newest first, [versions the manifest does not list],
+    whether a manifest was read). With a manifest only what it lists is a candidate: latest.db as the version it
+    names latest, then the dated versions it lists. Without one, latest.db then every dated version, unverified."""
+    import pyarrow.fs
+
+    names = _versions(fs, folder)
+    has_latest = fs.get_file_info(f"{folder}/{LATEST}").type == pyarrow.fs.FileType.File
+    manifest = _read_manifest(fs, folder)
+    if manifest is None:
+        return [(LATEST, LATEST, None)] * has_latest + [(name, name, None) for name in names], [], False
+    entries = {v["name"]: v for v in manifest["versions"]}
+    latest = entries.get(manifest.get("latest"))
+    candidates = [(LATEST, latest["name"], latest.get("sha256"))] if has_latest and latest else []
+    candidates += [(name, name, entries[name].get("sha256")) for name in names if name in entries]
+    return candidates, [name for name in names if name not in entries], True
+
+
 def restore(store: Path, remote: str) -> Outcome:
-    """Fetch the newest version that passes the checks, unless a local store exists (a live store is newer)."""
+    """Fetch the newest version the manifest vouches for that passes the checks, unless a local store exists (a
+    live store is newer); flag versions the manifest does not list, and a missing manifest, loudly."""
     if store.exists():
         return Outcome("ok", f"kept the existing store {store}")
     fs, folder = _remote(remote)
-    names = _versions(fs, folder)
-    if not names:
+    candidates, unlisted, vouched = _candidates(fs, folder)
+    problems = [f"{name} is not listed in the manifest, so nothing vouches for it (refused)" for name in unlisted]
+    if not candidates and not unlisted:
         return Outcome("ok", f"no backup in {remote}; MLflow starts an empty store")
-    recorded = {v["name"]: v.get("sha256") for v in (_read_manifest(fs, folder) or {"versions": []})["versions"]}
     store.parent.mkdir(parents=True, exist_ok=True)
-    problems = []
-    for name in names:
+    for position, (file, version, sha256) in enumerate(candidates):
         try:
-            markers = _place(store, remote, fs, folder, name, recorded.get(name))
+            markers = _place(store, remote, fs, folder, file, sha256)
         except Corrupt as error:
             problems.append(str(error))
             continue
-        message = f"restored {store} ({markers.runs} runs) from {name} in {remote}"
+        source = f"{file} ({version})" if file != version else file
+        message = f"restored {store} ({markers.runs} runs) from {source} in {remote}"
+        if not vouched:
+            problems.insert(0, f"{remote} has no readable {MANIFEST}, so the copy was checked by SQLite's integrity "
+                               f"check only")
         if not problems:
             return Outcome("ok", message)
-        return Outcome("warning", f"{message}, an older version, because {'; '.join(problems)}")
+        older = ", an older version," if position and candidates[0][1] != version else ""
+        return Outcome("warning", f"{message}{older} because {'; '.join(problems)}")
     raise StoreError(f"no version in {remote} passed the checks ({'; '.join(problems)}), and the head does not "
                      f"start an empty store over them")
 
@@ -400,7 +436,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("action", choices=["restore", "backup", "status"])
     parser.add_argument("--store", default=str(Path.home() / "mlflow" / "mlflow.db"), help="the SQLite file")
     parser.add_argument("--remote", help="the folder of dated versions (default s3://$HAMJEPA_BUCKET/mlflow/backups)")
-    parser.add_argument("--keep", type=_positive, default=KEEP, help=f"dated versions kept (default {KEEP})")
+    parser.add_argument("--keep", type=_positive, help="delete all but the newest N dated versions (only where the "
+                        "writer may delete, such as an NFS folder; on S3 the bucket's lifecycle expires them)")
     parser.add_argument("--force", action="store_true", help="back up even when the remote copy looks newer")
     parser.add_argument("--status-file", help=f"the outcome log (default {STATUS_FILE} beside the store)")
     return parser

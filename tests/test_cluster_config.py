@@ -8,6 +8,7 @@ which later shells source, and `sh -c '...'`) is parsed the same way. The assert
 """
 
 import copy
+import fnmatch
 import importlib.util
 import ipaddress
 import json
@@ -434,48 +435,171 @@ def test_nodes_use_the_projects_profiles_not_rays_and_only_imdsv2():
                                              "HttpPutResponseHopLimit": 1}
 
 
-def test_the_worker_role_may_use_only_the_ray_prefix_of_the_bucket():
-    policy = SETUP.worker_policy("study-bucket")
+def _matches(pattern, value):
+    """IAM's wildcards: `*` any run of characters ('/' included), `?` one."""
+    return fnmatch.fnmatchcase(value, pattern)
+
+
+def _allows(policy, action, resource):
+    """What IAM decides for one request under one identity policy (conditions taken as met): an explicit Deny
+    wins, else any Allow."""
+    def applies(statement):
+        return (any(_matches(a, action) for a in _actions(statement))
+                and any(_matches(r, resource) for r in _resources(statement)))
+
     statements = _statements(policy)
-    assert all(s["Effect"] == "Allow" for s in statements)
+    if any(s["Effect"] == "Deny" and applies(s) for s in statements):
+        return False
+    return any(s["Effect"] == "Allow" and applies(s) for s in statements)
+
+
+def _s3_statements_carry_the_account(policy, account):
+    s3 = [s for s in _statements(policy) if any(a.startswith("s3:") for a in _actions(s))]
+    assert s3 and all(s["Condition"]["StringEquals"]["s3:ResourceAccount"] == account for s in s3)
+
+
+BUCKET = "arn:aws:s3:::study-bucket"
+# Where a study keeps what (hamjepa/study: <storage>/<name>/<id>/...; a single run: <storage>/<run>/...).
+CHECKPOINTS = [f"{BUCKET}/ray/energy_budget/eb-1/train/eb-1-hamjepa-seed1/checkpoint_2026-01-01_00-00-00.000/state.pt",
+               f"{BUCKET}/ray/energy_budget/eb-1/train/eb-1-hamjepa-seed1/.validate_storage_marker",
+               f"{BUCKET}/ray/quick-run/checkpoint_2026-01-01_00-00-00.000/manifest.json"]
+TUNE_FILES = [f"{BUCKET}/ray/energy_budget/eb-1/{name}" for name in (
+    "compare/tuner.pkl", "compare/experiment_state-2026-01-01_00-00-00.json", "search/searcher-state-x.pkl",
+    "search/basic-variant-state-2026.json", "search/search_gen_state-2026.json",
+    "search/trial_driver_1_dt=0.05/params.pkl", "search/trial_driver_1_dt=0.05/error.pkl",
+    "search/callback-states-2026.pkl", "study.json")] + [f"{BUCKET}/ray/energy_budget/latest.json"]
+
+
+def test_gpu_workers_check_their_driver_before_ray_starts_and_policies_print_offline(capsys):
+    check = _one("worker_setup_commands", "python", "~/hamjepa-studies/cluster/aws_setup.py")
+    assert check.run[2:] == ["check", "--driver"]
+    assert SETUP.main(["policies"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    head = printed["hamjepa-head role policy"]
+    assert "arn:aws:ec2:<region>::image/<image-id>" in [r for s in _statements(head) for r in _resources(s)]
+    assert {"bucket policy statements", "bucket lifecycle rules"} <= set(printed)
+
+
+def test_tune_state_files_are_the_ones_ray_and_the_study_write():
+    from ray.air.constants import EXPR_ERROR_PICKLE_FILE, EXPR_PARAM_PICKLE_FILE
+    from ray.tune.execution.tune_controller import TuneController
+    from ray.tune.impl.tuner_internal import _TUNER_PKL
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+    from ray.tune.search.search_generator import SearchGenerator
+
+    from hamjepa.study.invocation import IDENTITY_FILE, POINTER_FILE
+
+    named = [_TUNER_PKL, EXPR_PARAM_PICKLE_FILE, EXPR_ERROR_PICKLE_FILE, IDENTITY_FILE, POINTER_FILE,
+             TuneController.CKPT_FILE_TMPL.format("x"), BasicVariantGenerator.CKPT_FILE_TMPL.format("x"),
+             SearchGenerator.CKPT_FILE_TMPL.format("x")]
+    for name in named:
+        assert any(_matches(f"ray/{pattern}", f"ray/name/id/phase/{name}") for pattern in SETUP.TUNE_STATE), name
+
+
+def test_the_worker_role_may_write_checkpoints_under_ray_but_never_tune_state():
+    policy = SETUP.worker_policy("study-bucket", "123456789012")
+    statements = _statements(policy)
     assert {a.split(":")[0] for s in statements for a in _actions(s)} == {"s3"}  # no EC2, no IAM, nothing else
-    objects = [r for s in statements for r in _resources(s) if r.startswith("arn:aws:s3:::study-bucket/")]
-    assert objects == ["arn:aws:s3:::study-bucket/ray/*"]
-    assert {r for s in statements for r in _resources(s)} == {"arn:aws:s3:::study-bucket",
-                                                               "arn:aws:s3:::study-bucket/ray/*"}
+    allowed = [r for s in statements if s["Effect"] == "Allow" for r in _resources(s) if r.startswith(f"{BUCKET}/")]
+    assert allowed == [f"{BUCKET}/ray/*"]
+    _s3_statements_carry_the_account(policy, "123456789012")
     listing = next(s for s in statements if "s3:ListBucket" in _actions(s))
-    assert listing["Condition"] == {"StringLikeIfExists": {"s3:prefix": ["ray", "ray/*"]}}
+    assert listing["Condition"]["StringLikeIfExists"] == {"s3:prefix": ["ray", "ray/*"]}
+    for key in CHECKPOINTS:
+        assert all(_allows(policy, action, key) for action in ("s3:PutObject", "s3:GetObject", "s3:DeleteObject"))
+    for key in TUNE_FILES:  # the head unpickles or trusts these: a worker may read them, never write them
+        assert _allows(policy, "s3:GetObject", key), key
+        assert not _allows(policy, "s3:PutObject", key) and not _allows(policy, "s3:DeleteObject", key), key
+    for key in (f"{BUCKET}/mlflow/1/a/artifacts/x", f"{BUCKET}/backups/mlflow/latest.db"):
+        assert not _allows(policy, "s3:GetObject", key) and not _allows(policy, "s3:PutObject", key)
     assert not any("*" in a for s in statements for a in _actions(s))
 
 
+def _head_policy(config=None, account="123456789012"):
+    return SETUP.head_policy(config or CONFIG, "study-bucket", account, "sg-0abc", region="us-west-2",
+                             image_id="ami-0123456789abcdef0", vpc="vpc-main")
+
+
 def test_the_head_role_may_launch_only_this_clusters_workers_and_pass_only_the_worker_role():
-    policy = SETUP.head_policy(CONFIG, "study-bucket", "123456789012", "sg-0abc", region="us-west-2")
+    policy = _head_policy()
     statements = _statements(policy)
     actions = {a for s in statements for a in _actions(s)}
     assert {a for a in actions if a.startswith("ec2:")} == {
         "ec2:DescribeInstances", "ec2:RunInstances", "ec2:CreateTags", "ec2:TerminateInstances"}
     assert {a.split(":")[0] for a in actions} == {"ec2", "iam", "s3"} and not any("*" in a for a in actions)
     worker_types = sorted(t["node_config"]["InstanceType"] for t in _workers(CONFIG).values())
-    on_instances = [s for s in statements if "ec2:RunInstances" in _actions(s)
-                    and _resources(s) == ["arn:aws:ec2:us-west-2:123456789012:instance/*"]]
-    assert len(on_instances) == 1
-    assert on_instances[0]["Condition"]["StringEquals"] == {
-        "aws:RequestTag/ray-cluster-name": CONFIG["cluster_name"], "ec2:InstanceType": worker_types}
+    launch = {r: s for s in statements if "ec2:RunInstances" in _actions(s) for r in _resources(s)}
+    ec2 = "arn:aws:ec2:us-west-2:123456789012"
+    assert set(launch) == {f"{ec2}:instance/*", "arn:aws:ec2:us-west-2::image/ami-0123456789abcdef0",
+                           f"{ec2}:security-group/sg-0abc", f"{ec2}:subnet/*", f"{ec2}:network-interface/*",
+                           f"{ec2}:volume/*", f"{ec2}:key-pair/*", f"{ec2}:spot-instances-request/*"}
+    assert launch[f"{ec2}:instance/*"]["Condition"] == {
+        "StringEquals": {"aws:RequestTag/ray-cluster-name": CONFIG["cluster_name"], "ec2:InstanceType": worker_types,
+                         "ec2:MetadataHttpTokens": "required"},  # IMDSv2 only, as the node types ask
+        "NumericLessThanEquals": {"ec2:MetadataHttpPutResponseHopLimit": "1"}}
+    assert "Condition" not in launch["arn:aws:ec2:us-west-2::image/ami-0123456789abcdef0"]  # that image, no other
+    for resource in (f"{ec2}:subnet/*", f"{ec2}:network-interface/*"):  # this cluster's VPC only
+        assert launch[resource]["Condition"] == {"StringEquals": {"ec2:Vpc": f"{ec2}:vpc/vpc-main"}}
+    assert launch[f"{ec2}:volume/*"]["Condition"] == {"Bool": {"ec2:Encrypted": "true"}}
     head_type = CONFIG["available_node_types"][CONFIG["head_node_type"]]["node_config"]["InstanceType"]
     assert head_type not in worker_types  # the head cannot launch another head-sized machine
-    other = next(s for s in statements if "ec2:RunInstances" in _actions(s) and s is not on_instances[0])
-    groups = [r for r in _resources(other) if ":security-group/" in r]
-    assert groups == ["arn:aws:ec2:us-west-2:123456789012:security-group/sg-0abc"]  # this group only
-    assert not any(":instance/" in r for r in _resources(other))
     terminate = next(s for s in statements if "ec2:TerminateInstances" in _actions(s))
     assert terminate["Condition"] == {"StringEquals": {"ec2:ResourceTag/ray-cluster-name": CONFIG["cluster_name"]}}
     passing = [s for s in statements if "iam:PassRole" in _actions(s)]
     assert len(passing) == 1 and _resources(passing[0]) == ["arn:aws:iam::123456789012:role/hamjepa-worker"]
     assert passing[0]["Condition"] == {"StringEquals": {"iam:PassedToService": "ec2.amazonaws.com"}}
-    objects = sorted(r for s in statements for r in _resources(s) if r.startswith("arn:aws:s3:::study-bucket/"))
-    assert objects == ["arn:aws:s3:::study-bucket/mlflow/*", "arn:aws:s3:::study-bucket/ray/*"]
     assert [s for s in statements if s["Resource"] == "*"] == [
         next(s for s in statements if _actions(s) == ["ec2:DescribeInstances"])]  # Describe has no resource level
+
+
+def test_the_head_may_add_backups_but_never_delete_them_and_every_s3_statement_names_the_account(monkeypatch):
+    policy = _head_policy()
+    _s3_statements_carry_the_account(policy, "123456789012")
+    objects = sorted(r for s in _statements(policy) for r in _resources(s) if r.startswith(f"{BUCKET}/"))
+    assert objects == [f"{BUCKET}/backups/*", f"{BUCKET}/mlflow/*", f"{BUCKET}/ray/*"]
+    monkeypatch.setenv("HAMJEPA_BUCKET", "study-bucket")
+    backups = STORE.default_remote()  # where the head's backup loop writes
+    artifacts = _options(_one("head_start_ray_commands", "mlflow", "server").run)["--artifacts-destination"]
+    artifacts = artifacts.replace("$HAMJEPA_BUCKET", "study-bucket")
+    # outside MLflow's artifact root, so the server's artifact proxy never serves or deletes them
+    assert backups.startswith("s3://study-bucket/") and not f"{backups}/".startswith(f"{artifacts}/")
+    for name in ("latest.db", "manifest.json", "mlflow-20260101T000000Z.db"):
+        key = f"{BUCKET}/{backups.removeprefix('s3://study-bucket/')}/{name}"
+        assert _allows(policy, "s3:PutObject", key) and _allows(policy, "s3:GetObject", key)
+        assert not _allows(policy, "s3:DeleteObject", key)
+    assert not any("s3:DeleteObject" in _actions(s) for s in _statements(policy)
+                   if any(r.startswith(f"{BUCKET}/backups") for r in _resources(s)))
+    # the bucket's lifecycle expires the dated copies the head cannot delete, never latest.db or the manifest
+    prefix = f"{backups.removeprefix('s3://study-bucket/')}/"
+    expiring = next(r for r in SETUP.lifecycle_rules() if r["Expiration"].get("Days"))
+    assert expiring["Filter"]["Prefix"] == SETUP.BACKUP_COPIES == f"{prefix}mlflow-"
+    assert not f"{prefix}{STORE.LATEST}".startswith(SETUP.BACKUP_COPIES)
+    assert not f"{prefix}{STORE.MANIFEST}".startswith(SETUP.BACKUP_COPIES)
+    # the bucket's own policy: TLS only, and the cluster's roles cannot erase backups even with a wider role policy
+    bucket = {s["Sid"]: s for s in SETUP.bucket_statements("study-bucket", ["arn:aws:iam::1:role/hamjepa-head"])}
+    tls = bucket["HamjepaDenyRequestsWithoutTls"]
+    assert (tls["Effect"], tls["Principal"], tls["Condition"]) == (
+        "Deny", "*", {"Bool": {"aws:SecureTransport": "false"}})
+    erase = bucket["HamjepaClusterNeverErasesBackups"]
+    assert erase["Effect"] == "Deny" and f"{BUCKET}/backups/*" in erase["Resource"]
+    assert {"s3:DeleteObject", "s3:DeleteObjectVersion", "s3:PutLifecycleConfiguration"} <= set(erase["Action"])
+
+
+def test_a_customer_key_on_the_volumes_gets_the_head_a_grant_for_that_key_only():
+    config = copy.deepcopy(CONFIG)
+    key = "arn:aws:kms:us-west-2:123456789012:key/0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"
+    for node_type in config["available_node_types"].values():
+        node_type["node_config"]["BlockDeviceMappings"][0]["Ebs"]["KmsKeyId"] = key
+    statements = _statements(_head_policy(config))
+    kms = [s for s in statements if any(a.startswith("kms:") for a in _actions(s))]
+    assert kms and all(_resources(s) == [key] for s in kms)
+    grant = next(s for s in kms if "kms:CreateGrant" in _actions(s))
+    assert grant["Condition"] == {"Bool": {"kms:GrantIsForAWSResource": "true"}}
+    assert not [s for s in _statements(_head_policy()) if any(a.startswith("kms:") for a in _actions(s))]
+    for node_type in config["available_node_types"].values():
+        node_type["node_config"]["BlockDeviceMappings"][0]["Ebs"]["KmsKeyId"] = "alias/cluster"
+    with pytest.raises(SETUP.SetupError, match="alias"):
+        _head_policy(config)
 
 
 def test_only_ec2_may_take_the_roles():
@@ -516,16 +640,19 @@ def test_mlflow_listens_on_the_private_address_from_imds_with_basic_auth():
     assert options["--backend-store-uri"] == "sqlite:///$HOME/mlflow/mlflow.db"  # mlflow_store.py's default --store
     # Detached (nohup, &, output to a log), so `ray up` goes on to start Ray.
     assert server.argv[0] == "nohup" and server.then == "&" and server.writes("~/mlflow/server.log") == ">"
-    # The admin login comes from the generated credentials through the environment, never a literal.
-    assert server.env == {"MLFLOW_AUTH_ADMIN_USERNAME": "$MLFLOW_TRACKING_USERNAME",
-                          "MLFLOW_AUTH_ADMIN_PASSWORD": "$MLFLOW_TRACKING_PASSWORD"}
+    # No login in the server's environment: the admin's password is read from basic_auth.ini (head.py).
+    assert server.env == {}
     # The server's settings are sourced first, and it starts only if everything before it succeeded.
     assert k >= 1 and line[k - 1].argv == ["source", "~/mlflow/server.env"]
     assert [c.then for c in line[:k]] == ["&&"] * k
-    _, requirements = _pip_install(_one("head_setup_commands", "pip", "install"))
-    mlflow = [r for r in requirements if r.name == "mlflow"]
-    assert len(mlflow) == 1 and "auth" in mlflow[0].extras  # Flask-WTF: the basic-auth app needs it
-    assert "boto3" in {r.name for r in requirements}  # artifacts to S3, instances for the autoscaler
+    # Then, as the admin, the studies' user (no admin rights) is set up, before Ray starts and alone on its line,
+    # so a failure stops `ray up`.
+    n_server, _, _ = _locate("head_start_ray_commands", "mlflow", "server")
+    n_users, users, _ = _locate("head_start_ray_commands", "python", "~/hamjepa-studies/cluster/head.py")
+    n_ray, _, _ = _locate("head_start_ray_commands", "ray", "start")
+    assert users[0].run[2:] == ["mlflow-users"] and len(users) == 1 and n_server < n_users < n_ray
+    locked = (ROOT / "cluster" / "requirements.lock").read_text()
+    assert re.search(r"^flask-wtf==", locked, re.M) and re.search(r"^boto3==", locked, re.M)  # basic-auth, S3
     # The head's address comes from head.py (IMDS); the export runs only if that succeeded.
     private_ip = [["python", "~/hamjepa-studies/cluster/head.py", "private-ip"]]
     found = [line for line in _lines("head_setup_commands")
@@ -644,8 +771,8 @@ def test_the_bucket_is_named_once_and_no_secret_is_in_the_file():
         assigned = {**command.env, **_exports([command]),
                     **{name: value for name, value in _options(command.run).items() if isinstance(value, str)}}
         secrets.update((name, value) for name, value in assigned.items() if SECRET_NAME.search(name))
-    assert "MLFLOW_AUTH_ADMIN_PASSWORD" in secrets  # the one the server reads ...
-    assert all(value.startswith("$") for value in secrets.values()), secrets  # ... all only from the environment
+    assert not [name for name in secrets if "ADMIN" in name]  # the admin's password is in no command ...
+    assert all(value.startswith("$") for value in secrets.values()), secrets  # ... and nothing else is a literal
     secret_like = [r"AKIA[0-9A-Z]{16}", r"(?i)aws_secret_access_key", r"-----BEGIN", r"[A-Za-z0-9/+]{40}",
                    r"\b[0-9a-f]{32,}\b", r"ssh_private_key"]
     assert not [pattern for pattern in secret_like if re.search(pattern, TEXT)]
@@ -675,22 +802,91 @@ def test_the_constraints_pin_every_dependency_inside_pyprojects_ranges():
     assert set(pins) - {d.name.lower() for d in dependencies} == {"pyarrow", "boto3", "flask-wtf"}  # cluster only
 
 
-def test_image_constraints_and_pyproject_agree_on_ray_and_every_install_is_constrained():
+def test_image_constraints_and_pyproject_agree_on_ray_and_every_install_is_hash_locked():
     ray = next(Requirement(d) for d in PYPROJECT["project"]["dependencies"] if Requirement(d).name == "ray")
     tested = next(s.version for s in ray.specifier if s.operator == ">=")
-    assert CONFIG["docker"]["image"] == f"rayproject/ray:{tested}-py311-gpu"
-    assert CONFIG["docker"]["pull_before_run"] is False  # the tag on the host is the one pulled for it
+    tag, _, digest = CONFIG["docker"]["image"].partition("@")
+    assert tag == f"rayproject/ray:{tested}-py311-gpu"
+    assert digest == f"sha256:{SETUP.PIN_PLACEHOLDER}"  # apply writes the real digest; Docker refuses this one
+    assert CONFIG["docker"]["pull_before_run"] is False  # the image on the host is the one pinned
     assert _constraints()["ray"] == Version(tested)
     commands = _all(*COMMAND_SECTIONS)
     assert not [c.run for c in commands if c.run[:1] in (["pip3"], ["uv"], ["conda"]) or c.run[1:3] == ["-m", "pip"]]
     installs = [c for c in commands if c.run[:1] == ["pip"]]
-    assert installs and all(c.run[1] == "install" for c in installs)
-    installed = set()
-    for command in installs:
-        options, requirements = _pip_install(command)
-        assert options.get("-c") == [CONSTRAINTS], command.run
-        assert not [r for r in requirements if r.specifier or r.url], command.run  # versions from the file only
-        installed |= {r.name for r in requirements}
-    assert {"ray", "boto3", "mlflow"} <= installed  # ray at the image's version: constraints.txt pins it
-    editable = [value for c in installs for value in _pip_install(c)[0].get("-e", [])]
-    assert editable == ["~/hamjepa-studies"] and CONFIG["file_mounts"]["~/hamjepa-studies"] == "."  # this repo
+    assert len(installs) == 2 and all(c.run[1] == "install" for c in installs)
+    locked, project = (_pip_install(c) for c in installs)
+    # every dependency from the lock, with its hashes, and nothing it does not list
+    assert locked == ({"-q": [True], "--require-hashes": [True], "--no-deps": [True],
+                       "-r": ["~/hamjepa-studies/cluster/requirements.lock"]}, [])
+    # then this repository, from the synced tree: no index, so nothing is downloaded without a hash
+    assert project == ({"-q": [True], "--no-deps": [True], "--no-index": [True], "--no-build-isolation": [True],
+                        "-e": ["~/hamjepa-studies"]}, [])
+    assert CONFIG["file_mounts"]["~/hamjepa-studies"] == "."  # this repo
+    assert commands.index(installs[0]) < commands.index(installs[1])
+
+
+def _pinned(config_text=TEXT):
+    return SETUP.pinned_text(config_text, "ami-0123456789abcdef0", "Deep Learning Base OSS Nvidia Driver GPU AMI "
+                             "(Ubuntu 22.04) 20261006, 2026-10-06", "sha256:" + "ab" * 32, "2026-10-07")
+
+
+def test_the_pinned_config_carries_the_image_encrypted_volumes_and_imdsv2_in_every_node_type():
+    assert "ImageId" in SETUP.pin_problem(CONFIG)  # the shipped file cannot launch anything
+    text = _pinned()
+    config = yaml.safe_load(text)
+    assert SETUP.pin_problem(config) is None and _prepared(config)  # Ray's schema still accepts it
+    for node_type in config["available_node_types"].values():
+        node = node_type["node_config"]
+        assert node["ImageId"] == "ami-0123456789abcdef0"
+        assert node["MetadataOptions"] == {"HttpTokens": "required", "HttpEndpoint": "enabled",
+                                           "HttpPutResponseHopLimit": 1}
+        assert [m["Ebs"]["Encrypted"] for m in node["BlockDeviceMappings"]] == [True]
+    assert config["docker"]["image"] == f"rayproject/ray:2.60.0-py311-gpu@sha256:{'ab' * 32}"
+    # only those values changed, comments kept: the file is still commented field by field
+    assert {k: v for k, v in config.items() if k not in ("available_node_types", "docker")} == {
+        k: v for k, v in CONFIG.items() if k not in ("available_node_types", "docker")}
+    assert len(text.splitlines()) == len(TEXT.splitlines()) and "pinned 2026-10-07 by aws_setup.py apply" in text
+    assert _pinned(text) == text  # applying again changes nothing
+    unencrypted = copy.deepcopy(config)
+    del unencrypted["available_node_types"]["gpu_4x"]["node_config"]["BlockDeviceMappings"][0]["Ebs"]["Encrypted"]
+    assert "gpu_4x" in SETUP.pin_problem(unencrypted)
+    with pytest.raises(SETUP.SetupError, match="ImageId"):  # a layout apply cannot rewrite safely is refused
+        _pinned(TEXT.replace("      ImageId: resolve-with-aws-setup-apply\n", "      ImageId:\n        resolve\n", 1))
+
+
+# What a rsync run with aws.yaml's excludes and .gitignore filter must leave behind (file names as they would sit
+# in a developer's checkout).
+SECRETS_IN_A_CHECKOUT = [".env", "cluster/.env", ".env.local", "deploy/key.pem", "ssh/cluster.key", "id_rsa",
+                         "keys/id_ed25519.pub", ".aws/credentials", "mlruns/0/meta.yaml", "studies/mlflow.db",
+                         "optuna.db", "credentials", ".git/config"]
+KEPT_IN_A_CHECKOUT = ["hamjepa/cli.py", "cluster/aws.yaml", "cluster/requirements.lock", "studies/energy_budget.py",
+                      "docs/keys.md", "README.md"]
+
+
+def _rsync_excluded(path, patterns):
+    """rsync's reading of an exclude pattern: one without '/' (but a trailing one) matches a name at any depth;
+    a trailing '/' matches directories only; '**' crosses '/'."""
+    parts = path.split("/")
+    for pattern in patterns:
+        directory = pattern.endswith("/")
+        pattern = pattern.rstrip("/")
+        if "/" in pattern:  # matched against the path and each of its folders; a leading '**/' may match none
+            options = {pattern, pattern.removeprefix("**/")}
+            if any(fnmatch.fnmatchcase("/".join(parts[:i]), option) for option in options
+                   for i in range(1, len(parts) + 1)):
+                return True
+            continue
+        names = parts[:-1] if directory else parts
+        if any(fnmatch.fnmatchcase(name, pattern) for name in names):
+            return True
+    return False
+
+
+def test_the_node_sync_excludes_secrets_and_local_stores_explicitly():
+    excludes = CONFIG["rsync_exclude"]
+    assert {".env", "*.pem", "*.key", "mlruns/", "*.db", "credentials"} <= set(excludes)
+    for path in SECRETS_IN_A_CHECKOUT:
+        assert _rsync_excluded(path, excludes), path
+    for path in KEPT_IN_A_CHECKOUT:
+        assert not _rsync_excluded(path, excludes), path
+    assert CONFIG["rsync_filter"] == [".gitignore"]  # and what .gitignore ignores on top of that

@@ -192,3 +192,77 @@ def _stop(server):
             continue
         time.sleep(0.5)  # the group's other processes end with the server; SIGKILL takes any straggler
     server.wait()
+
+
+# -- the cluster's MLflow logins, against a real basic-auth server (cluster/head.py) -------------------------
+
+def _cluster_module(name):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "cluster" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"cluster_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _as(login, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", login[0])
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", login[1])
+
+
+def test_studies_log_as_a_user_without_admin_rights_that_edits_every_experiment(tmp_path, monkeypatch):
+    """head.py's files start a basic-auth server whose admin comes from basic_auth.ini alone; mlflow-users gives the
+    studies' user EDIT on every experiment: it logs runs into one the admin made (a restored one), but deletes
+    nothing it did not create and manages no user."""
+    pytest.importorskip("flask_wtf")  # MLflow's `auth` extra, which the head installs from the lock
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+    from mlflow.server.auth.client import AuthServiceClient
+
+    head = _cluster_module("head")
+    folder = tmp_path / "mlflow"
+    head.mlflow_auth(folder)
+    server_env = dict(line.removeprefix("export ").split("=", 1)
+                      for line in (folder / "server.env").read_text().splitlines())
+    study = dict(line.removeprefix("export ").split("=", 1)
+                 for line in (folder / "credentials").read_text().splitlines())
+    import configparser
+
+    ini = configparser.ConfigParser(interpolation=None)
+    ini.read(folder / "basic_auth.ini")
+    admin = (ini["mlflow"]["admin_username"], ini["mlflow"]["admin_password"])
+    studies = (study["MLFLOW_TRACKING_USERNAME"], study["MLFLOW_TRACKING_PASSWORD"])
+    port = _free_port()
+    uri = f"http://127.0.0.1:{port}"
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_AUTH_ADMIN", "MLFLOW_TRACKING"))}
+    log = (tmp_path / "server.log").open("w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth", "--backend-store-uri",
+         f"sqlite:///{tmp_path}/mlflow.db", "--artifacts-destination", str(tmp_path / "artifacts"), "--host",
+         "127.0.0.1", "--port", str(port), "--workers", "1"],
+        cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env={**environment, **server_env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+    try:
+        head.wait_for_server(uri, timeout_s=STARTUP_S + 60)
+        _as(admin, monkeypatch)  # the admin came from basic_auth.ini: nothing passed it in the environment
+        restored = MlflowClient(uri).create_experiment("restored-study")
+        _as(studies, monkeypatch)
+        assert head.mlflow_users(folder, uri).startswith("created MLflow user hamjepa")
+        assert os.environ["MLFLOW_TRACKING_USERNAME"] == "hamjepa"  # the process's own login is back
+        client = MlflowClient(uri)
+        run = client.create_run(restored).info.run_id  # EDIT on an experiment the admin made
+        client.log_metric(run, "val_knn20_top1", 41.5)
+        client.set_terminated(run)
+        own = client.create_experiment("new-study")  # and its own experiments
+        client.log_param(client.create_run(own).info.run_id, "seed", 1)
+        with pytest.raises(MlflowException):
+            client.delete_experiment(restored)  # EDIT: no deletion
+        with pytest.raises(MlflowException):
+            AuthServiceClient(uri).create_user("intruder", "a-password-long-enough-1")  # not an admin
+        assert head.mlflow_users(folder, uri).startswith("kept")  # a second `ray up`
+        assert [m.value for m in client.get_metric_history(run, "val_knn20_top1")] == [41.5]
+    finally:
+        _stop(server)
+        log.close()

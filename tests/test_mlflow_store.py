@@ -118,7 +118,8 @@ def test_backups_are_dated_versions_and_only_the_newest_n_are_kept(template, tmp
         _add_runs(head, 1)
         STORE.backup(head, remote, keep=3, now=_at(minute))
     names = ["mlflow-20250601T110000Z.db", "mlflow-20250601T105000Z.db", "mlflow-20250601T104000Z.db"]
-    assert _listing(remote) == sorted([*names, "manifest.json"])  # no partial or older file left
+    assert _listing(remote) == sorted([*names, "latest.db", "manifest.json"])  # no partial or older file left
+    assert (_folder(remote) / "latest.db").read_bytes() == (_folder(remote) / names[0]).read_bytes()
     manifest = _manifest(remote)
     assert manifest["latest"] == names[0]
     assert [(v["name"], v["runs"]) for v in manifest["versions"]] == list(zip(names, [7, 6, 5]))
@@ -130,14 +131,15 @@ def test_backups_are_dated_versions_and_only_the_newest_n_are_kept(template, tmp
     assert _manifest(remote) == manifest
 
     new_head = tmp_path / "new-head" / "mlflow.db"
-    assert STORE.restore(new_head, remote) == ("ok", f"restored {new_head} (7 runs) from {names[0]} in {remote}")
+    assert STORE.restore(new_head, remote) == ("ok", f"restored {new_head} (7 runs) from latest.db ({names[0]}) in "
+                                                     f"{remote}")
     assert _run_ids(new_head) == _run_ids(head)
 
     # a head whose clock is behind, or a second backup in the same second, still files the new copy as the newest
     _add_runs(head, 1)
     behind = STORE.backup(head, remote, keep=3, now=_at(5))
     assert behind.message.endswith("as mlflow-20250601T110001Z.db; versions kept: 3")
-    assert _listing(remote) == ["manifest.json", *sorted([*names[:2], "mlflow-20250601T110001Z.db"])]
+    assert _listing(remote) == ["latest.db", "manifest.json", *sorted([*names[:2], "mlflow-20250601T110001Z.db"])]
     assert _manifest(remote)["versions"][0]["runs"] == 8
 
 
@@ -179,15 +181,17 @@ def _corrupt(path):
 @pytest.mark.parametrize("damage", ["pages", "truncated"])
 def test_a_corrupt_newest_version_falls_back_to_the_previous_one(template, tmp_path, remote, damage):
     newest = _two_versions(template, tmp_path, remote)
-    if damage == "pages":
-        _corrupt(newest)
-    else:
-        newest.write_bytes(newest.read_bytes()[:8192])
+    for copy in (newest, _folder(remote) / "latest.db"):
+        if damage == "pages":
+            _corrupt(copy)
+        else:
+            copy.write_bytes(copy.read_bytes()[:8192])
     new_head = tmp_path / "new-head" / "mlflow.db"
     outcome = STORE.restore(new_head, remote)
     assert outcome.state == "warning"
     assert outcome.message.startswith(f"restored {new_head} (1 runs) from mlflow-20250601T100000Z.db")
-    assert "an older version, because mlflow-20250601T101000Z.db does not match the SHA-256" in outcome.message
+    assert "an older version, because latest.db does not match the SHA-256" in outcome.message
+    assert "mlflow-20250601T101000Z.db does not match the SHA-256" in outcome.message
     assert len(_run_ids(new_head)) == 1
     assert sorted(p.name for p in new_head.parent.iterdir()) == ["mlflow.db"]  # no temporary file left
 
@@ -200,9 +204,11 @@ def test_without_a_manifest_the_integrity_check_alone_catches_a_corrupt_copy(tem
     else:  # a hand edit: entries without their markers are not trusted
         (_folder(remote) / "manifest.json").write_text('{"versions": [{"name": "mlflow-20250601T101000Z.db"}]}')
     _corrupt(newest)
+    _corrupt(_folder(remote) / "latest.db")
     new_head = tmp_path / "new-head" / "mlflow.db"
     outcome = STORE.restore(new_head, remote)
-    assert outcome.state == "warning"
+    assert outcome.state == "warning"  # said loudly: nothing vouched for the copy but SQLite's own check
+    assert "has no readable manifest.json, so the copy was checked by SQLite's integrity check only" in outcome.message
     assert "mlflow-20250601T101000Z.db failed SQLite's integrity check" in outcome.message
     # and a backup with no manifest compares against the newest version that passes the checks
     smaller = _new_store(template, tmp_path / "smaller" / "mlflow.db")
@@ -220,12 +226,12 @@ def test_restore_leaves_no_file_at_the_target_when_every_copy_is_corrupt_or_the_
         raise OSError("connection reset")
 
     monkeypatch.setattr(STORE, "_download", broken_download)
-    with pytest.raises(STORE.StoreError, match=r"^fetching mlflow-20250601T101000Z.db from .* failed \(connection"):
+    with pytest.raises(STORE.StoreError, match=r"^fetching latest.db from .* failed \(connection"):
         STORE.restore(target, remote)  # a failed transfer is not a corrupt copy: no silent fallback
     assert list(target.parent.iterdir()) == []
     monkeypatch.undo()
 
-    for version in (newest, _folder(remote) / "mlflow-20250601T100000Z.db"):
+    for version in (newest, _folder(remote) / "mlflow-20250601T100000Z.db", _folder(remote) / "latest.db"):
         _corrupt(version)
     with pytest.raises(STORE.StoreError, match=r"^no version in .* passed the checks .* empty store over them$"):
         STORE.restore(target, remote)
@@ -271,6 +277,7 @@ def test_status_shows_the_last_failure_and_the_versions_kept(template, tmp_path,
 def test_restore_outcomes_are_recorded_and_a_failed_restore_exits_non_zero(template, tmp_path, remote, capsys):
     newest = _two_versions(template, tmp_path, remote)
     _corrupt(newest)
+    _corrupt(_folder(remote) / "latest.db")
     target = tmp_path / "new-head" / "mlflow.db"
     assert STORE.main(["restore", "--store", str(target), "--remote", remote]) == 0
     assert " restore warning: restored " in capsys.readouterr().err  # the fallback is said where ray up shows it
@@ -292,4 +299,51 @@ def test_flags_are_checked_and_the_bucket_comes_from_the_cluster_environment(mon
         STORE.main(["backup", "--remote", "file:///tmp/x", "--keep", "0"])
     assert "argument --keep: must be a whole number of versions, at least 1, not '0'" in capsys.readouterr().err
     monkeypatch.setenv("HAMJEPA_BUCKET", "example-bucket")
-    assert STORE.default_remote() == "s3://example-bucket/mlflow/backups"
+    assert STORE.default_remote() == "s3://example-bucket/backups/mlflow"  # outside MLflow's artifact root
+
+
+def test_a_copy_the_manifest_does_not_list_is_refused_loudly(template, tmp_path, remote):
+    _two_versions(template, tmp_path, remote)
+    planted = _new_store(template, tmp_path / "planted" / "mlflow.db")  # newer, larger, but nothing vouches for it
+    _add_runs(planted, 5)
+    shutil.copy(planted, _folder(remote) / "mlflow-20250601T120000Z.db")
+    new_head = tmp_path / "new-head" / "mlflow.db"
+    outcome = STORE.restore(new_head, remote)
+    assert outcome.state == "warning" and "(2 runs) from latest.db (mlflow-20250601T101000Z.db)" in outcome.message
+    assert "mlflow-20250601T120000Z.db is not listed in the manifest, so nothing vouches for it" in outcome.message
+    assert len(_run_ids(new_head)) == 2
+    # a latest.db the manifest does not vouch for (replaced after the manifest was written) is refused as well
+    new_head.unlink()
+    shutil.copy(planted, _folder(remote) / "latest.db")
+    outcome = STORE.restore(new_head, remote)
+    assert "latest.db does not match the SHA-256" in outcome.message and len(_run_ids(new_head)) == 2
+    # only unlisted copies: nothing is restored, and `ray up` stops
+    (_folder(remote) / "latest.db").unlink()
+    for name in ("mlflow-20250601T100000Z.db", "mlflow-20250601T101000Z.db"):
+        (_folder(remote) / name).unlink()
+    new_head.unlink()
+    with pytest.raises(STORE.StoreError, match="not listed in the manifest"):
+        STORE.restore(new_head, remote)
+    assert not new_head.exists()
+
+
+def test_backups_only_add_and_latest_db_outlives_the_expired_dated_copies(template, tmp_path, remote, monkeypatch):
+    def refused(*args):  # the head's role on S3: no s3:DeleteObject under backups/
+        raise AssertionError("a backup without --keep deleted a copy")
+
+    head = _new_store(template, tmp_path / "head" / "mlflow.db")
+    monkeypatch.setattr(STORE, "_prune", refused)
+    for minute in range(0, 40, 10):
+        _add_runs(head, 1)
+        assert STORE.backup(head, remote, now=_at(minute)).state == "ok"  # nothing needs a deletion
+    monkeypatch.undo()
+    assert len([n for n in _listing(remote) if n.startswith("mlflow-")]) == 4
+    for name in _listing(remote):  # the bucket's lifecycle expires the dated copies of an idle store
+        if name.startswith("mlflow-"):
+            (_folder(remote) / name).unlink()
+    new_head = tmp_path / "new-head" / "mlflow.db"
+    outcome = STORE.restore(new_head, remote)
+    assert outcome == ("ok", f"restored {new_head} (4 runs) from latest.db (mlflow-20250601T103000Z.db) in {remote}")
+    _add_runs(new_head, 1)
+    assert STORE.backup(new_head, remote, now=_at(50)).state == "ok"  # and the store goes on from there
+    assert _manifest(remote)["versions"][0]["runs"] == 5 and len(_manifest(remote)["versions"]) == 1

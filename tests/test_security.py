@@ -89,6 +89,7 @@ def test_real_cifar_batches_of_every_protocol_still_load(tmp_path, protocol):
     loaded = cifar.read_batch(path)
     assert loaded[b"labels"] == [3, 7] and loaded[b"filenames"] == [b"a.png", b""]
     np.testing.assert_array_equal(loaded[b"data"], pixels)
+    assert type(loaded[b"data"]) is np.ndarray  # a plain array, not the checked one the reader built
 
 
 def test_a_python2_cifar_batch_loads():
@@ -102,6 +103,49 @@ def test_a_python2_cifar_batch_loads():
     loaded = cifar.CifarUnpickler(io.BytesIO(stream), encoding="bytes").load()
     assert loaded[b"labels"] == [1, 2]
     np.testing.assert_array_equal(loaded[b"data"], np.arange(6, dtype=np.uint8).reshape(2, 3))
+
+
+class _Pickled:
+    """Pickles as `reduce` says: a stand-in for a crafted file's opcodes."""
+
+    def __init__(self, reduce):
+        self.reduce = reduce
+
+    def __reduce__(self):
+        return self.reduce
+
+
+TIB_32 = (2**45,)  # 32 TiB of uint8
+_RECONSTRUCT = np._core.multiarray._reconstruct
+
+
+@pytest.mark.parametrize("crafted", [
+    (np.ndarray, (TIB_32, "u1")),  # numpy.ndarray called directly
+    (_RECONSTRUCT, (np.ndarray, TIB_32, b"b")),  # numpy's pickled-array constructor, asked for the size
+    (_RECONSTRUCT, (np.ndarray, (0,), b"b"), (1, TIB_32, np.dtype("u1"), False, b"xx")),  # the state asks
+    (_RECONSTRUCT, (np.ndarray, (0,), b"b"), (1, (2**16, 2**16, 2**13), np.dtype("u1"), False, b"")),  # 3 dims
+])
+def test_a_cifar_file_asking_for_a_32_tib_array_is_refused_before_allocating(tmp_path, crafted):
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(pickle.dumps({b"data": _Pickled(crafted), b"labels": [1]}, protocol=2))
+    with pytest.raises(UserError, match="refused before allocating anything") as refused:
+        cifar.read_batch(path)
+    message = str(refused.value)
+    _one_sentence(message)
+    assert str(path) in message and "larger than any CIFAR batch" in message
+
+
+@pytest.mark.parametrize("crafted", [
+    (_RECONSTRUCT, (np.ndarray, (0,), b"b"), (1, (3,), np.dtype("O"), False, [1, 2, 3])),  # Python objects
+    (_RECONSTRUCT, (np.ndarray, (0,), b"b"), (1, (4,), np.dtype("u1"), False, b"xx")),  # bytes short of the shape
+    (_RECONSTRUCT, (np.ndarray, (0,), b"b"), ("not", "a", "state")),
+])
+def test_an_array_whose_state_does_not_describe_its_bytes_is_refused(tmp_path, crafted):
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(pickle.dumps({b"data": _Pickled(crafted)}, protocol=2))
+    with pytest.raises(UserError, match="is not a CIFAR batch") as refused:
+        cifar.read_batch(path)
+    _one_sentence(str(refused.value))
 
 
 @pytest.mark.parametrize("content", [b"", b"not a pickle", pickle.dumps([1, 2, 3], protocol=2),
@@ -129,7 +173,16 @@ def test_a_broken_cifar_file_is_one_sentence(tmp_path, content):
     ("http://10.0.1.5:5000", "http://10.0.1.5:5000"),
     ("sqlite:////home/me/mlflow.db", "sqlite:////home/me/mlflow.db"),
     ("s3://bucket/ray", "s3://bucket/ray"),
-    ("http://user@host", "http://user@host"),  # a user name alone is not a secret
+    ("http://user@host", "http://***@host"),  # a user name alone cannot be told from a token: masked too
+    ("https://ghp_secret0123456789@github.com/org/repo.git", "https://***@github.com/org/repo.git"),
+    ("https://user:pa#secret@host:5000/x", "https://user:***@host:5000/x"),  # '#' and '?' inside the password
+    ("https://user:pa?secret@host/x?token=secret&v=1", "https://user:***@host/x?token=***&v=1"),
+    ("http://user:p@secret@host/x", "http://user:***@host/x"),  # an unescaped '@' in the password
+    ("http://u:secret@[::1]:5000/x", "http://u:***@[::1]:5000/x"),
+    ("http://[::1]:5000/x", "http://[::1]:5000/x"),
+    ("http://10.0.1.5:5000/path@x", "http://10.0.1.5:5000/path@x"),  # a port, then an '@' in the path: no userinfo
+    ("s3://bucket/a@b", "s3://bucket/a@b"),
+    ("sqlite:///x", "sqlite:///x"),
     ("ray_results/study", "ray_results/study"),
 ])
 def test_mask_uri(uri, shown):
@@ -137,9 +190,35 @@ def test_mask_uri(uri, shown):
     assert "secret" not in mask_uri(uri) and "cret" not in mask_uri(uri)
 
 
+@pytest.mark.parametrize("text, shown", [
+    ("MLFLOW_TRACKING_PASSWORD=secret1 and more", "MLFLOW_TRACKING_PASSWORD=*** and more"),
+    ("export AWS_SECRET_ACCESS_KEY=wJalr/K7MDENG+secret", "export AWS_SECRET_ACCESS_KEY=***"),
+    ("aws_secret_access_key = wJalrXUtnFEMI/secret", "aws_secret_access_key = ***"),  # ~/.aws/credentials
+    ("RAY_AUTH_TOKEN=secret GITHUB_TOKEN=\"secret two\"", "RAY_AUTH_TOKEN=*** GITHUB_TOKEN=\"***\""),
+    ("MLFLOW_FLASK_SERVER_SECRET_KEY=secret", "MLFLOW_FLASK_SERVER_SECRET_KEY=***"),
+    ("{'MLFLOW_TRACKING_PASSWORD': 'secret', 'HOME': '/h'}", "{'MLFLOW_TRACKING_PASSWORD': '***', 'HOME': '/h'}"),
+    ('{"client_secret": "secret"}', '{"client_secret": "***"}'),
+    ("Authorization: Bearer secret.jwt-token", "Authorization: Bearer ***"),
+    ("headers={'Authorization': 'Basic c2VjcmV0'}", "headers={'Authorization': 'Basic ***'}"),
+    ("proxy-authorization: secret", "proxy-authorization: ***"),
+    ("authorization: AWS4-HMAC-SHA256 Credential=AK/secret, Signature=secret",
+     "authorization: AWS4-HMAC-SHA256 ***"),
+    # names that only look like secrets, and values already masked, are left alone
+    ("token_dim=65 is odd; max_tokens=5", "token_dim=65 is odd; max_tokens=5"),
+    ("password=*** already", "password=*** already"),
+    ("sqlite:///x", "sqlite:///x"),
+])
+def test_mask_text_masks_secret_assignments_and_authorization_headers(text, shown):
+    assert mask_text(text) == shown
+    assert "secret" not in mask_text(text).replace("_SECRET", "").replace("client_secret", "") \
+        .replace("aws_secret", "")
+
+
 def test_mask_text_masks_every_uri_in_a_message_and_keeps_its_punctuation():
     message = "could not reach 'http://u:secret@h:5000' (see http://h/?token=secret)."
     assert mask_text(message) == "could not reach 'http://u:***@h:5000' (see http://h/?token=***)."
+    mixed = "PASSWORD=secret for https://ghp_secret@github.com/x?page=2 and http://u:pa#secret@h/"
+    assert mask_text(mixed) == "PASSWORD=*** for https://***@github.com/x?page=2 and http://u:***@h/"
 
 
 def test_errors_and_summaries_show_uris_without_their_credentials(tmp_path):
