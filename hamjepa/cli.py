@@ -26,7 +26,7 @@ from hamjepa.config import (
 )
 from hamjepa.errors import UserError
 from hamjepa.methods import ABLATIONS
-from hamjepa.redact import mask_uri
+from hamjepa.redact import mask_text, mask_uri
 from hamjepa.train.resources import Resources
 
 # A study's defaults. On CPUs, sized for the quick profile on 2 cores: 4 search trials (ASHA stops some) + 3 paired
@@ -214,7 +214,7 @@ def _guarded(parser: argparse.ArgumentParser, work) -> int:
     try:
         return work()
     except UserError as error:
-        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        print(f"{parser.prog}: error: {mask_text(str(error))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # one that got past the phases: the study's runs are closed, resumable
         print(f"{parser.prog}: interrupted; continue with the same command and --resume", file=sys.stderr)
@@ -390,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except UserError as error:  # our one-sentence errors (ConfigError too): no traceback for a bad input
-        print(f"hamjepa: error: {error}", file=sys.stderr)
+        print(f"hamjepa: error: {mask_text(str(error))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("hamjepa: interrupted", file=sys.stderr)

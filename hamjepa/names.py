@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from hamjepa.methods import spec
+from hamjepa.redact import mask_text
 
 EPOCH = "epoch"
 DIVERGED = "diverged"  # 0/1
@@ -154,7 +155,7 @@ REASON_CHARS = 300  # a failure's reason: one line in a run's tag, the summary a
 def failure_reason(error: BaseException) -> str:
     """Why a run failed beyond its restarts: the last line of Ray Train's error (the worker's exception)."""
     lines = str(error).strip().splitlines()
-    return lines[-1][:REASON_CHARS] if lines else type(error).__name__
+    return mask_text(lines[-1][:REASON_CHARS]) if lines else type(error).__name__  # credentials never reach a tag
 
 
 def classify(last: Mapping[str, Any], epochs: int) -> tuple[RunState, str]:

@@ -243,6 +243,22 @@ def test_the_study_result_line_masks_the_tracking_uri(capsys):
     assert "secret" not in printed and "https://user:***@mlflow.example:443" in printed
 
 
+def test_a_failed_runs_reason_and_the_clis_error_line_carry_no_secret(capsys, monkeypatch):
+    from hamjepa import cli
+    from hamjepa.names import failure_reason
+
+    error = RuntimeError("Traceback ...\nRAY_TOKEN=abc123 could not reach https://ghp_abc123@github.com/x")
+    assert "abc123" not in failure_reason(error) and "***" in failure_reason(error)
+
+    def refuse(*args, **kwargs):
+        raise UserError("--tracking-uri 'postgresql://me:abc123@db/x' is invalid: Authorization: Bearer abc123")
+
+    monkeypatch.setattr(cli, "_store_to_read", refuse)
+    assert cli.main(["report", "--tracking-uri", "sqlite:///x.db"]) == 2
+    printed = capsys.readouterr().err
+    assert "abc123" not in printed and printed.startswith("hamjepa: error:")
+
+
 def test_no_plain_unpickling_is_left_in_the_data_modules():
     for module in Path(data.__file__).parent.glob("*.py"):
         source = module.read_text()
