@@ -30,8 +30,8 @@ from hamjepa.redact import mask_text, mask_uri
 from hamjepa.train.resources import Resources
 
 # A study's defaults. On CPUs, sized for the quick profile on 2 cores: 4 search trials (ASHA stops some) + 3 paired
-# seeds x 2 methods, two runs at a time, ~4.5 minutes a run there (26 minutes in all, 2026-12-03, docs/results.md;
-# the goal was 15, when the machine trained 1.35x faster and validated on 500 images). Three paired seeds everywhere:
+# seeds x 2 methods, two runs at a time, ~2.5 minutes a run there (13 minutes in all, 2026-12-03, docs/results.md;
+# the goal is 15). Three paired seeds everywhere:
 # n = 2 resolves almost nothing (the 95% t-interval's half-width is 12.7 sd / sqrt(2); at n = 3, 4.3 sd / sqrt(3)).
 DEFAULT_CPU_TRIALS, DEFAULT_GPU_TRIALS = 4, 6
 DEFAULT_SEEDS = 3
