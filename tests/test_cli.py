@@ -4,8 +4,9 @@ import pytest
 import yaml
 
 from hamjepa.cli import main, study_main
+from hamjepa.study.space import SearchSpace
 
-SPACE = {"predictor.dt": 0.05}
+SPACE = SearchSpace.from_mapping({"predictor.dt": "loguniform(0.01, 0.2)"})
 
 
 @pytest.mark.parametrize("argv,words", [
@@ -25,7 +26,7 @@ def test_train_refuses_bad_input_in_one_sentence(argv, words, capsys):
     (["--num-samples", "0"], "--num-samples = 0"),
     (["--seeds", "-2"], "--seeds = -2"),
     (["--set", "data.val_size=0"], "data.val_size"),
-    (["--workers-per-trial", "0"], "--workers"),
+    (["--workers", "0"], "--workers"),
     (["--dataset", "cifar100", "--set", "data.download=false", "--data-root", "/nonexistent"], "cifar100"),
 ])
 def test_study_refuses_bad_input_in_one_sentence(argv, words, capsys, tmp_path):
@@ -112,7 +113,7 @@ def test_resume_takes_an_optional_study_id(tmp_path, monkeypatch):
     from hamjepa import cli
 
     seen = []
-    monkeypatch.setattr(cli, "_study_settings", lambda name, args, **fields: seen.append(args.resume) or 1 / 0)
+    monkeypatch.setattr(cli, "_study_settings", lambda name, args, base, **fields: seen.append(args.resume) or 1 / 0)
     for argv, resume in (([], ""), (["--resume"], "latest"), (["--resume", "20250101-120000-ab12"],
                                                               "20250101-120000-ab12")):
         with pytest.raises(ZeroDivisionError):

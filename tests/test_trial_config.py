@@ -38,8 +38,8 @@ def test_the_trainer_hands_its_workers_the_config_object_itself(tmp_path):
 
 
 def test_resources_are_checked_once_when_made_and_against_a_batch():
-    with pytest.raises(ValueError, match="--workers-per-trial"):
-        Resources(0, flag="--workers-per-trial")
+    with pytest.raises(ValueError, match="--workers"):
+        Resources(0, flag="--workers")
     with pytest.raises(ConfigError, match="divide evenly among 3 workers"):
         Resources(3).check_batch(profile("quick"))  # batch 128
     Resources(2).check_batch(profile("quick"))
@@ -52,7 +52,8 @@ def test_a_trial_whose_batch_does_not_split_among_its_workers_fails_before_train
 
     with pytest.raises(ConfigError, match="must divide evenly among 3 workers"):
         trial_driver({"optim.batch_size": 128}, base=profile("quick").override({"optim.batch_size": 96}),
-                     resources=Resources(3), storage_path=str(tmp_path), study_id="batch")
+                     resources=Resources(3), storage_path=str(tmp_path), study_id="batch",
+                     objective="val_knn20_top1", tracking_uri=f"sqlite:///{tmp_path}/m.db", experiment="x")
     assert not any(tmp_path.iterdir())  # nothing started
 
 
