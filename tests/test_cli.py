@@ -134,3 +134,21 @@ def test_a_failed_store_backup_is_reported_where_the_study_user_looks(tmp_path, 
     warning = cli._warn_about_store_backups(status_file)
     assert warning and "last backup failed" in warning and "holds more runs" in warning
     assert capsys.readouterr().err.strip() == f"warning: {warning}"
+
+
+def test_version_and_bare_train_defaults(monkeypatch, capsys):
+    """`hamjepa --version`; bare `hamjepa train` without a GPU trains the quick profile and says so, with one it
+    trains the paper's protocol on one GPU per worker; the scale flags are the study's."""
+    from hamjepa import __version__, cli
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"hamjepa {__version__}"
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    for gpus, profile, note in ((0, "quick", True), (1, None, False)):
+        monkeypatch.setattr("hamjepa.checks.local_gpus", lambda gpus=gpus: gpus)
+        args = cli.build_parser().parse_args(["train", "--epochs", "3", "--subset", "900", "--dataset", "cifar10"])
+        said = cli._train_defaults(args)
+        assert args.profile == profile and args.gpus_per_worker == float(gpus) and bool(said) == note
+        assert cli._scale_overrides(args) == {"data.dataset": "cifar10", "data.image_size": 32,
+                                              "encoder.in_channels": 3, "optim.epochs": 3, "data.subset": 900}
