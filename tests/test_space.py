@@ -157,3 +157,22 @@ def test_bad_search_flags_are_one_sentence_before_any_work(argv, words, tmp_path
     assert done.returncode == 2, done.stderr
     assert words in done.stderr and done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
     assert not (tmp_path / "m.db").exists()
+
+
+def test_the_python_api_refuses_bad_input_when_the_study_is_made(tmp_path):
+    """hamjepa.Study checks like the command line, in the same words, before Ray or MLflow start."""
+    from hamjepa import Study
+    from hamjepa.errors import UserError
+
+    where = {"tracking_uri": f"sqlite:///{tmp_path}/m.db", "storage_path": str(tmp_path / "ray")}
+    with pytest.raises(UserError, match="Study option 'num_sample' is unknown; did you mean 'num_samples'?"):
+        Study("s", profile("quick"), STUDY_FILE, num_sample=2, **where)
+    with pytest.raises(SpaceError, match="the search space: 'predictor.stepz': unknown config key"):
+        Study("s", profile("quick"), {"predictor.stepz": "int(1, 4)"}, **where)
+    with pytest.raises(UserError, match="--num-samples = 0 is invalid"):
+        Study("s", profile("quick"), STUDY_FILE, num_samples=0, **where)
+    with pytest.raises(UserError, match="needs a search space"):
+        Study("s", profile("quick"), **where)
+    study = Study("s", profile("quick"), STUDY_FILE, num_samples=2, objective="val_knn20_top1", **where)
+    assert study.space == SearchSpace.from_file(STUDY_FILE) and study.settings.num_samples == 2
+    assert not (tmp_path / "m.db").exists()  # nothing created

@@ -16,6 +16,8 @@ or MLflow starts; `run()` then connects to Ray (or uses the Ray this process alr
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,19 @@ def as_space(space: SearchSpace | Mapping[str, str] | str | Path) -> SearchSpace
     return SearchSpace.from_file(space)
 
 
+# StudySettings' fields that Study sets itself, from its own arguments or the checks.
+_OWN = {"name", "base", "resources", "tracking_uri", "experiment", "storage_path", "verbose", "searches"}
+
+
+def _check_options(options: Mapping[str, Any]) -> None:
+    valid = sorted(f.name for f in dataclasses.fields(StudySettings) if f.name not in _OWN)
+    for key in options:
+        if key not in valid:
+            close = difflib.get_close_matches(key, valid, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"valid options: {', '.join(valid)}"
+            raise UserError(f"Study option '{key}' is unknown; {hint}")
+
+
 class Study:
     """One search study: `config` (default: the quick profile) searched over `space`, then compared with SIGReg.
 
@@ -55,6 +70,7 @@ class Study:
         if not space:
             raise UserError("Study needs a search space: a SearchSpace, a mapping of dotted config keys to "
                                    "distributions, or a YAML file such as studies/energy_budget.yaml.")
+        _check_options(options)
         base = config if config is not None else profile("quick")
         self.space = as_space(space)
         self.space.check(base)
