@@ -156,7 +156,7 @@ class Invocation:
 
     def __init__(self, settings: StudySettings, params: Mapping[str, Any]):
         self.settings = settings
-        params = _as_params({**params, "study.workers_per_trial": settings.resources.workers,
+        params = _as_params({**params, "study.workers": settings.resources.workers,
                              **settings.base.flatten()})
         self.study_id, self.folder = _study_identity(settings, params)
         self.parent = RunLogger(settings.tracking_uri, settings.experiment_name, key=f"study/{self.study_id}",
