@@ -58,10 +58,15 @@ def add_config_arguments(parser: argparse.ArgumentParser, default_profile: str |
                                             "dataset packages, then a download)")
 
 
+def data_root(path: str) -> str:
+    """--data-root made absolute: Ray's workers read it from other working directories."""
+    return str(Path(path).expanduser().resolve())
+
+
 def config_from_args(args: argparse.Namespace):
     overrides = parse_overrides(args.overrides)
     if args.data_root:
-        overrides["data.root"] = args.data_root
+        overrides["data.root"] = data_root(args.data_root)
     return build_config(args.profile, args.config, overrides)
 
 
@@ -82,7 +87,7 @@ def _scale_overrides(args: argparse.Namespace) -> dict[str, object]:
     if args.subset is not None:
         overrides["data.subset"] = args.subset
     if args.data_root:
-        overrides["data.root"] = args.data_root
+        overrides["data.root"] = data_root(args.data_root)
     return overrides
 
 

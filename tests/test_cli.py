@@ -1,5 +1,7 @@
 """Command lines: bad input is one sentence on stderr before any work (no Ray, no traceback)."""
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -152,3 +154,5 @@ def test_version_and_bare_train_defaults(monkeypatch, capsys):
         assert args.profile == profile and args.gpus_per_worker == float(gpus) and bool(said) == note
         assert cli._scale_overrides(args) == {"data.dataset": "cifar10", "data.image_size": 32,
                                               "encoder.in_channels": 3, "optim.epochs": 3, "data.subset": 900}
+    args = cli.build_parser().parse_args(["train", "--data-root", "my_images"])
+    assert cli._scale_overrides(args)["data.root"] == str(Path.cwd() / "my_images")  # workers run elsewhere

@@ -72,6 +72,8 @@ class Study:
                                    "distributions, or a YAML file such as studies/energy_budget.yaml.")
         _check_options(options)
         base = config if config is not None else profile("quick")
+        if base.data.root and not Path(base.data.root).is_absolute():  # Ray's workers run in other folders
+            base = base.override({"data.root": str(Path(base.data.root).resolve())})
         self.space = as_space(space)
         self.space.check(base)
         resources = Resources(workers, cpus_per_worker, gpus_per_worker)
