@@ -126,8 +126,8 @@ def log_encoder_model(logger, saved: dict[str, Any], cfg: Config, encoder_file: 
     encoder = TokenEncoder(cfg.encoder)
     encoder.load_state_dict(saved["encoder"])
     example = torch.zeros(2, cfg.encoder.in_channels, cfg.data.image_size, cfg.data.image_size)  # (N, C, H, W)
-    client = logger.client
     try:
+        client = logger.client
         with tempfile.TemporaryDirectory() as folder:
             path = os.path.join(folder, MODEL_NAME)
             # Requirements named, not inferred: inference imports the model in a subprocess (seconds per model).
@@ -140,6 +140,7 @@ def log_encoder_model(logger, saved: dict[str, Any], cfg: Config, encoder_file: 
             client.finalize_logged_model(model.model_id, "READY")
             client.log_outputs(logger.run_id, [LoggedModelOutput(model.model_id, step=cfg.optim.epochs)])
     except Exception as error:  # noqa: BLE001 - an export problem must not fail a finished run
-        print(f"warning: the encoder of run {logger.run_id} was not logged as an MLflow model ({error})", flush=True)
+        run = getattr(logger, "run_id", None)
+        print(f"warning: the encoder of run {run} was not logged as an MLflow model ({error})", flush=True)
         return f"not logged as an MLflow model: {error}"
     return None
