@@ -65,13 +65,23 @@ def experiment_name(flag: str, value: str | None) -> None:
                              "or control characters")
 
 
-def ray_address(value: str | None) -> None:
-    """'auto', 'local', 'ray://host:port' or 'host:port' (port 1-65535)."""
+def resolve_ray_address(flag: str | None) -> str | None:
+    """The Ray cluster to join: --address, else $RAY_ADDRESS (which `ray job submit` sets for the job it starts),
+    else None, for a local Ray. The flag wins, as in Ray's own tools."""
+    return flag or os.environ.get("RAY_ADDRESS") or None
+
+
+def ray_address(flag: str | None) -> str | None:
+    """The resolved address (resolve_ray_address), checked: 'auto', 'local', 'ray://host:port' or 'host:port' (port
+    1-65535); named as the flag or the variable it came from."""
+    value = resolve_ray_address(flag)
     if not value or value in ("auto", "local"):
-        return
+        return value
     match = ADDRESS.fullmatch(value)
     if match is None or not 1 <= int(match.group(2)) <= 65535:
-        _refuse("--address", value, "must be 'auto', 'ray://host:port' or 'host:port' with a port in 1-65535")
+        _refuse("--address" if flag else "$RAY_ADDRESS", value,
+                "must be 'auto', 'ray://host:port' or 'host:port' with a port in 1-65535")
+    return value
 
 
 # -- this machine, when Ray is local -----------------------------------------------------------------------

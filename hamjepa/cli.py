@@ -10,10 +10,11 @@ code 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
-from hamjepa import checks, storage
+from hamjepa import __version__, checks
 from hamjepa.backup_log import STATUS_FILE, backup_warning
 from hamjepa.config import (
     DATASET_OVERRIDES,
@@ -27,6 +28,7 @@ from hamjepa.config import (
 from hamjepa.errors import UserError
 from hamjepa.methods import ABLATIONS
 from hamjepa.redact import mask_text, mask_uri
+from hamjepa.train.destinations import check_destinations
 from hamjepa.train.resources import Resources
 
 # A study's defaults. On CPUs, sized for the quick profile on 2 cores: 4 search trials (ASHA stops some) + 3 paired
@@ -35,6 +37,7 @@ from hamjepa.train.resources import Resources
 # n = 2 resolves almost nothing (the 95% t-interval's half-width is 12.7 sd / sqrt(2); at n = 3, 4.3 sd / sqrt(3)).
 DEFAULT_CPU_TRIALS, DEFAULT_GPU_TRIALS = 4, 6
 DEFAULT_SEEDS = 3
+TRAIN_EXPERIMENT = "hamjepa-train"  # `hamjepa train`'s MLflow experiment unless --experiment / $MLFLOW_EXPERIMENT_NAME
 VERBOSE_HELP = "Ray's own console output too (workers' logs, checkpoints, Tune's every result)"
 
 
@@ -55,62 +58,99 @@ def add_config_arguments(parser: argparse.ArgumentParser, default_profile: str |
                                             "dataset packages, then a download)")
 
 
+def data_root(path: str) -> str:
+    """--data-root made absolute: Ray's workers read it from other working directories."""
+    return str(Path(path).expanduser().resolve())
+
+
 def config_from_args(args: argparse.Namespace):
     overrides = parse_overrides(args.overrides)
     if args.data_root:
-        overrides["data.root"] = args.data_root
+        overrides["data.root"] = data_root(args.data_root)
     return build_config(args.profile, args.config, overrides)
 
 
 def _check_destinations(resources: Resources, args: argparse.Namespace) -> str:
-    """The tracking store, storage folder and Ray address of a run or study, and whether its resources fit here
-    when Ray is local; returns the tracking URI."""
-    checks.ray_address(args.address)
-    checks.experiment_name("--experiment", args.experiment)
-    tracking_uri = checks.resolve_tracking_uri(args.tracking_uri)
-    checks.check_tracking_uri(tracking_uri)
-    storage.check_writable(args.storage_path)
-    if not args.address:  # Ray will start here, so this machine is the whole cluster
-        resources.check_local_capacity()
-    return tracking_uri
+    """The Ray address, experiment, tracking store and storage folder of a run or study (train/destinations.py);
+    returns the tracking URI."""
+    return check_destinations(resources, address=args.address, experiment=args.experiment,
+                              tracking_uri=args.tracking_uri, storage_path=args.storage_path)
+
+
+def _scale_overrides(args: argparse.Namespace) -> dict[str, object]:
+    """--dataset, --epochs, --subset and --data-root as config overrides (the same flags for a run and a study)."""
+    overrides: dict[str, object] = {}
+    if args.dataset:
+        overrides.update({"data.dataset": args.dataset, **DATASET_OVERRIDES.get(args.dataset, {})})
+    if args.epochs is not None:
+        overrides["optim.epochs"] = args.epochs
+    if args.subset is not None:
+        overrides["data.subset"] = args.subset
+    if args.data_root:
+        overrides["data.root"] = data_root(args.data_root)
+    return overrides
+
+
+def _train_defaults(args: argparse.Namespace) -> str:
+    """Without --gpus-per-worker: one GPU per worker where this machine has one (and Ray is local). Without --profile
+    or --config: the paper's protocol (CIFAR-100, full width) on GPUs, else the quick profile, which trains in
+    minutes on CPU cores where the paper's protocol would take days; returns the line that says so."""
+    local = not checks.resolve_ray_address(args.address)
+    if args.gpus_per_worker is None:
+        args.gpus_per_worker = 1.0 if local and checks.local_gpus() > 0 else 0.0
+    if args.profile is None and args.config is None and args.gpus_per_worker == 0:
+        args.profile = "quick"
+        return ("hamjepa train: no GPU asked for, so the quick profile (Fashion-MNIST subset, quarter-width ResNet, "
+                "minutes on CPU cores); --profile cifar100 --gpus-per-worker 1 trains the paper's protocol.")
+    return ""
 
 
 def _train(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args)
+    chosen = _train_defaults(args)
+    cfg = build_config(args.profile, args.config, {**_scale_overrides(args), **parse_overrides(args.overrides)})
     checks.integer("--max-failures", args.max_failures, 0)
     checks.run_name("--name", args.name)
     resources = Resources(args.workers, args.cpus_per_worker, args.gpus_per_worker, flag="--workers")
     tracking_uri = _check_destinations(resources, args)
+    experiment = args.experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or TRAIN_EXPERIMENT
 
     from hamjepa.names import RunState
     from hamjepa.train import launch  # torch, Ray and MLflow load from here on
 
     launch.preflight(cfg, resources)
-    launch.check_rerun(tracking_uri, args.experiment, args.name, cfg)
+    launch.check_rerun(tracking_uri, experiment, args.name, cfg)
+    if chosen:  # said once every input passed, so a refusal stays one line
+        print(chosen, flush=True)
     launch.connect_ray(args.address, verbose=args.verbose)
-    outcome = launch.train_and_log(cfg, resources, experiment=args.experiment, run_name=args.name,
+    outcome = launch.train_and_log(cfg, resources, experiment=experiment, run_name=args.name,
                                 tracking_uri=tracking_uri, storage_path=args.storage_path,
                                 max_failures=args.max_failures)
     print(launch.summary(cfg, outcome, tracking_uri))
     return 0 if outcome.status == RunState.FINISHED else 1
 
 
-def _add_study_arguments(parser: argparse.ArgumentParser, name: str, default_profile: str | None) -> None:
-    """The flags every study script shares: data and scale, resources, tracking, Ray, resume."""
-    add_config_arguments(parser, default_profile=default_profile)
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags a training run and a study share: its scale and the resources of one run."""
     parser.add_argument("--epochs", type=int, help="epochs per run (overrides the profile)")
     parser.add_argument("--dataset", choices=DATASETS, help="dataset (sets channels and image size to match)")
     parser.add_argument("--subset", type=int, help="training images (stratified subset; 0 = all)")
-    parser.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers per trial")
+    parser.add_argument("--workers", type=int, default=1, help="Ray Train workers per run (data-parallel)")
     parser.add_argument("--cpus-per-worker", type=float, default=1.0)
+
+
+def _add_study_arguments(parser: argparse.ArgumentParser, name: str, default_profile: str | None) -> None:
+    """The flags every study script shares: data and scale, resources, tracking, Ray, resume."""
+    add_config_arguments(parser, default_profile=default_profile)
+    add_run_arguments(parser)
     parser.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (default 0; 1 with --profile "
                                                               f"{'/'.join(GPU_PROFILES)})")
     parser.add_argument("--max-concurrent", type=int, default=0, help="trials at once (0 = as many as fit)")
     parser.add_argument("--tracking-uri", help="MLflow URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
-    parser.add_argument("--experiment", help=f"MLflow experiment (default hamjepa-{name})")
+    parser.add_argument("--experiment",
+                        help=f"MLflow experiment (default $MLFLOW_EXPERIMENT_NAME, else hamjepa-{name})")
     parser.add_argument("--storage-path", help="Tune/Train state: a folder, or s3://... on a cluster (default "
                                                "$HAMJEPA_STORAGE_PATH, else ./ray_results)")
-    parser.add_argument("--address", help="Ray cluster address (e.g. auto); default: a local Ray")
+    parser.add_argument("--address", help="Ray cluster address (e.g. auto); default $RAY_ADDRESS, else a local Ray")
     parser.add_argument("--resume", nargs="?", const="latest", default="", metavar="ID",
                         help="continue this study's latest invocation, or the one with this study id")
     parser.add_argument("--smoke-test", action="store_true", help="tiny everything (CI)")
@@ -127,31 +167,24 @@ def _check_resumable(settings) -> None:
         check_resumable(settings.name, settings.storage_path, settings.resume, base=settings.base)
 
 
-def _study_settings(name: str, args: argparse.Namespace, protocol: dict | None = None, **fields):
-    """StudySettings from the shared flags (and a script's own `fields`); every input checked, Ray connected.
+def _study_config(args: argparse.Namespace, protocol: dict | None = None):
+    """A study's base config. `protocol`: a script's own config overrides (what it means, e.g. the paper's whole
+    training split), applied after --smoke-test's sizes, so a smoke run keeps the protocol, and before the flags and
+    --set."""
+    overrides = {**(SMOKE_OVERRIDES if args.smoke_test else {}), **(protocol or {}), **_scale_overrides(args)}
+    return build_config(args.profile, args.config, {**overrides, **parse_overrides(args.overrides)})
 
-    `protocol`: a script's own config overrides (what it means, e.g. the paper's whole training split), applied
-    after --smoke-test's sizes, so a smoke run keeps the protocol, and before the flags and --set.
-    """
+
+def _study_settings(name: str, args: argparse.Namespace, base, **fields):
+    """StudySettings from the shared flags, the base config (`_study_config`) and a script's own `fields`; every
+    input checked, Ray connected."""
     checks.integer("--max-concurrent", args.max_concurrent, 0)
-    overrides = {**(SMOKE_OVERRIDES if args.smoke_test else {}), **(protocol or {})}
-    if args.dataset:
-        overrides.update({"data.dataset": args.dataset, **DATASET_OVERRIDES.get(args.dataset, {})})
-    if args.epochs is not None:
-        overrides["optim.epochs"] = args.epochs
-    if args.subset is not None:
-        overrides["data.subset"] = args.subset
-    if args.data_root:
-        overrides["data.root"] = args.data_root
-    overrides.update(parse_overrides(args.overrides))
-    base = build_config(args.profile, args.config, overrides)
     gpus = args.gpus_per_worker if args.gpus_per_worker is not None else (
         1.0 if args.profile in GPU_PROFILES else 0.0)
-    resources = Resources(args.workers_per_trial, args.cpus_per_worker, gpus, flag="--workers-per-trial")
+    resources = Resources(args.workers, args.cpus_per_worker, gpus, flag="--workers")
     tracking_uri = _check_destinations(resources, args)
 
     from hamjepa.study.settings import StudySettings
-    from hamjepa.train import launch  # torch, Ray and MLflow load from here on
 
     if fields.get("num_samples", 0) is None:  # search trials: fewer on CPUs, where each costs minutes
         fields["num_samples"] = DEFAULT_GPU_TRIALS if gpus > 0 else DEFAULT_CPU_TRIALS
@@ -162,6 +195,8 @@ def _study_settings(name: str, args: argparse.Namespace, protocol: dict | None =
         max_concurrent=args.max_concurrent, tracking_uri=tracking_uri,
         experiment=args.experiment or "", storage_path=args.storage_path or "", resume=args.resume,
         verbose=args.verbose, **fields)
+    from hamjepa.train import launch  # torch, Ray and MLflow load from here on
+
     _check_resumable(settings)
     launch.preflight(base)
     launch.connect_ray(args.address, verbose=args.verbose, worker_logs=False)  # the console is Tune's table
@@ -237,11 +272,47 @@ def _seeds(text: str) -> tuple[int, bool]:
                                          "or auto[:MAX]") from None
 
 
-def study_main(name: str, space: dict, argv: list[str] | None = None, initial_points: list[dict] | None = None) -> int:
-    """Command line of a search study (studies/<name>.py): parse, validate, run, print the summary."""
+def _add_search_arguments(parser: argparse.ArgumentParser) -> None:
+    """The search: its space (data), the metric it selects on, where its Optuna study lives."""
+    parser.add_argument("--space", metavar="FILE", help="the search space: a YAML file of dotted config keys to "
+                        "uniform(LOW, HIGH), loguniform(LOW, HIGH), int(LOW, HIGH[, STEP]) or choice(A, B, ...) "
+                        "(default: the study script's own YAML)")
+    parser.add_argument("--search", action="append", default=[], metavar="KEY=DIST",
+                        help="add or replace one dimension, e.g. --search 'predictor.hidden_dim=choice(128, 256)' "
+                             "(repeatable)")
+    parser.add_argument("--freeze", action="append", default=[], metavar="KEY",
+                        help="stop searching KEY: it keeps the config's value (or --set's) (repeatable)")
+    parser.add_argument("--objective", default="", metavar="METRIC",
+                        help="the validation metric the search selects on (default val_knn{k}_top1, measured every "
+                             "epoch; val_linprobe_top1 is measured after the last epoch only, so it needs "
+                             "--no-early-stopping)")
+    parser.add_argument("--optuna-storage", default="", metavar="URL",
+                        help="the live Optuna study's RDB storage, e.g. postgresql://... (default: sqlite optuna.db in "
+                             "the study's folder); optuna-dashboard URL watches the search")
+
+
+def _space(default, args: argparse.Namespace, base):
+    """The study's search space: --space (else the script's), --freeze, --search; checked against the base config,
+    and --set on a searched key refused, before any work."""
+    from hamjepa.study.space import SearchSpace
+
+    space = default if isinstance(default, SearchSpace) else None
+    if args.space or space is None:
+        space = SearchSpace.from_file(args.space or default)
+    space = space.frozen(args.freeze).searching(args.search)
+    space.refuse_overrides(parse_overrides(args.overrides))
+    space.check(base)
+    return space
+
+
+def study_main(name: str, space, argv: list[str] | None = None, initial_points: list[dict] | None = None) -> int:
+    """Command line of a search study (studies/<name>.py): parse, validate, run, print the summary.
+
+    `space`: the study's default search space, a YAML file's path or a SearchSpace (`--space` replaces it)."""
     parser = Parser(prog=f"python studies/{name}.py",
                     description=f"HamJEPA study '{name}': Ray Tune + Optuna, SIGReg baselines, MLflow.")
     _add_study_arguments(parser, name, default_profile="quick")
+    _add_search_arguments(parser)
     parser.add_argument("--num-samples", type=int, help="HamJEPA trials Optuna proposes (default 4 on CPUs, 6 on "
                                                            "GPUs; smoke 2)")
     parser.add_argument("--seeds", type=_seeds,
@@ -267,17 +338,20 @@ def study_main(name: str, space: dict, argv: list[str] | None = None, initial_po
 
     def work() -> int:
         checks.integer("--seed", args.seed, 0, checks.MAX_SEED)
-        from hamjepa.study.runner import run_study
-
         trials = args.num_samples if args.num_samples is not None else (2 if args.smoke_test else None)
         seeds, sequential = args.seeds if args.seeds is not None else (2 if args.smoke_test else DEFAULT_SEEDS, False)
-        settings = _study_settings(name, args, num_samples=trials, seeds=seeds, sequential=sequential,
+        base = _study_config(args)
+        searched = _space(space, args, base)
+        settings = _study_settings(name, args, base, num_samples=trials, seeds=seeds, sequential=sequential,
                                    ablation=args.ablation,
                                    early_stopping=not args.no_early_stopping, seed=args.seed, primary=args.primary,
                                    tune_baseline=args.tune_baseline,
                                    reference=args.reference if args.reference is not None else
-                                   (3 if args.smoke_test else 10))
-        return _print_result(settings, run_study(settings, space, initial_points))
+                                   (3 if args.smoke_test else 10), objective=args.objective,
+                                   optuna_storage=args.optuna_storage)
+        from hamjepa.study.runner import run_study
+
+        return _print_result(settings, run_study(settings, searched, initial_points))
 
     return _guarded(parser, work)
 
@@ -301,8 +375,9 @@ def reproduce_main(argv: list[str] | None = None) -> int:
         if seeds < 1:
             raise UserError(f"--seeds = {seeds} is invalid: must be an integer >= 1.")
         # The paper's protocol: train, and take kNN neighbours, on the whole training split (docs/method.md §10).
-        settings = _study_settings("reproduce_paper", args, protocol={"data.val_size": 0}, seeds=seeds,
-                                   early_stopping=False, searches=False, reference=0)
+        base = _study_config(args, protocol={"data.val_size": 0})
+        settings = _study_settings("reproduce_paper", args, base, seeds=seeds, early_stopping=False, searches=False,
+                                   reference=0)
         return _print_result(settings, run_reproduction(settings))
 
     return _guarded(parser, work)
@@ -348,17 +423,19 @@ def _add_store_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="hamjepa", description="HamJEPA vs SIGReg studies on Ray + MLflow.")
+    parser.add_argument("--version", action="version", version=f"hamjepa {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train one HamJEPA / SIGReg / MLP-HJEPA run under Ray Train")
     add_config_arguments(train)
-    train.add_argument("--workers", type=int, default=1, help="Ray Train workers (data-parallel)")
-    train.add_argument("--cpus-per-worker", type=float, default=1.0)
-    train.add_argument("--gpus-per-worker", type=float, default=0.0, help="> 0 trains on GPUs with NCCL")
-    train.add_argument("--address", help="Ray cluster address (e.g. auto); default: start a local Ray")
+    add_run_arguments(train)
+    train.add_argument("--gpus-per-worker", type=float, help="> 0 trains on GPUs with NCCL (default: 1 where this "
+                                                             "machine has a GPU and Ray is local, else 0)")
+    train.add_argument("--address", help="Ray cluster address (e.g. auto); default $RAY_ADDRESS, else a local Ray")
     train.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or "
                                               "sqlite:///mlflow.db)")
-    train.add_argument("--experiment", default="hamjepa-train", help="MLflow experiment name")
+    train.add_argument("--experiment", help=f"MLflow experiment name (default $MLFLOW_EXPERIMENT_NAME, else "
+                                            f"{TRAIN_EXPERIMENT})")
     train.add_argument("--name", help="run name; rerunning a name resumes it from its last checkpoint")
     train.add_argument("--storage-path", help="where Ray Train keeps checkpoints (default "
                                               "$HAMJEPA_STORAGE_PATH, else ./ray_results; s3://... on a cluster)")

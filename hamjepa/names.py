@@ -83,6 +83,17 @@ def objective(k: int) -> str:
     return f"val_{knn(k)}"
 
 
+def objective_choices(k: int) -> list[str]:
+    """The metrics a search may select on (`--objective`): validation accuracies of the default readout. The first,
+    kNN@k, is measured every epoch (so ASHA can stop on it); the linear probe only after the last epoch."""
+    return [objective(k), accuracy("val", "linprobe_top1")]
+
+
+def every_epoch(metric: str, k: int) -> bool:
+    """Whether a run reports `metric` at every epoch (what an early-stopping scheduler and Tune's checks need)."""
+    return metric == objective(k)
+
+
 def accuracy(split: str, kind: str, readout: str = "") -> str:
     """`test_linprobe_top1_q` and the like; no readout = the method's default readout."""
     return f"{split}_{kind}_{readout}" if readout else f"{split}_{kind}"

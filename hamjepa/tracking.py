@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -30,6 +32,7 @@ PHASE_TAG = "hamjepa.phase"
 TRIAL_TAG = "hamjepa.trial_id"
 STATUS_TAG = "hamjepa.status"  # a names.RunState value
 REASON_TAG = "hamjepa.reason"
+VERDICT_TAG = "hamjepa.verdict"  # a search study's parent run: the primary metric's verdict
 DATASET_TAG = "hamjepa.dataset"  # the dataset input's name (log_dataset)
 PARENT_TAG = "mlflow.parentRunId"
 _BATCH = 100  # MLflow's limit on params per log_batch call
@@ -44,12 +47,29 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 
 
+ARTIFACTS_FOLDER = "mlartifacts"  # beside a SQLite store: <store's folder>/mlartifacts/<experiment>/
+
+
+def artifact_location(tracking_uri: str, experiment: str) -> str | None:
+    """Where a new experiment keeps its artifacts: beside a SQLite store (`<folder of mlflow.db>/mlartifacts/
+    <experiment name, made folder-safe>`), so the store's folder holds everything and copying it copies everything;
+    None elsewhere, so a server (or database) keeps its own artifact root. Without it MLflow would write to
+    ./mlruns/ of whatever folder the command ran in, whatever the store (docs/design.md "MLflow layout")."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    store = Path(tracking_uri[len("sqlite:///"):].split("?", 1)[0])
+    folder = re.sub(r"[^A-Za-z0-9._-]+", "_", experiment).strip("._") or "experiment"
+    return (store.parent / ARTIFACTS_FOLDER / folder).as_uri()
+
+
 def experiment_id(client: MlflowClient, name: str) -> str:
     """The experiment's id, created (or restored) as a model-training experiment; an existing experiment without
-    a kind gets ours, one whose kind a user chose keeps it."""
+    a kind gets ours, one whose kind a user chose keeps it. A new one keeps its artifacts at `artifact_location`;
+    an existing one keeps the location it was created with (MLflow cannot move it)."""
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
-        return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        return client.create_experiment(name, artifact_location=artifact_location(client.tracking_uri, name),
+                                        tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
     if experiment.lifecycle_stage == "deleted":
         client.restore_experiment(experiment.experiment_id)
     if EXPERIMENT_KIND_TAG not in experiment.tags:
@@ -170,6 +190,52 @@ class RunLogger:
         """Close the run as FINISHED, FAILED or KILLED (never left RUNNING)."""
         RunStatus.from_string(status)  # validates the name
         self.client.set_terminated(self._ensure_started(), status=status)
+
+
+class SystemMetrics:
+    """MLflow's own system metrics (CPU, memory, disk, network, and GPU where NVIDIA's library finds one) of this
+    process's node, logged to one run while a block runs: `with SystemMetrics(uri, experiment, key): ...`.
+
+    The run is found by its key in a background thread, so the block need not wait for whoever creates it (a
+    study's trial driver starts while the MLflow callback, in the study's process, creates its child run). A
+    retried block continues the run's steps. Metrics are MLflow's, `system/...`. They describe the node of the
+    process that launched the run: the machine itself on one machine; on a cluster, the trial driver's node, which
+    may not be where its workers train (docs/design.md "MLflow layout")."""
+
+    FIND_TIMEOUT_S = 120  # the run's creator is another process that may be slow to start on a busy machine
+
+    def __init__(self, tracking_uri: str, experiment: str, key: str, sampling_interval_s: float = 10.0):
+        self.tracking_uri, self.experiment, self.key = tracking_uri, experiment, key
+        self.sampling_interval_s = sampling_interval_s
+        self._stop = threading.Event()
+        self._monitor = None
+        self._thread = threading.Thread(target=self._start, daemon=True, name="hamjepa-system-metrics")
+
+    def _start(self) -> None:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        client = MlflowClient(self.tracking_uri)
+        deadline = time.monotonic() + self.FIND_TIMEOUT_S
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            experiment = client.get_experiment_by_name(self.experiment)
+            run = find_run(client, experiment.experiment_id, self.key) if experiment else None
+            if run is not None:
+                self._monitor = SystemMetricsMonitor(run.info.run_id, sampling_interval=self.sampling_interval_s,
+                                                     resume_logging=True, tracking_uri=self.tracking_uri)
+                self._monitor.start()
+                return
+            self._stop.wait(1.0)
+
+    def __enter__(self) -> SystemMetrics:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        if self._monitor is not None:
+            self._monitor.finish()
+        return False
 
 
 def _is_number(value: Any) -> bool:

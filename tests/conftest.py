@@ -14,9 +14,10 @@ def _seed_and_threads():
     yield
 
 
-# The session's Ray is a simulated two-node cluster (ray.cluster_utils.Cluster): a head node holding the
-# trial drivers' resource, like cluster/aws.yaml's head, and one worker node; one CPU each. Custom resources
-# name the nodes, so a test can tell where a run trained.
+# The session's Ray is a simulated two-node cluster (ray.cluster_utils.Cluster): a head node and one worker node,
+# one CPU each, started like `ray start` without flags: no `trial_driver` resource, so every study test proves that a
+# study runs on a cluster that lacks it (trial drivers then hold a slice of memory). Custom resources name the nodes,
+# so a test can tell where a run trained.
 HEAD_NODE_RESOURCE = "sim_head_node"
 WORKER_NODE_RESOURCE = "sim_worker_node"
 
@@ -39,12 +40,10 @@ def ray_test_cluster():
     import ray
     from ray.cluster_utils import Cluster
 
-    from hamjepa.train.launch import DRIVER_RESOURCE
-
     os.environ["RAY_AUTH_MODE"] = "disabled"
     node = {"num_cpus": 1, "object_store_memory": 400 * 1024**2}
     cluster = Cluster(initialize_head=True, head_node_args={
-        **node, "resources": {DRIVER_RESOURCE: 10_000, HEAD_NODE_RESOURCE: 1}, "include_dashboard": True})
+        **node, "resources": {HEAD_NODE_RESOURCE: 1}, "include_dashboard": True})
     cluster.add_node(**node, resources={WORKER_NODE_RESOURCE: 1})
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, configure_logging=False, log_to_driver=False)

@@ -11,7 +11,6 @@ for its own bad part. The machine is pinned at 2 CPUs and no GPU, so capacity en
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -222,8 +221,8 @@ CASES = [
     Case("study-num-samples", "study", ["--num-samples", "0"], "--num-samples = 0"),
     Case("study-seeds", "study", ["--seeds", "-1"], "--seeds = -1"),
     Case("study-sampler-seed", "study", ["--seed", "-1"], "--seed = -1"),
-    Case("study-workers", "study", ["--workers-per-trial", "0"], "--workers-per-trial = 0"),
-    Case("study-workers-beyond-cpus", "study", ["--workers-per-trial", "4"], "--workers-per-trial = 4"),
+    Case("study-workers", "study", ["--workers", "0"], "--workers = 0"),
+    Case("study-workers-beyond-cpus", "study", ["--workers", "4"], "--workers = 4"),
     Case("study-cpus-nan", "study", ["--cpus-per-worker", "nan"], "--cpus-per-worker = nan"),
     Case("study-gpus-absent", "study", ["--gpus-per-worker", "1"], "--gpus-per-worker = 1"),
     Case("study-epochs", "study", ["--epochs", "0"], "'optim.epochs'"),
@@ -263,10 +262,7 @@ NEEDS_STUDY_CHECK = [  # refused by hamjepa.study.invocation.check_resumable
 
 @pytest.fixture(scope="module")
 def energy_budget_space():
-    spec = importlib.util.spec_from_file_location("energy_budget", ROOT / "studies" / "energy_budget.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.SEARCH_SPACE
+    return ROOT / "studies" / "energy_budget.yaml"
 
 
 @pytest.fixture(scope="module")

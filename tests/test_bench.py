@@ -91,3 +91,15 @@ def test_compiled_predictor_and_objective_agree_with_eager_and_are_timed_side_by
     for method in ("hamjepa", "sigreg"):
         assert figures[method]["max_relative_error"] <= 1e-5
         assert figures[method]["eager_s"] > 0 and figures[method]["compiled_s"] > 0 and figures[method]["compile_s"] > 0
+
+
+def test_bench_help_lists_the_benchmarks_and_exits_0():
+    import subprocess
+    import sys
+
+    from hamjepa.bench.__main__ import BENCHMARKS
+
+    done = subprocess.run([sys.executable, "-m", "hamjepa.bench", "--help"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and all(f"  {name} " in done.stdout for name in BENCHMARKS), done.stderr
+    missing = subprocess.run([sys.executable, "-m", "hamjepa.bench"], capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 1 and "benchmarks:" in missing.stderr

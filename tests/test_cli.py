@@ -1,11 +1,14 @@
 """Command lines: bad input is one sentence on stderr before any work (no Ray, no traceback)."""
 
+from pathlib import Path
+
 import pytest
 import yaml
 
 from hamjepa.cli import main, study_main
+from hamjepa.study.space import SearchSpace
 
-SPACE = {"predictor.dt": 0.05}
+SPACE = SearchSpace.from_mapping({"predictor.dt": "loguniform(0.01, 0.2)"})
 
 
 @pytest.mark.parametrize("argv,words", [
@@ -25,7 +28,7 @@ def test_train_refuses_bad_input_in_one_sentence(argv, words, capsys):
     (["--num-samples", "0"], "--num-samples = 0"),
     (["--seeds", "-2"], "--seeds = -2"),
     (["--set", "data.val_size=0"], "data.val_size"),
-    (["--workers-per-trial", "0"], "--workers"),
+    (["--workers", "0"], "--workers"),
     (["--dataset", "cifar100", "--set", "data.download=false", "--data-root", "/nonexistent"], "cifar100"),
 ])
 def test_study_refuses_bad_input_in_one_sentence(argv, words, capsys, tmp_path):
@@ -112,7 +115,7 @@ def test_resume_takes_an_optional_study_id(tmp_path, monkeypatch):
     from hamjepa import cli
 
     seen = []
-    monkeypatch.setattr(cli, "_study_settings", lambda name, args, **fields: seen.append(args.resume) or 1 / 0)
+    monkeypatch.setattr(cli, "_study_settings", lambda name, args, base, **fields: seen.append(args.resume) or 1 / 0)
     for argv, resume in (([], ""), (["--resume"], "latest"), (["--resume", "20250101-120000-ab12"],
                                                               "20250101-120000-ab12")):
         with pytest.raises(ZeroDivisionError):
@@ -133,3 +136,23 @@ def test_a_failed_store_backup_is_reported_where_the_study_user_looks(tmp_path, 
     warning = cli._warn_about_store_backups(status_file)
     assert warning and "last backup failed" in warning and "holds more runs" in warning
     assert capsys.readouterr().err.strip() == f"warning: {warning}"
+
+
+def test_version_and_bare_train_defaults(monkeypatch, capsys):
+    """`hamjepa --version`; bare `hamjepa train` without a GPU trains the quick profile and says so, with one it
+    trains the paper's protocol on one GPU per worker; the scale flags are the study's."""
+    from hamjepa import __version__, cli
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"hamjepa {__version__}"
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    for gpus, profile, note in ((0, "quick", True), (1, None, False)):
+        monkeypatch.setattr("hamjepa.checks.local_gpus", lambda gpus=gpus: gpus)
+        args = cli.build_parser().parse_args(["train", "--epochs", "3", "--subset", "900", "--dataset", "cifar10"])
+        said = cli._train_defaults(args)
+        assert args.profile == profile and args.gpus_per_worker == float(gpus) and bool(said) == note
+        assert cli._scale_overrides(args) == {"data.dataset": "cifar10", "data.image_size": 32,
+                                              "encoder.in_channels": 3, "optim.epochs": 3, "data.subset": 900}
+    args = cli.build_parser().parse_args(["train", "--data-root", "my_images"])
+    assert cli._scale_overrides(args)["data.root"] == str(Path.cwd() / "my_images")  # workers run elsewhere

@@ -3,7 +3,6 @@
 The study is marked slow (two Ray Train runs); CI runs it.
 """
 
-import runpy
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,10 +15,11 @@ from hamjepa.cli import study_main
 from hamjepa.errors import UserError
 from hamjepa.study.phases import cluster_concurrency
 from hamjepa.study.settings import StudySettings
+from hamjepa.study.space import SearchSpace
 from hamjepa.train.resources import Resources
 
 ROOT = Path(__file__).resolve().parents[1]
-SEARCH_SPACE = runpy.run_path(str(ROOT / "studies" / "energy_budget.py"))["SEARCH_SPACE"]
+SEARCH_SPACE = SearchSpace.from_file(ROOT / "studies" / "energy_budget.yaml")
 
 
 @pytest.mark.slow

@@ -4,7 +4,6 @@ Each starts several Ray Train runs; marked slow, run in CI.
 """
 
 import os
-import runpy
 import signal
 import subprocess
 import sys
@@ -14,13 +13,13 @@ from pathlib import Path
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
-from ray import tune
 
 from hamjepa.cli import study_main
+from hamjepa.study.space import SearchSpace
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
-SEARCH_SPACE = runpy.run_path(str(ROOT / "studies" / "energy_budget.py"))["SEARCH_SPACE"]
+SEARCH_SPACE = SearchSpace.from_file(ROOT / "studies" / "energy_budget.yaml")
 
 
 def _runs(uri, experiment="hamjepa-energy_budget"):
@@ -194,7 +193,7 @@ def test_the_configured_k_names_the_objective_end_to_end(ray_cluster, tmp_path, 
     captured = _capture_result(monkeypatch)
     args = _args(tmp_path, ray_cluster, "--set", "eval.knn_k=10", "--num-samples", "1", "--seeds", "1",
                  "--reference", "0")
-    assert study_main("knn10", {"predictor.dt": tune.loguniform(0.01, 0.2)}, args) == 0
+    assert study_main("knn10", SearchSpace.from_mapping({"predictor.dt": "loguniform(0.01, 0.2)"}), args) == 0
     client, parents, children = _runs(f"sqlite:///{tmp_path}/mlflow.db", "hamjepa-knn10")
     assert len(children) == 3 and all(c.data.tags["hamjepa.status"] == "finished" for c in children)
     for child in children:  # complete, and measured with k = 10 throughout
@@ -213,7 +212,7 @@ def test_a_tuned_baseline_gets_its_own_search_and_its_selection_is_compared(ray_
     method's selected configuration on the paired seeds."""
     captured = _capture_result(monkeypatch)
     args = _args(tmp_path, ray_cluster, "--tune-baseline", "--seeds", "1", "--reference", "0")
-    assert study_main("tuned", {"predictor.dt": tune.loguniform(0.01, 0.2)}, args) == 0
+    assert study_main("tuned", SearchSpace.from_mapping({"predictor.dt": "loguniform(0.01, 0.2)"}), args) == 0
     client, parents, children = _runs(f"sqlite:///{tmp_path}/mlflow.db", "hamjepa-tuned")
     by_phase = {}
     for child in children:
@@ -233,7 +232,7 @@ def test_a_tuned_baseline_gets_its_own_search_and_its_selection_is_compared(ray_
 
 
 def test_a_diverging_trial_is_recorded_and_the_study_completes(ray_cluster, tmp_path, capsys):
-    space = {"predictor.dt": tune.loguniform(0.01, 200.0)}
+    space = SearchSpace.from_mapping({"predictor.dt": "loguniform(0.01, 200.0)"})
     code = study_main("diverging", space, _args(tmp_path, ray_cluster, "--seeds", "0"),
                       initial_points=[{"predictor.dt": 150.0}])
     assert code == 0
@@ -302,6 +301,12 @@ def test_a_stopped_study_resumes_exactly_once_per_run(ray_cluster, tmp_path, pha
     assert [c.data.tags["hamjepa.phase"] for c in children].count("reference") == 1
     assert {c.info.run_id for c in left} <= {c.info.run_id for c in children}
     assert all(c.info.status == "FINISHED" for c in children)
+    # the live Optuna study continued too: one Optuna trial per search run, none left RUNNING, with durations
+    study_id = after[0].info.run_name
+    live = optuna.load_study(study_name=study_id,
+                             storage=f"sqlite:///{tmp_path}/ray/energy_budget/{study_id}/optuna.db")
+    trials = live.get_trials(deepcopy=False)
+    assert len(trials) == 2 and all(t.state.is_finished() and t.duration is not None for t in trials)
     compare = sorted(c.data.tags["hamjepa.trial_id"] for c in children if c.data.tags["hamjepa.phase"] == "compare")
     assert compare == ["hamjepa-seed1", "sigreg-seed1"]
     continued = next(c for c in children if c.info.run_id == cut[0].info.run_id)

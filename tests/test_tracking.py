@@ -79,3 +79,23 @@ def test_epoch_zero_names_the_data_as_an_mlflow_dataset_input(tmp_path):
     assert used.dataset.name == "fashion_mnist" and digest.startswith(used.dataset.digest)
     assert "train 720, val 80" in used.dataset.profile and used.tags[0].value == "training"
     assert run.data.tags["hamjepa.data_digest"] == digest  # the whole digest, as a tag
+
+
+def test_a_sqlite_store_keeps_its_artifacts_beside_it_and_a_server_its_own(tmp_path, monkeypatch):
+    """A new experiment in sqlite:///<folder>/mlflow.db keeps its artifacts in <folder>/mlartifacts/<experiment>, not in
+    the working directory's mlruns/; any other store keeps its own artifact root."""
+    from hamjepa.tracking import artifact_location, experiment_id
+
+    assert artifact_location("sqlite:////data/runs/mlflow.db", "hamjepa-energy_budget") == \
+        "file:///data/runs/mlartifacts/hamjepa-energy_budget"
+    assert artifact_location("sqlite:////data/mlflow.db", "my study / v2") == "file:///data/mlartifacts/my_study_v2"
+    assert artifact_location("http://127.0.0.1:5000", "x") is None
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "store").mkdir()
+    client = MlflowClient(f"sqlite:///{tmp_path}/store/mlflow.db")
+    exp = client.get_experiment(experiment_id(client, "beside"))
+    assert exp.artifact_location == (tmp_path / "store" / "mlartifacts" / "beside").as_uri()
+    run = client.create_run(exp.experiment_id)
+    client.log_text(run.info.run_id, "hello", "note.txt")
+    assert (tmp_path / "store" / "mlartifacts" / "beside" / run.info.run_id / "artifacts" / "note.txt").is_file()
+    assert not (tmp_path / "mlruns").exists()

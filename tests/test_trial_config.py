@@ -40,8 +40,8 @@ def test_the_trainer_hands_its_workers_the_config_object_itself(tmp_path):
 
 
 def test_resources_are_checked_once_when_made_and_against_a_batch():
-    with pytest.raises(ValueError, match="--workers-per-trial"):
-        Resources(0, flag="--workers-per-trial")
+    with pytest.raises(ValueError, match="--workers"):
+        Resources(0, flag="--workers")
     with pytest.raises(ConfigError, match="divide evenly among 3 workers"):
         Resources(3).check_batch(profile("quick"))  # batch 128
     Resources(2).check_batch(profile("quick"))
@@ -54,7 +54,8 @@ def test_a_trial_whose_batch_does_not_split_among_its_workers_fails_before_train
 
     with pytest.raises(ConfigError, match="must divide evenly among 3 workers"):
         trial_driver({"optim.batch_size": 128}, base=profile("quick").override({"optim.batch_size": 96}),
-                     resources=Resources(3), storage_path=str(tmp_path), study_id="batch")
+                     resources=Resources(3), storage_path=str(tmp_path), study_id="batch",
+                     objective="val_knn20_top1", tracking_uri=f"sqlite:///{tmp_path}/m.db", experiment="x")
     assert not any(tmp_path.iterdir())  # nothing started
 
 
@@ -63,3 +64,31 @@ def test_the_config_survives_rays_serialisation():
 
     cfg = profile("quick").override({"predictor.dt": 0.07})
     assert ray.cloudpickle.loads(ray.cloudpickle.dumps({"cfg": cfg}))["cfg"] == cfg
+
+
+def test_drivers_use_the_custom_resource_where_offered_and_memory_elsewhere():
+    """A cluster without `trial_driver` (any `ray start --head`) still runs a study: drivers hold a slice of memory,
+    which leaves every CPU to the workers, so as many trials run at once as with the resource."""
+    from hamjepa.study.phases import cluster_concurrency, driver_resources
+    from hamjepa.study.settings import StudySettings
+    from hamjepa.train.launch import DRIVER_MEMORY_BYTES, DRIVER_RESOURCE
+
+    assert driver_resources({"CPU": 2.0, DRIVER_RESOURCE: 1000.0}) == {DRIVER_RESOURCE: 1}
+    assert driver_resources({"CPU": 2.0, "memory": 8e9}) == {"memory": DRIVER_MEMORY_BYTES}
+    settings = StudySettings(name="s", base=profile("quick"))
+    assert cluster_concurrency(settings, {"CPU": 2.0, "memory": 8e9}) == 2
+    assert cluster_concurrency(settings, {"CPU": 2.0, DRIVER_RESOURCE: 1000.0}) == 2
+
+
+def test_ray_address_comes_from_the_flag_else_the_environment(monkeypatch):
+    from hamjepa import checks
+    from hamjepa.errors import UserError
+
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    assert checks.ray_address(None) == "10.0.0.1:6379"  # what `ray job submit` sets for its job
+    assert checks.ray_address("auto") == "auto"  # the flag wins
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")  # the dashboard's, meant for `ray job submit`
+    with pytest.raises(UserError, match=r"^\$RAY_ADDRESS = 'http://127.0.0.1:8265' is invalid"):
+        checks.ray_address(None)
+    monkeypatch.delenv("RAY_ADDRESS")
+    assert checks.ray_address(None) is None  # a local Ray

@@ -11,11 +11,20 @@ BENCHMARKS = {
 }
 
 
+USAGE = "usage: python -m hamjepa.bench <name> [options]   (<name> --help: that benchmark's options)"
+
+
+def listing() -> str:
+    return "\n".join([USAGE, "benchmarks:", *(f"  {name:10s} {what}" for name, what in BENCHMARKS.items())])
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("-h", "--help"):  # asked for: the list, exit 0
+        print(listing())
+        return
     if not argv or argv[0] not in BENCHMARKS:
-        listing = "\n".join(f"  {name:10s} {what}" for name, what in BENCHMARKS.items())
-        sys.exit(f"usage: python -m hamjepa.bench <name> [options]\n{listing}")
+        sys.exit(listing())  # a missing or unknown name: the same list on stderr, exit 1
     importlib.import_module(f"hamjepa.bench.{argv[0]}").main(argv[1:])
 
 

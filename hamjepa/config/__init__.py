@@ -23,11 +23,11 @@ from hamjepa.config.sections import (
     PredictorConfig,
     SIGRegConfig,
 )
-from hamjepa.config.tree import ConfigError, flatten_dict
+from hamjepa.config.tree import ConfigError, StrictLoader, field_type, flatten_dict, yaml_problem
 
 __all__ = [
     "AUGMENT_PLACEMENTS", "DATASETS", "DATASET_CHANNELS", "DATASET_OVERRIDES", "GPU_PROFILES", "MAX_SEED", "PROFILES",
     "SMOKE_OVERRIDES", "AugmentConfig", "ComputeConfig", "Config", "ConfigError", "DataConfig", "EncoderConfig",
     "EvalConfig", "HamJEPALossConfig", "OptimConfig", "PredictorConfig", "SIGRegConfig", "build_config",
-    "flatten_dict", "parse_overrides", "profile",
+    "StrictLoader", "field_type", "flatten_dict", "parse_overrides", "profile", "yaml_problem",
 ]

@@ -116,6 +116,30 @@ def build(tree: Mapping[str, Any], cls: type, path: str = "") -> Any:
     return cls(**kwargs)
 
 
+def field_type(cls: type, key: str) -> type:
+    """The declared type of the dotted field `key` of dataclass `cls` (`float | None` gives float); one sentence,
+    with the closest valid key, when there is no such field or it is a section."""
+    parts = key.split(".")
+    for depth, part in enumerate(parts):
+        hints = typing.get_type_hints(cls)
+        fields = [f.name for f in dataclasses.fields(cls)]
+        if part not in fields:
+            raise unknown_key(".".join(parts[:depth]), part, sorted(fields))
+        hint = hints[part]
+        if isinstance(hint, types.UnionType):
+            hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+        if depth == len(parts) - 1:
+            if dataclasses.is_dataclass(hint):
+                raise ConfigError(f"config key '{key}' is a section; name one of its fields, e.g. '{key}."
+                                  f"{dataclasses.fields(hint)[0].name}'.")
+            return hint
+        if not dataclasses.is_dataclass(hint):
+            raise ConfigError(f"config key '{key}' is invalid: '{'.'.join(parts[:depth + 1])}' is a field, not a "
+                              "section.")
+        cls = hint
+    raise ConfigError(f"config key {key!r} is empty.")
+
+
 class StrictLoader(yaml.SafeLoader):
     """yaml.safe_load's loader, except that a key written twice in one mapping is an error, not "the last wins"."""
 

@@ -148,6 +148,7 @@ class StudySummary:
     reference_n: int = 0  # encoders in the initialisation reference the gains are measured against (0: none)
     phase_seconds: dict[str, float] = field(default_factory=dict)  # wall time per phase, this invocation
     run_seconds: dict[str, float] = field(default_factory=dict)  # seconds per part of a run, all runs summed
+    objective: str = ""  # the metric the search selected on (--objective)
 
     @property
     def primary_confidence(self) -> float:
@@ -161,10 +162,6 @@ class StudySummary:
     @property
     def primary_row(self) -> Row | None:
         return next((row for row in self.rows if row.role == PRIMARY), None)
-
-    @property
-    def objective(self) -> str:
-        return names.objective(self.base.eval.knn_k)
 
     def selected_params(self) -> dict[str, str]:
         return {k: self.selected.params[k] for k in self.search_keys} if self.selected else {}
@@ -196,13 +193,13 @@ def _estimate_metrics(name: str, value: Estimate) -> dict[str, float]:
 def summarize(records: Sequence[RunRecord], search_keys: Sequence[str], base: Config, primary: str = "",
               tuned: str = "", looks: Sequence[int] = (),
               reference: Mapping[str, Mapping[str, list[float]]] | None = None,
-              phase_seconds: Mapping[str, float] | None = None) -> StudySummary:
+              phase_seconds: Mapping[str, float] | None = None, objective: str = "") -> StudySummary:
     """The paired comparison from MLflow's records. `looks`: a sequential study's schedule (--seeds auto), whose
     primary is judged at the per-look level that keeps the overall false-positive rate at 5%. `reference`: the
     initialisation reference (report/reference.py `load_reference`), against which each method's gain is
     measured; without one, each run's own epoch 0 is. `phase_seconds`: the phases' wall time, for the line on
-    where the time went."""
-    objective = names.objective(base.eval.knn_k)
+    where the time went. `objective`: the metric the search selected on (default validation kNN@k)."""
+    objective = objective or names.objective(base.eval.knn_k)
     primary = primary or names.default_primary(base.eval.knn_k)
     search = [r for r in records if r.phase == "search"]
     paired = [r for r in records if r.phase == COMPARE]
@@ -212,7 +209,8 @@ def summarize(records: Sequence[RunRecord], search_keys: Sequence[str], base: Co
     not_compared = [r for r in paired if not r.complete]
     summary = StudySummary(base, select_trial(records, objective), arms, list(search_keys), counts, not_compared,
                            primary=primary, tuned=tuned, looks=tuple(looks), reference_n=reference_size(reference),
-                           phase_seconds=dict(phase_seconds or {}), run_seconds=timing.run_parts(records))
+                           phase_seconds=dict(phase_seconds or {}), run_seconds=timing.run_parts(records),
+                           objective=objective)
     hamjepa, sigreg, mlp = arms[HAMJEPA], arms[BASELINE], arms[ABLATION]
     for label, metric in names.comparison_metrics(base.eval.knn_k):
         seeds, h, g = _paired(hamjepa, sigreg, metric)
@@ -412,13 +410,24 @@ CSV_COLUMNS = ["metric", "label", "role", "n", "hamjepa_mean", "hamjepa_std", "s
                "hamjepa_gain_ci_high", "sigreg_gain", "sigreg_gain_ci_low", "sigreg_gain_ci_high", "verdict"]
 
 
+def _row_values(row: Row) -> list[Any]:
+    """A row's cells in CSV_COLUMNS order, numbers as floats (NaN where undefined, e.g. no interval at n = 1)."""
+    h, g = row.gains[HAMJEPA], row.gains[BASELINE]
+    values = [row.hamjepa.mean, row.hamjepa.std, row.sigreg.mean, row.sigreg.std, row.delta.mean, row.delta.low,
+              row.delta.high, row.detectable, row.p_holm, h.mean, h.low, h.high, g.mean, g.low, g.high]
+    return [row.metric, row.label, row.role, row.delta.n, *values, row.verdict]
+
+
 def to_csv(summary: StudySummary) -> str:
     """One row per metric (CSV_COLUMNS); empty cells where a value is undefined (no interval at n = 1)."""
     rows = []
     for row in summary.rows:
-        h, g = row.gains[HAMJEPA], row.gains[BASELINE]
-        values = [row.hamjepa.mean, row.hamjepa.std, row.sigreg.mean, row.sigreg.std, row.delta.mean,
-                  row.delta.low, row.delta.high, row.detectable, row.p_holm, h.mean, h.low, h.high, g.mean, g.low,
-                  g.high]
-        rows.append([row.metric, row.label, row.role, row.delta.n, *map(csv_number, values), row.verdict])
+        cells = _row_values(row)
+        rows.append([*cells[:4], *map(csv_number, cells[4:-1]), cells[-1]])
     return csv_text(CSV_COLUMNS, rows)
+
+
+def to_records(summary: StudySummary) -> list[dict[str, Any]]:
+    """The table as data: one dict per metric, keyed by CSV_COLUMNS (the same cells as summary.csv, numbers as
+    floats), e.g. for `pandas.DataFrame(result.table)`."""
+    return [dict(zip(CSV_COLUMNS, _row_values(row))) for row in summary.rows]

@@ -25,6 +25,7 @@ from hamjepa.tracking import (
     STATUS_TAG,
     TRIAL_TAG,
     RunLogger,
+    SystemMetrics,
 )
 from hamjepa.train.loop import make_trainer
 from hamjepa.train.resources import Resources
@@ -38,11 +39,12 @@ def first_line(error: BaseException, limit: int = names.REASON_CHARS) -> str:
 
 # -- the trial driver ---------------------------------------------------------------------------------
 
-def trial_driver(overrides: dict[str, Any], *, base: Config, resources: Resources,
-                 storage_path: str, study_id: str) -> None:
-    """Tune trainable: one TorchTrainer run of base + overrides, its reports forwarded to Tune.
+def trial_driver(overrides: dict[str, Any], *, base: Config, resources: Resources, storage_path: str, study_id: str,
+                 objective: str, tracking_uri: str, experiment: str) -> None:
+    """Tune trainable: one TorchTrainer run of base + overrides, its reports forwarded to Tune, and MLflow's system
+    metrics of this node logged to the trial's child run while it trains.
 
-    A run that fails beyond its worker restarts is reported as `failed` with a finite worst-case objective
+    A run that fails beyond its worker restarts is reported as `failed` with a finite worst-case `objective`
     (Optuna refuses NaN), so the study records it and goes on.
     """
     from ray import tune
@@ -55,10 +57,11 @@ def trial_driver(overrides: dict[str, Any], *, base: Config, resources: Resource
     trainer = make_trainer(cfg, resources, name=f"{study_id}-{key}", storage_path=storage_path,
                            max_failures=1, callbacks=[TuneReportCallback()])
     try:
-        trainer.fit()
+        with SystemMetrics(tracking_uri, experiment, f"{study_id}/{key}"):  # the callback's key for this trial
+            trainer.fit()
     except TrainingFailedError as error:
         tune.report({names.EPOCH: cfg.optim.epochs, names.FAILED: 1, names.FAILURE_REASON: names.failure_reason(error),
-                     names.objective(cfg.eval.knn_k): 0.0})
+                     objective: 0.0})
 
 
 # -- MLflow logging from Tune -------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from hamjepa.tracking import (
     REASON_TAG,
     ROLE_TAG,
     STATUS_TAG,
+    VERDICT_TAG,
     RunLogger,
     experiment_id,
 )
@@ -110,13 +111,38 @@ def _study_identity(settings: StudySettings, params: Mapping[str, str]) -> tuple
 
 @dataclass
 class StudyResult:
+    """What a study returns (to the command line, or to Python through `hamjepa.Study`)."""
+
     study_id: str
-    parent_run_id: str
-    summary: Any  # what the study's report was built from
-    text: str
+    parent_run_id: str  # the MLflow parent run (its name is the study id)
+    summary: Any  # what the study's report was built from (report.summary.StudySummary)
+    text: str  # the summary as printed and logged (summary.md)
     interrupted: bool = False
-    optuna_study: Any = None  # the search's Optuna study (in memory), where the invocation searched
+    optuna_study: Any = None  # the search's optuna.Study, loaded from its storage (None before its first trial)
     experiment_id: str = ""
+    optuna_storage: str = ""  # the URL of the live Optuna study (optuna-dashboard <url>)
+
+    @property
+    def verdict(self) -> str:
+        """The primary metric's verdict ("" where no comparison ran), as `hamjepa report` rebuilds it from MLflow."""
+        row = getattr(self.summary, "primary_row", None)
+        return row.verdict if row else ""
+
+    @property
+    def table(self) -> list[dict[str, Any]]:
+        """The summary table as data: one dict per metric (the columns of summary.csv, numbers as floats)."""
+        from hamjepa.report.summary import to_records
+
+        return to_records(self.summary) if hasattr(self.summary, "rows") else []
+
+    @property
+    def selected(self) -> dict[str, Any]:
+        """The selected search trial's searched values, typed as the config's ({} where none finished)."""
+        if not hasattr(self.summary, "selected_params"):
+            return {}
+        from hamjepa.report.summary import typed_param
+
+        return {k: typed_param(self.summary.base, k, v) for k, v in self.summary.selected_params().items()}
 
 
 class Invocation:
@@ -130,7 +156,7 @@ class Invocation:
 
     def __init__(self, settings: StudySettings, params: Mapping[str, Any]):
         self.settings = settings
-        params = _as_params({**params, "study.workers_per_trial": settings.resources.workers,
+        params = _as_params({**params, "study.workers": settings.resources.workers,
                              **settings.base.flatten()})
         self.study_id, self.folder = _study_identity(settings, params)
         self.parent = RunLogger(settings.tracking_uri, settings.experiment_name, key=f"study/{self.study_id}",
@@ -224,7 +250,8 @@ class Invocation:
         self._close_stale_children()
         for name, content in artifacts.items():
             self.parent.log_text(content, name)
-        self.parent.set_tags({STATUS_TAG: "finished"})
+        primary = getattr(summary, "primary_row", None)
+        self.parent.set_tags({STATUS_TAG: "finished", **({VERDICT_TAG: primary.verdict} if primary else {})})
         self.parent.finish("FINISHED")
         return StudyResult(self.study_id, self.parent_id, summary, text, experiment_id=self.experiment_id)
 

@@ -1,5 +1,5 @@
-"""Running one phase of a study as a Tune experiment: the trial drivers placed by the custom resource, how many
-trials fit the cluster at once, Tune's console table, and the line a phase starts with.
+"""Running one phase of a study as a Tune experiment: where the trial drivers are placed, how many trials fit the
+cluster at once, Tune's console table, and the line a phase starts with.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from hamjepa.errors import UserError
 from hamjepa.methods import spec
 from hamjepa.study.driver import MLflowTrialCallback, trial_driver
 from hamjepa.study.settings import ARM, CELL, StudySettings
-from hamjepa.train.launch import DRIVER_RESOURCE
+from hamjepa.train.launch import DRIVER_MEMORY_BYTES, DRIVER_RESOURCE
 
 # -- running a phase ----------------------------------------------------------------------------------
 
@@ -31,12 +31,20 @@ def cluster_capacity() -> dict[str, float]:
     return {key: max(now.get(key, 0.0), most.get(key, 0.0)) for key in {*now, *most}}
 
 
-def cluster_concurrency(settings: StudySettings) -> int:
+def driver_resources(capacity: Mapping[str, float]) -> dict[str, float]:
+    """What one trial driver holds. Not a CPU: on a small machine a driver per trial would take the cores its own
+    Train workers need (Tune refuses {"CPU": 0}, and a CPU fraction still costs a whole trial's slot on 2 cores).
+    So a driver holds one unit of the custom resource `trial_driver` where the cluster offers it (cluster/aws.yaml's
+    head does, which keeps drivers off the GPU workers the autoscaler removes), and otherwise a small slice of the
+    `memory` resource every Ray node has: any cluster runs a study as it is, `ray start --head` without flags."""
+    if capacity.get(DRIVER_RESOURCE, 0) >= 1:
+        return {DRIVER_RESOURCE: 1}
+    return {"memory": DRIVER_MEMORY_BYTES}
+
+
+def cluster_concurrency(settings: StudySettings, total: Mapping[str, float] | None = None) -> int:
     """How many trials fit at once: workers' CPUs (and GPUs) against the cluster's capacity."""
-    total = cluster_capacity()
-    if DRIVER_RESOURCE not in total:
-        raise UserError(f"the Ray cluster has no '{DRIVER_RESOURCE}' resource for trial drivers; start its head "
-                        f"with --resources='{{\"{DRIVER_RESOURCE}\": 1000}}' (cluster/aws.yaml does).")
+    total = cluster_capacity() if total is None else total
     r = settings.resources
     fits = int(total.get("CPU", 0) // (r.workers * r.cpus_per_worker))
     if r.gpus_per_worker > 0:
@@ -44,7 +52,7 @@ def cluster_concurrency(settings: StudySettings) -> int:
     if fits < 1:
         raise UserError(f"one trial needs {r.workers} x {r.cpus_per_worker} CPUs and {r.workers} x "
                         f"{r.gpus_per_worker} GPUs but the cluster has at most {total.get('CPU', 0):g} CPUs and "
-                        f"{total.get('GPU', 0):g} GPUs; lower --workers-per-trial or the per-worker resources.")
+                        f"{total.get('GPU', 0):g} GPUs; lower --workers or the per-worker resources.")
     return min(fits, settings.max_concurrent) if settings.max_concurrent else fits
 
 
@@ -55,14 +63,20 @@ def run_phase(settings: StudySettings, phase: str, param_space: dict[str, Any], 
     from ray import tune
 
     train_folder = storage.join(study_dir, "train")
+    capacity = cluster_capacity()
     driver = tune.with_resources(
         tune.with_parameters(trial_driver, base=settings.base, resources=settings.resources,
-                             storage_path=train_folder, study_id=study_id),
-        {DRIVER_RESOURCE: 1},
+                             storage_path=train_folder, study_id=study_id, objective=settings.objective,
+                             tracking_uri=settings.tracking_uri, experiment=settings.experiment_name),
+        driver_resources(capacity),
     )
     callback = MLflowTrialCallback(settings, parent_run_id, study_id, phase, train_folder)
     tune_name = tune_name or phase
     path = storage.join(study_dir, tune_name)
+    if not names.every_epoch(settings.objective, settings.base.eval.knn_k):
+        # A final-only objective (--objective val_linprobe_top1, without ASHA) is absent from every earlier report;
+        # Tune's strict check would stop the study at the first one. The searcher reads it from the last report.
+        os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     if not settings.verbose:
         # Tune's newer console ignores a custom reporter (ours, or the one a restored experiment pickled) and prints
         # every result; the classic one honours it.
@@ -78,7 +92,7 @@ def run_phase(settings: StudySettings, phase: str, param_space: dict[str, Any], 
             tune_config=tune.TuneConfig(metric=settings.objective if search_alg or scheduler else None,
                                         mode="max" if search_alg or scheduler else None, num_samples=num_samples,
                                         search_alg=search_alg, scheduler=scheduler,
-                                        max_concurrent_trials=cluster_concurrency(settings)),
+                                        max_concurrent_trials=cluster_concurrency(settings, capacity)),
             run_config=tune.RunConfig(name=tune_name, storage_path=study_dir, callbacks=[callback],
                                       failure_config=tune.FailureConfig(max_failures=0),
                                       **_console(settings, param_space)),

@@ -197,7 +197,8 @@ def search_gaps(study: StudyRun, records: Sequence[RunRecord], base: Config) -> 
     compared = [r for r in records if r.phase == COMPARE]
     search_whole = not any(gaps.missing[p] or gaps.cut[p] for p in searches)
     # A search that did not end may still select a configuration: the plan then includes the HamJEPA arm.
-    selected = {} if select_trial(records, names.objective(base.eval.knn_k)) or not search_whole else None
+    objective = study.params.get("study.objective") or names.objective(base.eval.knn_k)
+    selected = {} if select_trial(records, objective) or not search_whole else None
     ablation = study.params.get("study.ablation") or next(
         (method.value for method in ABLATIONS if any(r.method == method for r in compared)), "")
     settings = StudySettings(name=study.name or "study", base=base, num_samples=max(1, trials), seeds=len(paired),
@@ -284,7 +285,8 @@ def reopen(client: MlflowClient, study: StudyRun) -> Reopened:
     schedule = looks(int(study.params.get("study.seeds", 2))) if sequential else ()
     phases = phases_from_metrics(client.get_run(study.run_id).data.metrics)
     summary = summarize(records, keys, base, study.params.get("study.primary", ""), tuned, looks=schedule,
-                        reference=load_reference(client, records, base), phase_seconds=phases)
+                        reference=load_reference(client, records, base), phase_seconds=phases,
+                        objective=study.params.get("study.objective", ""))
     verdict = summary.primary_row.verdict if summary.primary_row else ""
     text = to_markdown(summary)
     return Reopened(study, records, text, verdict, search_gaps(study, records, base))

@@ -1,10 +1,11 @@
-"""What a study invocation is asked to do, validated before Ray starts: its settings, its search space (data:
-dotted config keys to Tune domains), and the compare phase's cells (arms x paired seeds) with their stable keys.
+"""What a study invocation is asked to do, validated before Ray starts: its settings, the search's first point, and
+the compare phase's cells (arms x paired seeds) with their stable keys. (The search space: study/space.py.)
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +40,8 @@ class StudySettings:
     primary: str = ""  # the primary metric, declared before the study ("" = names.default_primary)
     tune_baseline: bool = False  # SIGReg gets its own search, with the same budget, scheduler and selection rule
     reference: int = 10  # encoders evaluated at initialisation, the yardstick of "learned" (0 = none)
+    objective: str = ""  # the metric the search selects on ("" = validation kNN@k, names.objective)
+    optuna_storage: str = ""  # the live Optuna study's RDB URL ("" = optuna.db in the study's folder)
 
     def __post_init__(self) -> None:
         if self.num_samples < 1:
@@ -61,15 +64,23 @@ class StudySettings:
         if self.primary and self.primary not in choices:
             raise UserError(f"--primary = {self.primary!r} is invalid: must be one of {', '.join(choices)} (a test "
                             "row; the validation split is the one the search selects on).")
+        self._check_objective()
         self.resources.check_batch(self.base)
+
+    def _check_objective(self) -> None:
+        k = self.base.eval.knn_k
+        object.__setattr__(self, "objective", self.objective or names.objective(k))  # frozen: resolved once, here
+        choices = names.objective_choices(k)
+        if self.objective not in choices:
+            raise UserError(f"--objective = {self.objective!r} is invalid: must be one of {', '.join(choices)} (a "
+                            "validation metric: the test split only judges).")
+        if self.searches and self.early_stopping and not names.every_epoch(self.objective, k):
+            raise UserError(f"--objective = {self.objective} is measured once, after the last epoch, so ASHA cannot "
+                            "stop trials on it; add --no-early-stopping.")
 
     @property
     def experiment_name(self) -> str:
-        return self.experiment or f"hamjepa-{self.name}"
-
-    @property
-    def objective(self) -> str:
-        return names.objective(self.base.eval.knn_k)
+        return self.experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or f"hamjepa-{self.name}"
 
     @property
     def primary_metric(self) -> str:
@@ -105,14 +116,7 @@ def tuning_statement(trials: int | str, baseline_tuned: bool = False) -> str:
             "defaults, untuned: an asymmetry in HamJEPA's favour (--tune-baseline tunes it alike).")
 
 
-# -- search spaces are data ---------------------------------------------------------------------------
-
-def validate_search_space(space: Mapping[str, Any], base: Config) -> None:
-    """Every key must be a config field, and the base config must accept a value from each domain."""
-    for key, domain in space.items():
-        sample = domain.sample() if hasattr(domain, "sample") else domain
-        base.override({key: sample})  # raises ConfigError naming an unknown or invalid key
-
+# -- the search's first point (spaces themselves: study/space.py) -------------------------------------
 
 def defaults_point(space: Mapping[str, Any], base: Config) -> dict[str, Any]:
     """The base config's values of the searched keys: Optuna evaluates the paper's defaults first."""

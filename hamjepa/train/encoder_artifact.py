@@ -8,6 +8,13 @@ usable checkpoint (checkpoints.py). To use it downstream:
     z = encoder(images)  # (N, 2d) states, (q, p) halves for HamJEPA; normalise images as cfg.data says
 
 Weights only (loaded with `weights_only=True`): no pickled code travels with the file.
+
+The same encoder is also an MLflow logged model named `encoder` (MLflow 3's Models tab; `mlflow.search_logged_models`
+finds it), saved by `mlflow.pytorch` as a torch.export program (`serialization_format="pt2"`: loading it runs
+no pickle, unlike MLflow's default), with an input example and the signature inferred from it, and `encoder.pt`
+inside as an extra file:
+
+    model = mlflow.pytorch.load_model(f"models:/{model_id}")   # z = model(images), images (N, C, H, W) float32
 """
 
 from __future__ import annotations
@@ -96,6 +103,44 @@ def log_run_artifacts(logger, run_folder: str, cfg: Config, encoder: bool = True
             logger.log_artifact(path, PLOTS_DIR)
         if encoder:
             path = os.path.join(folder, FILE)
-            torch.save(payload(state), path)
+            saved = payload(state)
+            torch.save(saved, path)
             logger.log_artifact(path, ARTIFACT_DIR)
+            return log_encoder_model(logger, saved, cfg, path)
+    return None
+
+
+MODEL_NAME = "encoder"  # the logged model's name
+
+
+def log_encoder_model(logger, saved: dict[str, Any], cfg: Config, encoder_file: str) -> str | None:
+    """The trained encoder as an MLflow logged model of `logger`'s run (its experiment's artifact location holds
+    it); None, or the reason it could not be logged (the run keeps `model/encoder.pt` either way)."""
+    import tempfile
+
+    import mlflow.pytorch
+    from mlflow.entities import LoggedModelOutput
+
+    from hamjepa.tracking import experiment_id
+
+    encoder = TokenEncoder(cfg.encoder)
+    encoder.load_state_dict(saved["encoder"])
+    example = torch.zeros(2, cfg.encoder.in_channels, cfg.data.image_size, cfg.data.image_size)  # (N, C, H, W)
+    try:
+        client = logger.client
+        with tempfile.TemporaryDirectory() as folder:
+            path = os.path.join(folder, MODEL_NAME)
+            # Requirements named, not inferred: inference imports the model in a subprocess (seconds per model).
+            mlflow.pytorch.save_model(encoder.eval(), path, serialization_format="pt2", input_example=example.numpy(),
+                                      extra_files=[encoder_file], pip_requirements=[f"torch=={torch.__version__}"])
+            model = client.create_logged_model(experiment_id(client, logger.experiment), name=MODEL_NAME,
+                                               source_run_id=logger.run_id, model_type="encoder",
+                                               tags={"hamjepa.method": cfg.method})
+            client.log_model_artifacts(model.model_id, path)
+            client.finalize_logged_model(model.model_id, "READY")
+            client.log_outputs(logger.run_id, [LoggedModelOutput(model.model_id, step=cfg.optim.epochs)])
+    except Exception as error:  # noqa: BLE001 - an export problem must not fail a finished run
+        run = getattr(logger, "run_id", None)
+        print(f"warning: the encoder of run {run} was not logged as an MLflow model ({error})", flush=True)
+        return f"not logged as an MLflow model: {error}"
     return None

@@ -15,17 +15,20 @@ from dataclasses import dataclass
 from typing import Any
 
 from hamjepa import names, provenance, storage
-from hamjepa.checks import resolve_tracking_uri
+from hamjepa.checks import resolve_ray_address, resolve_tracking_uri
 from hamjepa.config import Config, ConfigError
 from hamjepa.errors import UserError
 from hamjepa.names import RunState
 from hamjepa.redact import mask_uri
-from hamjepa.tracking import DATASET_TAG, METHOD_TAG, REASON_TAG, ROLE_TAG, STATUS_TAG, RunLogger
+from hamjepa.tracking import DATASET_TAG, METHOD_TAG, REASON_TAG, ROLE_TAG, STATUS_TAG, RunLogger, SystemMetrics
 from hamjepa.train.encoder_artifact import log_run_artifacts
 from hamjepa.train.loop import QUIET_WORKERS, make_trainer
 from hamjepa.train.resources import Resources
 
-DRIVER_RESOURCE = "trial_driver"  # custom resource held by a study's trial drivers (see connect_ray)
+# A study's trial drivers hold one unit of this custom resource where a cluster offers it (cluster/aws.yaml's head),
+# else DRIVER_MEMORY_BYTES of Ray's `memory` resource, which every node has (study.phases.driver_resources).
+DRIVER_RESOURCE = "trial_driver"
+DRIVER_MEMORY_BYTES = 256 * 1024**2  # about what a driver process (Tune trainable + Train controller client) uses
 
 
 def progress_line(metrics: Mapping[str, Any], epochs: int) -> str:
@@ -99,6 +102,7 @@ def connect_ray(address: str | None, verbose: bool = False, worker_logs: bool = 
 
     if ray.is_initialized():
         return
+    address = resolve_ray_address(address)
     if not address:
         _refuse_a_second_local_ray()
     quiet = {} if verbose else {"logging_level": logging.WARNING, "log_to_driver": worker_logs,
@@ -113,13 +117,13 @@ def connect_ray(address: str | None, verbose: bool = False, worker_logs: bool = 
             ray.init(address=address, **quiet)
         else:
             # The dashboard stays on: Ray's State API lives there, and without it stopped trials leak their
-            # placement groups (docs/design.md "Pitfalls we measured"). Trial drivers hold a custom resource,
-            # not a CPU, so a study's trainers get every core (DRIVER_RESOURCE).
-            ray.init(resources={DRIVER_RESOURCE: 10_000}, **quiet)
+            # placement groups (docs/design.md "Pitfalls we measured"). No custom resource: a local Ray is like any
+            # cluster, and trial drivers hold a slice of memory, not a CPU (DRIVER_MEMORY_BYTES).
+            ray.init(**quiet)
     except (ConnectionError, RuntimeError, ValueError) as error:
         where = f"address '{address}'" if address else "a local Ray instance"
-        raise UserError(f"cannot connect to {where} ({str(error).splitlines()[0]}); check --address, or "
-                        "omit it to start a local Ray.") from None
+        raise UserError(f"cannot connect to {where} ({str(error).splitlines()[0]}); check --address (or "
+                        "$RAY_ADDRESS), or omit both to start a local Ray.") from None
 
 
 def _refuse_a_second_local_ray() -> None:
@@ -135,8 +139,7 @@ def _refuse_a_second_local_ray() -> None:
     if running:
         raise UserError(f"another Ray instance is already running on this machine (at {', '.join(sorted(running))}: "
                         "another study or `hamjepa train`?); wait for it to end (`ray stop` if it is a leftover), "
-                        f"or run both on one shared Ray: `ray start --head --resources='{{\"{DRIVER_RESOURCE}\": "
-                        "1000}'`, then pass --address auto to each.")
+                        "or run both on one shared Ray: `ray start --head`, then pass --address auto to each.")
 
 
 def check_rerun(tracking_uri: str, experiment: str, run_name: str | None, cfg: Config) -> None:
@@ -179,7 +182,8 @@ def train_and_log(cfg: Config, resources: Resources, *, experiment: str, run_nam
     trainer = make_trainer(cfg, resources, name=run_name, storage_path=storage_path, max_failures=max_failures,
                            callbacks=[mlflow_epoch_callback(logger, cfg.optim.epochs)])
     try:
-        result = trainer.fit()
+        with SystemMetrics(uri, experiment, logger.key):
+            result = trainer.fit()
         # The last report, over everything MLflow logged (the epoch-0 `init/` readouts are only in epoch 0's report).
         metrics = {**logger.client.get_run(logger.run_id).data.metrics, **(result.metrics or {})}
     except TrainingFailedError as error:

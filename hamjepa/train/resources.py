@@ -21,7 +21,7 @@ class Resources:
     workers: int = 1
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
-    # The flag that set `workers` (`--workers` for a run, `--workers-per-trial` for a study), named in errors.
+    # The flag that set `workers` (`--workers` for a run and for a study), named in errors.
     flag: str = field(default="--workers", compare=False, repr=False)
 
     def __post_init__(self) -> None:
