@@ -20,6 +20,7 @@ from pathlib import Path
 from hamjepa.config import MAX_SEED  # noqa: F401 - MAX_SEED: the CLI checks --seed against it
 from hamjepa.errors import UserError
 from hamjepa.redact import mask_text, mask_uri
+from hamjepa.store_file import check_mlflow_file
 
 # Run names, study ids: they become MLflow filter values and folder names, so letters, digits and . _ - only.
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
@@ -154,18 +155,11 @@ def _writable_file(uri: str, path: Path) -> None:
     if path.exists() and (not path.is_file() or not _opens_for_writing(path)):
         raise UserError(f"tracking URI '{mask_uri(uri)}' is not writable: '{path}' is not a file this user can "
                         f"read and write; {fix}.")
-    if path.is_file() and not _is_sqlite(path):
-        raise UserError(f"tracking URI '{mask_uri(uri)}' names '{path}', which is not a SQLite database; {fix}.")
+    if path.is_file():  # an existing file is only written when it is a current MLflow store (store_file.py)
+        check_mlflow_file(mask_uri(uri), path, fix)
     if not path.parent.is_dir() or not can_write_in(path.parent):  # SQLite writes its journal beside the file
         raise UserError(f"tracking URI '{mask_uri(uri)}' is not writable: folder '{path.parent}' does not exist or "
                         f"is read-only; {fix}.")
-
-
-def _is_sqlite(path: Path) -> bool:
-    """An empty file (SQLite starts it) or one with SQLite's 16-byte header."""
-    with open(path, "rb") as handle:
-        head = handle.read(16)
-    return head in (b"", b"SQLite format 3\x00")
 
 
 def _opens_for_writing(path: Path) -> bool:
@@ -182,14 +176,14 @@ def _sqlite_path(uri: str) -> str:
 
 def check_readable_tracking_uri(uri: str) -> None:
     """A store to read (`hamjepa report`, `hamjepa studies`) must exist, since MLflow would create an empty one, and be
-    what it says; a server must answer."""
+    a current MLflow store, checked without writing, since MLflow would create its tables in any other SQLite file
+    and migrate an older one; a server must answer."""
     fix = "pass the --tracking-uri the study logged to"
     if uri.startswith("sqlite:///"):
         path = Path(_sqlite_path(uri))
         if not path.is_file():
             raise UserError(f"tracking URI '{mask_uri(uri)}' names no file ('{path}' does not exist); {fix}.")
-        if not _is_sqlite(path):
-            raise UserError(f"tracking URI '{mask_uri(uri)}' names '{path}', which is not a SQLite database; {fix}.")
+        check_mlflow_file(mask_uri(uri), path, fix)  # read-only: MLflow's store class would create or migrate
     elif uri.startswith("file:"):
         folder = Path(uri[len("file://"):] if uri.startswith("file://") else uri[len("file:"):])
         if not folder.is_dir():

@@ -412,7 +412,10 @@ def _studies(args: argparse.Namespace) -> int:
 
     from hamjepa.study.reopen import studies_table  # MLflow loads from here on
 
-    print(studies_table(tracking_uri, args.experiment), end="")
+    table = studies_table(tracking_uri, args.experiment)
+    print(table, end="")
+    if not table:  # stdout stays empty for scripts; a person reads why
+        print(f"hamjepa: no study in '{mask_uri(tracking_uri)}' yet", file=sys.stderr)
     return 0
 
 

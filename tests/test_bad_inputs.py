@@ -11,6 +11,7 @@ for its own bad part. The machine is pinned at 2 CPUs and no GPU, so capacity en
 from __future__ import annotations
 
 import gzip
+import hashlib
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -108,6 +109,30 @@ def folder(path: Path) -> Path:
     return path
 
 
+def sqlite_file(tables: tuple[str, ...], revision: str | None = None) -> Callable[[Path], Path]:
+    """A SQLite database with these (empty) tables and, with `revision`, MLflow's alembic_version row: what
+    store_file.py reads of a user's database or of an MLflow store of another schema."""
+    def make(path: Path) -> Path:
+        import sqlite3
+
+        connection = sqlite3.connect(path)
+        with connection:
+            for table in tables:
+                connection.execute(f"CREATE TABLE {table} (id INTEGER)")
+            if revision is not None:
+                connection.execute("CREATE TABLE alembic_version (version_num TEXT)")
+                connection.execute("INSERT INTO alembic_version VALUES (?)", (revision,))
+        connection.close()
+        return path
+    return make
+
+
+def older_mlflow_revision() -> str:
+    from hamjepa import store_file
+
+    return store_file._migrations().get_revision(store_file.head_revision()).down_revision
+
+
 # -- the catalogue ---------------------------------------------------------------------------------------------
 
 @dataclass
@@ -184,6 +209,16 @@ CASES = [
     Case("tracking-folder-missing", "train", ["--tracking-uri", "sqlite:///{in}/missing/m.db"], "tracking URI"),
     Case("tracking-not-sqlite", "train", ["--tracking-uri", "sqlite:///{made}"], "not a SQLite database",
          text_file(b"some notes\n")),
+    Case("tracking-empty-file", "train", ["--tracking-uri", "sqlite:///{made}"], "an empty file, not an MLflow store",
+         text_file(b"")),
+    Case("tracking-user-database", "train", ["--tracking-uri", "sqlite:///{made}"], "is not an MLflow store",
+         sqlite_file(("users",))),
+    Case("tracking-older-schema", "train", ["--tracking-uri", "sqlite:///{made}"], "mlflow db upgrade",
+         sqlite_file(("experiments", "runs"), older_mlflow_revision())),
+    Case("tracking-newer-schema", "train", ["--tracking-uri", "sqlite:///{made}"], "does not know",
+         sqlite_file(("experiments", "runs"), "ffffffffffff")),
+    Case("study-tracking-user-database", "study", ["--tracking-uri", "sqlite:///{made}"], "is not an MLflow store",
+         sqlite_file(("users",))),
     Case("tracking-is-folder", "train", ["--tracking-uri", "sqlite:///{made}"], "tracking URI", folder),
     Case("tracking-scheme", "train", ["--tracking-uri", "ftp://example.org/m"], "tracking URI"),
     Case("tracking-unreachable", "train", ["--tracking-uri", "http://127.0.0.1:9"], "cannot be reached"),
@@ -325,13 +360,20 @@ def invoke(command: str, argv: list[str], space) -> int:
         return exit_.code
 
 
+def _contents(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "folder"
+            for p in sorted(folder.rglob("*"))}
+
+
 def check_refused(case: Case, workdir: Path, good_data: Path, space, capsys) -> None:
     inputs = workdir.parent / "in"
     inputs.mkdir()
     made = case.make(inputs / "made") if case.make else inputs
     argv = [a.replace("{in}", str(inputs)).replace("{made}", str(made)) for a in case.argv]
+    before = _contents(inputs)
     code = invoke(case.command, [*base_argv(case.command, good_data), *argv], space)
     out, err = capsys.readouterr()
+    assert _contents(inputs) == before  # the user's files: not one byte changed, nothing added beside them
     assert code == 2, f"exit {code}; stderr: {err}"
     assert len(err.splitlines()) == 1 and err.endswith("\n"), err
     assert "error: " in err and case.words in err, err

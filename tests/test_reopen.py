@@ -1,12 +1,14 @@
 """Reopening studies from MLflow alone (`hamjepa report`, `hamjepa studies`), on stores written without Ray."""
 
+import hashlib
+import sqlite3
 import time
 from types import SimpleNamespace
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from hamjepa import cli, names
+from hamjepa import cli, names, store_file
 from hamjepa.config import profile
 from hamjepa.study.reopen import Gaps, base_config, runs_url
 from hamjepa.tracking import (
@@ -210,18 +212,71 @@ def test_both_study_and_latest_are_refused(capsys):
     assert "argument --latest: not allowed with argument --study" in err
 
 
-def test_an_empty_or_absent_store_is_one_sentence(tmp_path, capsys):
-    empty = f"sqlite:///{tmp_path}/empty.db"
-    MlflowClient(empty).search_experiments()  # creates the store's tables, no study
-    capsys.readouterr()  # MLflow's own log lines of that
-    for command in ("report", "studies"):
-        code, _, err = _cli(capsys, command, "--tracking-uri", empty)
-        assert code == 2 and err.count("\n") == 1 and "holds no study; run one first" in err
+def _mlflow_store(path):
+    """A current MLflow store without studies (MLflow creates its tables on first use)."""
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+def _older_store(path):
+    """An MLflow store whose recorded schema is one revision behind the installed MLflow's head: what a store
+    written by an earlier MLflow looks like to this one (there is no older MLflow here to write a real one)."""
+    _mlflow_store(path)
+    older = store_file._migrations().get_revision(store_file.head_revision()).down_revision
+    with sqlite3.connect(path) as connection:
+        connection.execute("UPDATE alembic_version SET version_num = ?", (older,))
+    connection.close()
+    return path
+
+
+def _unrelated_database(path):
+    with sqlite3.connect(path) as connection:
+        connection.execute("CREATE TABLE users (name TEXT)")
+        connection.execute("INSERT INTO users VALUES ('ada')")
+    connection.close()
+    return path
+
+
+def _empty_file(path):
+    path.write_bytes(b"")
+    return path
+
+
+def test_studies_of_an_empty_store_is_an_empty_answer(tmp_path, capsys):
+    empty = f"sqlite:///{_mlflow_store(tmp_path / 'empty.db')}"
+    capsys.readouterr()  # MLflow's own log lines of creating it
+    code, out, err = _cli(capsys, "studies", "--tracking-uri", empty)
+    assert code == 0 and out == "" and "no study" in err
+    code, _, err = _cli(capsys, "report", "--tracking-uri", empty)  # a report of nothing is an error
+    assert code == 2 and err.count("\n") == 1 and "holds no study; run one first" in err
+
+
+def test_an_absent_or_non_sqlite_store_is_one_sentence(tmp_path, capsys):
     code, _, err = _cli(capsys, "studies", "--tracking-uri", f"sqlite:///{tmp_path}/absent.db")
     assert code == 2 and "names no file" in err and not (tmp_path / "absent.db").exists()
     (tmp_path / "text.db").write_text("not a database")
     code, _, err = _cli(capsys, "report", "--tracking-uri", f"sqlite:///{tmp_path}/text.db")
     assert code == 2 and "which is not a SQLite database" in err
+
+
+@pytest.mark.parametrize("make, says", [
+    (_empty_file, "an empty file, not an MLflow store"),
+    (_unrelated_database, "a SQLite database that is not an MLflow store"),
+    (_older_store, "an MLflow store of an older schema"),
+])
+@pytest.mark.parametrize("command", ["studies", "report"])
+def test_reading_commands_refuse_a_file_they_would_change_and_leave_its_bytes_alone(tmp_path, capsys, make, says,
+                                                                                     command):
+    path = make(tmp_path / "user.db")
+    before = hashlib.sha256(path.read_bytes()).hexdigest()
+    listing = sorted(p.name for p in tmp_path.iterdir())
+    capsys.readouterr()
+    code, out, err = _cli(capsys, command, "--tracking-uri", f"sqlite:///{path}")
+    assert code == 2 and out == "" and err.count("\n") == 1 and says in err and "Traceback" not in err
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == listing  # no journal or lock file left beside it
+    if make is _older_store:
+        assert "back the file up first" in err and "mlflow db upgrade" in err
 
 
 def test_gaps_sentence_lists_missing_and_cut_runs():

@@ -326,11 +326,12 @@ def report(tracking_uri: str, study_id: str | None = None, experiment: str | Non
 
 
 def studies_table(tracking_uri: str, experiment: str | None = None) -> str:
-    """`hamjepa studies`: one row per study, newest first: id, experiment, start, status, trial runs, verdict."""
+    """`hamjepa studies`: one row per study, newest first: id, experiment, start, status, trial runs, verdict; "" for
+    a store without studies (an empty list is an answer, not an error: a script reading it gets no rows)."""
     client = MlflowClient(tracking_uri=tracking_uri)
     studies = find_studies(client, experiment)
     if not studies:
-        raise no_study(f"'{mask_uri(tracking_uri)}'")
+        return ""
     header = ("study", "experiment", "started", "status", "trials", "verdict")
     rows = [header]
     for study in studies:
