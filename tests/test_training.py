@@ -218,3 +218,31 @@ def test_a_second_local_ray_on_one_machine_is_refused_before_it_starts(ray_clust
     assert len(done.stderr.strip().splitlines()) == 1 and "another Ray instance is already running" in done.stderr
     assert "--address auto" in done.stderr
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "ray").exists()
+
+
+# Ray Train's lines that come once per report (per epoch): what a quiet console must not show.
+PER_REPORT_LINES = ("Reporting training result", "TrainingReport(", "Checkpoint successfully created")
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_hamjepa_train_keeps_rays_per_report_lines_out_of_the_console_unless_verbose(ray_cluster, tmp_path, verbose):
+    """A two-epoch `hamjepa train` (smoke sizes, joining the session's Ray so the workers' output is forwarded to
+    its console) prints none of Ray Train's per-report lines; with --verbose they are there, once per report (the
+    initialisation's and each epoch's), so the quiet count is not zero by accident."""
+    import subprocess
+    import sys
+
+    from hamjepa.config import SMOKE_OVERRIDES
+
+    overrides = [a for key, value in {**SMOKE_OVERRIDES, "optim.epochs": 2}.items()
+                 for a in ("--set", f"{key}={str(value).lower() if isinstance(value, bool) else value}")]
+    command = [sys.executable, "-m", "hamjepa", "train", "--profile", "quick", *overrides, "--name", "quiet",
+               "--address", ray_cluster, "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db",
+               "--storage-path", str(tmp_path / "ray"), *(["--verbose"] if verbose else [])]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    per_report = [line for line in done.stderr.splitlines() if any(words in line for words in PER_REPORT_LINES)]
+    if verbose:
+        assert len(per_report) >= 2 * 3  # a checkpoint line and a report line for epochs 0, 1 and 2
+    else:
+        assert per_report == [], per_report[0][:300]

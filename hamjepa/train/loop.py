@@ -193,10 +193,24 @@ class _Worker:
         self.seconds["checkpoint"] += time.perf_counter() - started
 
 
+def _quiet_ray_train_loggers() -> None:
+    """Ray Train's info messages in this worker down to warnings: the `ray.train` logger, and every logger Ray names
+    after its own file (`logging.getLogger(__file__)`), which `ray.train`'s level does not reach. The one that writes
+    `Reporting training result N: TrainingReport(...)` (2 KB, once per epoch) is such a logger; its module is loaded
+    before this function runs (it holds the worker's train context), so the loop over existing loggers finds it."""
+    import ray
+
+    ray_folder = os.path.dirname(ray.__file__)
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith(ray_folder):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train entry point; loop_config = {"cfg": Config, "started_at": the trial's start (time.time())}."""
     if os.environ.get(QUIET_WORKERS):
-        logging.getLogger("ray.train").setLevel(logging.WARNING)
+        _quiet_ray_train_loggers()
     worker = _set_up(loop_config["cfg"])
     # Ray Train's start-up (controller, worker group), the data and the model, until the loop can start.
     worker.seconds["startup"] = max(0.0, time.time() - loop_config["started_at"])
