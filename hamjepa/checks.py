@@ -18,6 +18,7 @@ import urllib.request
 from pathlib import Path
 
 from hamjepa.config import MAX_SEED  # noqa: F401 - MAX_SEED: the CLI checks --seed against it
+from hamjepa.config.sections import MAX_WORKERS
 from hamjepa.errors import UserError
 from hamjepa.redact import mask_text, mask_uri
 from hamjepa.store_file import check_mlflow_file
@@ -48,7 +49,7 @@ def number(flag: str, value: float, low: float, *, strict: bool = False) -> None
 
 def resources(workers_flag: str, workers: int, cpus: float, gpus: float) -> None:
     """What one run asks for: at least one worker, CPUs > 0 and GPUs >= 0, all finite."""
-    integer(workers_flag, workers, 1)
+    integer(workers_flag, workers, 1, MAX_WORKERS)  # the bound's reason: config/sections.py
     number("--cpus-per-worker", cpus, 0, strict=True)
     number("--gpus-per-worker", gpus, 0)
 

@@ -169,3 +169,17 @@ def test_a_renamed_section_is_unknown_with_its_new_name_suggested():
         Config().override({"hamjepa.std_floor": 0.3})
     with pytest.raises(ValueError, match="did you mean 'hamjepa_loss'"):
         Config().override({"hamjepa_los.std_floor": 0.3})
+
+
+def test_an_empty_config_file_is_no_overrides_and_the_bounds_themselves_are_accepted(tmp_path):
+    """The accepted side of the refusals in tests/test_bad_inputs.py: an empty (or comments-only) file is YAML's
+    null, no overrides, unlike `false` or `[]`; each upper bound is inclusive."""
+    from hamjepa.config import build_config
+    from hamjepa.config.sections import MAX_BATCH, MAX_EPOCHS, MAX_LEAPFROG_STEPS, MAX_SUBSET
+
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing changed\n")
+    assert build_config("quick", empty) == build_config("quick")
+    at_bounds = build_config("quick", overrides={"predictor.steps": MAX_LEAPFROG_STEPS, "optim.epochs": MAX_EPOCHS,
+                                                 "data.subset": MAX_SUBSET, "optim.batch_size": MAX_BATCH})
+    assert (at_bounds.predictor.steps, at_bounds.optim.epochs) == (MAX_LEAPFROG_STEPS, MAX_EPOCHS)

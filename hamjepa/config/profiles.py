@@ -105,10 +105,24 @@ def build_config(profile_name: str | None = None, config_file: str | Path | None
         for key, value in PROFILES[profile_name].items():
             set_dotted(tree, key, value)
     if config_file is not None:
-        _merge(tree, read_yaml_file(config_file) or {})
+        _merge(tree, _config_mapping(config_file))
     for key, value in (overrides or {}).items():
         set_dotted(tree, key, value)
     return Config.from_dict(tree)
+
+
+def _config_mapping(path: str | Path) -> Mapping[str, Any]:
+    """A config file's tree. An empty file (or comments only: YAML's null) is no overrides; any other document that
+    is not a mapping (`false`, `[]`, a number, a string) is refused naming its type, never read as "nothing"."""
+    document = read_yaml_file(path)
+    if document is None:
+        return {}
+    if not isinstance(document, Mapping):
+        kind = {bool: "a boolean", list: "a list", str: "a string", int: "a number", float: "a number"}.get(
+            type(document), type(document).__name__)
+        raise ConfigError(f"config file '{path}' holds {kind} ({document!r:.40}), not a mapping of config keys; "
+                          "write it as sections, e.g. 'predictor:' then '  steps: 3'.")
+    return document
 
 
 def parse_overrides(items: list[str]) -> dict[str, str]:

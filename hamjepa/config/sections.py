@@ -19,6 +19,23 @@ from hamjepa.config.tree import build, check, fail, flatten_dict, set_dotted
 from hamjepa.methods import Method, spec
 
 MAX_SEED = 2**32 - 1  # numpy's and Optuna's seeds are 32-bit; a run derives its seeds from these
+# Upper bounds that keep one run finite: a value past them is a typo (an extra digit), not an experiment, and would
+# start a run that never ends or never fits, so it is refused before any work.
+# Leapfrog steps: each is one gradient evaluation of the potential per prediction; the paper uses 2, and 64 (32x its
+# cost, a horizon of 64 * dt) is already far past where the curriculum studies the horizon.
+MAX_LEAPFROG_STEPS = 64
+# Epochs: the longest self-supervised schedules published run 1,000 epochs; ten times that is no schedule anyone
+# trains, and at the paper's protocol would take years on one GPU.
+MAX_EPOCHS = 10_000
+# Training images: no dataset this project loads has more than 100 million (ImageNet-21k has 14 million); the real
+# cap, the dataset's own size, is checked once the data is found (train/launch.preflight).
+MAX_SUBSET = 100_000_000
+# Global batch: twice the largest self-supervised batch published (32,768); past that one step's activations fit
+# no accelerator, and the batch must still fit the training split (checked at preflight).
+MAX_BATCH = 65_536
+# Workers of one run: the global batch is split among them with at least 2 images each, so MAX_BATCH / 2; no
+# cluster this project targets has more accelerators.
+MAX_WORKERS = MAX_BATCH // 2
 DATASETS = ("fashion_mnist", "cifar10", "cifar100", "imagefolder", "synthetic")
 AUGMENT_PLACEMENTS = ("auto", "device", "loader")  # data.augment_on
 # Channel count of the datasets whose format we know, and what choosing one (--dataset) implies.
@@ -96,7 +113,8 @@ class PredictorConfig(_Section):
     def __post_init__(self) -> None:
         self._require("hidden_dim", self.hidden_dim >= 1, "must be an integer >= 1")
         self._require("depth", self.depth >= 1, "must be an integer >= 1")
-        self._require("steps", self.steps >= 1, "must be an integer >= 1")
+        self._require("steps", 1 <= self.steps <= MAX_LEAPFROG_STEPS,
+                      f"must be an integer in [1, {MAX_LEAPFROG_STEPS}] (each step is a gradient evaluation)")
         self._require("dt", self.dt > 0, "must be > 0 (direction is chosen per call, not by the sign of dt)")
         self._non_negative("base_coeff", "residual_scale", "residual_scale_warmup_epochs", "curriculum_epochs")
         self._one_of("gradient", ("closed_form", "autograd"))
@@ -188,7 +206,9 @@ class DataConfig(_Section):
         self._one_of("dataset", DATASETS)
         self._one_of("augment_on", AUGMENT_PLACEMENTS)
         self._require("image_size", self.image_size >= 8, "must be an integer >= 8 (pixels)")
-        self._non_negative("subset", "num_workers", "test_limit")
+        self._non_negative("num_workers", "test_limit")
+        self._require("subset", 0 <= self.subset <= MAX_SUBSET,
+                      f"must be an integer in [0, {MAX_SUBSET}] (images; 0 = all)")
         self._non_negative("val_size")
         self._require("seed", 0 <= self.seed <= MAX_SEED, f"must be an integer in [0, {MAX_SEED}]")
 
@@ -287,8 +307,9 @@ class OptimConfig(_Section):
             self._require(name, 0 <= getattr(self, name) <= 1, "must be in [0, 1] (a fraction of optim.lr)")
         self._require("grad_clip", self.grad_clip is None or 0 <= self.grad_clip < math.inf,
                       "must be a finite max grad norm >= 0 (0 = off), or null for the method's protocol")
-        self._require("batch_size", self.batch_size >= 2, "must be an integer >= 2 (batch statistics)")
-        self._require("epochs", self.epochs >= 1, "must be an integer >= 1")
+        self._require("batch_size", 2 <= self.batch_size <= MAX_BATCH,
+                      f"must be an integer in [2, {MAX_BATCH}] (images; at least 2 for batch statistics)")
+        self._require("epochs", 1 <= self.epochs <= MAX_EPOCHS, f"must be an integer in [1, {MAX_EPOCHS}]")
 
 
 @dataclass(frozen=True)
