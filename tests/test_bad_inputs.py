@@ -74,7 +74,8 @@ def image_folder(how: str) -> Callable[[Path], Path]:
     def make(folder: Path) -> Path:
         from PIL import Image
 
-        for split, classes in (("train", ("ant", "bee")), ("val", ("ant", "bee"))):
+        classes = ("ant",) if how == "one-class" else ("ant", "bee")
+        for split in ("train", "val"):
             for cls in classes:
                 (folder / split / cls).mkdir(parents=True)
                 if how == "empty-val" and split == "val":
@@ -250,6 +251,8 @@ CASES = [
          "cannot be decoded", image_folder("undecodable")),
     Case("image-empty-class", "train", [*DATA, "--data-root", "{made}"], "every class folder",
          image_folder("empty-class")),
+    Case("image-one-class", "train", [*DATA, "--data-root", "{made}"], "at least 2 classes",
+         image_folder("one-class")),
     Case("image-empty-val", "train", [*DATA, "--data-root", "{made}"], "holds no images", image_folder("empty-val")),
     Case("cifar-not-a-batch", "train", [*CIFAR, "--data-root", "{made}"], "CIFAR file", bad_cifar),
     Case("subset-too-big", "train", ["--set", "data.subset=100000"], "'data.subset'"),

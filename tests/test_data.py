@@ -154,6 +154,18 @@ def test_fashion_mnist_found_through_hamjepa_data_and_resized_on_load(tmp_path, 
     assert bigger.train.images.shape[1:] == (1, 32, 32) and bigger.test.images.shape == (20, 1, 32, 32)
 
 
+def test_hamjepa_data_naming_a_file_is_refused_not_passed_over(tmp_path, monkeypatch):
+    """A $HAMJEPA_DATA that is a file is a mistake to say, not a place to skip on the way to another copy;
+    one that does not exist yet is where a download goes."""
+    (tmp_path / "datasets.txt").write_text("not a folder")
+    monkeypatch.setenv("HAMJEPA_DATA", str(tmp_path / "datasets.txt"))
+    with pytest.raises(DatasetNotFoundError, match=r"^\$HAMJEPA_DATA = '.*datasets.txt' is invalid: it is not a "
+                                                   r"folder; .*unset it\.$"):
+        data.candidate_folders("fashion_mnist")
+    monkeypatch.setenv("HAMJEPA_DATA", str(tmp_path / "later"))
+    assert data.candidate_folders("fashion_mnist")[0] == tmp_path / "later"
+
+
 def test_truncated_idx_file_is_refused(tmp_path):
     path = tmp_path / "bad.gz"
     with gzip.open(path, "wb") as handle:
@@ -248,9 +260,10 @@ def test_image_files_are_checked_before_the_run(tmp_path):
     from PIL import Image
 
     for split in ("train", "val"):
-        (tmp_path / split / "ant").mkdir(parents=True)
-        for i in range(3):
-            Image.new("RGB", (10, 10)).save(tmp_path / split / "ant" / f"{i}.png")
+        for cls in ("ant", "bee"):  # two classes: one is refused (tests/test_bad_inputs.py)
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(3):
+                Image.new("RGB", (10, 10)).save(tmp_path / split / cls / f"{i}.png")
     (tmp_path / "val" / "ant" / "2.png").write_bytes(b"GIF89a but not really")
     splits = load_splits(DataConfig(dataset="imagefolder", root=str(tmp_path), image_size=8, val_size=0),
                          channels=3)

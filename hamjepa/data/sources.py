@@ -229,6 +229,10 @@ def read_imagefolder(folder: Path, image_size: int, channels: int) -> tuple[Imag
         first = str(error).splitlines()[0].split(". ")[0] if str(error).strip() else type(error).__name__
         raise UserError(f"image folder '{folder / 'train'}' is not usable ({first}); give every class folder at "
                         "least one image.") from None
+    if len(train.classes) < 2:  # one class: every readout would score 100% and mean nothing
+        raise UserError(f"image folder '{folder / 'train'}' holds {len(train.classes)} class folder "
+                        f"({', '.join(train.classes)}); the readouts classify, so give it at least 2 classes, one "
+                        "folder each.")
     val = make_dataset(str(folder / "val"), train.class_to_idx, IMG_EXTENSIONS, allow_empty=True)
     if not val:
         raise UserError(f"image folder '{folder / 'val'}' holds no images of train/'s classes; it is the test "
@@ -276,6 +280,9 @@ def candidate_folders(dataset: str, root: str = "") -> list[Path]:
                                        f"pass the folder that holds the {dataset} dataset.")
         return [folder]
     folders = [Path(p).expanduser() for p in (os.environ.get("HAMJEPA_DATA", ""),) if p]
+    if folders and folders[0].exists() and not folders[0].is_dir():  # absent is fine: downloads create it
+        raise DatasetNotFoundError(f"$HAMJEPA_DATA = '{folders[0]}' is invalid: it is not a folder; point it at the "
+                                   "folder that holds the datasets, or unset it.")
     if dataset in DEBIAN_DIRS:
         folders.append(DEBIAN_DIRS[dataset])
     folders.append(download_dir())
