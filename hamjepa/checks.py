@@ -210,6 +210,33 @@ def check_tracking_uri(uri: str) -> None:
         except (OSError, ValueError) as error:
             raise UserError(f"tracking URI '{mask_uri(uri)}' cannot be reached ({mask_text(str(error))}); start "
                             "the MLflow server or pass --tracking-uri.") from None
-    elif not uri.startswith(("databricks", "postgresql", "mysql", "mssql")):
+    elif uri.startswith(("postgresql", "mysql", "mssql")):
+        _database_driver(uri)
+    elif not uri.startswith("databricks"):
         raise UserError(f"tracking URI '{mask_uri(uri)}' is not supported: use sqlite:///path, "
                         "http(s)://host:port or a database URI.")
+
+
+# SQLAlchemy's driver for each database scheme (`scheme://` uses the first; `scheme+driver://` names its own), as
+# (module to find, pip package that installs it). MLflow installs none of them: without one, MLflow's first write is a
+# ModuleNotFoundError traceback.
+DEFAULT_DRIVERS = {"postgresql": "psycopg2", "mysql": "mysqldb", "mssql": "pyodbc"}
+DRIVERS = {"psycopg2": ("psycopg2", "psycopg2-binary"), "psycopg": ("psycopg", "psycopg[binary]"),
+           "pg8000": ("pg8000", "pg8000"), "mysqldb": ("MySQLdb", "mysqlclient"), "pymysql": ("pymysql", "PyMySQL"),
+           "pyodbc": ("pyodbc", "pyodbc"), "pymssql": ("pymssql", "pymssql")}
+
+
+def _database_driver(uri: str) -> None:
+    """The database URI's Python driver is installed (found without importing it), or one sentence naming it."""
+    import importlib.util
+
+    scheme = uri.split(":", 1)[0]
+    database, _, driver = scheme.partition("+")
+    driver = (driver or DEFAULT_DRIVERS.get(database, "")).lower()
+    if driver not in DRIVERS:
+        raise UserError(f"tracking URI '{mask_uri(uri)}' names driver '{driver}', which this tool does not know; use "
+                        f"{database}+<one of {', '.join(sorted(DRIVERS))}>://... or sqlite:///path/mlflow.db.")
+    module, package = DRIVERS[driver]
+    if importlib.util.find_spec(module) is None:
+        raise UserError(f"tracking URI '{mask_uri(uri)}' needs the Python driver {module}, which is not installed; "
+                        f"pip install {package}, or use sqlite:///path/mlflow.db.")

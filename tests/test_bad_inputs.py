@@ -217,6 +217,8 @@ CASES = [
     Case("experiment-quote", "train", ["--experiment", 'a"b'], "--experiment"),
     Case("experiment-blank", "train", ["--experiment", " "], "--experiment"),
     Case("address-malformed", "train", ["--address", "headnode"], "--address"),
+    Case("address-closed-port", "train", ["--address", "127.0.0.1:9"], "cannot be reached"),
+    Case("study-address-closed-port", "study", ["--address", "ray://127.0.0.1:9"], "cannot be reached"),
     Case("address-port", "train", ["--address", "10.0.0.1:99999"], "--address"),
     # where results go
     Case("tracking-folder-missing", "train", ["--tracking-uri", "sqlite:///{in}/missing/m.db"], "tracking URI"),
@@ -233,6 +235,8 @@ CASES = [
     Case("study-tracking-user-database", "study", ["--tracking-uri", "sqlite:///{made}"], "is not an MLflow store",
          sqlite_file(("users",))),
     Case("tracking-is-folder", "train", ["--tracking-uri", "sqlite:///{made}"], "tracking URI", folder),
+    Case("tracking-postgres-no-driver", "train", ["--tracking-uri", "postgresql+nodriver://u:p@db/mlflow"],
+         "does not know"),
     Case("tracking-scheme", "train", ["--tracking-uri", "ftp://example.org/m"], "tracking URI"),
     Case("tracking-unreachable", "train", ["--tracking-uri", "http://127.0.0.1:9"], "cannot be reached"),
     Case("tracking-file-store", "train", ["--tracking-uri", "file:///{in}/mlruns"], "no longer writes file stores"),

@@ -1,5 +1,7 @@
 """MLflow logging: runs found again by key, epochs logged once, never left RUNNING."""
 
+import re
+
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -99,3 +101,22 @@ def test_a_sqlite_store_keeps_its_artifacts_beside_it_and_a_server_its_own(tmp_p
     client.log_text(run.info.run_id, "hello", "note.txt")
     assert (tmp_path / "store" / "mlartifacts" / "beside" / run.info.run_id / "artifacts" / "note.txt").is_file()
     assert not (tmp_path / "mlruns").exists()
+
+
+@pytest.mark.parametrize("uri, module, package", [
+    ("postgresql://user:secret@db:5432/mlflow", "psycopg2", "psycopg2-binary"),
+    ("postgresql+psycopg://user@db/mlflow", "psycopg", "psycopg[binary]"),
+    ("mysql+pymysql://db/mlflow", "pymysql", "PyMySQL"),
+])
+def test_a_database_uri_without_its_driver_is_one_sentence_naming_what_to_install(uri, module, package,
+                                                                                   monkeypatch):
+    import importlib.util
+
+    found = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == module else found(name, *a))
+    with pytest.raises(UserError, match=rf"needs the Python driver {module}, which is not installed; "
+                                        rf"pip install {re.escape(package)}") as refused:
+        check_tracking_uri(uri)
+    assert "secret" not in str(refused.value)  # credentials stay out of the sentence
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())  # installed: accepted
+    check_tracking_uri(uri)
