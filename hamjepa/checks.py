@@ -17,6 +17,7 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
+from hamjepa import paths
 from hamjepa.config import MAX_SEED  # noqa: F401 - MAX_SEED: the CLI checks --seed against it
 from hamjepa.config.sections import MAX_WORKERS
 from hamjepa.errors import UserError
@@ -182,6 +183,7 @@ def check_readable_tracking_uri(uri: str) -> None:
     fix = "pass the --tracking-uri the study logged to"
     if uri.startswith("sqlite:///"):
         path = Path(_sqlite_path(uri))
+        paths.check_length("the tracking store", path)
         if not path.is_file():
             raise UserError(f"tracking URI '{mask_uri(uri)}' names no file ('{path}' does not exist); {fix}.")
         check_mlflow_file(mask_uri(uri), path, fix)  # read-only: MLflow's store class would create or migrate
@@ -199,6 +201,7 @@ def check_tracking_uri(uri: str) -> None:
         path = _sqlite_path(uri)
         if not path or path.endswith("/"):
             _refuse("--tracking-uri", mask_uri(uri), "a SQLite URI must name a file, e.g. sqlite:///mlflow.db")
+        paths.check_length("the tracking store", path)
         _writable_file(uri, Path(path))
     elif uri.startswith("file:"):
         # MLflow 3.17 refuses its file store at the first write (unless MLFLOW_ALLOW_FILE_STORE is set): say so now.

@@ -11,6 +11,7 @@ import os
 import secrets
 from pathlib import Path
 
+from hamjepa import paths
 from hamjepa.checks import can_write_in, nearest_existing
 from hamjepa.errors import UserError
 from hamjepa.redact import mask_text, mask_uri
@@ -98,6 +99,7 @@ def check_writable(path: str | None = None) -> None:
             raise UserError(f"--storage-path = '{mask_uri(location)}' is invalid: use a folder, file://, or one of "
                             f"{', '.join(s + '://' for s in REMOTE_SCHEMES)}.")
         return None
+    paths.check_length("--storage-path", location)
     existing = nearest_existing(Path(location))
     if not existing.is_dir() or not can_write_in(existing):
         raise UserError(f"--storage-path = '{location}' is not writable: '{existing}' is not a folder this user can "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import os
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -110,6 +111,23 @@ def folder(path: Path) -> Path:
     return path
 
 
+def named_pipe(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(path)
+    return path
+
+
+def fashion_with_a_pipe(folder: Path) -> Path:
+    """Fashion-MNIST whose training images file was replaced by a named pipe (reading it would block forever)."""
+    fashion(folder)
+    (folder / "train-images-idx3-ubyte.gz").unlink()
+    os.mkfifo(folder / "train-images-idx3-ubyte.gz")
+    return folder
+
+
+LONG = "x" * 300  # a path component longer than NAME_MAX (255 bytes) on every Linux file system
+
+
 def sqlite_file(tables: tuple[str, ...], revision: str | None = None) -> Callable[[Path], Path]:
     """A SQLite database with these (empty) tables and, with `revision`, MLflow's alembic_version row: what
     store_file.py reads of a user's database or of an MLflow store of another schema."""
@@ -132,6 +150,24 @@ def older_mlflow_revision() -> str:
     from hamjepa import store_file
 
     return store_file._migrations().get_revision(store_file.head_revision()).down_revision
+
+
+STUDY_ID = "energy_budget-20250101-120000-abcdef"
+
+
+def study_folder(pointer: bytes, identity: bytes | None = None) -> Callable[[Path], Path]:
+    """A --storage-path whose energy_budget study has this latest.json and, with `identity`, this study.json."""
+    def make(path: Path) -> Path:
+        root = path / "energy_budget"
+        (root / STUDY_ID).mkdir(parents=True)
+        (root / "latest.json").write_bytes(pointer)
+        if identity is not None:
+            (root / STUDY_ID / "study.json").write_bytes(identity)
+        return path
+    return make
+
+
+GOOD_POINTER = b'{"id": "' + STUDY_ID.encode() + b'"}'
 
 
 # -- the catalogue ---------------------------------------------------------------------------------------------
@@ -199,6 +235,15 @@ CASES = [
     Case("config-unknown-key", "train", ["--config", "{made}"], "predictor.leapfrog_steps",
          text_file(b"predictor:\n  leapfrog_steps: 3\n")),
     Case("config-missing", "train", ["--config", "{in}/nope.yaml"], "does not exist"),
+    Case("config-named-pipe", "train", ["--config", "{made}"], "is a named pipe, not a regular file", named_pipe),
+    Case("config-device", "config", ["--config", "/dev/zero"], "is a character device, not a regular file"),
+    Case("config-long-name", "train", ["--config", "{in}/" + LONG + ".yaml"], "longer than the 255"),
+    Case("data-root-long-name", "train", ["--data-root", "{in}/" + LONG], "longer than the 255"),
+    Case("storage-long-name", "train", ["--storage-path", "{in}/" + LONG], "longer than the 255"),
+    Case("tracking-long-name", "train", ["--tracking-uri", "sqlite:///{in}/" + LONG + ".db"], "longer than the 255"),
+    Case("study-storage-long-name", "study", ["--storage-path", "{in}/" + LONG + "/ray"], "longer than the 255"),
+    Case("data-file-named-pipe", "train", ["--data-root", "{made}"], "is a named pipe", fashion_with_a_pipe),
+    Case("tracking-named-pipe", "train", ["--tracking-uri", "sqlite:///{made}"], "is not writable", named_pipe),
     Case("config-folder", "train", ["--config", "{made}"], "is a folder", folder),
     # resources and run flags
     Case("cpus-nan", "train", ["--cpus-per-worker", "nan"], "--cpus-per-worker = nan"),
@@ -309,6 +354,26 @@ NEEDS_STUDY_CHECK = [  # refused by hamjepa.study.invocation.check_resumable
     Case("study-resume-nothing", "study", ["--resume"], "--resume"),
     Case("study-resume-unknown-id", "study", ["--resume", "20240101-000000-abcd"], "--resume"),
     Case("reproduce-resume-nothing", "reproduce", ["--resume"], "--resume"),
+    # a resumed study's own files, damaged each way they can be
+    Case("latest-empty", "study", ["--resume", "--storage-path", "{made}"], "it is empty", study_folder(b"")),
+    Case("latest-truncated", "study", ["--resume", "--storage-path", "{made}"], "is not valid JSON",
+         study_folder(GOOD_POINTER[:12])),
+    Case("latest-list", "study", ["--resume", "--storage-path", "{made}"], "holds a JSON list", study_folder(b"[]")),
+    Case("latest-no-id", "study", ["--resume", "--storage-path", "{made}"], 'has no "id"', study_folder(b"{}")),
+    Case("latest-escapes", "study", ["--resume", "--storage-path", "{made}"], "not a study id",
+         study_folder(b'{"id": "../elsewhere"}')),
+    Case("latest-id-number", "study", ["--resume", "--storage-path", "{made}"], "not a study id",
+         study_folder(b'{"id": 7}')),
+    Case("identity-truncated", "study", ["--resume", "--storage-path", "{made}"], "is not valid JSON",
+         study_folder(GOOD_POINTER, b'{"id": "energy_budget-2025')),
+    Case("identity-no-params", "study", ["--resume", "--storage-path", "{made}"], 'has no "params"',
+         study_folder(GOOD_POINTER, b'{"id": "' + STUDY_ID.encode() + b'"}')),
+    Case("identity-other-study", "study", ["--resume", "--storage-path", "{made}"], "describes study",
+         study_folder(GOOD_POINTER, b'{"id": "energy_budget-x", "params": {}}')),
+    Case("identity-params-list", "study", ["--resume", "--storage-path", "{made}"], "not a mapping of names",
+         study_folder(GOOD_POINTER, b'{"id": "' + STUDY_ID.encode() + b'", "params": [1]}')),
+    Case("identity-not-utf8", "study", ["--resume", STUDY_ID, "--storage-path", "{made}"], STUDY_ID,
+         study_folder(GOOD_POINTER, b'{"id": "\xff\xfe"}')),
 ]
 
 

@@ -327,3 +327,9 @@ def test_a_study_that_did_not_finish_says_how_to_continue_it():
     assert _how_it_ended(study("FAILED", "ValueError: boom")) == [
         "It failed (ValueError: boom); continue it with the command that started it and --resume s-1."]
     assert study("KILLED").status_word == "interrupted" and study("KILLED").started == "-"
+
+
+def test_a_tracking_store_path_too_long_for_the_file_system_is_one_sentence(tmp_path, capsys):
+    for command in ("studies", "report"):
+        code, out, err = _cli(capsys, command, "--tracking-uri", f"sqlite:///{tmp_path}/{'m' * 300}.db")
+        assert code == 2 and out == "" and err.count("\n") == 1 and "longer than the 255" in err

@@ -13,16 +13,19 @@ from typing import Any
 
 import yaml
 
+from hamjepa import paths
 from hamjepa.config.sections import Config
 from hamjepa.config.tree import ConfigError, StrictLoader, fail, set_dotted, unknown_key, yaml_problem
+from hamjepa.errors import UserError
 
 
 def read_yaml_file(path: str | Path) -> Any:
     """The YAML in a file (UTF-8), read strictly; one sentence when it is missing, unreadable, not text or not YAML."""
     path = Path(path)
-    if not path.is_file():
-        what = "is a folder" if path.is_dir() else "does not exist"
-        raise ConfigError(f"config file '{path}' {what}; pass the path of a YAML config file.")
+    try:  # a named pipe would block the read below until a writer came; a device could stream forever
+        paths.require("config file", path, "a regular file", "pass the path of a YAML config file")
+    except UserError as error:
+        raise ConfigError(str(error)) from None
     try:
         text = path.read_bytes().decode("utf-8")
     except OSError as error:

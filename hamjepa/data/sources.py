@@ -39,6 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from hamjepa import paths
 from hamjepa.config import ConfigError, DataConfig
 from hamjepa.data.augment import resize_square
 from hamjepa.data.cifar import read_batch
@@ -143,6 +144,9 @@ def _corrupt(path: Path | str, what: str) -> UserError:
 
 def _read_bytes(path: Path) -> bytes:
     """The file's bytes, gunzipped when it ends in .gz; one sentence when it cannot be read or is not gzip."""
+    found = paths.kind(path)
+    if found not in ("a regular file", "missing"):  # a named pipe would block the read below until a writer came
+        raise _corrupt(path, f"is {found}, not a regular file")
     try:
         if str(path).endswith(".gz"):
             with gzip.open(path, "rb") as handle:
@@ -274,12 +278,15 @@ def candidate_folders(dataset: str, root: str = "") -> list[Path]:
     """
     if root:
         folder = Path(root).expanduser()
+        paths.check_length("config field 'data.root' (--data-root)", folder)
         if not folder.is_dir():
             what = "is not a folder" if folder.exists() else "does not exist"
             raise DatasetNotFoundError(f"config field 'data.root' (--data-root) = '{root}' is invalid: it {what}; "
                                        f"pass the folder that holds the {dataset} dataset.")
         return [folder]
     folders = [Path(p).expanduser() for p in (os.environ.get("HAMJEPA_DATA", ""),) if p]
+    if folders:
+        paths.check_length("$HAMJEPA_DATA", folders[0])
     if folders and folders[0].exists() and not folders[0].is_dir():  # absent is fine: downloads create it
         raise DatasetNotFoundError(f"$HAMJEPA_DATA = '{folders[0]}' is invalid: it is not a folder; point it at the "
                                    "folder that holds the datasets, or unset it.")

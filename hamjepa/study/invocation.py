@@ -19,6 +19,7 @@ from hamjepa.redact import mask_uri
 from hamjepa.study.driver import first_line
 from hamjepa.study.phases import describe_phase, run_phase
 from hamjepa.study.settings import CELL, StudySettings, cell_key, run_key
+from hamjepa.study.study_files import parse_identity, parse_pointer
 from hamjepa.tracking import (
     REASON_TAG,
     ROLE_TAG,
@@ -49,18 +50,19 @@ def _stored_identity(name: str, storage_path: str, resume: str) -> dict[str, Any
     root = _study_root(name, storage_path)
     study_id = resume
     if resume == LATEST:
-        pointer = storage.read_text(storage.join(root, POINTER_FILE))
+        pointer_path = storage.join(root, POINTER_FILE)
+        pointer = storage.read_text(pointer_path)
         if pointer is None:
             raise UserError(f"--resume found no earlier run of study '{name}' under '{mask_uri(root)}'; run it "
                             "once without --resume, or pass the --storage-path it used.")
-        study_id = json.loads(pointer)["id"]
-    text = storage.read_text(storage.join(root, study_id, IDENTITY_FILE))
+        study_id = parse_pointer(pointer, pointer_path)
+    identity_path = storage.join(root, study_id, IDENTITY_FILE)
+    text = storage.read_text(identity_path)
     if text is None:
         raise UserError(f"--resume {study_id} found no such study of '{name}' under '{mask_uri(root)}'; pass an "
                         f"id printed by an earlier run (its folders are under that path), or --resume alone for "
                         "the latest.")
-    identity = json.loads(text)
-    return identity
+    return parse_identity(text, identity_path, study_id)
 
 
 def _refuse_changes(study_id: str, started: Mapping[str, str], now: Mapping[str, str]) -> None:
