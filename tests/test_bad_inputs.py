@@ -14,6 +14,7 @@ import gzip
 import hashlib
 import os
 import struct
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -444,6 +445,9 @@ def invoke(command: str, argv: list[str], space) -> int:
         return exit_.code
 
 
+REFUSAL_S = 10  # seconds a refusal may take (the slowest, an --address probe, waits 3)
+
+
 def _contents(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "folder"
             for p in sorted(folder.rglob("*"))}
@@ -455,7 +459,9 @@ def check_refused(case: Case, workdir: Path, good_data: Path, space, capsys) -> 
     made = case.make(inputs / "made") if case.make else inputs
     argv = [a.replace("{in}", str(inputs)).replace("{made}", str(made)) for a in case.argv]
     before = _contents(inputs)
+    started = time.monotonic()
     code = invoke(case.command, [*base_argv(case.command, good_data), *argv], space)
+    assert time.monotonic() - started < REFUSAL_S, "a refusal must come at once, not after a wait"
     out, err = capsys.readouterr()
     assert _contents(inputs) == before  # the user's files: not one byte changed, nothing added beside them
     assert code == 2, f"exit {code}; stderr: {err}"
@@ -476,7 +482,7 @@ def test_resume_needs_something_to_resume(case, workdir, good_data, energy_budge
 
 
 def test_catalogue_is_large_and_covers_every_command():
-    assert len(CASES) >= 50
+    assert len(CASES) + len(NEEDS_STUDY_CHECK) >= 60
     assert {c.command for c in CASES} == {"train", "config", "study", "reproduce"}
     assert len({c.id for c in CASES}) == len(CASES)
 
