@@ -140,6 +140,12 @@ class RunLogger:
         run_id = self._ensure_started()
         self.client.log_batch(run_id, tags=[RunTag(k, str(v)[:TAG_CHARS]) for k, v in tags.items()])
 
+    def delete_tag(self, name: str) -> None:
+        """Remove tag `name` where the run has it (MLflow raises for a tag that is not there)."""
+        run_id = self._ensure_started()
+        if name in self.client.get_run(run_id).data.tags:
+            self.client.delete_tag(run_id, name)
+
     def last_logged_epoch(self) -> int:
         if self._last_epoch is None:
             history = self.client.get_metric_history(self._ensure_started(), "epoch")

@@ -274,10 +274,12 @@ def _start_and_stop_at(command, env, log_path, uri, phase, sig):
     return _runs(uri)[2]
 
 
-@pytest.mark.parametrize(("phase", "sig"), [("search", signal.SIGINT), ("compare", signal.SIGKILL)])
+@pytest.mark.parametrize(("phase", "sig"), [("search", signal.SIGINT), ("compare", signal.SIGKILL),
+                                           ("compare", signal.SIGINT)])
 def test_a_stopped_study_resumes_exactly_once_per_run(ray_cluster, tmp_path, phase, sig):
-    """Ctrl-C in the search, or the driver process killed in the comparison: --resume finishes the same study
-    with one MLflow run per trial, none left RUNNING."""
+    """Ctrl-C in the search or the comparison, or the driver process killed in the comparison: --resume finishes
+    the same study with one MLflow run per trial, none left RUNNING. Ctrl-C closes the run it cut as KILLED at
+    once; every finished run is rid of the reason the interruption gave it."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     command = [sys.executable, str(ROOT / "studies" / "energy_budget.py"),
                *_args(tmp_path, ray_cluster, "--seeds", "1", "--epochs", "8", "--max-concurrent", "1")]
@@ -287,6 +289,8 @@ def test_a_stopped_study_resumes_exactly_once_per_run(ray_cluster, tmp_path, pha
     assert len(parents) == 1 and parents[0].info.status == ("KILLED" if sig == signal.SIGINT else "RUNNING")
     cut = [c for c in left if c.info.status in ("RUNNING", "KILLED")]
     assert len(cut) == 1 and cut[0].data.tags["hamjepa.phase"] == phase  # stopped inside the one running trial
+    if sig == signal.SIGINT:  # closed with the parent; a killed process could close nothing
+        assert cut[0].info.status == "KILLED" and "interrupted" in cut[0].data.tags["hamjepa.reason"]
     assert len(left) == (1 if phase == "search" else 3)  # 2 search trials, then 2 compare cells, one at a time
 
     resumed = subprocess.run([*command, "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True,
@@ -301,6 +305,9 @@ def test_a_stopped_study_resumes_exactly_once_per_run(ray_cluster, tmp_path, pha
     assert [c.data.tags["hamjepa.phase"] for c in children].count("reference") == 1
     assert {c.info.run_id for c in left} <= {c.info.run_id for c in children}
     assert all(c.info.status == "FINISHED" for c in children)
+    # an ASHA-stopped trial keeps its own reason; the interruption's is gone from every run that finished
+    assert [c.data.tags["hamjepa.reason"] for c in children
+            if "interrupted" in c.data.tags.get("hamjepa.reason", "")] == []
     # the live Optuna study continued too: one Optuna trial per search run, none left RUNNING, with durations
     study_id = after[0].info.run_name
     live = optuna.load_study(study_name=study_id,

@@ -103,6 +103,25 @@ def test_a_sqlite_store_keeps_its_artifacts_beside_it_and_a_server_its_own(tmp_p
     assert not (tmp_path / "mlruns").exists()
 
 
+def test_a_reopened_killed_run_runs_again_and_loses_the_reason_it_was_killed_for(uri):
+    """What --resume does to a run Ctrl-C closed: reopened by its key (RUNNING again), and the interruption's
+    reason removed when it ends; removing a tag the run does not have is harmless."""
+    cut = RunLogger(uri, "exp", key="compare-1")
+    run_id = cut.start()
+    cut.set_tags({"hamjepa.reason": "interrupted; --resume continues it"})
+    cut.finish("KILLED")
+
+    resumed = RunLogger(uri, "exp", key="compare-1")
+    assert resumed.start() == run_id
+    client = MlflowClient(uri)
+    assert client.get_run(run_id).info.status == "RUNNING"
+    resumed.delete_tag("hamjepa.reason")
+    resumed.delete_tag("hamjepa.reason")  # already gone
+    resumed.finish("FINISHED")
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and "hamjepa.reason" not in run.data.tags
+
+
 @pytest.mark.parametrize("uri, module, package", [
     ("postgresql://user:secret@db:5432/mlflow", "psycopg2", "psycopg2-binary"),
     ("postgresql+psycopg://user@db/mlflow", "psycopg", "psycopg[binary]"),

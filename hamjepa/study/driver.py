@@ -127,6 +127,8 @@ class MLflowTrialCallback(Callback):
             log_run_artifacts(logger, storage.join(self.train_folder, f"{self.study_id}-{key}"),
                               self.trial_config(trial), encoder=CELL in trial.config)
         logger.set_tags({STATUS_TAG: status.value, **({REASON_TAG: reason} if reason else {})})
+        if not reason:  # a run an interruption had closed, reopened by --resume: its old reason no longer holds
+            logger.delete_tag(REASON_TAG)
         logger.finish(status.mlflow_status)
 
 

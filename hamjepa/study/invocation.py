@@ -147,13 +147,16 @@ class StudyResult:
         return {k: typed_param(self.summary.base, k, v) for k, v in self.summary.selected_params().items()}
 
 
+INTERRUPTED_REASON = "interrupted; --resume continues it"
+
+
 class Invocation:
     """One run of a study script: its id and storage folder, its MLflow parent run, and its phases.
 
     An interruption shows in two ways: Ctrl-C raising out of Tune, or Tune's first Ctrl-C ending fit()
     normally with the running trials stopped but not completed (our callback never closed their MLflow
     runs) and pending ones never started. Either way the remaining phases are skipped and the parent run is
-    closed as KILLED, so `--resume` can pick everything up again.
+    closed as KILLED with every run it cut, so `--resume` can pick everything up again.
     """
 
     def __init__(self, settings: StudySettings, params: Mapping[str, Any]):
@@ -244,6 +247,10 @@ class Invocation:
     def finish(self, summary: Any, text: str, artifacts: Mapping[str, str]) -> StudyResult:
         """Close the parent run: KILLED with a resume hint when interrupted, else log `artifacts` and FINISHED."""
         if self.interrupted:
+            # The runs Ctrl-C cut are KILLED with the parent, not left RUNNING as if still training: `hamjepa
+            # report` then says "cut", and a resume reopens each one (RunLogger.start) and clears its reason when
+            # it finishes (driver.py).
+            self._close_open_children(INTERRUPTED_REASON)
             self.parent.set_tags({STATUS_TAG: "interrupted"})
             self.parent.finish("KILLED")
             text += f"Interrupted: continue with the same command and --resume (study {self.study_id}).\n"

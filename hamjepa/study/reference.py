@@ -60,6 +60,7 @@ already, or was interrupted."""
         logger.log_metrics({metric_key(method, name): value for method in COMPARED
                             for name, value in values[method][step].items()}, step=step)
     logger.set_tags({STATUS_TAG: RunState.FINISHED.value})
+    logger.delete_tag(REASON_TAG)  # an interrupted reference evaluated again by --resume: "interrupted" is past
     logger.finish("FINISHED")
 
 
