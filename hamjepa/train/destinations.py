@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from hamjepa import checks, probes, storage
+from hamjepa import checks, reachability, storage
 from hamjepa.train.resources import Resources
 
 
@@ -16,7 +16,7 @@ def check_destinations(resources: Resources, *, address: str | None, experiment:
                        tracking_uri: str | None, storage_path: str | None) -> str:
     """One sentence (UserError) for the first destination that cannot work; returns the resolved tracking URI."""
     resolved = checks.ray_address(address)
-    probes.ray_reachable(resolved, "--address" if address else "$RAY_ADDRESS")
+    reachability.ray_reachable(resolved, "--address" if address else "$RAY_ADDRESS")
     checks.experiment_name("--experiment", experiment)
     checks.experiment_name("$MLFLOW_EXPERIMENT_NAME", os.environ.get("MLFLOW_EXPERIMENT_NAME"))
     uri = checks.resolve_tracking_uri(tracking_uri)
