@@ -113,8 +113,11 @@ def test_smoke_study_logs_parent_children_metrics_and_summary(ray_cluster, tmp_p
         assert steps == list(range(len(steps))) and len(steps) >= 2  # every epoch until ASHA stops it, from 0
     for child in by_phase["compare"]:  # nothing selects on a compared run: its objective at the start and the end
         assert [m.step for m in client.get_metric_history(child.info.run_id, "val_knn20_top1")] == [0, 2]
-    for child in by_phase["search"] + by_phase["compare"]:  # every run measured its encoder at initialisation
+    for child in by_phase["compare"]:  # every compared run measured its encoder at initialisation in full
         assert "init/test_knn20_top1" in child.data.metrics and "init/val_knn20_top1" in child.data.metrics
+    for child in by_phase["search"]:  # search trials share the base seed's encoder: epoch 0 is the objective alone
+        assert not any(key.startswith("init/") for key in child.data.metrics)
+        assert child.data.params["eval.initial_readouts"] == "False"
     # the paper's defaults were the first point
     defaults = [c for c in by_phase["search"]
                 if c.data.params["predictor.dt"] == "0.05" and c.data.params["predictor.steps"] == "2"]
