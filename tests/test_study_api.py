@@ -107,6 +107,9 @@ def test_a_study_through_the_python_api(ray_cluster, tmp_path, monkeypatch):
     assert len(search) == 2
     defaults = {k: str(v) for k, v in base.flatten().items()}
     varied = {k for r in search for k, v in r.data.params.items() if k in defaults and v != defaults[k]}
+    # besides the searched keys, a search trial measures only the objective at epoch 0 (the shared encoder)
+    assert {r.data.params["eval.initial_readouts"] for r in search} == {"False"}
+    varied -= {"eval.initial_readouts"}
     assert varied <= set(result.selected) and {"predictor.dt", "hamjepa_loss.logdet_floor"} <= varied
     for run in search:
         params = run.data.params
