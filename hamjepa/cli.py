@@ -126,7 +126,33 @@ def _train(args: argparse.Namespace) -> int:
                                 tracking_uri=tracking_uri, storage_path=args.storage_path,
                                 max_failures=args.max_failures)
     print(launch.summary(cfg, outcome, tracking_uri))
+    if outcome.unrecorded:  # trained, but MLflow does not hold the record: the user must act, so not exit 0
+        print(f"hamjepa: error: {mask_text(outcome.unrecorded)}", file=sys.stderr)
+        return 1
     return 0 if outcome.status == RunState.FINISHED else 1
+
+
+def _recover(args: argparse.Namespace) -> int:
+    """Write a run's record that its store refused (a recovery file `hamjepa train` named) into a tracking store."""
+    from hamjepa.train import run_record  # MLflow and torch load from here on
+
+    record = run_record.load(args.file)
+    if args.tracking_uri:  # another store: written like any run's, created where no file is
+        record.tracking_uri = checks.resolve_tracking_uri(args.tracking_uri)
+        checks.check_tracking_uri(record.tracking_uri)
+    else:  # the run's own store must be there: a deleted one is restored from its backup, never recreated empty
+        checks.check_readable_tracking_uri(record.tracking_uri)
+        checks.check_tracking_uri(record.tracking_uri)
+    from hamjepa.store_faults import FAILED, Guarded
+
+    guarded = Guarded(record.tracking_uri, warn=False)
+    if guarded(run_record.write, record) is FAILED:
+        raise UserError(f"{guarded.faults[-1]}; the record stays in {args.file} for the next try.")
+    done = f"{args.file}.recovered"
+    os.replace(args.file, done)
+    print(f"hamjepa: the record of run {record.run_name} ({record.status}, {len(record.epochs)} epoch reports) is in "
+          f"{mask_uri(record.tracking_uri)}, experiment '{record.experiment}'; the file is now {done}")
+    return 0
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -457,6 +483,13 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--latest", action="store_true", help="the newest study (the default)")
     _add_store_arguments(report)
     report.set_defaults(run=_report)
+
+    recover = commands.add_parser("recover", help="write a run's record that its tracking store refused mid-run "
+                                                  "(the recovery file `hamjepa train` named) once the store is back")
+    recover.add_argument("file", help="the recovery file (hamjepa-record-<run>.json)")
+    recover.add_argument("--tracking-uri", help="write into this store instead of the run's own (e.g. when that one "
+                                                "is lost)")
+    recover.set_defaults(run=_recover)
 
     studies = commands.add_parser("studies", help="list the studies in a tracking store: id, start, status, trial "
                                                   "runs, verdict")

@@ -23,6 +23,7 @@ from mlflow.tracking import MlflowClient
 
 # The URI checks need no MLflow import, so the CLI runs them before loading it; re-exported here.
 from hamjepa.checks import check_tracking_uri, resolve_tracking_uri  # noqa: F401
+from hamjepa.store_faults import check_present
 
 DATASET_DIGEST_CHARS = 36  # MLflow stores a dataset digest of at most 36 characters
 KEY_TAG = "hamjepa.key"
@@ -127,7 +128,10 @@ class RunLogger:
         return self.run_id
 
     def _ensure_started(self) -> str:
-        return self.run_id or self.start()
+        if self.run_id is None:
+            return self.start()
+        check_present(self.tracking_uri)  # a SQLite store deleted under a started run is a fault, never a new store
+        return self.run_id
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         run_id = self._ensure_started()

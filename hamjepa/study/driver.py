@@ -15,6 +15,7 @@ from hamjepa import names, provenance, storage
 from hamjepa.config import Config
 from hamjepa.names import RunState
 from hamjepa.redact import mask_text
+from hamjepa.store_faults import Guarded
 from hamjepa.study.settings import CELL, StudySettings, config_of_trial, run_key
 from hamjepa.tracking import (
     DATASET_TAG,
@@ -79,6 +80,9 @@ class MLflowTrialCallback(Callback):
         self.loggers: dict[str, RunLogger] = {}
         self.configs: dict[str, Config] = {}
         self.last: dict[str, dict[str, Any]] = {}
+        # A store that refuses a write costs a warning, never a trial (store_faults.py); `hamjepa report` then lists
+        # the runs it lacks, and a resumed study writes them.
+        self.guarded = Guarded(settings.tracking_uri)
 
     def trial_config(self, trial) -> Config:
         if trial.trial_id not in self.configs:
@@ -101,7 +105,7 @@ class MLflowTrialCallback(Callback):
         return self.loggers[trial.trial_id]
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self._logger(trial).set_tags({STATUS_TAG: RunState.RUNNING.value})
+        self.guarded(lambda: self._logger(trial).set_tags({STATUS_TAG: RunState.RUNNING.value}))
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         metrics = _our_metrics(result)
@@ -109,7 +113,7 @@ class MLflowTrialCallback(Callback):
             metrics.pop(self.settings.objective, None)
         self.last[trial.trial_id] = metrics
         if names.EPOCH in metrics:
-            self._logger(trial).log_epoch(metrics)
+            self.guarded(lambda: self._logger(trial).log_epoch(metrics))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         last = self.last.get(trial.trial_id) or _our_metrics(trial.last_result or {})
@@ -119,6 +123,9 @@ class MLflowTrialCallback(Callback):
         self._close(trial, RunState.FAILED, _error_reason(trial))
 
     def _close(self, trial, status: RunState, reason: str) -> None:
+        self.guarded(self._write_close, trial, status, reason)
+
+    def _write_close(self, trial, status: RunState, reason: str) -> None:
         logger = self._logger(trial)
         if status == RunState.FINISHED:  # its pictures; a compared run's encoder too, for reuse
             from hamjepa.train.encoder_artifact import log_run_artifacts

@@ -20,10 +20,12 @@ from hamjepa.config import Config, ConfigError
 from hamjepa.errors import UserError
 from hamjepa.names import RunState
 from hamjepa.redact import mask_uri
-from hamjepa.tracking import DATASET_TAG, METHOD_TAG, REASON_TAG, ROLE_TAG, STATUS_TAG, RunLogger, SystemMetrics
-from hamjepa.train.encoder_artifact import log_run_artifacts
+from hamjepa.store_faults import FAILED, Guarded
+from hamjepa.tracking import DATASET_TAG, METHOD_TAG, ROLE_TAG, RunLogger, SystemMetrics
+from hamjepa.train import run_record
 from hamjepa.train.loop import QUIET_WORKERS, make_trainer
 from hamjepa.train.resources import Resources
+from hamjepa.train.run_record import RunRecord
 
 # A study's trial drivers hold one unit of this custom resource where a cluster offers it (cluster/aws.yaml's head),
 # else DRIVER_MEMORY_BYTES of Ray's `memory` resource, which every node has (study.phases.driver_resources).
@@ -50,12 +52,22 @@ def progress_line(metrics: Mapping[str, Any], epochs: int) -> str:
 
 def mlflow_epoch_callback(logger: RunLogger, epochs: int):
     """A Ray Train UserCallback (runs in the controller) that logs rank 0's report of every epoch, and prints
-    a progress line for each newly logged one."""
+    a progress line for each new one. A store that refuses a write costs a warning, never the run (store_faults.py):
+    the epoch is retried with the next report and written from the checkpoint at the end (run_record.py)."""
     from ray.train import UserCallback
 
+    guarded = Guarded(logger.tracking_uri)
+
     class MLflowEpochCallback(UserCallback):
+        shown = -1  # the last epoch with a progress line (a resumed run replays the epochs before it)
+
         def after_report(self, run_context, metrics, checkpoint):
-            if metrics and names.EPOCH in metrics[0] and logger.log_epoch(metrics[0]):
+            if not (metrics and names.EPOCH in metrics[0]):
+                return
+            logged = guarded(logger.log_epoch, metrics[0])
+            epoch = int(metrics[0][names.EPOCH])
+            if logged is True or (logged is FAILED and epoch > self.shown):
+                self.shown = epoch
                 print(progress_line(metrics[0], epochs), flush=True)  # the console's progress, once per epoch
 
     return MLflowEpochCallback()
@@ -67,6 +79,7 @@ class RunOutcome:
     metrics: dict[str, Any]
     run_id: str
     reason: str = ""
+    unrecorded: str = ""  # why MLflow does not hold the run's whole record, and where it is instead (one sentence)
 
 
 def preflight(cfg: Config, resources: Resources | None = None) -> None:
@@ -176,24 +189,59 @@ def train_and_log(cfg: Config, resources: Resources, *, experiment: str, run_nam
     logger = RunLogger(uri, experiment, key=run_name, tags={ROLE_TAG: "run", METHOD_TAG: cfg.method,
                                                             DATASET_TAG: cfg.data.dataset, **provenance.tags(),
                                                             **(tags or {})})
-    logger.start()
-    logger.log_params(cfg.flatten())
-    logger.log_text(cfg.to_yaml(), "config.yaml")
+    opening = Guarded(uri, warn=False)
+    if opening(_open_run, logger, cfg) is FAILED:
+        raise UserError(f"{opening.faults[-1]}, so nothing was trained; make room or make it writable, then run "
+                        "again.")
     trainer = make_trainer(cfg, resources, name=run_name, storage_path=storage_path, max_failures=max_failures,
                            callbacks=[mlflow_epoch_callback(logger, cfg.optim.epochs)])
     try:
         with SystemMetrics(uri, experiment, logger.key):
             result = trainer.fit()
-        # The last report, over everything MLflow logged (the epoch-0 `init/` readouts are only in epoch 0's report).
-        metrics = {**logger.client.get_run(logger.run_id).data.metrics, **(result.metrics or {})}
+        # A run that ended early without an error to retry (a storage fault) says why in its return value.
+        last = {**(result.metrics or {}), **(result.return_value or {})}
     except TrainingFailedError as error:
-        metrics = {names.FAILED: 1, names.FAILURE_REASON: names.failure_reason(error)}
-    status, reason = names.classify(metrics, cfg.optim.epochs)
-    if status == RunState.FINISHED:
-        log_run_artifacts(logger, storage.join(storage.resolve(storage_path), run_name), cfg)
-    logger.set_tags({STATUS_TAG: status.value, **({REASON_TAG: reason} if reason else {})})
-    logger.finish(status.mlflow_status)
-    return RunOutcome(status, metrics if status is not RunState.FAILED else {}, logger.run_id, reason)
+        last = {names.FAILED: 1, names.FAILURE_REASON: names.failure_reason(error)}
+    status, reason = names.classify(last, cfg.optim.epochs)
+    run_folder = storage.join(storage.resolve(storage_path), run_name)
+    record = RunRecord(uri, experiment, logger.key, logger.run_name, logger.tags, cfg.to_dict(), status.value, reason,
+                       epochs=_reported_epochs(run_folder, cfg), run_folder=run_folder)
+    # Every epoch's report, merged: epoch 0's `init/` readouts, the last epoch's final ones.
+    metrics = {k: v for epoch in record.epochs for k, v in epoch.items()} | last
+    outcome = RunOutcome(status, metrics if status is not RunState.FAILED else {}, logger.run_id, reason)
+    at_end = Guarded(uri, warn=False)  # the sentence below says it
+    if at_end(run_record.write, record, logger) is FAILED:
+        outcome.unrecorded = _unrecorded(record, at_end.faults[-1], [run_folder])
+    return outcome
+
+
+def _open_run(logger: RunLogger, cfg: Config) -> None:
+    logger.start()
+    logger.log_params(cfg.flatten())
+    logger.log_text(cfg.to_yaml(), "config.yaml")
+
+
+def _reported_epochs(run_folder: str, cfg: Config) -> list[dict[str, Any]]:
+    """Every epoch's report, from the run's newest usable checkpoint (none: an empty list)."""
+    from hamjepa.train.checkpoints import CheckpointError
+    from hamjepa.train.encoder_artifact import newest_state
+
+    try:
+        return list(newest_state(run_folder, cfg).get("history", []))
+    except (CheckpointError, OSError):
+        return []
+
+
+def _unrecorded(record: RunRecord, fault: str, folders: list[str]) -> str:
+    """The sentence for a run whose record the store refused: what failed, and where the record is now."""
+    try:
+        path = run_record.save(record, folders)
+    except OSError as error:
+        return (f"{fault}, so the run is not marked {record.status} there, and its record could not be saved either "
+                f"({error.strerror or error}); the checkpoints in {record.run_folder} hold it: rerun the same --name "
+                "once the store takes writes")
+    return (f"{fault}, so the run is not marked {record.status} there; its record is saved in {path}: once the store "
+            f"takes writes, `hamjepa recover {path}` writes it")
 
 
 def summary(cfg: Config, outcome: RunOutcome, tracking_uri: str) -> str:

@@ -41,7 +41,7 @@ from hamjepa.method.model import JEPAModel
 from hamjepa.method.objectives import spectral_floor
 from hamjepa.method.predictors import HamiltonianPredictor
 from hamjepa.seeds import Stream, derive
-from hamjepa.train import checkpoints
+from hamjepa.train import checkpoints, storage_faults
 from hamjepa.train.divergence import check_interval, diverged_on_device, reason_of, watched_values, worst_case
 from hamjepa.train.optim import build_optimizer, build_scheduler
 from hamjepa.train.resources import (
@@ -111,8 +111,9 @@ def _training_state(model: JEPAModel, optimizer, scheduler, epoch: int, cfg: Con
     return state
 
 
-def _report(rank: int, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
-    """Every worker reports (Ray Train requires it); rank 0 attaches the checkpoint of `state`.
+def _report(rank: int, metrics: dict[str, Any], state: dict[str, Any] | None) -> int | None:
+    """Every worker reports (Ray Train requires it); rank 0 attaches the checkpoint of `state`. Returns the errno of a
+    storage fault that kept the checkpoint out of storage (train/storage_faults.py), else None.
 
     Ray's Result carries the metrics of the latest *checkpoint*, so even a diverged run's last report
     comes with a (model-less) checkpoint: the outcome survives, and a rerun of the run sees it.
@@ -121,10 +122,37 @@ def _report(rank: int, metrics: dict[str, Any], state: dict[str, Any] | None) ->
 
     if rank != 0 or state is None:
         ray.train.report(metrics)
-        return
+        return None
+    storage_context = ray.train.get_context().get_storage()
+    fs, run_folder = storage_context.storage_filesystem, storage_context.experiment_fs_path
+    name = storage_faults.checkpoint_folder_name()
     with tempfile.TemporaryDirectory() as directory:
-        checkpoints.write(directory, state)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+        try:
+            checkpoints.write(directory, state)
+            storage_faults.check_room(directory, fs, run_folder)
+        except OSError as error:
+            if (number := storage_faults.storage_errno(error)) is None:
+                raise
+            ray.train.report(metrics)  # the other ranks wait for rank 0 inside report
+            return number
+        try:
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
+                             checkpoint_dir_name=name)
+        except OSError as error:
+            if (number := storage_faults.storage_errno(error)) is None:
+                raise
+            storage_faults.remove_torn(fs, f"{run_folder}/{name}")
+            return number
+    return None
+
+
+def _any_rank(fault: bool, world: int, device: torch.device) -> bool:
+    """Whether any worker saw a fault: every rank must stop at the same report, or the others wait forever."""
+    if world == 1:
+        return fault
+    flag = torch.tensor([int(fault)], device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def _read_checkpoint(checkpoint, device, cfg: Config) -> dict[str, Any]:
@@ -172,6 +200,7 @@ class _Worker:
     scheduler: Any
     placement: dict[str, str] = field(default_factory=dict)  # the Ray nodes and device it trains on (names.WHERE)
     history: list[dict[str, Any]] = field(default_factory=list)
+    failure: dict[str, Any] | None = None  # rank 0: why the run ended early (a storage fault), Ray Train's return value
     seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(names.TIME_PARTS, 0.0))  # cumulative
 
     def timings(self) -> dict[str, float]:
@@ -182,15 +211,22 @@ class _Worker:
     def iters_per_epoch(self) -> int:
         return len(self.feed)
 
-    def report(self, metrics: dict[str, Any], epoch: int, pictures: dict[str, bytes] | None = None) -> None:
-        """Report an epoch (rank 0 with the checkpoint of the training state after it, and any pictures)."""
+    def report(self, metrics: dict[str, Any], epoch: int, pictures: dict[str, bytes] | None = None) -> bool:
+        """Report an epoch (rank 0 with the checkpoint of the training state after it, and any pictures); False when
+        storage could not take the checkpoint, and the run must end (rank 0 then holds the `failure`)."""
         started = time.perf_counter()
         self.history.append(_plain(metrics))
         state = (_training_state(self.model, self.optimizer, self.scheduler, epoch, self.cfg, self.history,
                                  pictures) if self.rank == 0 else None)
-        _report(self.rank, metrics, state)
+        fault = _report(self.rank, metrics, state)
         # Shows in the next report: this one is already on its way.
         self.seconds["checkpoint"] += time.perf_counter() - started
+        if fault is not None:
+            import ray.train
+
+            run_folder = ray.train.get_context().get_storage().experiment_fs_path
+            self.failure = {names.FAILED: 1, names.FAILURE_REASON: storage_faults.reason(fault, run_folder, epoch - 1)}
+        return not _any_rank(fault is not None, self.world, self.device)
 
 
 def _quiet_ray_train_loggers() -> None:
@@ -207,22 +243,26 @@ def _quiet_ray_train_loggers() -> None:
             logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """Ray Train entry point; loop_config = {"cfg": Config, "started_at": the trial's start (time.time())}."""
+def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
+    """Ray Train entry point; loop_config = {"cfg": Config, "started_at": the trial's start (time.time())}.
+
+    Returns (rank 0, as Ray Train's `Result.return_value`) the failure that ended the run early without an error
+    Ray should retry (a storage fault: names.FAILED and its reason), else None."""
     if os.environ.get(QUIET_WORKERS):
         _quiet_ray_train_loggers()
     worker = _set_up(loop_config["cfg"])
     # Ray Train's start-up (controller, worker group), the data and the model, until the loop can start.
     worker.seconds["startup"] = max(0.0, time.time() - loop_config["started_at"])
     last_epoch = _start_or_resume(worker)
-    if last_epoch is None:  # a diverged run stays diverged when it is run again
-        return
+    if last_epoch is None:  # a diverged run stays diverged when it is run again; or epoch 0 found storage full
+        return worker.failure
     use_cuda = worker.device.type == "cuda"
     net = (DistributedDataParallel(worker.model, device_ids=[worker.device] if use_cuda else None)
            if worker.world > 1 else worker.model)
     for epoch in range(last_epoch + 1, worker.cfg.optim.epochs + 1):
         if not _run_epoch(worker, net, epoch, resumed_from=last_epoch):
-            return
+            break
+    return worker.failure
 
 
 def _set_up(cfg: Config) -> _Worker:
@@ -266,7 +306,8 @@ def build_worker(cfg: Config, rank: int, world: int, device: torch.device | str)
 
 def _start_or_resume(worker: _Worker) -> int | None:
     """Restore the newest usable checkpoint and replay its reports, or report epoch 0 (the encoder at
-    initialisation, measured as at the end); returns the last completed epoch, None if the run had diverged."""
+    initialisation, measured as at the end); returns the last completed epoch, None if the run had diverged or storage
+    could not take its first checkpoint."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
@@ -277,8 +318,7 @@ def _start_or_resume(worker: _Worker) -> int | None:
         if worker.rank == 0:
             metrics.update(initial_readouts(worker.model, worker.splits, worker.cfg, worker.device))
         worker.seconds["eval_init"] += time.perf_counter() - started
-        worker.report({**metrics, **worker.timings()}, epoch=0)
-        return 0
+        return 0 if worker.report({**metrics, **worker.timings()}, epoch=0) else None
     state = _read_checkpoint(checkpoint, worker.device, worker.cfg)
     if "diverged" in state:
         _report(worker.rank, state["diverged"], state)
@@ -308,7 +348,8 @@ def train_one_epoch(worker: _Worker, net: nn.Module, epoch: int) -> EpochOutcome
 
 
 def _run_epoch(worker: _Worker, net: nn.Module, epoch: int, resumed_from: int) -> bool:
-    """Train one epoch, evaluate (rank 0), report with a checkpoint; False when the run diverged."""
+    """Train one epoch, evaluate (rank 0), report with a checkpoint; False when the run diverged or storage could
+    not take its checkpoint."""
     cfg, rank = worker.cfg, worker.rank
     sums, reason, elapsed, waited, last_views = train_one_epoch(worker, net, epoch)
     worker.seconds["train"] += elapsed
@@ -336,8 +377,7 @@ def _run_epoch(worker: _Worker, net: nn.Module, epoch: int, resumed_from: int) -
             if len(states):
                 pictures[FLOW_PICTURE] = flow_picture.draw(worker.model.predictor, states)
         worker.seconds["theory"] += time.perf_counter() - started
-    worker.report({**metrics, **worker.timings()}, epoch, pictures)
-    return True
+    return worker.report({**metrics, **worker.timings()}, epoch, pictures)
 
 
 class EpochOutcome(NamedTuple):

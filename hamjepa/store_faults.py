@@ -1,0 +1,98 @@
+"""When the tracking store fails under a running run: the run trains on, the failure is said once, in a sentence.
+
+Measured before this existed: a store made read-only or deleted mid-run turned the MLflow callback's write error
+into a Ray Train `ControllerError` that killed a run which had just checkpointed an epoch; a full disk turned the
+final status write into a raw `sqlite3.OperationalError` traceback. Logging is a record of training, never a reason
+to stop it: every write a running run makes goes through `Guarded`, which catches the failure, warns once per kind
+of fault, and lets the caller retry at its next write (RunLogger's writes are idempotent by epoch). What the store
+never took is written at the end from the run's checkpoint (train/run_record.py), or kept in a recovery file.
+
+A SQLite store that disappears is a fault, never a fresh start: MLflow would create an empty database at the
+same path and log into it, so a deleted store would silently become another one (`check_present`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from hamjepa.redact import mask_text, mask_uri
+
+FAILED = object()  # what Guarded returns for a write the store refused
+
+
+class StoreFault(RuntimeError):
+    """The tracking store cannot take writes; the message says how (deleted, read-only, full, unreachable)."""
+
+
+def sqlite_file(tracking_uri: str) -> Path | None:
+    """The database file of a `sqlite:///` URI, else None."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    return Path(tracking_uri[len("sqlite:///"):].split("?", 1)[0])
+
+
+def check_present(tracking_uri: str) -> None:
+    """Raise StoreFault when a SQLite store's file is gone (MLflow would create a new, empty one in its place)."""
+    path = sqlite_file(tracking_uri)
+    if path is not None and not path.is_file():
+        raise StoreFault(f"the tracking store {path} was deleted")
+
+
+def describe(tracking_uri: str, error: BaseException) -> str:
+    """What went wrong with the store, as the end of a sentence: 'the tracking store X <is read-only>'."""
+    path = sqlite_file(tracking_uri)
+    if isinstance(error, StoreFault):
+        return str(error)
+    store = f"the tracking store {path if path is not None else mask_uri(tracking_uri)}"
+    text = str(error).lower()
+    if path is not None and not path.is_file():
+        return f"{store} was deleted"
+    if "readonly database" in text or "read-only file system" in text:
+        return f"{store} is read-only"
+    if "disk is full" in text or "no space left" in text:
+        return f"{store} is on a full disk"
+    if "connection" in text or "max retries" in text:
+        return f"{store} cannot be reached"
+    lines = str(error).strip().splitlines()
+    return f"{store} refused a write ({mask_text(lines[0][:200]) if lines else type(error).__name__})"
+
+
+@contextlib.contextmanager
+def _mlflow_silenced():
+    """MLflow logs a failing database write's traceback itself before raising it; the raise is enough."""
+    loggers = [logging.getLogger(name) for name in ("mlflow", "alembic", "sqlalchemy")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+class Guarded:
+    """Writes to the store that must not fail their caller: `guarded(write, *args)` returns the write's result, or
+    FAILED, keeping the fault in `faults` and (with `warn`) printing one warning line per distinct fault to stderr."""
+
+    def __init__(self, tracking_uri: str, warn: bool = True):
+        self.tracking_uri, self.warn = tracking_uri, warn
+        self.faults: list[str] = []  # each distinct fault, in the order seen
+
+    def __call__(self, write: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        try:
+            with _mlflow_silenced():
+                return write(*args, **kwargs)
+        except Exception as error:  # noqa: BLE001 - any store failure: logging never stops training
+            fault = describe(self.tracking_uri, error)
+            if fault not in self.faults:
+                self.faults.append(fault)
+                if self.warn:
+                    print(f"hamjepa: warning: {fault}; training goes on, and the run's record is written when it "
+                          "ends", file=sys.stderr, flush=True)
+            return FAILED
