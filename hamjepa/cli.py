@@ -118,6 +118,7 @@ def _train(args: argparse.Namespace) -> int:
     from hamjepa.train import launch  # torch, Ray and MLflow load from here on
 
     launch.preflight(cfg, resources)
+    launch.quiet_logs(args.verbose)  # before the store is first opened: MLflow says when it creates one
     launch.check_rerun(tracking_uri, experiment, args.name, cfg)
     if chosen:  # said once every input passed, so a refusal stays one line
         print(chosen, flush=True)
@@ -143,10 +144,10 @@ def _recover(args: argparse.Namespace) -> int:
     else:  # the run's own store must be there: a deleted one is restored from its backup, never recreated empty
         checks.check_readable_tracking_uri(record.tracking_uri)
         checks.check_tracking_uri(record.tracking_uri)
-    from hamjepa.store_faults import FAILED, Guarded
+    from hamjepa.store_faults import REFUSED, Guarded
 
     guarded = Guarded(record.tracking_uri, warn=False)
-    if guarded(run_record.write, record) is FAILED:
+    if guarded(run_record.write, record) is REFUSED:
         raise UserError(f"{guarded.faults[-1]}; the record stays in {args.file} for the next try.")
     done = f"{args.file}.recovered"
     os.replace(args.file, done)

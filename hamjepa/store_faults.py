@@ -14,7 +14,10 @@ same path and log into it, so a deleted store would silently become another one 
 from __future__ import annotations
 
 import contextlib
+import enum
 import logging
+import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +25,14 @@ from typing import Any
 
 from hamjepa.redact import mask_text, mask_uri
 
-FAILED = object()  # what Guarded returns for a write the store refused
+
+class _Refused(enum.Enum):
+    """An enum, so the marker stays itself when a callback holding it is pickled to another process (Ray)."""
+
+    REFUSED = "refused"
+
+
+REFUSED = _Refused.REFUSED  # what Guarded returns for a write the store refused
 
 
 class StoreFault(RuntimeError):
@@ -52,14 +62,18 @@ def describe(tracking_uri: str, error: BaseException) -> str:
     text = str(error).lower()
     if path is not None and not path.is_file():
         return f"{store} was deleted"
-    if "readonly database" in text or "read-only file system" in text:
-        return f"{store} is read-only"
+    if "readonly database" in text or "read-only file system" in text or (
+            path is not None and not (os.access(path, os.W_OK) and os.access(path.parent, os.W_OK))):
+        return f"{store} is read-only"  # (access() answers EROFS for a read-only mount even to root)
     if "disk is full" in text or "no space left" in text:
         return f"{store} is on a full disk"
     if "connection" in text or "max retries" in text:
         return f"{store} cannot be reached"
+    # The database's own message, not SQLAlchemy's wrapping of it ("(raised as a result of Query-invoked autoflush").
+    driver = re.search(r"\((?:sqlite3|psycopg2?|pymysql|MySQLdb)\.\w+\) ([^\n]+)", str(error))
     lines = str(error).strip().splitlines()
-    return f"{store} refused a write ({mask_text(lines[0][:200]) if lines else type(error).__name__})"
+    said = driver.group(1) if driver else (lines[0] if lines else type(error).__name__)
+    return f"{store} refused a write ({mask_text(said[:200])})"
 
 
 @contextlib.contextmanager
@@ -78,7 +92,7 @@ def _mlflow_silenced():
 
 class Guarded:
     """Writes to the store that must not fail their caller: `guarded(write, *args)` returns the write's result, or
-    FAILED, keeping the fault in `faults` and (with `warn`) printing one warning line per distinct fault to stderr."""
+    REFUSED, keeping the fault in `faults` and (with `warn`) printing one warning line per distinct fault to stderr."""
 
     def __init__(self, tracking_uri: str, warn: bool = True):
         self.tracking_uri, self.warn = tracking_uri, warn
@@ -95,4 +109,4 @@ class Guarded:
                 if self.warn:
                     print(f"hamjepa: warning: {fault}; training goes on, and the run's record is written when it "
                           "ends", file=sys.stderr, flush=True)
-            return FAILED
+            return REFUSED

@@ -10,6 +10,7 @@ twice (Ray reports at least once).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import threading
@@ -237,6 +238,11 @@ class SystemMetrics:
             self._stop.wait(1.0)
 
     def __enter__(self) -> SystemMetrics:
+        # MLflow's monitor logs each write the store refuses, with MLflow's own traceback of it, every sampling
+        # interval; these metrics are a nicety, and a store that refuses writes is reported once, in a sentence, by
+        # the run's own logging (store_faults.py).
+        for name in ("mlflow.system_metrics", "mlflow.store.db.utils"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
         self._thread.start()
         return self
 

@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 from hamjepa.cli import main, study_main
+from hamjepa.errors import UserError
 from hamjepa.study.space import SearchSpace
 
 SPACE = SearchSpace.from_mapping({"predictor.dt": "loguniform(0.01, 0.2)"})
@@ -156,3 +157,28 @@ def test_version_and_bare_train_defaults(monkeypatch, capsys):
                                               "encoder.in_channels": 3, "optim.epochs": 3, "data.subset": 900}
     args = cli.build_parser().parse_args(["train", "--data-root", "my_images"])
     assert cli._scale_overrides(args)["data.root"] == str(Path.cwd() / "my_images")  # workers run elsewhere
+
+
+@pytest.mark.parametrize("address", [None, "127.0.0.1:6379"])
+def test_a_ray_that_fails_to_start_is_one_sentence_saying_what_to_try(address, capsys, monkeypatch):
+    """Ray's own start-up timeout is a bare Exception (measured under heavy load: a raw traceback after 90 s)."""
+    import ray
+
+    from hamjepa.train import launch
+
+    def timed_out(**kwargs):
+        raise Exception("The current node timed out during startup. This could happen because some of the Ray "
+                        "processes failed to startup.\n(more lines)")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", timed_out)
+    monkeypatch.setattr(launch, "_refuse_a_second_local_ray", lambda: None)
+    with pytest.raises(UserError) as refused:
+        launch.connect_ray(address)
+    said = str(refused.value)
+    assert "The current node timed out during startup" in said and "\n" not in said
+    if address:
+        assert said.startswith("cannot connect to Ray at address '127.0.0.1:6379'") and "--address" in said
+    else:
+        assert said.startswith("Ray could not start on this machine") and "load average" in said
+        assert "`ray stop`" in said and "--address" in said

@@ -8,6 +8,7 @@ before any work starts, so a mistake costs one sentence, not a traceback minutes
 from __future__ import annotations
 
 import math
+import os
 import secrets
 import time
 from collections.abc import Mapping
@@ -20,7 +21,7 @@ from hamjepa.config import Config, ConfigError
 from hamjepa.errors import UserError
 from hamjepa.names import RunState
 from hamjepa.redact import mask_uri
-from hamjepa.store_faults import FAILED, Guarded
+from hamjepa.store_faults import REFUSED, Guarded
 from hamjepa.tracking import DATASET_TAG, METHOD_TAG, ROLE_TAG, RunLogger, SystemMetrics
 from hamjepa.train import run_record
 from hamjepa.train.loop import QUIET_WORKERS, make_trainer
@@ -66,7 +67,7 @@ def mlflow_epoch_callback(logger: RunLogger, epochs: int):
                 return
             logged = guarded(logger.log_epoch, metrics[0])
             epoch = int(metrics[0][names.EPOCH])
-            if logged is True or (logged is FAILED and epoch > self.shown):
+            if logged is True or (logged is REFUSED and epoch > self.shown):
                 self.shown = epoch
                 print(progress_line(metrics[0], epochs), flush=True)  # the console's progress, once per epoch
 
@@ -120,11 +121,7 @@ def connect_ray(address: str | None, verbose: bool = False, worker_logs: bool = 
         _refuse_a_second_local_ray()
     quiet = {} if verbose else {"logging_level": logging.WARNING, "log_to_driver": worker_logs,
                                 "runtime_env": {"env_vars": {QUIET_WORKERS: "1"}}}
-    if not verbose:
-        # This process's share of the same messages, and MLflow's and Optuna's routine ones (store creation,
-        # "a new study created"); their warnings and errors still show.
-        for name in ("ray.tune", "ray.train", "mlflow", "optuna"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+    quiet_logs(verbose)
     try:
         if address:
             ray.init(address=address, **quiet)
@@ -133,10 +130,26 @@ def connect_ray(address: str | None, verbose: bool = False, worker_logs: bool = 
             # placement groups (docs/design.md "Pitfalls we measured"). No custom resource: a local Ray is like any
             # cluster, and trial drivers hold a slice of memory, not a CPU (DRIVER_MEMORY_BYTES).
             ray.init(**quiet)
-    except (ConnectionError, RuntimeError, ValueError) as error:
-        where = f"address '{address}'" if address else "a local Ray instance"
-        raise UserError(f"cannot connect to {where} ({str(error).splitlines()[0]}); check --address (or "
-                        "$RAY_ADDRESS), or omit both to start a local Ray.") from None
+    except Exception as error:  # noqa: BLE001 - Ray's start-up failures are often bare `Exception`s
+        said = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        if address:
+            raise UserError(f"cannot connect to Ray at address '{address}' ({said}); check --address (or "
+                            "$RAY_ADDRESS), or omit both to start a local Ray.") from None
+        # Measured under a load average of 9-13: "The current node timed out during startup", raw, after 90 s.
+        load = os.getloadavg()[0]
+        raise UserError(f"Ray could not start on this machine ({said}; load average {load:.1f} on {os.cpu_count()} "
+                        "cores); try again when the machine is less busy, clear a leftover Ray with `ray stop`, or "
+                        "join a running cluster with --address.") from None
+
+
+def quiet_logs(verbose: bool = False) -> None:
+    """Unless `verbose`: this process's share of Ray's info messages, and MLflow's and Optuna's routine ones (store
+    creation, "a new study created"); their warnings and errors still show."""
+    import logging
+
+    if not verbose:
+        for name in ("ray.tune", "ray.train", "mlflow", "optuna"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _refuse_a_second_local_ray() -> None:
@@ -190,7 +203,7 @@ def train_and_log(cfg: Config, resources: Resources, *, experiment: str, run_nam
                                                             DATASET_TAG: cfg.data.dataset, **provenance.tags(),
                                                             **(tags or {})})
     opening = Guarded(uri, warn=False)
-    if opening(_open_run, logger, cfg) is FAILED:
+    if opening(_open_run, logger, cfg) is REFUSED:
         raise UserError(f"{opening.faults[-1]}, so nothing was trained; make room or make it writable, then run "
                         "again.")
     trainer = make_trainer(cfg, resources, name=run_name, storage_path=storage_path, max_failures=max_failures,
@@ -210,7 +223,7 @@ def train_and_log(cfg: Config, resources: Resources, *, experiment: str, run_nam
     metrics = {k: v for epoch in record.epochs for k, v in epoch.items()} | last
     outcome = RunOutcome(status, metrics if status is not RunState.FAILED else {}, logger.run_id, reason)
     at_end = Guarded(uri, warn=False)  # the sentence below says it
-    if at_end(run_record.write, record, logger) is FAILED:
+    if at_end(run_record.write, record, logger) is REFUSED:
         outcome.unrecorded = _unrecorded(record, at_end.faults[-1], [run_folder])
     return outcome
 
@@ -240,8 +253,10 @@ def _unrecorded(record: RunRecord, fault: str, folders: list[str]) -> str:
         return (f"{fault}, so the run is not marked {record.status} there, and its record could not be saved either "
                 f"({error.strerror or error}); the checkpoints in {record.run_folder} hold it: rerun the same --name "
                 "once the store takes writes")
-    return (f"{fault}, so the run is not marked {record.status} there; its record is saved in {path}: once the store "
-            f"takes writes, `hamjepa recover {path}` writes it")
+    then = (f"once the store is restored (from its backup), `hamjepa recover {path}` writes it there, or `hamjepa "
+            f"recover {path} --tracking-uri <another store>` elsewhere" if "was deleted" in fault else
+            f"once the store takes writes, `hamjepa recover {path}` writes it")
+    return f"{fault}, so the run is not marked {record.status} there; its record is saved in {path}: {then}"
 
 
 def summary(cfg: Config, outcome: RunOutcome, tracking_uri: str) -> str:
