@@ -68,4 +68,6 @@ def test_the_reason_says_what_failed_what_is_kept_and_how_to_go_on():
     said = storage_faults.reason(errno.ENOSPC, "/data/ray/run1", 3)
     assert said.startswith("storage fault, not retried: no space left on the device")
     assert "/data/ray/run1" in said and "epoch 3" in said and "rerun the same --name" in said
-    assert "no checkpoint was written" in storage_faults.reason(errno.EROFS, "/data/ray/run1", -1)
+    assert "free space there, then rerun" in said
+    read_only = storage_faults.reason(errno.EROFS, "/data/ray/run1", -1)
+    assert "no checkpoint was written" in read_only and "make it writable, then rerun" in read_only

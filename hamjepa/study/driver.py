@@ -45,8 +45,9 @@ def trial_driver(overrides: dict[str, Any], *, base: Config, resources: Resource
     """Tune trainable: one TorchTrainer run of base + overrides, its reports forwarded to Tune, and MLflow's system
     metrics of this node logged to the trial's child run while it trains.
 
-    A run that fails beyond its worker restarts is reported as `failed` with a finite worst-case `objective`
-    (Optuna refuses NaN), so the study records it and goes on.
+    A run that fails beyond its worker restarts, or that storage could not checkpoint (train/storage_faults.py), is
+    reported as `failed` with a finite worst-case `objective` (Optuna refuses NaN), so the study records it and
+    goes on.
     """
     from ray import tune
     from ray.train import TrainingFailedError
@@ -59,10 +60,11 @@ def trial_driver(overrides: dict[str, Any], *, base: Config, resources: Resource
                            max_failures=1, callbacks=[TuneReportCallback()])
     try:
         with SystemMetrics(tracking_uri, experiment, f"{study_id}/{key}"):  # the callback's key for this trial
-            trainer.fit()
+            failure = trainer.fit().return_value  # a run that ended early without an error to retry (train/loop.py)
     except TrainingFailedError as error:
-        tune.report({names.EPOCH: cfg.optim.epochs, names.FAILED: 1, names.FAILURE_REASON: names.failure_reason(error),
-                     objective: 0.0})
+        failure = {names.FAILED: 1, names.FAILURE_REASON: names.failure_reason(error)}
+    if failure:
+        tune.report({names.EPOCH: cfg.optim.epochs, **failure, objective: 0.0})
 
 
 # -- MLflow logging from Tune -------------------------------------------------------------------------

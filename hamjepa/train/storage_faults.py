@@ -20,6 +20,8 @@ from datetime import datetime
 # errno values that a retry cannot cure: the device is full, the user's quota is spent, the mount is read-only.
 STORAGE_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
                   errno.EROFS: "the file system is read-only"}
+_REMEDIES = {errno.ENOSPC: "free space there", errno.EDQUOT: "free space there or raise the quota",
+             errno.EROFS: "make it writable"}
 # pyarrow raises OSError with the errno only in its text ("[errno 28] No space left on device").
 _TEXTS = {"no space left on device": errno.ENOSPC, "disk quota exceeded": errno.EDQUOT,
           "read-only file system": errno.EROFS}
@@ -72,7 +74,7 @@ def reason(number: int, run_folder: str, last_epoch: int) -> str:
     """The run's failure reason: what happened, where, and how to go on (`last_epoch` -1: none checkpointed)."""
     kept = f"the checkpoint of epoch {last_epoch} is kept" if last_epoch >= 0 else "no checkpoint was written"
     return (f"storage fault, not retried: {STORAGE_ERRNOS[number]} writing a checkpoint to {run_folder}; {kept}; "
-            "free space there, then rerun the same --name to resume")
+            f"{_REMEDIES[number]}, then rerun the same --name to resume")
 
 
 def _existing(path: str) -> str:
