@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from hamjepa import __version__, checks
+from hamjepa.arguments import Parser
 from hamjepa.backup_log import STATUS_FILE, backup_warning
 from hamjepa.config import (
     DATASET_OVERRIDES,
@@ -39,13 +40,6 @@ DEFAULT_CPU_TRIALS, DEFAULT_GPU_TRIALS = 4, 6
 DEFAULT_SEEDS = 3
 TRAIN_EXPERIMENT = "hamjepa-train"  # `hamjepa train`'s MLflow experiment unless --experiment / $MLFLOW_EXPERIMENT_NAME
 VERBOSE_HELP = "Ray's own console output too (workers' logs, checkpoints, Tune's every result)"
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse whose refusals are one line, `<prog>: error: <sentence>`, like every other bad input (exit 2)."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}; see --help.\n")
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, default_profile: str | None = None) -> None:
