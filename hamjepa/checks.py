@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import tempfile
 import urllib.request
 from pathlib import Path
 
@@ -119,25 +118,6 @@ def local_capacity(workers_flag: str, workers: int, cpus: float, gpus: float) ->
                         f"this machine has {have_gpus}; pass --gpus-per-worker 0, or --address of a GPU cluster.")
 
 
-# -- writable places -------------------------------------------------------------------------------------------
-
-def can_write_in(folder: Path) -> bool:
-    """Whether a file can be created in `folder`: tried with an anonymous temporary file, which leaves nothing behind.
-
-    Tried rather than asked (os.access): root passes every permission check, yet cannot write a read-only mount.
-    """
-    try:
-        with tempfile.TemporaryFile(dir=folder):
-            return True
-    except OSError:
-        return False
-
-
-def nearest_existing(path: Path) -> Path:
-    """`path`, or the closest folder above it that exists (the one a write would have to create folders in)."""
-    return next(p for p in (path, *path.parents) if p.exists())
-
-
 # -- the MLflow tracking URI -----------------------------------------------------------------------------------
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
@@ -154,22 +134,14 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
 def _writable_file(uri: str, path: Path) -> None:
     """The file, when it exists, opens for writing, and its folder takes new files (SQLite's journal, or the file)."""
     fix = "pass --tracking-uri sqlite:///<writable path>/mlflow.db"
-    if path.exists() and (not path.is_file() or not _opens_for_writing(path)):
+    if path.exists() and (not path.is_file() or not paths.opens_for_writing(path)):
         raise UserError(f"tracking URI '{mask_uri(uri)}' is not writable: '{path}' is not a file this user can "
                         f"read and write; {fix}.")
     if path.is_file():  # an existing file is only written when it is a current MLflow store (store_file.py)
         check_mlflow_file(mask_uri(uri), path, fix)
-    if not path.parent.is_dir() or not can_write_in(path.parent):  # SQLite writes its journal beside the file
+    if not path.parent.is_dir() or not paths.can_write_in(path.parent):  # SQLite writes its journal beside the file
         raise UserError(f"tracking URI '{mask_uri(uri)}' is not writable: folder '{path.parent}' does not exist or "
                         f"is read-only; {fix}.")
-
-
-def _opens_for_writing(path: Path) -> bool:
-    try:
-        with open(path, "r+b"):
-            return True
-    except OSError:
-        return False
 
 
 def _sqlite_path(uri: str) -> str:
