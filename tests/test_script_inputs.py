@@ -1,14 +1,15 @@
-"""Bad inputs to the benchmarks (`python -m hamjepa.bench <name>`), refused as tests/test_bad_inputs.py refuses them
-for `hamjepa` and the study scripts.
+"""Bad inputs to the benchmarks (`python -m hamjepa.bench <name>`) and to the cluster scripts (cluster/mlflow_store.py,
+`cluster/aws_setup.py check`), refused as tests/test_bad_inputs.py refuses them for `hamjepa` and the study scripts.
 
 Each entry runs in-process, in an empty working directory, and must end with exit code 2, exactly one line on
 stderr that names the input, no traceback, nothing on stdout, nothing created (in the working directory, beside
-the inputs), at once; and the work itself (a benchmark's timing) fails the test when reached. A control runs each
-benchmark's valid flags and sees it reach its work.
+the inputs, at the remote), at once; and the work itself (a benchmark's timing, a backup or a restore) fails the
+test when reached. A control runs each benchmark's valid flags and sees it reach its work.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -26,8 +27,18 @@ REFUSAL_S = 10  # seconds a refusal may take
 LONG = "x" * 300  # a path component longer than NAME_MAX (255 bytes)
 
 
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(f"cluster_{name}", ROOT / "cluster" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+STORE, SETUP = _script("mlflow_store"), _script("aws_setup")
+
+
 class Reached(AssertionError):
-    """Work started: a benchmark measured."""
+    """Work started: a benchmark measured, or a backup, restore or status ran."""
 
 
 def _tripwire(what: str):
@@ -187,3 +198,85 @@ def test_a_benchmark_refusal_is_one_line_from_a_fresh_process(tmp_path):
     assert done.stderr == ("python -m hamjepa.bench step: error: config field 'predictor.dt' = inf is invalid: must "
                            "be a finite number.\n")
     assert list(tmp_path.iterdir()) == []
+
+
+# -- cluster/mlflow_store.py ---------------------------------------------------------------------------------------
+
+REMOTE = ["--remote", "file://{in}/bucket"]
+STORE_CASES = [
+    Case("status-file-folder", ["backup", *REMOTE, "--store", "{in}/m.db", "--status-file", "{made}"],
+         "--status-file '", folder),
+    Case("status-file-under-a-file", ["backup", *REMOTE, "--store", "{in}/m.db", "--status-file", "{made}"],
+         "--status-file", under_a_file),
+    Case("status-file-pipe", ["restore", *REMOTE, "--store", "{in}/m.db", "--status-file", "{made}"],
+         "is a named pipe", named_pipe),
+    Case("status-file-long-name", ["backup", *REMOTE, "--store", "{in}/m.db", "--status-file", "{in}/" + LONG],
+         "longer than the 255"),
+    Case("status-action-folder", ["status", *REMOTE, "--status-file", "{made}"], "is a folder", folder),
+    Case("store-folder", ["backup", *REMOTE, "--store", "{made}"], "--store '", folder),
+    Case("store-under-a-file", ["restore", *REMOTE, "--store", "{made}"], "--store", under_a_file),
+    Case("keep-zero", ["backup", *REMOTE, "--store", "{in}/m.db", "--keep", "0"], "--keep"),
+]
+
+
+@pytest.mark.parametrize("case", STORE_CASES, ids=[c.id for c in STORE_CASES])
+def test_a_bad_store_script_path_is_one_sentence_before_any_transfer(case, workdir, tmp_path, monkeypatch, capsys):
+    for work in ("backup", "restore", "status"):
+        monkeypatch.setattr(STORE, work, _tripwire(work))
+    check_refused(STORE.main, case, tmp_path, capsys)
+
+
+def test_the_store_script_reaches_its_work_with_valid_paths(workdir, tmp_path, monkeypatch):
+    for work in ("backup", "restore"):
+        monkeypatch.setattr(STORE, work, _tripwire(work))
+    for action in ("backup", "restore"):
+        with pytest.raises(Reached, match=action):
+            STORE.main([action, "--remote", f"file://{tmp_path}/bucket", "--store", str(tmp_path / "new" / "m.db")])
+
+
+# -- cluster/aws_setup.py check ---------------------------------------------------------------------------------
+
+SETUP_CASES = [
+    Case("missing", ["check", "{in}/aws.yaml"], "does not exist"),
+    Case("folder", ["check", "{made}"], "is a folder", folder),
+    Case("named-pipe", ["check", "{made}"], "is not a regular file", named_pipe),
+    Case("list", ["check", "{made}"], "holds a list", text_file(b"- provider\n- head_node_type\n")),
+    Case("number", ["check", "{made}"], "holds a number (3)", text_file(b"3\n")),
+    Case("string", ["check", "{made}"], "holds a string", text_file(b"just some words\n")),
+    Case("empty", ["check", "{made}"], "holds nothing", text_file(b"")),
+    Case("not-yaml", ["check", "{made}"], "is not valid YAML", text_file(b"provider: [1\n")),
+    Case("not-utf8", ["check", "{made}"], "is not UTF-8", text_file(b"cluster_name: \xff\n")),
+    Case("another-mapping", ["check", "{made}"], "is not a Ray cluster config",
+         text_file(b"predictor.dt: loguniform(0.01, 0.2)\n")),
+    Case("policies-list", ["policies", "{made}"], "holds a list", text_file(b"- 1\n")),
+]
+
+
+@pytest.mark.parametrize("case", SETUP_CASES, ids=[c.id for c in SETUP_CASES])
+def test_a_bad_cluster_config_is_one_sentence(case, workdir, tmp_path, capsys):
+    """aws_setup.py runs where the project may not be installed, so its refusals are its own: `aws_setup.py: ...`."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    made = case.make(inputs / "made") if case.make else inputs
+    argv = [a.replace("{in}", str(inputs)).replace("{made}", str(made)) for a in case.argv]
+    started = time.monotonic()
+    assert SETUP.main(argv) == 2
+    assert time.monotonic() - started < REFUSAL_S
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith("aws_setup.py: the cluster config '") and case.words in err, err
+
+
+def test_an_unreadable_cluster_config_is_one_sentence(tmp_path, monkeypatch, capsys):
+    """Root reads any file whatever its mode, so the refused read is simulated."""
+    path = tmp_path / "aws.yaml"
+    path.write_text((ROOT / "cluster" / "aws.yaml").read_text())
+
+    def denied(self):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    assert SETUP.main(["check", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"aws_setup.py: the cluster config '{path}' cannot be read (Permission denied); check its " \
+                  "permissions.\n"
