@@ -5,7 +5,8 @@ so `hamjepa train` refuses a bad flag as fast as `hamjepa config` refuses a bad 
 numbers (type, range, finiteness), names that end up in MLflow filter strings and in folder names, the Ray
 address's form, the MLflow tracking URI (a SQLite file must be writable: its folder, or the file if it exists),
 and what one run asks of this machine when Ray is local (CPUs from the affinity mask and the cgroup quota,
-GPUs from CUDA_VISIBLE_DEVICES or the /dev/nvidia* device files, as Ray counts them).
+GPUs from CUDA_VISIBLE_DEVICES or the /dev/nvidia* device files, as Ray counts them, and then as torch sees them:
+the one check that imports torch, and only when a run asks for GPUs).
 """
 
 from __future__ import annotations
@@ -107,6 +108,17 @@ def local_gpus() -> int:
     return sum(1 for p in Path("/dev").glob("nvidia[0-9]*"))
 
 
+def cuda_devices() -> int:
+    """GPUs torch can use here (CUDA_VISIBLE_DEVICES applied): those a worker will actually find.
+
+    Asked only when a run wants GPUs on a local Ray, so the heavy import is paid only where torch is about to be
+    loaded anyway; torch counts without creating a CUDA context.
+    """
+    import torch
+
+    return torch.cuda.device_count()
+
+
 def local_capacity(workers_flag: str, workers: int, cpus: float, gpus: float) -> None:
     """One run's workers must fit on this machine (no --address: Ray starts here and has nothing else)."""
     have_cpus, have_gpus = local_cpus(), local_gpus()
@@ -116,6 +128,23 @@ def local_capacity(workers_flag: str, workers: int, cpus: float, gpus: float) ->
     if workers * gpus > have_gpus:
         raise UserError(f"--gpus-per-worker = {gpus:g} needs {workers * gpus:g} GPUs for {workers} worker(s) but "
                         f"this machine has {have_gpus}; pass --gpus-per-worker 0, or --address of a GPU cluster.")
+    if workers * gpus > 0:
+        _gpus_torch_sees(workers, gpus)
+
+
+def _gpus_torch_sees(workers: int, gpus: float) -> None:
+    """Ray counts CUDA_VISIBLE_DEVICES' entries as GPUs without asking whether they exist, so a variable naming a
+    GPU that is not there (or a device file without a working driver) gives Ray a GPU no worker can use: the run
+    was seen to hang. torch's count is the one the workers will meet."""
+    seen = cuda_devices()
+    if workers * gpus <= seen:
+        return
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    why = (f"CUDA_VISIBLE_DEVICES = {visible!r} names GPUs that are not there (`nvidia-smi -L` lists those that are); "
+           "correct or unset it, or pass" if visible is not None else
+           "check the NVIDIA driver with `nvidia-smi`, or pass")
+    raise UserError(f"--gpus-per-worker = {gpus:g} needs {workers * gpus:g} GPUs for {workers} worker(s) but torch "
+                    f"sees {seen} on this machine: {why} --gpus-per-worker 0, or --address of a GPU cluster.")
 
 
 # -- the MLflow tracking URI -----------------------------------------------------------------------------------

@@ -21,8 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from hamjepa import cli
+from hamjepa import checks, cli
 from hamjepa.data import sources as data
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -493,6 +494,41 @@ def test_base_arguments_get_as_far_as_ray_and_create_nothing(command, workdir, g
     with pytest.raises(Reached, match="connect_ray"):
         invoke(command, base_argv(command, good_data), energy_budget_space)
     assert list(workdir.iterdir()) == []
+
+
+REAL_LOCAL_GPUS = checks.local_gpus  # before the fixture pins it at 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU machine may have a GPU 7, and torch caches its count")
+@pytest.mark.parametrize("command,argv", [("train", []), ("train", ["--gpus-per-worker", "1"]),
+                                          ("study", ["--gpus-per-worker", "1"])])
+def test_cuda_visible_devices_naming_a_gpu_that_is_not_there_is_refused_before_ray(
+        command, argv, workdir, good_data, energy_budget_space, capsys, monkeypatch):
+    """Ray counts CUDA_VISIBLE_DEVICES' entries as GPUs, so `7` is one GPU to Ray (and `hamjepa train` asks for it by
+    default); torch, which the workers use, sees none here: refused naming the variable, not a hang in Ray."""
+    monkeypatch.setattr("hamjepa.checks.local_gpus", REAL_LOCAL_GPUS)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "7")
+    words = "CUDA_VISIBLE_DEVICES = '7' names GPUs that are not there"
+    check_refused(Case("cuda-visible-devices-absent", command, argv, words), workdir, good_data, energy_budget_space,
+                  capsys)
+
+
+def test_gpus_ray_counts_but_torch_does_not_see_are_refused_naming_the_driver(monkeypatch):
+    from hamjepa.errors import UserError
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(checks, "local_cpus", lambda: 2.0)
+    monkeypatch.setattr(checks, "local_gpus", lambda: 2)  # /dev/nvidia0 and 1, as Ray counts them
+    monkeypatch.setattr(checks, "cuda_devices", lambda: 0)  # a driver that does not work
+    with pytest.raises(UserError, match=r"needs 1 GPUs for 1 worker\(s\) but torch sees 0 on this machine: check the "
+                                        "NVIDIA driver"):
+        checks.local_capacity("--workers", 1, 1.0, 1.0)
+    monkeypatch.setattr(checks, "cuda_devices", lambda: 1)
+    checks.local_capacity("--workers", 1, 1.0, 1.0)  # one asked, one seen
+    with pytest.raises(UserError, match="needs 2 GPUs for 2 worker"):
+        checks.local_capacity("--workers", 2, 1.0, 1.0)
+    monkeypatch.setattr(checks, "cuda_devices", lambda: 1 / 0)  # never asked when no GPU is
+    checks.local_capacity("--workers", 1, 1.0, 0.0)
 
 
 def test_config_base_arguments_print_the_config(workdir, good_data, capsys):
