@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import os
+import shutil
 import struct
 import time
 from collections.abc import Callable
@@ -165,6 +167,17 @@ def study_folder(pointer: bytes, identity: bytes | None = None) -> Callable[[Pat
         (root / "latest.json").write_bytes(pointer)
         if identity is not None:
             (root / STUDY_ID / "study.json").write_bytes(identity)
+        return path
+    return make
+
+
+def study_folder_of(name: str, identity: bytes) -> Callable[[Path], Path]:
+    """A --storage-path with one invocation of study `name` (the latest), whose study.json is `identity`."""
+    def make(path: Path) -> Path:
+        study_id = json.loads(identity)["id"]
+        (path / name / study_id).mkdir(parents=True)
+        (path / name / "latest.json").write_text(json.dumps({"id": study_id}))
+        (path / name / study_id / "study.json").write_bytes(identity)
         return path
     return make
 
@@ -480,6 +493,39 @@ def test_bad_input_is_one_sentence_before_any_work(case, workdir, good_data, ene
 @pytest.mark.parametrize("case", NEEDS_STUDY_CHECK, ids=[c.id for c in NEEDS_STUDY_CHECK])
 def test_resume_needs_something_to_resume(case, workdir, good_data, energy_budget_space, capsys):
     check_refused(case, workdir, good_data, energy_budget_space, capsys)
+
+
+@pytest.mark.parametrize("command,flag,started,now", [("study", "--seeds", "3", "5"),
+                                                     ("study", "--num-samples", "4", "6"),
+                                                     ("study", "--reference", "3", "5"),
+                                                     ("reproduce", "--seeds", "1", "2")])
+def test_resume_with_another_study_flag_is_refused_before_ray(command, flag, started, now, workdir, good_data,
+                                                              energy_budget_space, capsys, monkeypatch):
+    """A study started with `flag started`, resumed with `flag now`: refused naming the flag and both values, and
+    `flag started` with --resume gets as far as Ray (so the flag is the only difference)."""
+    import hamjepa.study.invocation
+
+    def stored(params: dict) -> Callable[[Path], Path]:
+        name = "energy_budget" if command == "study" else "reproduce_paper"
+        return study_folder_of(name, json.dumps({"id": f"{name}-{STUDY_ID[14:]}", "params": params}).encode())
+
+    # What the command with `flag started` stores: captured where --resume compares it, as if started without any.
+    def capture(study_id, was, params):
+        raise Reached(params)
+
+    scratch = stored({})(workdir.parent / "scratch")
+    with monkeypatch.context() as patched:
+        patched.setattr(hamjepa.study.invocation, "_refuse_changes", capture)
+        with pytest.raises(Reached) as captured:
+            invoke(command, [*base_argv(command, good_data), flag, started, "--resume", "--storage-path", str(scratch)],
+                   energy_budget_space)
+    shutil.rmtree(scratch)
+    case = Case("resume-another-flag", command, [flag, now, "--resume", "--storage-path", "{made}"],
+                f"{flag} was {started}, now {now}", stored(captured.value.args[0]))
+    check_refused(case, workdir, good_data, energy_budget_space, capsys)
+    with pytest.raises(Reached, match="connect_ray"):
+        invoke(command, [*base_argv(command, good_data), flag, started, "--resume", "--storage-path",
+                         str(workdir.parent / "in" / "made")], energy_budget_space)
 
 
 def test_catalogue_is_large_and_covers_every_command():
