@@ -1,4 +1,4 @@
-"""Checks of the command-line inputs that need no heavy import (no torch, Ray or MLflow), run before any work.
+"""Checks of the command-line inputs, run before any work, with no heavy import at the top (no torch, Ray or MLflow).
 
 Each check raises UserError with one sentence that names the flag, quotes the value and says what is valid,
 so `hamjepa train` refuses a bad flag as fast as `hamjepa config` refuses a bad key. What the checks cover:

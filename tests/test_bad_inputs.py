@@ -279,6 +279,9 @@ CASES = [
     Case("address-malformed", "train", ["--address", "headnode"], "--address"),
     Case("address-closed-port", "train", ["--address", "127.0.0.1:9"], "cannot be reached"),
     Case("study-address-closed-port", "study", ["--address", "ray://127.0.0.1:9"], "cannot be reached"),
+    Case("address-auto-no-cluster", "train", ["--address", "auto", "--name", "run1"],
+         "--address = 'auto' finds no running Ray cluster"),
+    Case("study-address-auto-no-cluster", "study", ["--address", "auto"], "finds no running Ray cluster"),
     Case("address-port", "train", ["--address", "10.0.0.1:99999"], "--address"),
     # where results go
     Case("tracking-folder-missing", "train", ["--tracking-uri", "sqlite:///{in}/missing/m.db"], "tracking URI"),
@@ -409,6 +412,7 @@ def workdir(tmp_path, monkeypatch) -> Path:
     """An empty working directory, no ambient settings, a 2-CPU machine without GPUs, and tripwires on work."""
     import mlflow
     import ray
+    import ray._private.services
 
     import hamjepa.study.invocation
     import hamjepa.study.reproduce
@@ -420,9 +424,13 @@ def workdir(tmp_path, monkeypatch) -> Path:
             raise Reached(f"{what} was called")
         return reached
 
-    for name in ("MLFLOW_TRACKING_URI", "HAMJEPA_STORAGE_PATH", "HAMJEPA_DATA", "CUDA_VISIBLE_DEVICES"):
+    for name in ("MLFLOW_TRACKING_URI", "HAMJEPA_STORAGE_PATH", "HAMJEPA_DATA", "CUDA_VISIBLE_DEVICES", "RAY_ADDRESS"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    # No Ray cluster runs here (another process's Ray must not answer --address auto): no `ray start` recorded in
+    # Ray's temp folder, no raylet among the processes.
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path / "ray-tmp"))
+    monkeypatch.setattr(ray._private.services, "find_gcs_addresses", lambda: frozenset())
     monkeypatch.setattr(data, "DEBIAN_DIRS", {"fashion_mnist": tmp_path / "no-debian-package"})
     monkeypatch.setattr("hamjepa.checks.local_cpus", lambda: 2.0)
     monkeypatch.setattr("hamjepa.checks.local_gpus", lambda: 0)
