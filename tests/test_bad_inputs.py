@@ -585,6 +585,24 @@ def test_gpus_ray_counts_but_torch_does_not_see_are_refused_naming_the_driver(mo
     checks.local_capacity("--workers", 1, 1.0, 0.0)
 
 
+@pytest.mark.parametrize("command", ["train", "study", "reproduce"])
+def test_paths_with_spaces_and_non_ascii_letters_are_accepted(command, workdir, good_data, energy_budget_space):
+    """A storage folder, a SQLite tracking store, a config file and a data folder at paths with spaces and 'ü': every
+    check passes them, the command gets as far as Ray, and nothing is created yet."""
+    inputs = workdir.parent / "in ü"
+    (inputs / "store ü").mkdir(parents=True)
+    config = inputs / "conf dir ü" / "c ü.yaml"
+    config.parent.mkdir()
+    config.write_text("predictor:\n  steps: 2\n")
+    data = shutil.copytree(good_data, inputs / "data dir ü" / "fashion mnist ü")
+    argv = [*base_argv(command, good_data), "--storage-path", str(inputs / "ray dir ü"), "--tracking-uri",
+            f"sqlite:///{inputs}/store ü/m ü.db", "--config", str(config), "--data-root", str(data)]
+    before = _contents(inputs)
+    with pytest.raises(Reached, match="connect_ray"):
+        invoke(command, argv, energy_budget_space)
+    assert _contents(inputs) == before and list(workdir.iterdir()) == []
+
+
 def test_config_base_arguments_print_the_config(workdir, good_data, capsys):
     assert invoke("config", base_argv("config", good_data), None) == 0
     assert "predictor:" in capsys.readouterr().out
