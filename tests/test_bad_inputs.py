@@ -91,14 +91,21 @@ def image_folder(how: str) -> Callable[[Path], Path]:
             (folder / "train" / "ant" / "3.png").write_bytes(b"not an image")
         if how == "empty-class":
             (folder / "train" / "cat").mkdir()
+        if how == "named-pipe":  # named like an image: opening it would block until a writer came
+            (folder / "train" / "ant" / "3.png").unlink()
+            os.mkfifo(folder / "train" / "ant" / "3.png")
         return folder
     return make
 
 
-def bad_cifar(folder: Path) -> Path:
+def bad_cifar(folder: Path, first: Callable[[Path], object] | None = None) -> Path:
+    """CIFAR-10's six batch files, each an empty pickled dict; `first` replaces the first batch file."""
     (folder / "cifar-10-batches-py").mkdir(parents=True)
     for name in [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch"]:
         (folder / "cifar-10-batches-py" / name).write_bytes(b"\x80\x02}q\x00.")  # an empty pickled dict
+    if first is not None:
+        (folder / "cifar-10-batches-py" / "data_batch_1").unlink()
+        first(folder / "cifar-10-batches-py" / "data_batch_1")
     return folder
 
 
@@ -322,6 +329,12 @@ CASES = [
          image_folder("one-class")),
     Case("image-empty-val", "train", [*DATA, "--data-root", "{made}"], "holds no images", image_folder("empty-val")),
     Case("cifar-not-a-batch", "train", [*CIFAR, "--data-root", "{made}"], "CIFAR file", bad_cifar),
+    Case("cifar-batch-named-pipe", "train", [*CIFAR, "--data-root", "{made}"], "is a named pipe, not a regular file",
+         lambda path: bad_cifar(path, os.mkfifo)),
+    Case("cifar-batch-folder", "train", [*CIFAR, "--data-root", "{made}"], "is a folder, not a regular file",
+         lambda path: bad_cifar(path, Path.mkdir)),
+    Case("image-named-pipe", "train", [*DATA, "--data-root", "{made}", "--set", "data.val_size=2"],
+         "is a named pipe, not a regular file", image_folder("named-pipe")),
     Case("subset-too-big", "train", ["--set", "data.subset=100000"], "'data.subset'"),
     Case("batch-above-split", "train", ["--set", "optim.batch_size=512"], "'optim.batch_size'"),
     Case("val-split-too-large", "train", ["--set", "data.val_size=60000"], "'data.val_size'"),
@@ -355,6 +368,10 @@ CASES = [
     Case("study-data-root", "study", ["--data-root", "{in}/nonexistent"], "'data.root'"),
     Case("study-data-truncated", "study", ["--data-root", "{made}"], "gzip", broken_fashion("truncated")),
     Case("study-address", "study", ["--address", "ray://"], "--address"),
+    Case("study-space-named-pipe", "study", ["--space", "{made}"], "search space file", named_pipe),
+    Case("study-space-folder", "study", ["--space", "{made}"], "is a folder, not a regular file", folder),
+    Case("study-space-not-utf8", "study", ["--space", "{made}"], "is not UTF-8", text_file(b"predictor.dt: \xff\n")),
+    Case("study-space-long-name", "study", ["--space", "{in}/" + LONG + ".yaml"], "longer than the 255"),
     Case("study-config-duplicate", "study", ["--config", "{made}"], "written twice",
          text_file(b"predictor:\n  dt: 0.1\npredictor:\n  dt: 0.2\n")),
     # studies/reproduce_paper.py
