@@ -368,6 +368,10 @@ CASES = [
     Case("study-data-root", "study", ["--data-root", "{in}/nonexistent"], "'data.root'"),
     Case("study-data-truncated", "study", ["--data-root", "{made}"], "gzip", broken_fashion("truncated")),
     Case("study-address", "study", ["--address", "ray://"], "--address"),
+    # --set on a searched key would only move the first trial's point, inside the range or out of it
+    Case("study-set-searched-key", "study", ["--set", "predictor.dt=0.1"], "--freeze predictor.dt --set"),
+    Case("study-set-searched-key-outside-its-range", "study", ["--set", "predictor.dt=5"],
+         "'predictor.dt' is searched (loguniform(0.01, 0.2))"),
     Case("study-space-named-pipe", "study", ["--space", "{made}"], "search space file", named_pipe),
     Case("study-space-folder", "study", ["--space", "{made}"], "is a folder, not a regular file", folder),
     Case("study-space-not-utf8", "study", ["--space", "{made}"], "is not UTF-8", text_file(b"predictor.dt: \xff\n")),
