@@ -42,6 +42,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import subprocess
 import sys
 import time
@@ -106,10 +107,65 @@ class SetupError(Exception):
 
 # -- reading aws.yaml ---------------------------------------------------------------------------------------
 
-def load(path: str | Path = CONFIG) -> dict:
+# Ray's cluster-config sections this script reads; a YAML mapping without them is some other file.
+SECTIONS = ("provider", "available_node_types", "head_node_type", "setup_commands")
+
+
+def read_config(path: str | Path) -> str:
+    """The cluster config's text: a readable regular file of UTF-8; one sentence (SetupError) otherwise.
+
+    Checked here, not by hamjepa.paths: this script runs on your own machine, where the project need not be
+    installed. A folder or a named pipe is refused before it is opened (a pipe would block the read).
+    """
+    path = Path(path)
+    fix = "pass the path of your edited copy of cluster/aws.yaml"
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise SetupError(f"the cluster config '{path}' does not exist; {fix}.") from None
+    except OSError as error:
+        raise SetupError(f"the cluster config '{path}' cannot be read ({error.strerror}); {fix}.") from None
+    if not stat.S_ISREG(mode):
+        found = "a folder" if stat.S_ISDIR(mode) else "not a regular file"
+        raise SetupError(f"the cluster config '{path}' is {found}; {fix}.")
+    try:
+        return path.read_bytes().decode("utf-8")
+    except OSError as error:
+        raise SetupError(f"the cluster config '{path}' cannot be read ({error.strerror}); check its "
+                         "permissions.") from None
+    except UnicodeDecodeError as error:
+        raise SetupError(f"the cluster config '{path}' is not UTF-8 text (byte {error.object[error.start]:#04x} at "
+                         f"offset {error.start}); save it as UTF-8.") from None
+
+
+def config_values(text: str, path: str | Path) -> dict:
+    """The cluster config's YAML: a mapping with Ray's sections; one sentence when it is not YAML or another
+    document (a list, a number, a string, some other mapping)."""
     import yaml
 
-    return yaml.safe_load(Path(path).read_text())
+    try:
+        values = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f", line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise SetupError(f"the cluster config '{path}' is not valid YAML ({problem}{where}); fix it, or start again "
+                         "from cluster/aws.yaml.") from None
+    if not isinstance(values, dict):
+        kind = {type(None): "nothing (it is empty)", bool: "a boolean", int: "a number", float: "a number",
+                str: "a string", list: "a list"}.get(type(values), type(values).__name__)
+        shown = f" ({values!r:.40})" if values is not None else ""
+        raise SetupError(f"the cluster config '{path}' holds {kind}{shown}, not the mapping of Ray's cluster "
+                         "settings; pass your edited copy of cluster/aws.yaml.")
+    missing = [section for section in SECTIONS if section not in values]
+    if missing:
+        raise SetupError(f"the cluster config '{path}' has no {', '.join(missing)}, so it is not a Ray cluster "
+                         "config; pass your edited copy of cluster/aws.yaml.")
+    return values
+
+
+def load(path: str | Path = CONFIG) -> dict:
+    return config_values(read_config(path), path)
 
 
 def bucket_of(config: dict) -> str:
@@ -874,8 +930,12 @@ def main(argv: list[str] | None = None) -> int:
             import boto3
 
             path = Path(args.config)
-            text = path.read_text()
-            _, new_text = apply(yaml_values(text), boto3.Session(), text=text, refresh=args.refresh,
+            text = read_config(path)
+            values = config_values(text, path)
+            if not _opens_for_writing(path):  # apply pins the image into it, after AWS has been changed
+                raise SetupError(f"the cluster config '{path}' cannot be written, and apply pins the machine image "
+                                 "and the container into it; make it writable, or pass a writable copy.")
+            _, new_text = apply(values, boto3.Session(), text=text, refresh=args.refresh,
                                 allow_wide_ssh=args.allow_wide_ssh)
             if new_text is not None:
                 path.write_text(new_text)
@@ -889,6 +949,14 @@ def main(argv: list[str] | None = None) -> int:
               f"to repeat.", file=sys.stderr)
         return 2
     return 0
+
+
+def _opens_for_writing(path: Path) -> bool:
+    try:
+        with open(path, "r+b"):
+            return True
+    except OSError:
+        return False
 
 
 def _masked(text: str) -> str:

@@ -52,7 +52,11 @@ import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
+from hamjepa import paths
+from hamjepa.arguments import Parser
 from hamjepa.backup_log import STATUS_FILE, age_of, last_line, record
+from hamjepa.errors import UserError
+from hamjepa.redact import mask_text  # credentials in a --remote URI are never printed
 
 DATED = re.compile(r"^mlflow-\d{8}T\d{6}Z\.db$")  # fixed width, so the names sort in time order
 LATEST = "latest.db"  # the latest version once more, under a name the bucket's lifecycle never expires
@@ -432,7 +436,7 @@ def _positive(text: str) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = Parser(prog="mlflow_store.py", description=__doc__.splitlines()[0])
     parser.add_argument("action", choices=["restore", "backup", "status"])
     parser.add_argument("--store", default=str(Path.home() / "mlflow" / "mlflow.db"), help="the SQLite file")
     parser.add_argument("--remote", help="the folder of dated versions (default s3://$HAMJEPA_BUCKET/mlflow/backups)")
@@ -443,19 +447,39 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_paths(action: str, store: Path, status_file: Path) -> None:
+    """Before any transfer, one sentence (UserError) for a path that cannot work: a backup or restore writes the
+    store's folder (its lock, the fetched copy) and appends its outcome to the status file, and an outcome that
+    cannot be recorded would come after the upload or the download it reports; `status` only reads the file."""
+    fix = "pass --status-file <a file this user can write>"
+    if action != "status":
+        paths.require_writable_file("--store", store, "pass --store <the MLflow server's SQLite file>")
+        paths.require_writable_file("--status-file", status_file, fix)
+        return
+    paths.check_length("--status-file", status_file)
+    found = paths.kind(status_file)
+    if found not in ("a regular file", "missing"):
+        raise UserError(f"--status-file '{status_file}' is {found}, not a regular file; {fix}.")
+    try:
+        if found == "a regular file":
+            status_file.open("rb").close()
+    except OSError as error:
+        raise UserError(f"--status-file '{status_file}' cannot be read ({error.strerror}); {fix}.") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     remote = args.remote or default_remote()
     if remote is None:
         parser.error("--remote is required when $HAMJEPA_BUCKET is not set")
-    try:  # installed on every node (aws.yaml); credentials in a --remote URI are never printed
-        from hamjepa.redact import mask_text
-    except ImportError:  # pragma: no cover - outside the project
-        def mask_text(text):
-            return text
     store = Path(args.store).expanduser()
     status_file = Path(args.status_file).expanduser() if args.status_file else store.parent / STATUS_FILE
+    try:
+        check_paths(args.action, store, status_file)
+    except UserError as error:
+        print(f"{parser.prog}: error: {mask_text(str(error))}", file=sys.stderr)
+        return 2
     if args.action == "status":
         text, code = status(remote, status_file)
         print(mask_text(text))

@@ -2,6 +2,8 @@
 cluster's head and read by a study there, which warns when the last backup failed or the backup loop stopped.
 
 Standard library only: the command line reads it before any heavy import, and the store script runs it as is.
+The path is checked by the callers: the store script's --status-file before any transfer (check_paths there); a
+study reads the head's fixed ~/mlflow/backup-status.log and ignores any failure to (cli.py).
 """
 
 from __future__ import annotations

@@ -1,11 +1,12 @@
-"""Checks of the command-line inputs that need no heavy import (no torch, Ray or MLflow), run before any work.
+"""Checks of the command-line inputs, run before any work, with no heavy import at the top (no torch, Ray or MLflow).
 
 Each check raises UserError with one sentence that names the flag, quotes the value and says what is valid,
 so `hamjepa train` refuses a bad flag as fast as `hamjepa config` refuses a bad key. What the checks cover:
 numbers (type, range, finiteness), names that end up in MLflow filter strings and in folder names, the Ray
 address's form, the MLflow tracking URI (a SQLite file must be writable: its folder, or the file if it exists),
 and what one run asks of this machine when Ray is local (CPUs from the affinity mask and the cgroup quota,
-GPUs from CUDA_VISIBLE_DEVICES or the /dev/nvidia* device files, as Ray counts them).
+GPUs from CUDA_VISIBLE_DEVICES or the /dev/nvidia* device files, as Ray counts them, and then as torch sees them:
+the one check that imports torch, and only when a run asks for GPUs).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import tempfile
 import urllib.request
 from pathlib import Path
 
@@ -108,6 +108,17 @@ def local_gpus() -> int:
     return sum(1 for p in Path("/dev").glob("nvidia[0-9]*"))
 
 
+def cuda_devices() -> int:
+    """GPUs torch can use here (CUDA_VISIBLE_DEVICES applied): those a worker will actually find.
+
+    Asked only when a run wants GPUs on a local Ray, so the heavy import is paid only where torch is about to be
+    loaded anyway; torch counts without creating a CUDA context.
+    """
+    import torch
+
+    return torch.cuda.device_count()
+
+
 def local_capacity(workers_flag: str, workers: int, cpus: float, gpus: float) -> None:
     """One run's workers must fit on this machine (no --address: Ray starts here and has nothing else)."""
     have_cpus, have_gpus = local_cpus(), local_gpus()
@@ -117,25 +128,23 @@ def local_capacity(workers_flag: str, workers: int, cpus: float, gpus: float) ->
     if workers * gpus > have_gpus:
         raise UserError(f"--gpus-per-worker = {gpus:g} needs {workers * gpus:g} GPUs for {workers} worker(s) but "
                         f"this machine has {have_gpus}; pass --gpus-per-worker 0, or --address of a GPU cluster.")
+    if workers * gpus > 0:
+        _gpus_torch_sees(workers, gpus)
 
 
-# -- writable places -------------------------------------------------------------------------------------------
-
-def can_write_in(folder: Path) -> bool:
-    """Whether a file can be created in `folder`: tried with an anonymous temporary file, which leaves nothing behind.
-
-    Tried rather than asked (os.access): root passes every permission check, yet cannot write a read-only mount.
-    """
-    try:
-        with tempfile.TemporaryFile(dir=folder):
-            return True
-    except OSError:
-        return False
-
-
-def nearest_existing(path: Path) -> Path:
-    """`path`, or the closest folder above it that exists (the one a write would have to create folders in)."""
-    return next(p for p in (path, *path.parents) if p.exists())
+def _gpus_torch_sees(workers: int, gpus: float) -> None:
+    """Ray counts CUDA_VISIBLE_DEVICES' entries as GPUs without asking whether they exist, so a variable naming a
+    GPU that is not there (or a device file without a working driver) gives Ray a GPU no worker can use: the run
+    was seen to hang. torch's count is the one the workers will meet."""
+    seen = cuda_devices()
+    if workers * gpus <= seen:
+        return
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    why = (f"CUDA_VISIBLE_DEVICES = {visible!r} names GPUs that are not there (`nvidia-smi -L` lists those that are); "
+           "correct or unset it, or pass" if visible is not None else
+           "check the NVIDIA driver with `nvidia-smi`, or pass")
+    raise UserError(f"--gpus-per-worker = {gpus:g} needs {workers * gpus:g} GPUs for {workers} worker(s) but torch "
+                    f"sees {seen} on this machine: {why} --gpus-per-worker 0, or --address of a GPU cluster.")
 
 
 # -- the MLflow tracking URI -----------------------------------------------------------------------------------
@@ -154,22 +163,14 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
 def _writable_file(uri: str, path: Path) -> None:
     """The file, when it exists, opens for writing, and its folder takes new files (SQLite's journal, or the file)."""
     fix = "pass --tracking-uri sqlite:///<writable path>/mlflow.db"
-    if path.exists() and (not path.is_file() or not _opens_for_writing(path)):
+    if path.exists() and (not path.is_file() or not paths.opens_for_writing(path)):
         raise UserError(f"tracking URI '{mask_uri(uri)}' is not writable: '{path}' is not a file this user can "
                         f"read and write; {fix}.")
     if path.is_file():  # an existing file is only written when it is a current MLflow store (store_file.py)
         check_mlflow_file(mask_uri(uri), path, fix)
-    if not path.parent.is_dir() or not can_write_in(path.parent):  # SQLite writes its journal beside the file
+    if not path.parent.is_dir() or not paths.can_write_in(path.parent):  # SQLite writes its journal beside the file
         raise UserError(f"tracking URI '{mask_uri(uri)}' is not writable: folder '{path.parent}' does not exist or "
                         f"is read-only; {fix}.")
-
-
-def _opens_for_writing(path: Path) -> bool:
-    try:
-        with open(path, "r+b"):
-            return True
-    except OSError:
-        return False
 
 
 def _sqlite_path(uri: str) -> str:

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from hamjepa import __version__, checks
+from hamjepa.arguments import Parser
 from hamjepa.backup_log import STATUS_FILE, backup_warning
 from hamjepa.config import (
     DATASET_OVERRIDES,
@@ -39,13 +40,6 @@ DEFAULT_CPU_TRIALS, DEFAULT_GPU_TRIALS = 4, 6
 DEFAULT_SEEDS = 3
 TRAIN_EXPERIMENT = "hamjepa-train"  # `hamjepa train`'s MLflow experiment unless --experiment / $MLFLOW_EXPERIMENT_NAME
 VERBOSE_HELP = "Ray's own console output too (workers' logs, checkpoints, Tune's every result)"
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse whose refusals are one line, `<prog>: error: <sentence>`, like every other bad input (exit 2)."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}; see --help.\n")
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, default_profile: str | None = None) -> None:
@@ -184,14 +178,14 @@ def _add_study_arguments(parser: argparse.ArgumentParser, name: str, default_pro
     parser.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
 
 
-def _check_resumable(settings) -> None:
-    """--resume must find what it continues, started with the same config, before Ray starts."""
+def _check_resumable(settings, params: dict) -> None:
+    """--resume must find what it continues, started with the same config and the same study flags (`params`: the
+    study's own, as its runner records them), before Ray starts."""
     from hamjepa.study.invocation import check_resumable
 
     if settings.resume not in ("", "latest"):
         checks.run_name("--resume", settings.resume)
-    if settings.resume:
-        check_resumable(settings.name, settings.storage_path, settings.resume, base=settings.base)
+    check_resumable(settings, params)
 
 
 def _study_config(args: argparse.Namespace, protocol: dict | None = None):
@@ -203,8 +197,8 @@ def _study_config(args: argparse.Namespace, protocol: dict | None = None):
 
 
 def _study_settings(name: str, args: argparse.Namespace, base, **fields):
-    """StudySettings from the shared flags, the base config (`_study_config`) and a script's own `fields`; every
-    input checked, Ray connected."""
+    """StudySettings from the shared flags, the base config (`_study_config`) and a script's own `fields`, checked
+    with the destinations; `_start` then checks --resume and the data and connects Ray."""
     checks.integer("--max-concurrent", args.max_concurrent, 0)
     gpus = args.gpus_per_worker if args.gpus_per_worker is not None else (
         1.0 if args.profile in GPU_PROFILES else 0.0)
@@ -217,18 +211,21 @@ def _study_settings(name: str, args: argparse.Namespace, base, **fields):
         fields["num_samples"] = DEFAULT_GPU_TRIALS if gpus > 0 else DEFAULT_CPU_TRIALS
     if fields.get("tune_baseline", False) is None:  # both methods tuned alike where the budget allows
         fields["tune_baseline"] = gpus > 0
-    settings = StudySettings(
+    return StudySettings(
         name=name, base=base, resources=resources,
         max_concurrent=args.max_concurrent, tracking_uri=tracking_uri,
         experiment=args.experiment or "", storage_path=args.storage_path or "", resume=args.resume,
         verbose=args.verbose, **fields)
+
+
+def _start(settings, args: argparse.Namespace, params: dict) -> None:
+    """The last checks, then Ray: --resume against `params` (the study's own parameters), the data files."""
     from hamjepa.train import launch  # torch, Ray and MLflow load from here on
 
-    _check_resumable(settings)
-    launch.preflight(base)
+    _check_resumable(settings, params)
+    launch.preflight(settings.base)
     launch.connect_ray(args.address, verbose=args.verbose, worker_logs=False)  # the console is Tune's table
     _warn_about_store_backups()
-    return settings
 
 
 def _print_result(settings, result) -> int:
@@ -376,6 +373,9 @@ def study_main(name: str, space, argv: list[str] | None = None, initial_points: 
                                    reference=args.reference if args.reference is not None else
                                    (3 if args.smoke_test else 10), objective=args.objective,
                                    optuna_storage=args.optuna_storage)
+        from hamjepa.study.settings import search_params
+
+        _start(settings, args, search_params(settings, searched))
         from hamjepa.study.runner import run_study
 
         return _print_result(settings, run_study(settings, searched, initial_points))
@@ -396,7 +396,7 @@ def reproduce_main(argv: list[str] | None = None) -> int:
         args.profile = "quick" if args.smoke_test else "cifar100"
 
     def work() -> int:
-        from hamjepa.study.reproduce import run_reproduction
+        from hamjepa.study.reproduce import reproduction_params, run_reproduction
 
         seeds = args.seeds if args.seeds is not None else (1 if args.smoke_test else 3)
         if seeds < 1:
@@ -405,6 +405,7 @@ def reproduce_main(argv: list[str] | None = None) -> int:
         base = _study_config(args, protocol={"data.val_size": 0})
         settings = _study_settings("reproduce_paper", args, base, seeds=seeds, early_stopping=False, searches=False,
                                    reference=0)
+        _start(settings, args, reproduction_params(settings))
         return _print_result(settings, run_reproduction(settings))
 
     return _guarded(parser, work)

@@ -6,12 +6,16 @@ touched (a stat deep in Ray, MLflow or SQLAlchemy); the limits are asked of the 
 Kind: opening a named pipe blocks until a writer comes (a data file replaced by a FIFO hung the preflight), a
 device can stream forever, a folder cannot be read as a file. So each input says what it must be, and anything
 else is refused naming what it is.
+Writable: a file or folder a command will write is tried before any work (an anonymous temporary file in the
+nearest existing folder, a file opened for appending), so a read-only place is refused before the work it would
+otherwise have cost, not at the first write after it.
 """
 
 from __future__ import annotations
 
 import os
 import stat
+import tempfile
 from pathlib import Path
 
 from hamjepa.errors import UserError
@@ -27,7 +31,7 @@ def kind(path: str | Path) -> str:
     """What is at `path` (links followed): 'a regular file', 'a folder', 'a named pipe', ..., or 'missing'."""
     try:
         mode = os.stat(path).st_mode
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # the latter: a component above it is a file
         return "missing"
     except OSError as error:
         if error.errno == 36:  # ENAMETOOLONG: check_length says it better
@@ -73,3 +77,59 @@ def require(what: str, path: str | Path, wanted: str, fix: str) -> None:
     if found != wanted:
         is_ = "does not exist" if found == "missing" else f"is {found}, not {wanted}"
         raise UserError(f"{what} '{path}' {is_}; {fix}.")
+
+
+# -- writable places -------------------------------------------------------------------------------------------
+
+def can_write_in(folder: Path) -> bool:
+    """Whether a file can be created in `folder`: tried with an anonymous temporary file, which leaves nothing behind.
+
+    Tried rather than asked (os.access): root passes every permission check, yet cannot write a read-only mount.
+    """
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
+
+
+def opens_for_writing(path: Path) -> bool:
+    """Whether the existing regular file `path` opens for reading and writing (nothing is written)."""
+    try:
+        with open(path, "r+b"):
+            return True
+    except OSError:
+        return False
+
+
+def nearest_existing(path: Path) -> Path:
+    """`path`, or the closest folder above it that exists (the one a write would have to create folders in)."""
+    return next(p for p in (path, *path.parents) if p.exists())
+
+
+def require_writable_folder(what: str, path: str | Path, fix: str) -> None:
+    """`path` is a folder, or missing and creatable: the nearest existing path above it is a folder this user can
+    write in; one sentence otherwise."""
+    check_length(what, path)
+    found = kind(path)
+    if found not in ("a folder", "missing"):
+        raise UserError(f"{what} '{path}' is {found}, not a folder; {fix}.")
+    existing = nearest_existing(Path(path))
+    if not existing.is_dir() or not can_write_in(existing):
+        raise UserError(f"{what} '{path}' cannot be written: '{existing}' is not a folder this user can write in; "
+                        f"{fix}.")
+
+
+def require_writable_file(what: str, path: str | Path, fix: str) -> None:
+    """`path` is a regular file this user can write, or missing with a folder above it that takes new files (the
+    folders between are created by the write); one sentence otherwise."""
+    check_length(what, path)
+    found = kind(path)
+    if found == "a regular file" and not opens_for_writing(Path(path)):
+        raise UserError(f"{what} '{path}' cannot be written (permission denied); {fix}.")
+    if found not in ("a regular file", "missing"):
+        raise UserError(f"{what} '{path}' is {found}, not a regular file; {fix}.")
+    existing = nearest_existing(Path(path).parent)
+    if found == "missing" and (not existing.is_dir() or not can_write_in(existing)):
+        raise UserError(f"{what} '{path}' cannot be created: '{existing}' is not a folder this user can write in; "
+                        f"{fix}.")

@@ -12,7 +12,6 @@ import secrets
 from pathlib import Path
 
 from hamjepa import paths
-from hamjepa.checks import can_write_in, nearest_existing
 from hamjepa.errors import UserError
 from hamjepa.redact import mask_text, mask_uri
 
@@ -100,8 +99,8 @@ def check_writable(path: str | None = None) -> None:
                             f"{', '.join(s + '://' for s in REMOTE_SCHEMES)}.")
         return None
     paths.check_length("--storage-path", location)
-    existing = nearest_existing(Path(location))
-    if not existing.is_dir() or not can_write_in(existing):
+    existing = paths.nearest_existing(Path(location))
+    if not existing.is_dir() or not paths.can_write_in(existing):
         raise UserError(f"--storage-path = '{location}' is not writable: '{existing}' is not a folder this user can "
                         "write; pass a writable folder (or set $HAMJEPA_STORAGE_PATH).")
     return None

@@ -65,7 +65,8 @@ def _tables_and_revision(path: Path) -> tuple[set[str], str | None]:
 def check_mlflow_file(shown_uri: str, path: Path, fix: str) -> None:
     """One sentence (UserError) unless the existing file `path` is an MLflow store of the installed MLflow's schema.
 
-    `shown_uri`: the URI as the user may see it (credentials masked); `fix`: what to pass instead.
+    `shown_uri`: the URI as the user may see it (credentials masked); `fix`: what to pass instead. The callers
+    (checks.py) pass only a path that is a regular file, so this open cannot block on a pipe or fail on a folder.
     """
     with open(path, "rb") as handle:
         head = handle.read(len(SQLITE_HEADER))

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import os
+import shutil
 import struct
 import time
 from collections.abc import Callable
@@ -21,8 +23,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from hamjepa import cli
+from hamjepa import checks, cli
 from hamjepa.data import sources as data
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,14 +91,21 @@ def image_folder(how: str) -> Callable[[Path], Path]:
             (folder / "train" / "ant" / "3.png").write_bytes(b"not an image")
         if how == "empty-class":
             (folder / "train" / "cat").mkdir()
+        if how == "named-pipe":  # named like an image: opening it would block until a writer came
+            (folder / "train" / "ant" / "3.png").unlink()
+            os.mkfifo(folder / "train" / "ant" / "3.png")
         return folder
     return make
 
 
-def bad_cifar(folder: Path) -> Path:
+def bad_cifar(folder: Path, first: Callable[[Path], object] | None = None) -> Path:
+    """CIFAR-10's six batch files, each an empty pickled dict; `first` replaces the first batch file."""
     (folder / "cifar-10-batches-py").mkdir(parents=True)
     for name in [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch"]:
         (folder / "cifar-10-batches-py" / name).write_bytes(b"\x80\x02}q\x00.")  # an empty pickled dict
+    if first is not None:
+        (folder / "cifar-10-batches-py" / "data_batch_1").unlink()
+        first(folder / "cifar-10-batches-py" / "data_batch_1")
     return folder
 
 
@@ -164,6 +174,17 @@ def study_folder(pointer: bytes, identity: bytes | None = None) -> Callable[[Pat
         (root / "latest.json").write_bytes(pointer)
         if identity is not None:
             (root / STUDY_ID / "study.json").write_bytes(identity)
+        return path
+    return make
+
+
+def study_folder_of(name: str, identity: bytes) -> Callable[[Path], Path]:
+    """A --storage-path with one invocation of study `name` (the latest), whose study.json is `identity`."""
+    def make(path: Path) -> Path:
+        study_id = json.loads(identity)["id"]
+        (path / name / study_id).mkdir(parents=True)
+        (path / name / "latest.json").write_text(json.dumps({"id": study_id}))
+        (path / name / study_id / "study.json").write_bytes(identity)
         return path
     return make
 
@@ -265,6 +286,9 @@ CASES = [
     Case("address-malformed", "train", ["--address", "headnode"], "--address"),
     Case("address-closed-port", "train", ["--address", "127.0.0.1:9"], "cannot be reached"),
     Case("study-address-closed-port", "study", ["--address", "ray://127.0.0.1:9"], "cannot be reached"),
+    Case("address-auto-no-cluster", "train", ["--address", "auto", "--name", "run1"],
+         "--address = 'auto' finds no running Ray cluster"),
+    Case("study-address-auto-no-cluster", "study", ["--address", "auto"], "finds no running Ray cluster"),
     Case("address-port", "train", ["--address", "10.0.0.1:99999"], "--address"),
     # where results go
     Case("tracking-folder-missing", "train", ["--tracking-uri", "sqlite:///{in}/missing/m.db"], "tracking URI"),
@@ -305,6 +329,12 @@ CASES = [
          image_folder("one-class")),
     Case("image-empty-val", "train", [*DATA, "--data-root", "{made}"], "holds no images", image_folder("empty-val")),
     Case("cifar-not-a-batch", "train", [*CIFAR, "--data-root", "{made}"], "CIFAR file", bad_cifar),
+    Case("cifar-batch-named-pipe", "train", [*CIFAR, "--data-root", "{made}"], "is a named pipe, not a regular file",
+         lambda path: bad_cifar(path, os.mkfifo)),
+    Case("cifar-batch-folder", "train", [*CIFAR, "--data-root", "{made}"], "is a folder, not a regular file",
+         lambda path: bad_cifar(path, Path.mkdir)),
+    Case("image-named-pipe", "train", [*DATA, "--data-root", "{made}", "--set", "data.val_size=2"],
+         "is a named pipe, not a regular file", image_folder("named-pipe")),
     Case("subset-too-big", "train", ["--set", "data.subset=100000"], "'data.subset'"),
     Case("batch-above-split", "train", ["--set", "optim.batch_size=512"], "'optim.batch_size'"),
     Case("val-split-too-large", "train", ["--set", "data.val_size=60000"], "'data.val_size'"),
@@ -338,6 +368,14 @@ CASES = [
     Case("study-data-root", "study", ["--data-root", "{in}/nonexistent"], "'data.root'"),
     Case("study-data-truncated", "study", ["--data-root", "{made}"], "gzip", broken_fashion("truncated")),
     Case("study-address", "study", ["--address", "ray://"], "--address"),
+    # --set on a searched key would only move the first trial's point, inside the range or out of it
+    Case("study-set-searched-key", "study", ["--set", "predictor.dt=0.1"], "--freeze predictor.dt --set"),
+    Case("study-set-searched-key-outside-its-range", "study", ["--set", "predictor.dt=5"],
+         "'predictor.dt' is searched (loguniform(0.01, 0.2))"),
+    Case("study-space-named-pipe", "study", ["--space", "{made}"], "search space file", named_pipe),
+    Case("study-space-folder", "study", ["--space", "{made}"], "is a folder, not a regular file", folder),
+    Case("study-space-not-utf8", "study", ["--space", "{made}"], "is not UTF-8", text_file(b"predictor.dt: \xff\n")),
+    Case("study-space-long-name", "study", ["--space", "{in}/" + LONG + ".yaml"], "longer than the 255"),
     Case("study-config-duplicate", "study", ["--config", "{made}"], "written twice",
          text_file(b"predictor:\n  dt: 0.1\npredictor:\n  dt: 0.2\n")),
     # studies/reproduce_paper.py
@@ -395,6 +433,7 @@ def workdir(tmp_path, monkeypatch) -> Path:
     """An empty working directory, no ambient settings, a 2-CPU machine without GPUs, and tripwires on work."""
     import mlflow
     import ray
+    import ray._private.services
 
     import hamjepa.study.invocation
     import hamjepa.study.reproduce
@@ -406,9 +445,13 @@ def workdir(tmp_path, monkeypatch) -> Path:
             raise Reached(f"{what} was called")
         return reached
 
-    for name in ("MLFLOW_TRACKING_URI", "HAMJEPA_STORAGE_PATH", "HAMJEPA_DATA", "CUDA_VISIBLE_DEVICES"):
+    for name in ("MLFLOW_TRACKING_URI", "HAMJEPA_STORAGE_PATH", "HAMJEPA_DATA", "CUDA_VISIBLE_DEVICES", "RAY_ADDRESS"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    # No Ray cluster runs here (another process's Ray must not answer --address auto): no `ray start` recorded in
+    # Ray's temp folder, no raylet among the processes.
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path / "ray-tmp"))
+    monkeypatch.setattr(ray._private.services, "find_gcs_addresses", lambda: frozenset())
     monkeypatch.setattr(data, "DEBIAN_DIRS", {"fashion_mnist": tmp_path / "no-debian-package"})
     monkeypatch.setattr("hamjepa.checks.local_cpus", lambda: 2.0)
     monkeypatch.setattr("hamjepa.checks.local_gpus", lambda: 0)
@@ -481,6 +524,39 @@ def test_resume_needs_something_to_resume(case, workdir, good_data, energy_budge
     check_refused(case, workdir, good_data, energy_budget_space, capsys)
 
 
+@pytest.mark.parametrize("command,flag,started,now", [("study", "--seeds", "3", "5"),
+                                                     ("study", "--num-samples", "4", "6"),
+                                                     ("study", "--reference", "3", "5"),
+                                                     ("reproduce", "--seeds", "1", "2")])
+def test_resume_with_another_study_flag_is_refused_before_ray(command, flag, started, now, workdir, good_data,
+                                                              energy_budget_space, capsys, monkeypatch):
+    """A study started with `flag started`, resumed with `flag now`: refused naming the flag and both values, and
+    `flag started` with --resume gets as far as Ray (so the flag is the only difference)."""
+    import hamjepa.study.invocation
+
+    def stored(params: dict) -> Callable[[Path], Path]:
+        name = "energy_budget" if command == "study" else "reproduce_paper"
+        return study_folder_of(name, json.dumps({"id": f"{name}-{STUDY_ID[14:]}", "params": params}).encode())
+
+    # What the command with `flag started` stores: captured where --resume compares it, as if started without any.
+    def capture(study_id, was, params):
+        raise Reached(params)
+
+    scratch = stored({})(workdir.parent / "scratch")
+    with monkeypatch.context() as patched:
+        patched.setattr(hamjepa.study.invocation, "_refuse_changes", capture)
+        with pytest.raises(Reached) as captured:
+            invoke(command, [*base_argv(command, good_data), flag, started, "--resume", "--storage-path", str(scratch)],
+                   energy_budget_space)
+    shutil.rmtree(scratch)
+    case = Case("resume-another-flag", command, [flag, now, "--resume", "--storage-path", "{made}"],
+                f"{flag} was {started}, now {now}", stored(captured.value.args[0]))
+    check_refused(case, workdir, good_data, energy_budget_space, capsys)
+    with pytest.raises(Reached, match="connect_ray"):
+        invoke(command, [*base_argv(command, good_data), flag, started, "--resume", "--storage-path",
+                         str(workdir.parent / "in" / "made")], energy_budget_space)
+
+
 def test_catalogue_is_large_and_covers_every_command():
     assert len(CASES) + len(NEEDS_STUDY_CHECK) >= 60
     assert {c.command for c in CASES} == {"train", "config", "study", "reproduce"}
@@ -493,6 +569,59 @@ def test_base_arguments_get_as_far_as_ray_and_create_nothing(command, workdir, g
     with pytest.raises(Reached, match="connect_ray"):
         invoke(command, base_argv(command, good_data), energy_budget_space)
     assert list(workdir.iterdir()) == []
+
+
+REAL_LOCAL_GPUS = checks.local_gpus  # before the fixture pins it at 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU machine may have a GPU 7, and torch caches its count")
+@pytest.mark.parametrize("command,argv", [("train", []), ("train", ["--gpus-per-worker", "1"]),
+                                          ("study", ["--gpus-per-worker", "1"])])
+def test_cuda_visible_devices_naming_a_gpu_that_is_not_there_is_refused_before_ray(
+        command, argv, workdir, good_data, energy_budget_space, capsys, monkeypatch):
+    """Ray counts CUDA_VISIBLE_DEVICES' entries as GPUs, so `7` is one GPU to Ray (and `hamjepa train` asks for it by
+    default); torch, which the workers use, sees none here: refused naming the variable, not a hang in Ray."""
+    monkeypatch.setattr("hamjepa.checks.local_gpus", REAL_LOCAL_GPUS)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "7")
+    words = "CUDA_VISIBLE_DEVICES = '7' names GPUs that are not there"
+    check_refused(Case("cuda-visible-devices-absent", command, argv, words), workdir, good_data, energy_budget_space,
+                  capsys)
+
+
+def test_gpus_ray_counts_but_torch_does_not_see_are_refused_naming_the_driver(monkeypatch):
+    from hamjepa.errors import UserError
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(checks, "local_cpus", lambda: 2.0)
+    monkeypatch.setattr(checks, "local_gpus", lambda: 2)  # /dev/nvidia0 and 1, as Ray counts them
+    monkeypatch.setattr(checks, "cuda_devices", lambda: 0)  # a driver that does not work
+    with pytest.raises(UserError, match=r"needs 1 GPUs for 1 worker\(s\) but torch sees 0 on this machine: check the "
+                                        "NVIDIA driver"):
+        checks.local_capacity("--workers", 1, 1.0, 1.0)
+    monkeypatch.setattr(checks, "cuda_devices", lambda: 1)
+    checks.local_capacity("--workers", 1, 1.0, 1.0)  # one asked, one seen
+    with pytest.raises(UserError, match="needs 2 GPUs for 2 worker"):
+        checks.local_capacity("--workers", 2, 1.0, 1.0)
+    monkeypatch.setattr(checks, "cuda_devices", lambda: 1 / 0)  # never asked when no GPU is
+    checks.local_capacity("--workers", 1, 1.0, 0.0)
+
+
+@pytest.mark.parametrize("command", ["train", "study", "reproduce"])
+def test_paths_with_spaces_and_non_ascii_letters_are_accepted(command, workdir, good_data, energy_budget_space):
+    """A storage folder, a SQLite tracking store, a config file and a data folder at paths with spaces and 'ü': every
+    check passes them, the command gets as far as Ray, and nothing is created yet."""
+    inputs = workdir.parent / "in ü"
+    (inputs / "store ü").mkdir(parents=True)
+    config = inputs / "conf dir ü" / "c ü.yaml"
+    config.parent.mkdir()
+    config.write_text("predictor:\n  steps: 2\n")
+    data = shutil.copytree(good_data, inputs / "data dir ü" / "fashion mnist ü")
+    argv = [*base_argv(command, good_data), "--storage-path", str(inputs / "ray dir ü"), "--tracking-uri",
+            f"sqlite:///{inputs}/store ü/m ü.db", "--config", str(config), "--data-root", str(data)]
+    before = _contents(inputs)
+    with pytest.raises(Reached, match="connect_ray"):
+        invoke(command, argv, energy_budget_space)
+    assert _contents(inputs) == before and list(workdir.iterdir()) == []
 
 
 def test_config_base_arguments_print_the_config(workdir, good_data, capsys):

@@ -58,6 +58,7 @@ def _settings_of(argv, tmp_path, monkeypatch):
 
     monkeypatch.setattr("hamjepa.train.launch.connect_ray", lambda address, **console: None)
     monkeypatch.setattr("hamjepa.checks.local_gpus", lambda: 1)  # a local Ray on a machine with one GPU
+    monkeypatch.setattr("hamjepa.checks.cuda_devices", lambda: 1)  # ... that torch sees
     captured = {}
     monkeypatch.setattr("hamjepa.study.runner.run_study",
                         lambda settings, space, points: captured.setdefault("s", settings))

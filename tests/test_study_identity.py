@@ -3,33 +3,70 @@
 No Ray: these are the decisions a resumed study is built on.
 """
 
+import dataclasses
 import json
 
 import pytest
 from conftest import tiny_config
 
 from hamjepa.errors import UserError
-from hamjepa.study.invocation import IDENTITY_FILE, check_resumable, new_study_id
-from hamjepa.study.settings import ARM, CELL, StudySettings, comparison_cells, flat_overrides, run_key
+from hamjepa.study.invocation import IDENTITY_FILE, check_resumable, invocation_params, new_study_id
+from hamjepa.study.settings import (
+    ARM,
+    CELL,
+    StudySettings,
+    comparison_cells,
+    flat_overrides,
+    run_key,
+    search_params,
+)
+from hamjepa.train.resources import Resources
 
 
 def test_resume_refuses_a_changed_command_and_unknown_ids(tmp_path):
     """Before Ray or MLflow: --resume with no study, an unknown id, or other settings is one sentence."""
+    base = tiny_config()
+    settings = StudySettings(name="energy_budget", base=base, storage_path=str(tmp_path), resume="latest")
+    own = {"study.seed": 0, "study.seeds": 3}
     with pytest.raises(UserError, match="found no earlier run of study 'energy_budget'"):
-        check_resumable("energy_budget", str(tmp_path), "latest")
+        check_resumable(settings, own)
     study_dir = tmp_path / "energy_budget" / "energy_budget-20261129-120000-abc123"
     study_dir.mkdir(parents=True)
-    base = tiny_config()
-    (study_dir / IDENTITY_FILE).write_text(json.dumps({"id": study_dir.name, "params": {
-        **{k: str(v) for k, v in base.flatten().items()}, "study.seed": "0"}}))
+    (study_dir / IDENTITY_FILE).write_text(json.dumps({"id": study_dir.name,
+                                                        "params": invocation_params(settings, own)}))
     (tmp_path / "energy_budget" / "latest.json").write_text(json.dumps({"id": study_dir.name}))
-    check_resumable("energy_budget", str(tmp_path), "latest", base)  # the same config: fine
-    check_resumable("energy_budget", str(tmp_path), study_dir.name, base)
+    check_resumable(settings, own)  # the same command: fine
+    check_resumable(dataclasses.replace(settings, resume=study_dir.name), own)
+    check_resumable(dataclasses.replace(settings, resume=""), {})  # not a resume: nothing to check
     with pytest.raises(UserError, match="no such study"):
-        check_resumable("energy_budget", str(tmp_path), "energy_budget-20200101-000000-ffffff", base)
-    with pytest.raises(UserError, match=r"optim.epochs was 2, now 5"):
-        check_resumable("energy_budget", str(tmp_path), "latest", base.override({"optim.epochs": 5}))
+        check_resumable(dataclasses.replace(settings, resume="energy_budget-20200101-000000-ffffff"), own)
+    with pytest.raises(UserError, match=r"\(optim.epochs was 2, now 5\)"):
+        check_resumable(dataclasses.replace(settings, base=base.override({"optim.epochs": 5})), own)
+    with pytest.raises(UserError, match=r"\(--seeds was 3, now 5\)"):  # a study flag, named by its flag
+        check_resumable(settings, {**own, "study.seeds": 5})
+    with pytest.raises(UserError, match=r"\(--workers was 1, now 2\)"):
+        check_resumable(dataclasses.replace(settings, resources=Resources(2)), own)
 
+
+def test_a_search_study_records_what_check_resumable_compares(tmp_path, monkeypatch):
+    """runner.run_study starts its Invocation with exactly search_params: --resume compares, before Ray, what the
+    study stored."""
+    from hamjepa.study import runner
+    from hamjepa.study.space import SearchSpace
+
+    class Started(Exception):
+        pass
+
+    def invocation(settings, params):
+        raise Started(params)
+
+    monkeypatch.setattr(runner, "Invocation", invocation)
+    settings = StudySettings(name="s", base=tiny_config(), seeds=4, optuna_storage="postgresql://u:secret@db/optuna")
+    space = SearchSpace.from_mapping({"predictor.dt": "uniform(0.01, 0.1)", "predictor.steps": "int(1, 3)"})
+    with pytest.raises(Started) as started:
+        runner.run_study(settings, space)
+    assert started.value.args[0] == search_params(settings, space)
+    assert "secret" not in search_params(settings, space)["study.optuna_storage"]
 
 
 def test_study_ids_are_unique_within_one_second():
@@ -76,7 +113,7 @@ def test_any_error_closes_the_study_and_its_runs_as_failed_with_the_reason(tmp_p
     assert run.data.tags["hamjepa.reason"].startswith("the study stopped: OSError")
     # and the stopped study can be resumed: its identity was stored before any work
     assert (tmp_path / "state" / "s" / study.study_id / IDENTITY_FILE).is_file()
-    check_resumable("s", str(tmp_path / "state"), "latest", settings.base)
+    check_resumable(dataclasses.replace(settings, resume="latest"), {"study.seed": 0})
 
 
 def test_a_ctrl_c_outside_the_phases_still_closes_the_study_as_killed(tmp_path):

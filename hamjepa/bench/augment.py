@@ -9,13 +9,15 @@ model, and a figure that other load on the machine does not change.
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
 from torch.utils.data import DataLoader
 
+from hamjepa import checks
+from hamjepa.arguments import Parser
 from hamjepa.config import AugmentConfig, DataConfig
+from hamjepa.config.sections import MAX_BATCH
 from hamjepa.data.augment import Augmentation
 from hamjepa.data.feeds import TwoViewDataset
 from hamjepa.data.sources import ImageSet
@@ -40,13 +42,14 @@ def throughput(channels: int, size: int, images: int, batch_size: int, workers: 
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="python -m hamjepa.bench augment", description=__doc__)
+    parser = Parser(prog="python -m hamjepa.bench augment", description=__doc__)
     parser.add_argument("--workers", type=int, default=DataConfig().num_workers, help="DataLoader worker processes")
     parser.add_argument("--images", type=int, default=20480, help="images per measurement")
     parser.add_argument("--batch", type=int, default=256, help="images per batch")
     args = parser.parse_args(argv)
-    if args.images < 2 * args.batch:
-        parser.error("--images must be at least twice --batch (the first batch is not timed)")
+    checks.integer("--workers", args.workers, 0)
+    checks.integer("--batch", args.batch, 1, MAX_BATCH)
+    checks.integer("--images", args.images, 2 * args.batch)  # twice --batch: the first batch is not timed
 
     threads = torch.get_num_threads()
     print(f"two-view augmentation: {args.images} images, batch {args.batch}, torch {torch.__version__}")

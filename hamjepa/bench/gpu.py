@@ -38,6 +38,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from hamjepa import checks, paths
+from hamjepa.arguments import Parser
+from hamjepa.bench.step import fewest_images
 from hamjepa.config import AugmentConfig, Config, profile
 from hamjepa.data.augment import Augmentation
 from hamjepa.data.feeds import augment_placement
@@ -337,14 +340,23 @@ def run_checks(device: torch.device, steps: int, data_images: int, step_override
     return results
 
 
+def _check_flags(args: argparse.Namespace) -> None:
+    """Before any measurement: counts in range, enough images for one cifar100 batch after the 10% held out, and
+    an --out folder this user can write (the report is written last, after minutes of measuring)."""
+    checks.integer("--steps", args.steps, 1)
+    checks.integer("--images", args.images, fewest_images(profile("cifar100").optim.batch_size))
+    paths.require_writable_folder("--out", args.out, "pass a folder this user can write (it is created if missing)")
+
+
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="python -m hamjepa.bench gpu", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="python -m hamjepa.bench gpu", description=__doc__,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="gpu_check", help="folder for gpu_check.json and gpu_check.md")
     parser.add_argument("--steps", type=int, default=20, help="timed training steps per variant")
     parser.add_argument("--images", type=int, default=10240, help="synthetic CIFAR-100 training images (10%% are "
                                                                   "held out for validation)")
     args = parser.parse_args(argv)
+    _check_flags(args)
     if not torch.cuda.is_available():
         sys.exit(NO_CUDA)
     os.environ.setdefault("NCCL_DEBUG", "WARN")

@@ -6,16 +6,17 @@ shared between consecutive half-kicks (steps + 1 evaluations instead of 2 * step
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
+from hamjepa import checks
+from hamjepa.arguments import Parser
 from hamjepa.bench.timing import interleaved_medians
+from hamjepa.config.sections import MAX_BATCH, MAX_LEAPFROG_STEPS
 from hamjepa.method.predictors import HamiltonianPredictor
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="python -m hamjepa.bench predictor", description=__doc__)
+    parser = Parser(prog="python -m hamjepa.bench predictor", description=__doc__)
     parser.add_argument("--batch", type=int, default=512)
     parser.add_argument("--q-dim", type=int, default=1024)
     parser.add_argument("--hidden", type=int, default=256)
@@ -23,6 +24,12 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=20)
     args = parser.parse_args(argv)
+    checks.integer("--batch", args.batch, 1, MAX_BATCH)  # the bounds' reasons: config/sections.py
+    checks.integer("--q-dim", args.q_dim, 1)
+    checks.integer("--hidden", args.hidden, 1)
+    checks.integer("--depth", args.depth, 1)
+    checks.integer("--steps", args.steps, 1, MAX_LEAPFROG_STEPS)
+    checks.integer("--rounds", args.rounds, 1)
 
     torch.manual_seed(0)
     z = torch.randn(args.batch, 2 * args.q_dim, requires_grad=True)

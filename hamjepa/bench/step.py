@@ -25,13 +25,17 @@ from collections.abc import Callable
 
 import torch
 
+from hamjepa import checks
+from hamjepa.arguments import Parser
 from hamjepa.bench.timing import interleaved_medians
 from hamjepa.config import PROFILES, Config, parse_overrides, profile
+from hamjepa.config.sections import MAX_BATCH
 from hamjepa.errors import UserError
 from hamjepa.method.model import JEPAModel
 from hamjepa.train.optim import build_optimizer
 
 PLACEMENTS = ("device", "loader")
+SYNTHETIC_IMAGES = 2000  # the synthetic dataset's training images; --images takes at most these, 10% validate
 
 
 def method_steps(overrides: dict, profile_name: str, rounds: int) -> tuple[Config, dict[str, float]]:
@@ -118,9 +122,42 @@ def placement_epochs(cfg: Config, epochs: int, device: torch.device | str = "cpu
             for p, values in figures.items()}
 
 
+def fewest_images(batch: int) -> int:
+    """The fewest images whose training part (10% are held out for validation) fills one batch."""
+    return next(n for n in range(batch, 2 * batch + 10) if n - n // 10 >= batch)
+
+
+def synthetic_config(cfg: Config, images: int) -> Config:
+    """`cfg` on `images` synthetic images of its size, 10% of them held out for validation."""
+    return cfg.override({"data.dataset": "synthetic", "data.subset": images - images // 10,
+                         "data.val_size": images // 10})
+
+
+def _checked(args: argparse.Namespace) -> dict[str, object]:
+    """The config overrides of --set and --batch; every flag checked (the config tree checks --set) before any
+    measurement, so a bad one is one sentence, not a traceback minutes in."""
+    overrides: dict[str, object] = dict(parse_overrides(args.overrides))
+    if args.batch is not None:
+        checks.integer("--batch", args.batch, 1, MAX_BATCH)
+        overrides["optim.batch_size"] = args.batch
+    checks.integer("--rounds", args.rounds, 1)
+    checks.integer("--epochs", args.epochs, 1)
+    cfg = profile(args.profile, overrides)
+    if args.part in ("all", "placement"):  # synthetic images are also the fallback when the profile's are not here
+        batch = cfg.optim.batch_size
+        fewest = fewest_images(batch)
+        if fewest > SYNTHETIC_IMAGES:
+            raise UserError(f"--batch = {batch} is invalid for the placement part: the synthetic images hold "
+                            f"{SYNTHETIC_IMAGES - SYNTHETIC_IMAGES // 10} training images; pass --batch <= "
+                            f"{SYNTHETIC_IMAGES - SYNTHETIC_IMAGES // 10} or --part methods.")
+        checks.integer("--images", args.images, fewest, SYNTHETIC_IMAGES)
+        synthetic_config(cfg, args.images)
+    return overrides
+
+
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="python -m hamjepa.bench step", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="python -m hamjepa.bench step", description=__doc__,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", choices=sorted(PROFILES), default="quick")
     parser.add_argument("--batch", type=int, help="images per step (two views each); default: the profile's")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -128,15 +165,12 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--epochs", type=int, default=3, help="epochs timed per placement")
     parser.add_argument("--data", choices=("profile", "synthetic"), default="profile",
                         help="placement part: the profile's dataset, or synthetic images of its size")
-    parser.add_argument("--images", type=int, default=2000, help="synthetic: training images, at most 2000 "
-                                                                 "(10%% held out for validation)")
+    parser.add_argument("--images", type=int, default=SYNTHETIC_IMAGES, help="synthetic: training images, at most "
+                        f"{SYNTHETIC_IMAGES} (10%% held out for validation)")
     parser.add_argument("--part", choices=("all", "methods", "placement", "compile"), default="all",
                         help="all = methods and placement; compile is run only when asked (minutes on a CPU)")
     args = parser.parse_args(argv)
-
-    overrides = parse_overrides(args.overrides)
-    if args.batch:
-        overrides["optim.batch_size"] = args.batch
+    overrides = _checked(args)
     if args.part in ("all", "methods"):
         cfg, medians = method_steps(overrides, args.profile, args.rounds)
         batch = cfg.optim.batch_size
@@ -147,9 +181,7 @@ def main(argv: list[str]) -> None:
         print(f"  HamJEPA / SIGReg time per step: {medians['hamjepa'] / medians['sigreg']:.2f}x")
     if args.part in ("all", "placement"):
         cfg = profile(args.profile, overrides)
-        images = min(args.images, 2000)  # the synthetic set has 2000 training images; 10% of them validate
-        synthetic = cfg.override({"data.dataset": "synthetic", "data.subset": images - images // 10,
-                                  "data.val_size": images // 10})
+        synthetic = synthetic_config(cfg, args.images)
         try:
             figures = placement_epochs(synthetic if args.data == "synthetic" else cfg, args.epochs)
         except UserError as error:  # the profile's data is not here (DatasetNotFoundError is a UserError)

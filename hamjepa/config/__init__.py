@@ -5,7 +5,15 @@ This is 0.x: a key may be renamed between versions; the old name is then an unkn
 closest valid name suggested.
 """
 
-from hamjepa.config.profiles import GPU_PROFILES, PROFILES, SMOKE_OVERRIDES, build_config, parse_overrides, profile
+from hamjepa.config.profiles import (
+    GPU_PROFILES,
+    PROFILES,
+    SMOKE_OVERRIDES,
+    build_config,
+    parse_overrides,
+    profile,
+    read_yaml_file,
+)
 from hamjepa.config.sections import (
     AUGMENT_PLACEMENTS,
     DATASET_CHANNELS,
@@ -29,5 +37,5 @@ __all__ = [
     "AUGMENT_PLACEMENTS", "DATASETS", "DATASET_CHANNELS", "DATASET_OVERRIDES", "GPU_PROFILES", "MAX_SEED", "PROFILES",
     "SMOKE_OVERRIDES", "AugmentConfig", "ComputeConfig", "Config", "ConfigError", "DataConfig", "EncoderConfig",
     "EvalConfig", "HamJEPALossConfig", "OptimConfig", "PredictorConfig", "SIGRegConfig", "build_config",
-    "StrictLoader", "field_type", "flatten_dict", "parse_overrides", "profile", "yaml_problem",
+    "StrictLoader", "field_type", "flatten_dict", "parse_overrides", "profile", "read_yaml_file", "yaml_problem",
 ]

@@ -19,25 +19,27 @@ from hamjepa.config.tree import ConfigError, StrictLoader, fail, set_dotted, unk
 from hamjepa.errors import UserError
 
 
-def read_yaml_file(path: str | Path) -> Any:
-    """The YAML in a file (UTF-8), read strictly; one sentence when it is missing, unreadable, not text or not YAML."""
+def read_yaml_file(path: str | Path, what: str = "config file",
+                   fix: str = "pass the path of a YAML config file") -> Any:
+    """The YAML in a file (UTF-8), read strictly; one sentence naming it as `what` when it is missing, not a regular
+    file, unreadable, not text or not YAML (`fix`: what to pass instead). Every YAML file a user names is read here."""
     path = Path(path)
     try:  # a named pipe would block the read below until a writer came; a device could stream forever
-        paths.require("config file", path, "a regular file", "pass the path of a YAML config file")
+        paths.require(what, path, "a regular file", fix)
     except UserError as error:
         raise ConfigError(str(error)) from None
     try:
         text = path.read_bytes().decode("utf-8")
     except OSError as error:
-        raise ConfigError(f"config file '{path}' cannot be read ({error.strerror or type(error).__name__}); check "
+        raise ConfigError(f"{what} '{path}' cannot be read ({error.strerror or type(error).__name__}); check "
                           "its permissions.") from None
     except UnicodeDecodeError as error:
-        raise ConfigError(f"config file '{path}' is not UTF-8 text (byte {error.object[error.start]:#04x} at offset "
+        raise ConfigError(f"{what} '{path}' is not UTF-8 text (byte {error.object[error.start]:#04x} at offset "
                           f"{error.start}); save it as UTF-8 YAML.") from None
     try:
         return yaml.load(text, Loader=StrictLoader)
     except yaml.YAMLError as error:
-        raise ConfigError(f"config file '{path}' is not valid YAML: {yaml_problem(error)}.") from None
+        raise ConfigError(f"{what} '{path}' is not valid YAML: {yaml_problem(error)}.") from None
 
 
 # -- profiles ----------------------------------------------------------------------------------------

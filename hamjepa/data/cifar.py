@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from hamjepa import paths
 from hamjepa.errors import UserError
 
 try:  # CIFAR's pickled arrays; numpy 2 (numpy.core is a deprecated alias there)
@@ -153,9 +154,15 @@ class CifarUnpickler(pickle.Unpickler):
 def read_batch(path: Path) -> dict:
     """A CIFAR batch as a dict, or one sentence (UserError) when the file is anything else."""
     fix = "delete the folder and let the download (data.download = true) fetch the dataset again"
+    found = paths.kind(path)
+    if found != "a regular file":  # a named pipe would block the read until a writer came
+        raise UserError(f"CIFAR file '{path}' is {found}, not a regular file; {fix}.")
     try:
         with open(path, "rb") as handle:
             batch = CifarUnpickler(handle, encoding="bytes").load()
+    except OSError as error:
+        raise UserError(f"CIFAR file '{path}' cannot be read ({error.strerror or type(error).__name__}); "
+                        f"{fix}.") from None
     except _RefusedGlobal as refused:
         raise UserError(f"CIFAR file '{path}' was refused without running it: it asks for "
                         f"'{refused.qualified}', which a CIFAR batch never contains; {fix}.") from None

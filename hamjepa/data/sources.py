@@ -241,6 +241,10 @@ def read_imagefolder(folder: Path, image_size: int, channels: int) -> tuple[Imag
     if not val:
         raise UserError(f"image folder '{folder / 'val'}' holds no images of train/'s classes; it is the test "
                         "split, so put the held-out images there, one folder per class.")
+    for path, _ in [*train.samples, *val]:  # listed by name only: a named pipe called x.png would block its decode
+        found = paths.kind(path)
+        if found != "a regular file":
+            raise UserError(f"image file '{path}' is {found}, not a regular file; remove or replace it.")
 
     def image_set(samples: list[tuple[str, int]]) -> ImageSet:
         labels = torch.tensor([label for _, label in samples], dtype=torch.long)

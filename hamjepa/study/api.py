@@ -26,7 +26,7 @@ from hamjepa import checks
 from hamjepa.config import Config, profile
 from hamjepa.errors import UserError
 from hamjepa.study.invocation import StudyResult, check_resumable
-from hamjepa.study.settings import StudySettings
+from hamjepa.study.settings import StudySettings, search_params
 from hamjepa.study.space import SearchSpace
 from hamjepa.train.destinations import check_destinations
 from hamjepa.train.resources import Resources
@@ -83,8 +83,7 @@ class Study:
                                       experiment=experiment or "", storage_path=storage_path or "", verbose=verbose,
                                       **options)
         self.address = address
-        if self.settings.resume:
-            check_resumable(name, self.settings.storage_path, self.settings.resume, base=base)
+        check_resumable(self.settings, search_params(self.settings, self.space))
 
     def run(self) -> StudyResult:
         """Check the data, connect to Ray, run the study; the result (an interrupted one says so)."""

@@ -12,13 +12,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from hamjepa import provenance, storage
-from hamjepa.config import Config
 from hamjepa.errors import UserError
 from hamjepa.names import RunState
 from hamjepa.redact import mask_uri
 from hamjepa.study.driver import first_line
 from hamjepa.study.phases import describe_phase, run_phase
-from hamjepa.study.settings import CELL, StudySettings, cell_key, run_key
+from hamjepa.study.settings import CELL, STUDY_FLAGS, StudySettings, cell_key, run_key
 from hamjepa.study.study_files import parse_identity, parse_pointer
 from hamjepa.tracking import (
     REASON_TAG,
@@ -66,29 +65,31 @@ def _stored_identity(name: str, storage_path: str, resume: str) -> dict[str, Any
 
 
 def _refuse_changes(study_id: str, started: Mapping[str, str], now: Mapping[str, str]) -> None:
-    """A resumed study must continue what it started: the same parameters, or a sentence naming the changes."""
-    changed = sorted(k for k in {*started, *now} if started.get(k) != now.get(k))
+    """A resumed study must continue what it started: the same parameters, or a sentence naming the changes, each
+    by the flag that sets it (a config key names itself: --set, --config or --profile set it)."""
+    changed = [k for k in [*now, *(k for k in started if k not in now)] if started.get(k) != now.get(k)]
     if changed:
-        shown = "; ".join(f"{k} was {started.get(k, '(unset)')}, now {now.get(k, '(unset)')}" for k in changed[:5])
+        shown = "; ".join(f"{STUDY_FLAGS.get(k, k)} was {started.get(k, '(unset)')}, now {now.get(k, '(unset)')}"
+                          for k in changed[:5])
         more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
         raise UserError(f"--resume {study_id}: this command differs from the one that started the study "
                         f"({shown}{more}); rerun it with the original settings, or start a new study without "
                         "--resume.")
 
 
-def check_resumable(name: str, storage_path: str, resume: str, base: Config | None = None) -> None:
-    """Before Ray starts: one sentence if `resume` names nothing to resume, or a study started with another
-    config than `base`."""
-    if not resume:
+def check_resumable(settings: StudySettings, params: Mapping[str, Any]) -> None:
+    """Before Ray starts: one sentence if `settings.resume` names nothing to resume, or a study started with other
+    parameters: another config, or other protocol flags (`params`: the study's own, as its runner records them)."""
+    if not settings.resume:
         return
-    identity = _stored_identity(name, storage_path, resume)
-    if base is not None:
-        started = {k: v for k, v in identity["params"].items() if not k.startswith("study.")}
-        _refuse_changes(identity["id"], started, _as_params(base.flatten()))
+    identity = _stored_identity(settings.name, settings.storage_path, settings.resume)
+    _refuse_changes(identity["id"], identity["params"], invocation_params(settings, params))
 
 
-def _as_params(values: Mapping[str, Any]) -> dict[str, str]:
-    """Values as MLflow records them (strings), so a stored invocation compares with a new one exactly."""
+def invocation_params(settings: StudySettings, params: Mapping[str, Any]) -> dict[str, str]:
+    """What an invocation records as started with, and a resumed one must match: the study's own `params`, its
+    workers per run and its base config, as strings (as MLflow records them, so the two compare exactly)."""
+    values = {**params, "study.workers": settings.resources.workers, **settings.base.flatten()}
     return {k: str(v) for k, v in values.items()}
 
 
@@ -161,8 +162,7 @@ class Invocation:
 
     def __init__(self, settings: StudySettings, params: Mapping[str, Any]):
         self.settings = settings
-        params = _as_params({**params, "study.workers": settings.resources.workers,
-                             **settings.base.flatten()})
+        params = invocation_params(settings, params)
         self.study_id, self.folder = _study_identity(settings, params)
         self.parent = RunLogger(settings.tracking_uri, settings.experiment_name, key=f"study/{self.study_id}",
                                 run_name=self.study_id,

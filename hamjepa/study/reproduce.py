@@ -164,9 +164,14 @@ def comparison_plot(table: ReproductionTable, path: Path) -> Path:
     return path
 
 
+def reproduction_params(settings: StudySettings) -> dict[str, str | int]:
+    """The reproduction's own parameters (a resumed one must match them, checked before Ray starts)."""
+    return {"study.seeds": settings.seeds, "study.methods": ",".join(REPRODUCED)}
+
+
 def run_reproduction(settings: StudySettings) -> StudyResult:
     """Train every method on seeds 0..settings.seeds-1, log them as one study, return the paper table."""
-    with Invocation(settings, {"study.seeds": settings.seeds, "study.methods": ",".join(REPRODUCED)}) as study:
+    with Invocation(settings, reproduction_params(settings)) as study:
         try:
             study.run_cells(PHASE, [{ARM: {"method": method}, "seed": seed}
                                     for seed in range(settings.seeds) for method in REPRODUCED])

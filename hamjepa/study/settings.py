@@ -1,5 +1,6 @@
-"""What a study invocation is asked to do, validated before Ray starts: its settings, the search's first point, and
-the compare phase's cells (arms x paired seeds) with their stable keys. (The search space: study/space.py.)
+"""What a study invocation is asked to do, validated before Ray starts: its settings, the parameters it records as
+started with (which a resumed invocation must match), the search's first point, and the compare phase's cells (arms
+x paired seeds) with their stable keys. (The search space: study/space.py.)
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from hamjepa import names
 from hamjepa.config import Config, ConfigError
 from hamjepa.errors import UserError
 from hamjepa.methods import ABLATIONS, BASELINE, Method
+from hamjepa.redact import mask_uri
+from hamjepa.study.space import SearchSpace
 from hamjepa.train.resources import Resources
 
 
@@ -105,6 +108,33 @@ class StudySettings:
     def paired_seeds(self) -> list[int]:
         """Fresh seeds for the paired comparison: never the base seed, which every search trial used."""
         return [self.base.seed + 1 + i for i in range(self.seeds)]
+
+
+# -- what a search study records as started with (a resumed one must match it, before Ray starts) ----------------
+
+def search_params(settings: StudySettings, space: SearchSpace) -> dict[str, Any]:
+    """A search study's own parameters (`space`: its SearchSpace): the protocol its flags set, logged on its parent
+    run and stored in study.json, so `--resume` with another --seeds, --space, --objective, ... is refused."""
+    return {"study.num_samples": settings.num_samples, "study.seeds": settings.seeds,
+            "study.paired_seeds": ",".join(map(str, settings.paired_seeds)),
+            "study.early_stopping": settings.early_stopping, "study.seed": settings.seed,
+            "study.search_keys": ",".join(space), "study.search_space": space.text(),
+            "study.objective": settings.objective, "study.ablation": settings.ablation,
+            "study.primary": settings.primary_metric, "study.tune_baseline": settings.tune_baseline,
+            "study.sequential": settings.sequential, "study.reference": settings.reference,
+            "study.optuna_storage": mask_uri(settings.optuna_storage)}
+
+
+# The flag behind each study parameter, named when a resumed command changes it.
+STUDY_FLAGS = {
+    "study.num_samples": "--num-samples", "study.seeds": "--seeds", "study.sequential": "--seeds auto",
+    "study.paired_seeds": "the paired seeds (--seeds, seed)", "study.early_stopping": "--no-early-stopping",
+    "study.seed": "--seed", "study.search_keys": "the searched keys (--space, --search, --freeze)",
+    "study.search_space": "the search space (--space, --search, --freeze)", "study.objective": "--objective",
+    "study.ablation": "--ablation", "study.primary": "--primary", "study.tune_baseline": "--tune-baseline",
+    "study.reference": "--reference", "study.optuna_storage": "--optuna-storage", "study.workers": "--workers",
+    "study.methods": "the methods reproduced",
+}
 
 
 def tuning_statement(trials: int | str, baseline_tuned: bool = False) -> str:

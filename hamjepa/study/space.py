@@ -30,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from hamjepa.config import Config, ConfigError, StrictLoader, field_type, yaml_problem
+from hamjepa.config import Config, ConfigError, StrictLoader, field_type, read_yaml_file, yaml_problem
 
 KINDS = ("uniform", "loguniform", "int", "choice")
 EXAMPLES = "uniform(LOW, HIGH), loguniform(LOW, HIGH), int(LOW, HIGH[, STEP]) or choice(A, B, ...)"
@@ -113,19 +113,14 @@ class SearchSpace(Mapping[str, Dimension]):
 
     @classmethod
     def from_file(cls, path: str | Path) -> SearchSpace:
-        """A space from a YAML file, read strictly (a key written twice is an error) and safely."""
-        path = Path(path)
-        source = f"search space file '{path}'"
-        if not path.is_file():
-            raise SpaceError(f"{source} {'is a folder' if path.is_dir() else 'does not exist'}; pass the path of a "
-                             "YAML file of dotted config keys to distributions (studies/energy_budget.yaml is one).")
+        """A space from a YAML file, read as config files are (config.read_yaml_file: its kind checked before it is
+        opened, strictly, so a key written twice is an error, and safely)."""
         try:
-            data = yaml.load(path.read_bytes().decode("utf-8"), Loader=StrictLoader)
-        except (OSError, UnicodeDecodeError) as error:
-            raise SpaceError(f"{source} cannot be read as UTF-8 text ({type(error).__name__}).") from None
-        except yaml.YAMLError as error:
-            raise SpaceError(f"{source} is not valid YAML: {yaml_problem(error)}.") from None
-        return cls.from_mapping(data, source)
+            data = read_yaml_file(path, "search space file", "pass the path of a YAML file of dotted config keys to "
+                                  "distributions (studies/energy_budget.yaml is one)")
+        except ConfigError as error:
+            raise SpaceError(str(error)) from None
+        return cls.from_mapping(data, f"search space file '{path}'")
 
     # -- changing -----------------------------------------------------------------------------------------
 

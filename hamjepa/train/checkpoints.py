@@ -56,7 +56,10 @@ def write(directory: str, state: Mapping[str, Any]) -> None:
 
 
 def read(directory: str, config: Mapping[str, Any], device: torch.device | str = "cpu") -> dict[str, Any]:
-    """The state in `directory`, verified against its manifest and `config`; CheckpointError if unusable."""
+    """The state in `directory`, verified against its manifest and `config`; CheckpointError if unusable.
+
+    `directory` is a checkpoint Ray Train restored, holding the files `write` made, not a path a user names: so no
+    kind check (paths.py) before the reads; a damaged or replaced file fails the manifest instead."""
     state_path, manifest_path = os.path.join(directory, STATE_FILE), os.path.join(directory, MANIFEST_FILE)
     try:
         with open(manifest_path) as stream:

@@ -1,7 +1,9 @@
 """Where a run or a study goes, checked before any work: the Ray cluster (--address, else $RAY_ADDRESS, else a
 local Ray that must fit the run), the MLflow experiment and tracking store, and the storage folder. The command
 line and the Python API (`hamjepa.Study`) both go through here, so they refuse the same inputs in the same words.
-No heavy import: nothing here loads torch, Ray or MLflow.
+No heavy import at the top, and none at all but where a check needs one: Ray's own search for the cluster that
+--address auto names (reachability.running_cluster), torch's GPU count when a local run asks for GPUs
+(checks.cuda_devices).
 """
 
 from __future__ import annotations
