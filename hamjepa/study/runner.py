@@ -18,7 +18,7 @@ from hamjepa.report.summary import BASELINE_SEARCH, COMPARE, select_trial, summa
 from hamjepa.study.invocation import Invocation, StudyResult
 from hamjepa.study.reference import run_reference
 from hamjepa.study.search import asha_scheduler, baseline_space, close_orphans, rdb_storage, search_algorithm
-from hamjepa.study.settings import StudySettings, comparison_cells
+from hamjepa.study.settings import StudySettings, comparison_cells, search_params
 from hamjepa.study.space import SearchSpace
 
 OPTUNA_FILE = "optuna.db"  # the live Optuna study, in the study's folder unless --optuna-storage says otherwise
@@ -48,16 +48,7 @@ def run_study(settings: StudySettings, space: SearchSpace,
             raise UserError(f"initial point {point} is invalid: it must set exactly the searched keys "
                             f"{', '.join(space)}.")
         settings.base.override(point)
-    with Invocation(settings, {"study.num_samples": settings.num_samples, "study.seeds": settings.seeds,
-                               "study.paired_seeds": ",".join(map(str, settings.paired_seeds)),
-                               "study.early_stopping": settings.early_stopping, "study.seed": settings.seed,
-                               "study.search_keys": ",".join(space), "study.search_space": space.text(),
-                               "study.objective": settings.objective, "study.ablation": settings.ablation,
-                               "study.primary": settings.primary_metric,
-                               "study.tune_baseline": settings.tune_baseline,
-                               "study.sequential": settings.sequential,
-                               "study.reference": settings.reference,
-                               "study.optuna_storage": mask_uri(settings.optuna_storage)}) as study:
+    with Invocation(settings, search_params(settings, space)) as study:
         url = optuna_storage_url(settings, study.folder, study.study_id)
         print(f"[{study.study_id}] the search, live: optuna-dashboard {mask_uri(url)}", flush=True)
         try:
