@@ -27,6 +27,7 @@ import torch
 
 from hamjepa import checks, cli
 from hamjepa.data import sources as data
+from tests.path_makers import folder, named_pipe, text_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -107,25 +108,6 @@ def bad_cifar(folder: Path, first: Callable[[Path], object] | None = None) -> Pa
         (folder / "cifar-10-batches-py" / "data_batch_1").unlink()
         first(folder / "cifar-10-batches-py" / "data_batch_1")
     return folder
-
-
-def text_file(text: bytes) -> Callable[[Path], Path]:
-    def make(path: Path) -> Path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(text)
-        return path
-    return make
-
-
-def folder(path: Path) -> Path:
-    path.mkdir(parents=True)
-    return path
-
-
-def named_pipe(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    os.mkfifo(path)
-    return path
 
 
 def fashion_with_a_pipe(folder: Path) -> Path:

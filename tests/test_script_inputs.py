@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from hamjepa.bench import __main__ as bench
+from tests.path_makers import folder, named_pipe, text_file, under_a_file
 
 ROOT = Path(__file__).resolve().parents[1]
 REFUSAL_S = 10  # seconds a refusal may take
@@ -48,32 +49,6 @@ def _tripwire(what: str):
 
 
 # -- inputs ------------------------------------------------------------------------------------------------------
-
-def text_file(text: bytes) -> Callable[[Path], Path]:
-    def make(path: Path) -> Path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(text)
-        return path
-    return make
-
-
-def folder(path: Path) -> Path:
-    path.mkdir(parents=True)
-    return path
-
-
-def named_pipe(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    os.mkfifo(path)
-    return path
-
-
-def under_a_file(path: Path) -> Path:
-    """A path whose folder is a regular file: nothing can be created there."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"a file, not a folder")
-    return path / "inside"
-
 
 @dataclass
 class Case:
