@@ -614,6 +614,12 @@ def ensure_role(iam, name: str, policy: dict) -> list[str]:
 
 def ensure_token(path: Path) -> str:
     """Ray's cluster token (64 hex digits, like `ray get-auth-token --generate`), created once, mode 600."""
+    if path.exists() and not path.is_file():  # a folder or a pipe there: reading it would raise or block
+        raise SetupError(f"Ray's cluster token path {path} is not a regular file; move what is there away, or point "
+                         f"cluster/aws.yaml's file_mounts entry for {TOKEN_MOUNT} at a file.")
+    if any(parent.exists() and not parent.is_dir() for parent in path.parents):
+        raise SetupError(f"Ray's cluster token path {path} lies under a file, so it cannot be created; point "
+                         f"cluster/aws.yaml's file_mounts entry for {TOKEN_MOUNT} at a path in a folder.")
     if path.exists() and path.read_text().strip():
         path.chmod(0o600)
         return f"kept Ray's cluster token {path}"

@@ -180,12 +180,25 @@ def _exists(error: Exception) -> bool:
     return getattr(error, "error_code", "") == "RESOURCE_ALREADY_EXISTS"
 
 
+def _unusable_folder(folder: Path) -> str | None:
+    """Why the logins' folder cannot be used (a file is there, or a file above it), else None."""
+    if folder.exists() and not folder.is_dir():
+        return "is not a folder"
+    if any(parent.exists() and not parent.is_dir() for parent in folder.parents):
+        return "lies under a file"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("action", choices=["private-ip", "mlflow-auth", "mlflow-users"])
     parser.add_argument("--folder", default=str(Path.home() / "mlflow"), help="the logins' folder (default ~/mlflow)")
     args = parser.parse_args(argv)
     folder = Path(args.folder).expanduser()
+    if args.action != "private-ip" and (refusal := _unusable_folder(folder)):
+        print(f"head.py: --folder {folder} {refusal}; pass a folder, or a path where one can be made.",
+              file=sys.stderr)
+        return 2
     if args.action == "mlflow-auth":
         print(mlflow_auth(folder))
         return 0

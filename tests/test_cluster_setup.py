@@ -737,3 +737,32 @@ def test_mlflow_users_waits_for_the_server_and_gives_up_with_a_sentence(tmp_path
     HEAD.mlflow_auth(tmp_path / "mlflow")
     assert HEAD.main(["mlflow-users", "--folder", str(tmp_path / "mlflow")]) == 1
     _one_sentence(capsys.readouterr().err.strip().removeprefix("head.py: "))
+
+
+@pytest.mark.parametrize("shape", ["folder", "under-a-file"])
+def test_a_token_path_that_cannot_hold_a_token_is_one_sentence(tmp_path, shape):
+    """A folder at the token's path, or a file above it: refused before anything is written (was a traceback)."""
+    if shape == "folder":
+        path = tmp_path / "auth_token"
+        path.mkdir()
+        said = "is not a regular file"
+    else:
+        (tmp_path / "ray").write_text("a file, not a folder")
+        path = tmp_path / "ray" / "auth_token"
+        said = "lies under a file"
+    with pytest.raises(SETUP.SetupError, match=said):
+        SETUP.ensure_token(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["auth_token" if shape == "folder" else "ray"]
+
+
+@pytest.mark.parametrize("action", ["mlflow-auth", "mlflow-users"])
+@pytest.mark.parametrize("shape", ["file", "under-a-file"])
+def test_the_heads_logins_folder_must_be_a_folder(tmp_path, capsys, action, shape):
+    """head.py's --folder naming a file (or a path under one) is one sentence and exit 2 (was a traceback)."""
+    (tmp_path / "logins").write_text("a file, not a folder")
+    folder = tmp_path / "logins" if shape == "file" else tmp_path / "logins" / "inside"
+    assert HEAD.main([action, "--folder", str(folder)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"head.py: --folder {folder}")
+    assert ("is not a folder" if shape == "file" else "lies under a file") in err[0]
+    assert (tmp_path / "logins").read_text() == "a file, not a folder"
