@@ -269,7 +269,9 @@ def _warn_about_store_backups(status_file: Path | None = None) -> str | None:
     return warning
 
 
-def _guarded(parser: argparse.ArgumentParser, work) -> int:
+def _guarded(parser: argparse.ArgumentParser, work, tracking_uri: str | None) -> int:
+    from hamjepa.store_faults import describe, from_store
+
     try:
         return work()
     except UserError as error:
@@ -278,6 +280,16 @@ def _guarded(parser: argparse.ArgumentParser, work) -> int:
     except KeyboardInterrupt:  # one that got past the phases: the study's runs are closed, resumable
         print(f"{parser.prog}: interrupted; continue with the same command and --resume", file=sys.stderr)
         return 130
+    except Exception as error:
+        if not from_store(error):
+            raise
+        # The trials logged through Guarded writes and trained on; the study's own writes (its summary, its parent
+        # run) need the store, so the study stops here, its runs' checkpoints kept for --resume.
+        fault = describe(checks.resolve_tracking_uri(tracking_uri), error)
+        print(f"{parser.prog}: error: {mask_text(fault)}, so the study stopped before its record was complete; its "
+              "runs keep their checkpoints: once the store takes writes, run the same command with --resume to "
+              "finish it (`hamjepa report` lists what is missing).", file=sys.stderr)
+        return 1
 
 
 def _seeds(text: str) -> tuple[int, bool]:
@@ -380,7 +392,7 @@ def study_main(name: str, space, argv: list[str] | None = None, initial_points: 
 
         return _print_result(settings, run_study(settings, searched, initial_points))
 
-    return _guarded(parser, work)
+    return _guarded(parser, work, args.tracking_uri)
 
 
 def reproduce_main(argv: list[str] | None = None) -> int:
@@ -408,7 +420,7 @@ def reproduce_main(argv: list[str] | None = None) -> int:
         _start(settings, args, reproduction_params(settings))
         return _print_result(settings, run_reproduction(settings))
 
-    return _guarded(parser, work)
+    return _guarded(parser, work, args.tracking_uri)
 
 
 def _print_config(args: argparse.Namespace) -> int:

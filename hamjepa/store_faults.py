@@ -76,6 +76,18 @@ def describe(tracking_uri: str, error: BaseException) -> str:
     return f"{store} refused a write ({mask_text(said[:200])})"
 
 
+def from_store(error: BaseException) -> bool:
+    """Whether `error` (or an error it was raised from) is the tracking store refusing: MLflow's, SQLAlchemy's or
+    SQLite's errors, or StoreFault."""
+    seen = 0
+    while error is not None and seen < 10:
+        if isinstance(error, StoreFault) or type(error).__module__.split(".")[0] in ("mlflow", "sqlalchemy",
+                                                                                      "sqlite3"):
+            return True
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return False
+
+
 @contextlib.contextmanager
 def _mlflow_silenced():
     """MLflow logs a failing database write's traceback itself before raising it; the raise is enough."""
@@ -107,6 +119,6 @@ class Guarded:
             if fault not in self.faults:
                 self.faults.append(fault)
                 if self.warn:
-                    print(f"hamjepa: warning: {fault}; training goes on, and the run's record is written when it "
-                          "ends", file=sys.stderr, flush=True)
+                    print(f"hamjepa: warning: {fault}; training goes on, and what the store missed is written "
+                          "later", file=sys.stderr, flush=True)
             return REFUSED

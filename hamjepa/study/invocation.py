@@ -15,6 +15,7 @@ from hamjepa import provenance, storage
 from hamjepa.errors import UserError
 from hamjepa.names import RunState
 from hamjepa.redact import mask_uri
+from hamjepa.store_faults import Guarded
 from hamjepa.study.driver import first_line
 from hamjepa.study.phases import describe_phase, run_phase
 from hamjepa.study.settings import CELL, STUDY_FLAGS, StudySettings, cell_key, run_key
@@ -188,11 +189,15 @@ class Invocation:
         interrupted = isinstance(error, KeyboardInterrupt)
         reason = "interrupted" if interrupted else first_line(error)
         status = "KILLED" if interrupted else "FAILED"
+        # A store that refuses these writes too must not hide the error being handled (store_faults.py).
+        Guarded(self.settings.tracking_uri, warn=False)(self._close, reason, status, interrupted)
+        return False
+
+    def _close(self, reason: str, status: str, interrupted: bool) -> None:
         self._close_open_children(f"the study stopped: {reason}", status=status)
         self.parent.set_tags({STATUS_TAG: "interrupted" if interrupted else RunState.FAILED.value,
                               REASON_TAG: reason})
         self.parent.finish(status)
-        return False
 
     def phase_done(self, name: str, expected: int) -> bool:
         """Whether `name` already has `expected` ended runs (a resumed study skips it)."""

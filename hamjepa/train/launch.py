@@ -150,6 +150,9 @@ def quiet_logs(verbose: bool = False) -> None:
     if not verbose:
         for name in ("ray.tune", "ray.train", "mlflow", "optuna"):
             logging.getLogger(name).setLevel(logging.WARNING)
+        # MLflow logs a refused database write's SQL and traceback, then raises it; the raise reaches the user as one
+        # sentence (store_faults.py), so the log line would only repeat it, 80 lines long.
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 
 def _refuse_a_second_local_ray() -> None:
