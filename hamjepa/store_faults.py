@@ -13,7 +13,6 @@ same path and log into it, so a deleted store would silently become another one 
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import logging
 import os
@@ -88,18 +87,10 @@ def from_store(error: BaseException) -> bool:
     return False
 
 
-@contextlib.contextmanager
-def _mlflow_silenced():
-    """MLflow logs a failing database write's traceback itself before raising it; the raise is enough."""
-    loggers = [logging.getLogger(name) for name in ("mlflow", "alembic", "sqlalchemy")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.setLevel(level)
+def quiet_store_tracebacks() -> None:
+    """MLflow logs every refused database write's SQL and traceback (80 lines, each sampling interval for the system
+    metrics) and then raises it; the raise reaches the user as one sentence (Guarded, cli), so the log is off."""
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 
 class Guarded:
@@ -111,9 +102,9 @@ class Guarded:
         self.faults: list[str] = []  # each distinct fault, in the order seen
 
     def __call__(self, write: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        quiet_store_tracebacks()  # also in a Ray controller, where this object is unpickled to
         try:
-            with _mlflow_silenced():
-                return write(*args, **kwargs)
+            return write(*args, **kwargs)
         except Exception as error:  # noqa: BLE001 - any store failure: logging never stops training
             fault = describe(self.tracking_uri, error)
             if fault not in self.faults:

@@ -24,7 +24,7 @@ from mlflow.tracking import MlflowClient
 
 # The URI checks need no MLflow import, so the CLI runs them before loading it; re-exported here.
 from hamjepa.checks import check_tracking_uri, resolve_tracking_uri  # noqa: F401
-from hamjepa.store_faults import check_present
+from hamjepa.store_faults import check_present, quiet_store_tracebacks
 
 DATASET_DIGEST_CHARS = 36  # MLflow stores a dataset digest of at most 36 characters
 KEY_TAG = "hamjepa.key"
@@ -238,11 +238,10 @@ class SystemMetrics:
             self._stop.wait(1.0)
 
     def __enter__(self) -> SystemMetrics:
-        # MLflow's monitor logs each write the store refuses, with MLflow's own traceback of it, every sampling
-        # interval; these metrics are a nicety, and a store that refuses writes is reported once, in a sentence, by
-        # the run's own logging (store_faults.py).
-        for name in ("mlflow.system_metrics", "mlflow.store.db.utils"):
-            logging.getLogger(name).setLevel(logging.CRITICAL)
+        # The monitor logs each write the store refuses too; these metrics are a nicety, and a store that refuses
+        # writes is reported once, in a sentence, by the run's own logging (store_faults.py).
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.CRITICAL)
+        quiet_store_tracebacks()
         self._thread.start()
         return self
 

@@ -21,7 +21,7 @@ from hamjepa.config import Config, ConfigError
 from hamjepa.errors import UserError
 from hamjepa.names import RunState
 from hamjepa.redact import mask_uri
-from hamjepa.store_faults import REFUSED, Guarded
+from hamjepa.store_faults import REFUSED, Guarded, quiet_store_tracebacks
 from hamjepa.tracking import DATASET_TAG, METHOD_TAG, ROLE_TAG, RunLogger, SystemMetrics
 from hamjepa.train import run_record
 from hamjepa.train.loop import QUIET_WORKERS, make_trainer
@@ -150,9 +150,7 @@ def quiet_logs(verbose: bool = False) -> None:
     if not verbose:
         for name in ("ray.tune", "ray.train", "mlflow", "optuna"):
             logging.getLogger(name).setLevel(logging.WARNING)
-        # MLflow logs a refused database write's SQL and traceback, then raises it; the raise reaches the user as one
-        # sentence (store_faults.py), so the log line would only repeat it, 80 lines long.
-        logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
+        quiet_store_tracebacks()
 
 
 def _refuse_a_second_local_ray() -> None:

@@ -16,6 +16,9 @@ import errno
 import os
 import shutil
 from datetime import datetime
+from pathlib import Path
+
+from hamjepa import paths
 
 # errno values that a retry cannot cure: the device is full, the user's quota is spent, the mount is read-only.
 STORAGE_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
@@ -53,7 +56,7 @@ def check_room(local_folder: str, fs, run_folder: str) -> None:
     if not isinstance(fs, pyarrow.fs.LocalFileSystem):
         return
     needed = HEADROOM_BYTES + sum(entry.stat().st_size for entry in os.scandir(local_folder))
-    free = shutil.disk_usage(_existing(run_folder)).free
+    free = shutil.disk_usage(paths.nearest_existing(Path(run_folder))).free
     if free < needed:
         raise OSError(errno.ENOSPC, f"No space left on device: the checkpoint needs {_mib(needed)} and {run_folder} "
                                     f"has {_mib(free)} free")
@@ -75,12 +78,6 @@ def reason(number: int, run_folder: str, last_epoch: int) -> str:
     kept = f"the checkpoint of epoch {last_epoch} is kept" if last_epoch >= 0 else "no checkpoint was written"
     return (f"storage fault, not retried: {STORAGE_ERRNOS[number]} writing a checkpoint to {run_folder}; {kept}; "
             f"{_REMEDIES[number]}, then rerun the same --name to resume")
-
-
-def _existing(path: str) -> str:
-    while not os.path.exists(path) and os.path.dirname(path) != path:
-        path = os.path.dirname(path)
-    return path
 
 
 def _mib(size: int) -> str:
